@@ -1,0 +1,224 @@
+"""Checkpoints as plain safetensors files: atomic, keep-last-k, never unpickled.
+
+RUN_DIR/checkpoints/step-00001000/
+    model.safetensors      G.*, D.*, G_ema.* (every model of the variant and its EMA copies)
+    optimizer.safetensors  G.state.<param index>.<name>, ...; param_groups in the metadata
+    state.safetensors      per-rank RNG states and data-stream positions; the metadata "distgan"
+                           entry holds step, config and everything else that is not a tensor
+
+A step folder is written under a temporary name and renamed into place, so a crash mid-write
+never leaves a folder that looks complete. Anyone can read the files with `safe_open`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from distgan.errors import UserError
+
+FORMAT = 1
+FILES = ("model.safetensors", "optimizer.safetensors", "state.safetensors")
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_steps(run_dir: Path) -> list[Path]:
+    """Complete step folders of a run, oldest first."""
+    folder = checkpoints_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(path: str | Path) -> Path:
+    """A step folder, or a run directory (its latest step), as a step folder that exists."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    if (p / "state.safetensors").exists() or STEP_DIR.match(p.name):
+        return p
+    steps = list_steps(p)
+    if not steps:
+        raise UserError(f"'{path}' is neither a checkpoint step folder nor a run directory with checkpoints")
+    return steps[-1]
+
+
+# -- flattening state into tensors + JSON -----------------------------------------------------
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state dict as tensors ({name}.state.{index}.{key}) and JSON (the rest)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}.state.{index}.{key}"] = _plain(value)
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_state(name: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    prefix = f"{name}.state."
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, field = key[len(prefix) :].split(".", 1)
+            state.setdefault(int(index), {})[field] = value
+    for key, value in meta["scalars"].items():
+        index, field = key.split(".", 1)
+        state.setdefault(int(index), {})[field] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def fingerprint(modules: dict[str, torch.nn.Module]) -> int:
+    """A hash of every parameter and buffer, to check that DDP ranks hold identical models."""
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        for key, value in modules[name].state_dict().items():
+            h.update(key.encode())
+            h.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little", signed=True)
+
+
+# -- saving -------------------------------------------------------------------------------------
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    *,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    state_tensors: dict[str, torch.Tensor],
+    meta: dict,
+    keep_last: int,
+) -> Path:
+    """Write step `step` atomically and drop all but the newest `keep_last` step folders."""
+    folder = checkpoints_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=folder))
+    try:
+        model_tensors = {f"{n}.{k}": _plain(v) for n, m in models.items() for k, v in m.state_dict().items()}
+        opt_tensors, opt_meta = {}, {}
+        for name, opt in optimizers.items():
+            t, m = optimizer_tensors(name, opt)
+            opt_tensors.update(t)
+            opt_meta[name] = m
+        header = {"distgan": json.dumps({**meta, "format": FORMAT, "step": step}), "format": "pt"}
+        save_file(model_tensors, str(tmp / "model.safetensors"), metadata=header)
+        save_file(
+            opt_tensors, str(tmp / "optimizer.safetensors"), metadata={**header, "optimizers": json.dumps(opt_meta)}
+        )
+        save_file({k: _plain(v) for k, v in state_tensors.items()}, str(tmp / "state.safetensors"), metadata=header)
+        for f in FILES:  # make the bytes durable before the rename publishes them
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_steps(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict  # step, config, data, world_size, ...
+    models: dict[str, torch.Tensor]
+    optimizer_tensors: dict[str, torch.Tensor]
+    optimizer_meta: dict
+    state: dict[str, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def model_state(self, name: str) -> dict[str, torch.Tensor]:
+        prefix = f"{name}."
+        return {k[len(prefix) :]: v for k, v in self.models.items() if k.startswith(prefix)}
+
+    def optimizer_state(self, name: str) -> dict:
+        if name not in self.optimizer_meta:
+            raise UserError(f"checkpoint '{self.path}' has no optimizer '{name}'")
+        return optimizer_state(name, self.optimizer_tensors, self.optimizer_meta[name])
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    if not path.is_file():
+        raise UserError(f"checkpoint file '{path}' is missing")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint file '{path}' is unreadable (truncated or corrupt?): {exc}") from None
+    return metadata, tensors
+
+
+def load(path: str | Path, only_models: bool = False) -> Checkpoint:
+    """Open a step folder (or a run directory's latest) and read it whole, checking every file."""
+    folder = resolve(path)
+    meta_raw, models = _read(folder / "model.safetensors")
+    try:
+        meta = json.loads(meta_raw["distgan"])
+    except (KeyError, json.JSONDecodeError):
+        raise UserError(
+            f"'{folder / 'model.safetensors'}' is not a distgan checkpoint (no 'distgan' metadata)"
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"checkpoint '{folder}' has format {meta.get('format')}; this distgan reads format {FORMAT}")
+    if only_models:
+        return Checkpoint(folder, meta, models, {}, {}, {})
+    opt_meta_raw, opt_tensors = _read(folder / "optimizer.safetensors")
+    _, state = _read(folder / "state.safetensors")
+    return Checkpoint(folder, meta, models, opt_tensors, json.loads(opt_meta_raw.get("optimizers", "{}")), state)
+
+
+def load_model(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict with a user-facing error when the checkpoint was made by another model config."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or extra or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"'{k}' has shape {tuple(state[k].shape)} there but {tuple(own[k].shape)} here")
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
+        raise UserError(
+            f"{what} does not fit the configured model ({'; '.join(parts)}): was it made with another model config?"
+        )
+    module.load_state_dict(state)

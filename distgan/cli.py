@@ -1,0 +1,160 @@
+"""`distgan` command line: shards | train | sample | presets.
+
+User errors (bad config, path, shard or checkpoint) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from distgan.errors import UserError, user_message
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from distgan.data import shards
+
+    kw = dict(maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite)
+    if args.prefix:
+        kw["prefix"] = args.prefix
+    if args.builtin:
+        manifest = shards.write_builtin(args.builtin, args.out, **kw)
+    elif args.images:
+        manifest = shards.write_folder(args.images, args.out, resize=args.resize, rgb=args.rgb, **kw)
+    else:
+        x, y, classes = shards.load_npz(args.npz)
+        manifest = shards.write_arrays(x, y, classes, args.out, source=f"npz:{args.npz}", **kw)
+    print(
+        f"wrote {manifest['count']} samples of shape {tuple(manifest['image_shape'])} in "
+        f"{len(manifest['shards'])} shards: {os.path.join(args.out, manifest['pattern'])}"
+    )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from distgan import checkpoint, config, trainer
+
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs") / (args.preset or (Path(args.config).stem if args.config else config.DEFAULT_PRESET))
+    )
+    base = None
+    if args.resume and args.preset is None and args.config is None:
+        # Continue a run with its own config unless told otherwise.
+        target = checkpoint.list_steps(out)[-1:] if args.resume == "auto" else [args.resume]
+        if target:
+            base = checkpoint.load(target[0], only_models=True).meta["config"]
+    cfg = config.load_config(args.preset, args.config, args.overrides, base=base)
+    return trainer.train(cfg, out, resume=args.resume)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from distgan import checkpoint, config, images, variants
+
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in (".png", ".npy"):
+        raise UserError(f"--out must end in .png (a grid) or .npy (the raw array); got '{args.out}'")
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1; got {args.n}")
+    ckpt = checkpoint.load(args.ckpt, only_models=True)
+    cfg = config.from_dict(ckpt.meta["config"])
+    variant = variants.get(cfg.variant.name)(cfg)
+    name = variant.ema[0]
+    G = variant.models[name]
+    checkpoint.load_model(G, ckpt.model_state(f"{name}_ema"), f"checkpoint '{ckpt.path}' model '{name}_ema'")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    G.to(device).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    chunks = []
+    with tqdm(total=args.n, desc="sample", disable=args.n <= 1024) as bar:
+        while sum(len(c) for c in chunks) < args.n:
+            k = min(1024, args.n - sum(len(c) for c in chunks))
+            chunks.append(variant.sample(G, k, generator=gen).cpu())
+            bar.update(k)
+    x = torch.cat(chunks)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".npy":
+        np.save(args.out, x.numpy().astype(np.float32))
+    else:
+        images.save_png(args.out, images.make_grid(x))
+    print(f"wrote {args.n} samples from {ckpt.path} (step {ckpt.step}) to {args.out}")
+    return 0
+
+
+def _presets(_args: argparse.Namespace) -> int:
+    from distgan import config
+
+    for name in config.list_presets():
+        print(name + ("  (default)" if name == config.DEFAULT_PRESET else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distgan", description="Distributed GAN trainer.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("shards", help="write webdataset shards (KEY.png + KEY.cls + KEY.json) and a manifest.json")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--builtin", help="embedded real data: digits (sklearn, 1797 8x8) or faces (skimage lfw_subset)")
+    src.add_argument("--images", help="an image folder whose subfolders are the classes")
+    src.add_argument("--npz", help="an .npz with arrays x (N,H,W[,C]) and optional y (N,)")
+    s.add_argument("--out", required=True, help="output folder for the shards")
+    s.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    s.add_argument("--maxsize", type=float, default=256e6, help="bytes per shard (default 256e6)")
+    s.add_argument("--prefix", help="shard file prefix (default: the builtin's name, else 'shard')")
+    s.add_argument("--resize", type=int, help="--images: center-crop and resize every image to N x N")
+    s.add_argument("--rgb", action="store_true", help="--images: store RGB instead of grayscale")
+    s.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    s.set_defaults(func=_shards)
+
+    t = sub.add_parser("train", help="train a GAN (run under `accelerate launch` for several processes)")
+    which = t.add_mutually_exclusive_group()
+    which.add_argument("--preset", help="a preset shipped with distgan (see `distgan presets`; default digits-dcgan)")
+    which.add_argument("--config", help="a YAML config file")
+    t.add_argument("--out", help="run directory (default runs/<preset>)")
+    t.add_argument("--resume", help="'auto' (latest checkpoint in --out, if any) or a checkpoint/run path")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
+    t.set_defaults(func=_train)
+
+    m = sub.add_parser("sample", help="sample images from a checkpoint's EMA generator")
+    m.add_argument("--ckpt", required=True, help="a checkpoint step folder, or a run directory (its latest)")
+    m.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    m.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npy ((N,C,H,W) float32 in [-1, 1])")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    m.set_defaults(func=_sample)
+
+    r = sub.add_parser("presets", help="list the presets")
+    r.set_defaults(func=_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come before or after options: collect the leftovers as overrides for `train`.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"distgan {args.command}: error: {user_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distgan {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        # A DataLoader worker re-raises a UserError under its own exception type.
+        if "UserError: " in str(exc):
+            print(f"distgan {args.command}: error: {user_message(exc)}", file=sys.stderr)
+            return 2
+        raise

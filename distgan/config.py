@@ -1,0 +1,236 @@
+"""The typed config tree: YAML presets shipped in the package + a user YAML + dotted overrides.
+
+The schema is a tree of dataclasses; OmegaConf checks every key and type against it, and
+this module turns OmegaConf's errors into one-line `UserError`s that list the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from distgan.errors import UserError
+
+DEFAULT_PRESET = "digits-dcgan"
+
+
+# Config keys that take one of a fixed set of strings.
+CHOICES = {
+    "data.on_error": ("raise", "skip"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),  # auto: offline without an API key
+}
+
+
+@dataclass
+class DataConfig:
+    # A local path, brace pattern, http(s):// or pipe: URL; "builtin:NAME" builds NAME's shards into the cache.
+    shards: str = "builtin:digits"
+    resolution: int = 16
+    channels: int = 1
+    batch_size: int = 64  # per process and per micro-batch
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    on_error: str = "raise"  # raise: stop on a corrupt sample; skip: count and skip it
+
+
+@dataclass
+class GeneratorConfig:
+    arch: str = "dcgan"
+    z_dim: int = 64
+    width: int = 64
+
+
+@dataclass
+class DiscriminatorConfig:
+    arch: str = "dcgan"
+    width: int = 64
+
+
+@dataclass
+class ModelConfig:
+    g: GeneratorConfig = field(default_factory=GeneratorConfig)
+    d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+
+@dataclass
+class VariantConfig:
+    name: str = "gan"
+    loss: str = "ns"  # ns: non-saturating BCE (the seed's), minimax: the saturating original
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    seed: int = 0
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    ema_beta: float = 0.999
+    log_every: int = 50
+    sample_every: int = 500
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    n_samples: int = 100  # images in each sample grid
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"
+    project: str = "distgan"
+    entity: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    variant: VariantConfig = field(default_factory=VariantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def list_presets() -> list[str]:
+    folder = resources.files("distgan") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _valid_keys(path: str) -> list[str]:
+    """The keys the schema allows at dotted `path` (the parent of an unknown key)."""
+    node: Any = Config
+    for part in [p for p in path.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            break
+        node = fields[part].type
+        node = globals().get(node, node) if isinstance(node, str) else node
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> UserError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        valid = ", ".join(_valid_keys(parent))
+        where = f"'{parent}'" if parent else "the top level"
+        return UserError(f"unknown config key '{key}' (from {source}); valid keys in {where}: {valid}")
+    if isinstance(exc, ValidationError):
+        msg = str(exc).split("\n")[0]
+        return UserError(f"bad value for config key '{key}' (from {source}): {msg}")
+    return UserError(f"bad config (from {source}): {str(exc).splitlines()[0]}")
+
+
+def _merge(base: Any, other: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source) from None
+
+
+def load_config(
+    preset: str | None = None, config_file: str | None = None, overrides: list[str] = (), base: dict | None = None
+) -> Config:
+    """Build the config: schema defaults <- preset (or the default preset) <- YAML file <- overrides.
+
+    `base` (e.g. a checkpoint's config) replaces the default preset when neither a preset nor a
+    file is given."""
+    cfg = OmegaConf.structured(Config)
+    if base is not None and preset is None and config_file is None:
+        cfg = _merge(cfg, OmegaConf.create(base), "checkpoint config")
+    elif preset is not None or config_file is None:
+        name = preset or DEFAULT_PRESET
+        if name not in list_presets():
+            raise UserError(f"unknown preset '{name}'; available presets: {', '.join(list_presets())}")
+        text = (resources.files("distgan") / "presets" / f"{name}.yaml").read_text()
+        cfg = _merge(cfg, OmegaConf.create(text), f"preset {name}")
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"config file '{config_file}' does not exist")
+        try:
+            user = OmegaConf.load(path)
+        except Exception as exc:  # YAML syntax errors come in several types
+            raise UserError(f"config file '{config_file}' is not valid YAML: {exc}") from None
+        cfg = _merge(cfg, user, f"config file {config_file}")
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override '{item}' is not of the form key=value (e.g. train.steps=200)")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise UserError(f"override '{item}' cannot be parsed: {exc}") from None
+        cfg = _merge(cfg, dot, f"override {item}")
+    config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def validate(cfg: Config) -> None:
+    """Checks the schema's types cannot express."""
+    positive = {
+        "data.resolution": cfg.data.resolution,
+        "data.channels": cfg.data.channels,
+        "data.batch_size": cfg.data.batch_size,
+        "train.steps": cfg.train.steps,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.log_every": cfg.train.log_every,
+        "train.sample_every": cfg.train.sample_every,
+        "train.ckpt_every": cfg.train.ckpt_every,
+        "train.keep_last": cfg.train.keep_last,
+        "train.n_samples": cfg.train.n_samples,
+        "model.g.z_dim": cfg.model.g.z_dim,
+        "model.g.width": cfg.model.g.width,
+        "model.d.width": cfg.model.d.width,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"config key '{key}' must be >= 1, got {value}")
+    for key, choices in CHOICES.items():
+        value = get(cfg, key)
+        if value not in choices:
+            raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'")
+    if cfg.data.num_workers < 0:
+        raise UserError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.channels not in (1, 3):
+        raise UserError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
+    if not 0.0 <= cfg.train.ema_beta < 1.0:
+        raise UserError(f"config key 'train.ema_beta' must be in [0, 1), got {cfg.train.ema_beta}")
+    from distgan import models, variants  # late import: both import this module
+
+    variants.check_name(cfg.variant.name)
+    models.check_config(cfg)
+
+
+def get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config saved by `to_dict` (e.g. from a checkpoint's metadata)."""
+    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "checkpoint metadata")
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,1 @@
+"""Data: embedded real datasets, shard writing and the streaming training pipeline."""

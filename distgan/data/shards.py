@@ -1,0 +1,226 @@
+"""Write webdataset shards (KEY.png + KEY.cls + KEY.json) from builtin sets, image folders or arrays.
+
+A finished shard folder holds `PREFIX-000000.tar ...` and a `manifest.json` that gives the
+sample count, the image shape, the classes, the shard list and a brace pattern for them.
+Shards are written into a hidden temporary folder first and moved into place, manifest last,
+so an interrupted write never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from distgan.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MANIFEST = "manifest.json"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, C) uint8 -> PNG bytes (grayscale for C=1)."""
+    arr = image[..., 0] if image.shape[-1] == 1 else image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _to_uint8(x: np.ndarray, source: str) -> np.ndarray:
+    """Arrays as users have them: uint8 as is, floats in [0, 1] or [-1, 1]."""
+    if x.dtype == np.uint8:
+        return x
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise UserError(f"{source}: array 'x' has dtype {x.dtype}; expected uint8 or float")
+    x = x.astype(np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    if np.issubdtype(x.dtype, np.floating) and lo >= -1.0 and hi <= 1.0:
+        x = (x + 1.0) * 127.5 if lo < 0 else x * 255.0
+    elif lo < 0 or hi > 255:
+        raise UserError(f"{source}: values span [{lo}, {hi}]; expected uint8, [0, 1] or [-1, 1]")
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Arrays `x` (N, H, W[, C]) and optional `y` (N,) from an .npz file."""
+    if not os.path.isfile(path):
+        raise UserError(f"npz file '{path}' does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+        x = data["x"]
+        y = data["y"] if "y" in data.files else None
+    except KeyError:
+        raise UserError(f"npz file '{path}' has no array 'x' (found: {', '.join(data.files)})") from None
+    except Exception as exc:
+        raise UserError(f"npz file '{path}' cannot be read: {exc}") from None
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise UserError(f"npz file '{path}': 'x' has shape {x.shape}; expected (N, H, W) or (N, H, W, 1|3)")
+    if y is not None and (y.ndim != 1 or len(y) != len(x)):
+        raise UserError(f"npz file '{path}': 'y' has shape {y.shape}; expected ({len(x)},)")
+    x = _to_uint8(x, f"npz file '{path}'")
+    classes = [str(c) for c in range(int(y.max()) + 1)] if y is not None and len(y) else []
+    return x, (y.astype(np.int64) if y is not None else None), classes
+
+
+def _folder_entries(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    if not root.is_dir():
+        raise UserError(f"image folder '{root}' does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"image folder '{root}' has no class subfolders (expected DIR/CLASS/IMAGE.png)")
+    entries = [
+        (f, idx)
+        for idx, name in enumerate(classes)
+        for f in sorted((root / name).rglob("*"))
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not entries:
+        raise UserError(f"image folder '{root}' has no images in its class subfolders")
+    return entries, classes
+
+
+def _center_square(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+
+
+def folder_samples(root: Path, entries: list[tuple[Path, int]], resize: int | None, rgb: bool) -> Iterator:
+    mode = "RGB" if rgb else "L"
+    for path, label in entries:
+        try:
+            with Image.open(path) as img:
+                img = img.convert(mode)
+        except Exception as exc:
+            raise UserError(f"image '{path}' cannot be decoded: {exc}") from None
+        if resize:
+            img = _center_square(img, resize)
+        arr = np.asarray(img)
+        yield (arr[..., None] if arr.ndim == 2 else arr), label, {"file": str(path.relative_to(root))}
+
+
+def write_shards(
+    samples: Iterable[tuple[np.ndarray, int | None, dict]],
+    count: int,
+    out_dir: str | os.PathLike,
+    *,
+    classes: list[str],
+    source: str,
+    prefix: str = "shard",
+    maxcount: int = 1000,
+    maxsize: float = 256e6,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write `samples` ((H, W, C) uint8, label or None, extra json) as shards; return the manifest."""
+    import webdataset as wds
+
+    out = Path(out_dir)
+    if out.exists() and any(out.glob("*.tar")) or (out / MANIFEST).exists():
+        if not overwrite:
+            raise UserError(f"'{out}' already holds shards; pass --overwrite to replace them or pick another --out")
+    if maxcount < 1 or maxsize < 1:
+        raise UserError("--maxcount and --maxsize must be positive")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-shards-", dir=out))
+    shape = None
+    n = 0
+    try:
+        pattern = str(tmp / f"{prefix}-%06d.tar")
+        with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as sink:
+            for image, label, extra in tqdm(samples, total=count, desc=f"shards {out}", disable=not progress):
+                if shape is None:
+                    shape = tuple(image.shape)
+                elif tuple(image.shape) != shape:
+                    where = extra.get("file", f"sample {n}")
+                    raise UserError(
+                        f"{where} has shape {tuple(image.shape)} but earlier images have {shape}; "
+                        "pass --resize N to bring all images to N x N"
+                    )
+                sample = {"__key__": f"{n:08d}", "png": encode_png(image), "json": {"index": n, **extra}}
+                if label is not None:
+                    sample["cls"] = int(label)
+                sink.write(sample)
+                n += 1
+        if n == 0:
+            raise UserError(f"no samples to write from {source}")
+        names = sorted(p.name for p in tmp.glob(f"{prefix}-*.tar"))
+        for stale in list(out.glob("*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else []):
+            stale.unlink()
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest = {
+        "count": n,
+        "image_shape": list(shape),  # H, W, C of the stored PNGs
+        "classes": classes,
+        "num_classes": len(classes),
+        "shards": names,
+        "pattern": f"{prefix}-{{000000..{len(names) - 1:06d}}}.tar",
+        "source": source,
+    }
+    tmp_manifest = out / f".{MANIFEST}.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp_manifest, out / MANIFEST)
+    return manifest
+
+
+def write_arrays(x: np.ndarray, y: np.ndarray | None, classes: list[str], out_dir, *, source: str, **kw) -> dict:
+    labels = y if y is not None else [None] * len(x)
+    samples = ((x[i], labels[i], {}) for i in range(len(x)))
+    return write_shards(samples, len(x), out_dir, classes=classes, source=source, **kw)
+
+
+def write_folder(root: str, out_dir, *, resize: int | None = None, rgb: bool = False, **kw) -> dict:
+    rootp = Path(root)
+    entries, classes = _folder_entries(rootp)
+    samples = folder_samples(rootp, entries, resize, rgb)
+    return write_shards(samples, len(entries), out_dir, classes=classes, source=f"images:{root}", **kw)
+
+
+def write_builtin(name: str, out_dir, **kw) -> dict:
+    from distgan.data import builtin
+
+    x, y, classes = builtin.load(name)
+    kw.setdefault("prefix", name)
+    return write_arrays(x, y, classes, out_dir, source=f"builtin:{name}", **kw)
+
+
+def cache_root() -> Path:
+    if os.environ.get("DISTGAN_CACHE"):
+        return Path(os.environ["DISTGAN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distgan"
+
+
+# Small shards so that 2 ranks x 2 workers each get their own on the 1797 digits.
+BUILTIN_MAXCOUNT = 250
+
+
+def ensure_builtin(name: str, progress: bool = True) -> Path:
+    """The folder of builtin `name`'s shards in the cache, written on first use."""
+    folder = cache_root() / "shards" / name
+    if not (folder / MANIFEST).exists():
+        write_builtin(name, folder, maxcount=BUILTIN_MAXCOUNT, overwrite=True, progress=progress)
+    return folder
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"manifest '{path}' cannot be read: {exc}") from None

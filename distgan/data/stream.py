@@ -1,0 +1,242 @@
+"""The training pipeline: resampled shards, split by node and worker, shuffle, decode, batch.
+
+Each (rank, worker) pair reads an endless, deterministic stream:
+
+1. split by node, then by worker: rank r takes shards r, r+R, ...; worker w of it takes every
+   W-th of those. When there are fewer shards than ranks (or workers), the split is skipped at
+   that level and the streams differ only by seed, so nothing hangs and nothing crashes;
+2. resampled: shards are drawn with replacement from that subset by a RNG seeded from
+   (train.seed, rank, worker), so the stream never ends and every rank runs the same steps;
+3. webdataset's tar reader groups members into samples, and a seeded shuffle buffer mixes them;
+4. decode (PNG -> float CHW in [-1, 1], resized to data.resolution) and batch in the worker.
+
+Every batch carries `pos`, the number of raw samples its worker has taken from the shuffle
+buffer. A checkpoint stores that per worker; on resume each worker rebuilds the same stream and
+drops that many raw samples before decoding, so the resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import random
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from distgan.errors import UserError
+
+
+@dataclass
+class ShardSource:
+    """Where the shards are, after resolving `data.shards`."""
+
+    urls: list[str]
+    manifest: dict | None
+
+
+def _is_remote(spec: str) -> bool:
+    return spec.startswith("pipe:") or "://" in spec
+
+
+def resolve(spec: str, progress: bool = True) -> ShardSource:
+    """Expand `data.shards` into a URL list, checking local paths exist and are non-empty."""
+    import braceexpand
+
+    from distgan.data import shards
+
+    if not spec:
+        raise UserError("config key 'data.shards' is empty; give a shard path, brace pattern or URL")
+    if spec.startswith("builtin:"):
+        spec = str(shards.ensure_builtin(spec.split(":", 1)[1], progress=progress))
+    if _is_remote(spec):
+        return ShardSource(list(braceexpand.braceexpand(spec)), None)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        manifest = shards.read_manifest(path)
+        names = manifest["shards"] if manifest else sorted(p.name for p in path.glob("*.tar"))
+        if not names:
+            raise UserError(f"shard folder '{spec}' holds no .tar shards")
+        urls = [str(path / n) for n in names]
+    else:
+        urls = list(braceexpand.braceexpand(str(path)))
+        manifest = shards.read_manifest(Path(urls[0]).parent)
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"shard '{missing[0]}'{more} does not exist (data.shards={spec})")
+    empty = [u for u in urls if os.path.getsize(u) == 0]
+    if empty:
+        raise UserError(f"shard '{empty[0]}' is empty (data.shards={spec})")
+    return ShardSource(urls, manifest)
+
+
+def split_shards(urls: list[str], index: int, count: int) -> list[str]:
+    """Every `count`-th shard from `index`; all shards when there are fewer than `count`."""
+    return urls[index::count] if len(urls) >= count else list(urls)
+
+
+def stream_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _ignore_signals(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process checkpoints, workers must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class ShardStream(IterableDataset):
+    """An endless stream of batches: {"image": (B,C,H,W) float in [-1, 1], "label": (B,) long (-1 when
+    the shards have no .cls), "pos": raw samples taken so far, "skipped": bad samples skipped so
+    far, "shards": indices (into `urls`) of the shards this batch came from}."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        batch_size: int,
+        resolution: int,
+        channels: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        on_error: str = "raise",
+        expected_shape: tuple[int, int, int] | None = None,
+    ):
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.resolution = resolution
+        self.channels = channels
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.on_error = on_error
+        self.expected_shape = tuple(expected_shape) if expected_shape else None
+        # Resume: raw samples each (logical) worker drops, and which logical worker the
+        # DataLoader's worker 0 plays, so batches keep their round-robin order across a resume.
+        self.start_positions: list[int] | None = None
+        self._shard_index = {u: i for i, u in enumerate(self.urls)}
+        self.worker_offset = 0
+
+    # -- errors ---------------------------------------------------------------------------
+    def _fail(self, what: str, url: str, key: str | None = None) -> None:
+        where = f"sample '{key}' of shard '{url}'" if key else f"shard '{url}'"
+        if self.on_error == "raise":
+            raise UserError(f"{where}: {what} (set data.on_error=skip to skip and count such samples)")
+        self._skipped += 1
+
+    def _tar_error(self, exn: Exception) -> bool:
+        url = next((a for a in exn.args if isinstance(a, str) and ("/" in a or ":" in a)), "?")
+        self._fail(f"unreadable tar data ({type(exn).__name__}: {exn.args[0] if exn.args else ''})", url)
+        return True  # skip: go on with the next shard
+
+    # -- decoding -------------------------------------------------------------------------
+    def _decode(self, sample: dict) -> tuple[np.ndarray, int, int] | None:
+        url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        data = sample.get("png")
+        if data is None:
+            self._fail(f"no .png member (members: {', '.join(k for k in sample if not k.startswith('__'))})", url, key)
+            return None
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                if img.mode in ("P", "LA", "RGBA", "I;16", "I"):
+                    img = img.convert("RGB" if self.channels == 3 else "L")
+                arr = np.asarray(img)
+        except Exception as exc:
+            self._fail(f"corrupt image ({exc})", url, key)
+            return None
+        shape = arr.shape if arr.ndim == 3 else (*arr.shape, 1)
+        if shape[2] != self.channels or (self.expected_shape and shape != self.expected_shape):
+            expected = self.expected_shape or f"(H, W, {self.channels})"
+            self._fail(f"image shape {shape} (H, W, C), expected {expected}", url, key)
+            return None
+        if shape[:2] != (self.resolution, self.resolution):
+            mode = "L" if self.channels == 1 else "RGB"
+            img = Image.fromarray(arr.reshape(shape)[..., 0] if self.channels == 1 else arr, mode)
+            arr = np.asarray(img.resize((self.resolution, self.resolution), Image.BILINEAR))
+        arr = arr.reshape(self.resolution, self.resolution, self.channels)
+        label = sample.get("cls")
+        try:
+            label = int(label) if label is not None else -1
+        except ValueError:
+            self._fail(f"label {label!r} is not an integer", url, key)
+            return None
+        return arr, label, self._shard_index.get(url, -1)
+
+    def _batch(self, items: list[tuple[np.ndarray, int, int]], pos: int) -> dict:
+        images = np.stack([a for a, _, _ in items]).transpose(0, 3, 1, 2)
+        image = torch.from_numpy(images).float().div_(127.5).sub_(1.0)
+        label = torch.tensor([lab for _, lab, _ in items], dtype=torch.long)
+        shards = sorted({i for _, _, i in items})
+        return {"image": image, "label": label, "pos": pos, "skipped": self._skipped, "shards": shards}
+
+    # -- the stream -----------------------------------------------------------------------
+    def __iter__(self):
+        from webdataset.filters import _shuffle
+        from webdataset.tariterators import tarfile_samples
+
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (worker + self.worker_offset) % num_workers
+        mine = split_shards(split_shards(self.urls, self.rank, self.world_size), worker, num_workers)
+        shard_rng = random.Random(stream_seed(self.seed, self.rank, worker, 0))
+        shuffle_rng = random.Random(stream_seed(self.seed, self.rank, worker, 1))
+        self._skipped = 0
+        draws_without_sample = [0]
+
+        def shard_urls():
+            while True:
+                if draws_without_sample[0] > 2 * len(mine) + 8:
+                    raise UserError(f"no readable samples in shards {mine[:3]}{' ...' if len(mine) > 3 else ''}")
+                draws_without_sample[0] += 1
+                yield {"url": shard_rng.choice(mine)}
+
+        def counted(samples):
+            for sample in samples:
+                draws_without_sample[0] = 0
+                yield sample
+
+        raw = counted(tarfile_samples(shard_urls(), handler=self._tar_error))
+        raw = _shuffle(raw, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)
+        skip = self.start_positions[worker] if self.start_positions else 0
+        pos = 0
+        items = []
+        for sample in itertools.islice(raw, skip, None) if skip else raw:
+            pos += 1
+            decoded = self._decode(sample)
+            if decoded is None:
+                continue
+            items.append(decoded)
+            if len(items) == self.batch_size:
+                yield self._batch(items, skip + pos)
+                items = []
+
+
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over the (already batched) stream that leaves the global torch RNG alone."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        worker_init_fn=_ignore_signals if num_workers else None,
+        generator=torch.Generator().manual_seed(stream.seed),
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+def shutdown(loader_iter) -> None:
+    """Stop an iterator's worker processes now (they ignore SIGTERM, so exit-time cleanup cannot)."""
+    stop = getattr(loader_iter, "_shutdown_workers", None)  # torch's multi-process iterator
+    if stop is not None:
+        stop()

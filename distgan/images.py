@@ -1,0 +1,44 @@
+"""Image grids for sample previews."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1, min_width: int = 320) -> np.ndarray:
+    """Tile (N, C, H, W) images in [-1, 1] into one (H', W', C) uint8 image, upscaled (nearest)
+    by an integer factor so that tiny images (8x8, 16x16) stay visible."""
+    x = to_uint8(images)
+    n, h, w, c = x.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = x[i]
+    scale = max(1, -(-min_width // grid.shape[1]))  # ceil
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return grid
+
+
+def save_png(path: str | Path, image: np.ndarray) -> None:
+    """Write atomically, so a viewer never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
+    os.replace(tmp, path)

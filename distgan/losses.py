@@ -1,0 +1,29 @@
+"""Adversarial losses as pure functions of discriminator logits (computed in fp32).
+
+With D(x) = sigmoid(logit):
+- ns (non-saturating, Goodfellow et al. 2014, the seed's BCE):
+    L_D = -log D(x) - log(1 - D(G(z))) = softplus(-real) + softplus(fake)
+    L_G = -log D(G(z))                  = softplus(-fake)
+- minimax (the original saturating game): same L_D, L_G = log(1 - D(G(z))) = -softplus(fake)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("ns", "minimax")
+
+
+def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
+    if kind == "ns":
+        return F.softplus(-fake_logits.float()).mean()
+    if kind == "minimax":
+        return -F.softplus(fake_logits.float()).mean()
+    raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")

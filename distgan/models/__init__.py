@@ -1,0 +1,37 @@
+"""Generators and discriminators, one file per family, built by name from the config.
+
+`build_generator(cfg)` / `build_discriminator(cfg)` return ordinary `nn.Module`s:
+G maps z (B, z_dim) to images (B, C, R, R) in [-1, 1]; D maps images to logits (B,).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from distgan.errors import UserError
+from distgan.models import dcgan, mlp
+
+FAMILIES = {"dcgan": dcgan, "mlp": mlp}
+
+
+def _family(arch: str, key: str):
+    if arch not in FAMILIES:
+        raise UserError(f"config key '{key}' must be one of {', '.join(sorted(FAMILIES))}; got '{arch}'")
+    return FAMILIES[arch]
+
+
+def check_config(cfg) -> None:
+    for key, arch in (("model.g.arch", cfg.model.g.arch), ("model.d.arch", cfg.model.d.arch)):
+        _family(arch, key).check_resolution(cfg.data.resolution, key)
+
+
+def build_generator(cfg) -> nn.Module:
+    g = cfg.model.g
+    family = _family(g.arch, "model.g.arch")
+    return family.Generator(z_dim=g.z_dim, channels=cfg.data.channels, resolution=cfg.data.resolution, width=g.width)
+
+
+def build_discriminator(cfg) -> nn.Module:
+    d = cfg.model.d
+    family = _family(d.arch, "model.d.arch")
+    return family.Discriminator(channels=cfg.data.channels, resolution=cfg.data.resolution, width=d.width)

@@ -1,0 +1,424 @@
+"""The training loop: Accelerator, steps, EMA, logging, sampling, checkpoints, signals.
+
+Read top to bottom, `train()` does:
+1. decide what to resume from and check everything (config, checkpoint, shards) before it
+   writes a single file, so a bad input never damages an existing run directory;
+2. build the variant's models and optimizers from one seed (identical on every rank), load the
+   checkpoint into them, and prepare them all in one Accelerator;
+3. stream batches (see data/stream.py) and call `variant.train_step` once per step, with
+   `train.grad_accum` micro-batches;
+4. keep an EMA copy of G, log every `log_every`, write a sample grid every `sample_every` and
+   a checkpoint every `ckpt_every` steps, and on SIGINT/SIGTERM checkpoint and stop.
+The loop knows nothing about any one variant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from distgan import checkpoint, config, images, rng, variants
+from distgan.data import stream
+from distgan.errors import UserError
+from distgan.tracking import Tracker
+
+
+class StepContext:
+    """What a variant's `train_step` needs from the trainer: micro-batching and model plumbing."""
+
+    def __init__(self, accelerator, accum: int):
+        self.accelerator = accelerator
+        self.accum = accum
+
+    def micro(self, model: torch.nn.Module, batches: list[dict]):
+        """Yield the micro-batches; gradients of `model` are all-reduced only on the last one."""
+        for i, mb in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                yield mb
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss, scaled so the accumulated gradient is the mean."""
+        self.accelerator.backward(loss / self.accum)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    @contextlib.contextmanager
+    def frozen(self, model: torch.nn.Module):
+        """The plain (non-DDP) module with its parameters frozen: use it as a fixed function,
+        e.g. D in the generator step, so no gradient for it is computed or all-reduced."""
+        plain = self.unwrap(model)
+        flags = [p.requires_grad for p in plain.parameters()]
+        plain.requires_grad_(False)
+        try:
+            yield plain
+        finally:
+            for p, flag in zip(plain.parameters(), flags):
+                p.requires_grad_(flag)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and stops.
+    A second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+@torch.no_grad()
+def average_buffers(modules: list[torch.nn.Module], world: int) -> None:
+    """Average floating-point buffers (BatchNorm running stats) over ranks, once per step.
+
+    DDP keeps parameters identical but each rank updates its buffers from its own batch (and D's
+    again in the G step, which runs outside DDP), so without this they drift apart between
+    DDP's broadcasts. One all-reduce for all of them keeps every rank's model identical."""
+    buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+    if world == 1 or not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= world
+    torch._foreach_copy_(
+        buffers, [v.view_as(b).to(b.dtype) for v, b in zip(flat.split([b.numel() for b in buffers]), buffers)]
+    )
+
+
+def ema_beta(beta: float, step: int) -> float:
+    """Warm-up: average over the steps so far while there are few of them."""
+    return min(beta, (1.0 + step) / (10.0 + step))
+
+
+def make_accelerator(cfg: config.Config, with_wandb: bool):
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=cfg.train.mixed_precision,
+            log_with="wandb" if with_wandb else None,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(
+            f"cannot set up Accelerate with train.mixed_precision={cfg.train.mixed_precision}: {exc}"
+        ) from None
+
+
+def check_compatible(ckpt: checkpoint.Checkpoint, cfg: config.Config) -> None:
+    """The checkpoint's model-shaping config must equal ours."""
+    theirs = ckpt.meta.get("config", {})
+    ours = config.to_dict(cfg)
+    keys = [("model",), ("variant", "name"), ("data", "channels"), ("data", "resolution")]
+    for key in keys:
+        a, b = theirs, ours
+        for k in key:
+            a, b = (a or {}).get(k), (b or {}).get(k)
+        if a != b:
+            raise UserError(
+                f"checkpoint '{ckpt.path}' was made with {'.'.join(key)}={a}, but the config asks for {b}; "
+                "resume with the checkpoint's config or start a new --out"
+            )
+
+
+def _find_resume(resume: str | None, run_dir: Path) -> checkpoint.Checkpoint | None:
+    if resume == "auto":
+        steps = checkpoint.list_steps(run_dir)
+        return checkpoint.load(steps[-1]) if steps else None
+    if resume:
+        return checkpoint.load(resume)
+    if checkpoint.list_steps(run_dir):
+        raise UserError(
+            f"run directory '{run_dir}' already has checkpoints; pass --resume auto to continue it, "
+            "or choose another --out"
+        )
+    return None
+
+
+def train(cfg: config.Config, run_dir: str | Path, resume: str | None = None) -> int:
+    """Train `cfg` into `run_dir`; returns the process exit code (0, or 128+signal when stopped)."""
+    run_dir = Path(run_dir)
+    t = cfg.train
+
+    # 1. Check everything before writing anything.
+    ckpt = _find_resume(resume, run_dir)
+    if ckpt is not None:
+        check_compatible(ckpt, cfg)
+    start = ckpt.step if ckpt else 0
+    mode = cfg.tracking.wandb.mode
+    accelerator = make_accelerator(cfg, with_wandb=mode != "disabled")
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if start >= t.steps:
+        if main:
+            print(f"'{run_dir}' is already at step {start} >= train.steps={t.steps}; nothing to do.")
+        return 0
+    with accelerator.local_main_process_first():
+        source = stream.resolve(cfg.data.shards, progress=accelerator.is_local_main_process)
+    expected_shape = _check_manifest(source.manifest, cfg)
+
+    # 2. Models, optimizers, EMA: one seed, identical on every rank.
+    rng.seed_all(t.seed)
+    variant = variants.get(cfg.variant.name)(cfg)
+    emas = {f"{n}_ema": copy.deepcopy(variant.models[n]).eval().requires_grad_(False) for n in variant.ema}
+    if ckpt is not None:
+        for name, module in {**variant.models, **emas}.items():
+            checkpoint.load_model(module, ckpt.model_state(name), f"checkpoint '{ckpt.path}' model '{name}'")
+        for name, opt in variant.optimizers.items():
+            try:
+                opt.load_state_dict(ckpt.optimizer_state(name))
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise UserError(f"checkpoint '{ckpt.path}': optimizer '{name}' does not fit: {exc}") from None
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+    accelerator.wait_for_everyone()
+    tracker = Tracker(accelerator, cfg, run_dir, config.to_dict(cfg))
+    try:
+        return _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape, tracker, rank, world)
+    finally:
+        tracker.close()
+        if world == 1:  # let a later train() in this process build a fresh Accelerator
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _check_manifest(manifest: dict | None, cfg: config.Config) -> tuple[int, int, int] | None:
+    if not manifest:
+        return None
+    shape = tuple(manifest["image_shape"])
+    if shape[2] != cfg.data.channels:
+        raise UserError(
+            f"the shards hold {shape[2]}-channel images but data.channels={cfg.data.channels}; "
+            f"set data.channels={shape[2]}"
+        )
+    return shape
+
+
+def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape, tracker, rank, world) -> int:
+    t = cfg.train
+    main = accelerator.is_main_process
+    device = accelerator.device
+    names = list(variant.models)
+    opt_names = list(variant.optimizers)
+    prepared = accelerator.prepare(*[variant.models[n] for n in names], *[variant.optimizers[n] for n in opt_names])
+    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+    variant.models = dict(zip(names, prepared[: len(names)]))
+    variant.optimizers = dict(zip(opt_names, prepared[len(names) :]))
+    for ema in emas.values():
+        ema.to(device)
+
+    # Per-rank randomness (noise, dropout) from the same seed, restored exactly on resume.
+    rng.seed_all(stream.stream_seed(t.seed, rank, 2))
+    num_workers = cfg.data.num_workers
+    logical_workers = max(num_workers, 1)
+    positions = [0] * logical_workers
+    skipped = [0] * logical_workers
+    batches_done = 0
+    start = 0
+    if ckpt is not None:
+        start = ckpt.step
+        data_meta = ckpt.meta["data"]
+        if data_meta["world_size"] == world and data_meta["num_workers"] == num_workers:
+            positions = ckpt.state["data.positions"][rank].tolist()
+            skipped = ckpt.state["data.skipped"][rank].tolist()
+            batches_done = data_meta["batches"]
+            rng.set_state({k.split(".", 2)[2]: v[rank] for k, v in ckpt.state.items() if k.startswith("rng.")})
+        elif main:
+            print(
+                f"warning: checkpoint was made with {data_meta['world_size']} processes x "
+                f"{data_meta['num_workers']} workers, this run has {world} x {num_workers}: "
+                "the data stream and RNG restart, so the resume is not exact",
+                file=sys.stderr,
+            )
+        tracker.event("resume", start, checkpoint=str(ckpt.path))
+
+    ds = stream.ShardStream(
+        source.urls,
+        batch_size=cfg.data.batch_size,
+        resolution=cfg.data.resolution,
+        channels=cfg.data.channels,
+        seed=t.seed,
+        rank=rank,
+        world_size=world,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        on_error=cfg.data.on_error,
+        expected_shape=expected_shape,
+    )
+    if batches_done:
+        ds.start_positions = positions
+        ds.worker_offset = batches_done % logical_workers
+    shards_read = torch.zeros(len(source.urls), dtype=torch.int64)  # which shards this rank has read
+    batches = iter(stream.make_loader(ds, num_workers, pin_memory=device.type == "cuda"))
+
+    ctx = StepContext(accelerator, t.grad_accum)
+    fixed_noise = torch.Generator(device="cpu").manual_seed(t.seed)
+    sums: dict[str, torch.Tensor] = {}
+    n_sums = 0
+    last_log_time, last_log_step = time.perf_counter(), start
+    saved_at = -1
+    step = start
+    bar = tqdm(total=t.steps, initial=start, desc="train", disable=not main, dynamic_ncols=True, mininterval=1.0)
+
+    def save(step: int) -> None:
+        nonlocal saved_at
+        local = {f"rng.{k}": v for k, v in rng.get_state().items()}
+        local["data.positions"] = torch.tensor(positions, dtype=torch.int64)
+        local["data.skipped"] = torch.tensor(skipped, dtype=torch.int64)
+        local["data.shards_read"] = shards_read
+        plain = {n: accelerator.unwrap_model(m) for n, m in variant.models.items()}
+        local["fingerprint"] = torch.tensor([checkpoint.fingerprint({**plain, **emas})], dtype=torch.int64)
+        gathered = {k: accelerator.gather(v.to(device)[None]).cpu() for k, v in local.items()}
+        gathered = {(f"rng.rank.{k[4:]}" if k.startswith("rng.") else k): v for k, v in gathered.items()}
+        fingerprints = gathered.pop("fingerprint").flatten().tolist()
+        if main and len(set(fingerprints)) > 1:
+            print(f"warning: step {step}: models differ across ranks (fingerprints {fingerprints})", file=sys.stderr)
+        if main:
+            meta = {
+                "config": config.to_dict(cfg),
+                "fingerprints": fingerprints,
+                "variant": cfg.variant.name,
+                "data": {"batches": batches_done, "world_size": world, "num_workers": num_workers},
+                "time": time.time(),
+            }
+            path = checkpoint.save(
+                run_dir,
+                step,
+                models={**plain, **emas},
+                optimizers=variant.optimizers,
+                state_tensors=gathered,
+                meta=meta,
+                keep_last=t.keep_last,
+            )
+            tracker.event("checkpoint", step, path=str(path))
+        accelerator.wait_for_everyone()
+        saved_at = step
+
+    def sample_grid(step: int) -> None:
+        if not main:
+            return
+        ema = emas.get("G_ema", accelerator.unwrap_model(variant.models["G"]))
+        with torch.no_grad():
+            imgs = variant.sample(ema, t.n_samples, generator=fixed_noise.manual_seed(t.seed))
+        grid = images.make_grid(imgs)
+        images.save_png(run_dir / "samples" / f"step-{step:08d}.png", grid)
+        images.save_png(run_dir / "samples" / "latest.png", grid)
+        tracker.log_image("samples", grid, step)
+
+    try:
+        with StopSignal() as stop:
+            while step < t.steps:
+                micro = []
+                for _ in range(t.grad_accum):
+                    b = next(batches)
+                    positions[batches_done % logical_workers] = b["pos"]
+                    skipped[batches_done % logical_workers] = b["skipped"]
+                    shards_read[b["shards"]] = 1
+                    batches_done += 1
+                    micro.append({"image": b["image"].to(device, non_blocking=True), "label": b["label"].to(device)})
+                metrics = variant.train_step(micro, ctx)
+                average_buffers([accelerator.unwrap_model(m) for m in variant.models.values()], world)
+                for name, ema in emas.items():
+                    ema_update(
+                        ema, accelerator.unwrap_model(variant.models[name[: -len("_ema")]]), ema_beta(t.ema_beta, step)
+                    )
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.detach()
+                n_sums += 1
+                step += 1
+                bar.update(1)
+
+                stopping = _agree_to_stop(stop.signum, device, world)
+                if step % t.log_every == 0 or step == t.steps or stopping:
+                    keys = sorted(sums)
+                    means = accelerator.reduce(torch.stack([sums[k] / n_sums for k in keys]), "mean").tolist()
+                    total_skipped = int(accelerator.reduce(torch.tensor(sum(skipped), device=device), "sum"))
+                    elapsed = time.perf_counter() - last_log_time
+                    rate = (step - last_log_step) / max(elapsed, 1e-9)
+                    logged = dict(zip(keys, means))
+                    logged.update(
+                        {
+                            "perf/steps_per_sec": rate,
+                            "perf/samples_per_sec": rate * cfg.data.batch_size * t.grad_accum * world,
+                            "data/skipped": total_skipped,
+                        }
+                    )
+                    tracker.log(logged, step)
+                    bar.set_postfix(
+                        {
+                            k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.3f}"
+                            for k, v in zip(keys, means)
+                            if k.startswith("loss/")
+                        }
+                    )
+                    sums, n_sums = {}, 0
+                    last_log_time, last_log_step = time.perf_counter(), step
+                if step % t.sample_every == 0 or step == t.steps:
+                    sample_grid(step)
+                if step % t.ckpt_every == 0 or step == t.steps or stopping:
+                    save(step)
+                if stopping:
+                    break
+    finally:
+        # Shut the DataLoader workers down now, also on an error: left to interpreter exit,
+        # multiprocessing would SIGTERM them, which they ignore (see stream._ignore_signals).
+        stream.shutdown(batches)
+        bar.close()
+    if saved_at != step:
+        save(step)
+    if stopping:
+        if main:
+            print(
+                f"stopped by signal {stopping} at step {step}; checkpoint written; continue with --resume auto",
+                file=sys.stderr,
+            )
+        return 128 + stopping
+    if main:
+        print(
+            f"done: {step} steps; samples in {run_dir / 'samples'}; checkpoints in {checkpoint.checkpoints_dir(run_dir)}"
+        )
+        wandb_dir = tracker.run_dir_hint()
+        if wandb_dir and tracker.mode == "offline":
+            print(f"W&B offline run in {Path(wandb_dir).parent}; upload it with: wandb sync {Path(wandb_dir).parent}")
+    return 0
+
+
+def _agree_to_stop(signum: int, device, world: int) -> int:
+    """Every rank stops at the same step: the largest signal number seen by any rank."""
+    if world == 1:
+        return signum
+    flag = torch.tensor([signum], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())

@@ -1,0 +1,29 @@
+"""Training algorithms, one file each. The trainer never branches on a variant's name.
+
+A variant
+- builds its models and optimizers from the config (`models`, `optimizers`: dicts by name),
+- names the models the trainer keeps an EMA copy of (`ema`, e.g. ("G",)),
+- does one optimisation step with `train_step(batches, ctx)`, where `batches` holds
+  `train.grad_accum` micro-batches, and returns a dict of scalar tensors to log,
+- draws images in [-1, 1] with `sample(model, n, generator)`.
+"""
+
+from __future__ import annotations
+
+from distgan.errors import UserError
+
+REGISTRY = {"gan": "distgan.variants.gan:GAN"}
+
+
+def check_name(name: str) -> None:
+    if name not in REGISTRY:
+        raise UserError(f"config key 'variant.name' must be one of {', '.join(sorted(REGISTRY))}; got '{name}'")
+
+
+def get(name: str):
+    """The variant class registered as `name`."""
+    import importlib
+
+    check_name(name)
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)

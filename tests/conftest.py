@@ -1,0 +1,58 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """A fresh shard cache and offline W&B for the whole test session."""
+    os.environ["DISTGAN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.pop("WANDB_API_KEY", None)
+    yield
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    """The builtin digits as 8 shards of up to 250 samples."""
+    from distgan.data import shards
+
+    out = tmp_path_factory.mktemp("digits")
+    shards.write_builtin("digits", out, maxcount=250, progress=False)
+    return out
+
+
+def run_cli(*args, env=None, timeout=600, cwd=None):
+    """Run `python -m distgan ...` as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "distgan", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+    )
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# Small, fast settings for end-to-end runs.
+FAST = [
+    "data.batch_size=16",
+    "model.g.width=16",
+    "model.d.width=16",
+    "model.g.z_dim=16",
+    "train.log_every=2",
+    "train.sample_every=1000",
+    "train.n_samples=16",
+    "tracking.wandb.mode=disabled",
+]

@@ -1,0 +1,69 @@
+import pytest
+from conftest import run_cli
+
+from distgan import config
+from distgan.errors import UserError
+
+
+def test_default_preset_is_digits_dcgan():
+    cfg = config.load_config()
+    assert cfg.data.shards == "builtin:digits"
+    assert cfg.model.g.arch == "dcgan" and cfg.model.d.arch == "dcgan"
+    assert cfg.data.resolution in (16, 32)
+
+
+def test_presets_include_required():
+    assert {"digits-dcgan", "digits-mlp"} <= set(config.list_presets())
+    mlp = config.load_config("digits-mlp")
+    assert mlp.model.g.arch == "mlp" and mlp.variant.loss == "ns"
+
+
+def test_dotted_overrides_are_typed():
+    cfg = config.load_config(None, None, ["train.steps=200", "data.batch_size=8", "train.lr_g=1e-3"])
+    assert cfg.train.steps == 200 and cfg.data.batch_size == 8 and cfg.train.lr_g == pytest.approx(1e-3)
+
+
+def test_yaml_file_and_override_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 7\n  seed: 3\n")
+    cfg = config.load_config(None, str(f), ["train.seed=5"])
+    assert cfg.train.steps == 7 and cfg.train.seed == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"preset": "nope"}, "available presets: digits-dcgan"),
+        ({"overrides": ["train.stepz=3"]}, "unknown config key 'train.stepz'"),
+        ({"overrides": ["train.stepz=3"]}, "valid keys in 'train': steps, seed"),
+        ({"overrides": ["bogus.x=3"]}, "unknown config key 'bogus"),
+        ({"overrides": ["train.steps=abc"]}, "bad value for config key 'train.steps'"),
+        ({"overrides": ["train.mixed_precision=fp8"]}, "must be one of no, bf16, fp16"),
+        ({"overrides": ["data.on_error=ignore"]}, "must be one of raise, skip"),
+        ({"overrides": ["model.d.arch=resnet9000"]}, "must be one of dcgan, mlp"),
+        ({"overrides": ["data.resolution=12"]}, "power of two"),
+        ({"overrides": ["train.steps=0"]}, "'train.steps' must be >= 1"),
+        ({"overrides": ["train.steps"]}, "not of the form key=value"),
+        ({"config_file": "/nonexistent.yaml"}, "does not exist"),
+    ],
+)
+def test_config_errors_are_clear(kwargs, needle):
+    with pytest.raises(UserError) as err:
+        config.load_config(**kwargs)
+    assert needle in str(err.value)
+
+
+def test_checkpoint_config_round_trip():
+    cfg = config.load_config("digits-mlp", None, ["train.steps=11"])
+    again = config.from_dict(config.to_dict(cfg))
+    assert again == cfg
+
+
+def test_cli_config_error_exit_code_and_no_traceback(tmp_path):
+    r = run_cli("train", "--out", tmp_path / "run", "train.bogus=1")
+    assert r.returncode == 2
+    assert "unknown config key 'train.bogus'" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+    r = run_cli("train", "--preset", "nope", "--out", tmp_path / "run")
+    assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr and "Traceback" not in r.stderr

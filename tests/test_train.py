@@ -1,0 +1,158 @@
+"""End-to-end runs of `distgan train` / `distgan sample` as a user runs them (subprocesses)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, ROOT, read_metrics, run_cli
+from safetensors import safe_open
+from wandb_log import history
+
+
+def tensors(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def assert_bitwise_equal(step_a, step_b):
+    for name in ("model.safetensors", "optimizer.safetensors", "state.safetensors"):
+        a, _ = tensors(step_a / name)
+        b, _ = tensors(step_b / name)
+        assert a.keys() == b.keys(), name
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}:{k} differs"
+
+
+@pytest.mark.parametrize(
+    "extra, n",
+    [
+        ([], 4),  # the default loader settings (1 worker)
+        (["data.num_workers=2", "train.grad_accum=2", "model.g.arch=mlp", "model.d.arch=mlp"], 3),
+    ],
+)
+def test_exact_resume(tmp_path, digits_shards, extra, n):
+    common = ["--preset", "digits-dcgan", *FAST, f"data.shards={digits_shards}", "train.ckpt_every=1000", *extra]
+    r = run_cli("train", *common, "--out", tmp_path / "full", f"train.steps={2 * n}")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", *common, "--out", tmp_path / "split", f"train.steps={n}")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", *common, "--out", tmp_path / "split", f"train.steps={2 * n}", "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    step = f"step-{2 * n:08d}"
+    assert_bitwise_equal(tmp_path / "full" / "checkpoints" / step, tmp_path / "split" / "checkpoints" / step)
+    events = [m.get("event") for m in read_metrics(tmp_path / "split")]
+    assert "resume" in events
+
+
+def test_checkpoint_contents_sample_and_keep_last(tmp_path, digits_shards):
+    run = tmp_path / "run"
+    r = run_cli(
+        "train", *FAST, f"data.shards={digits_shards}", "--out", run,
+        "train.steps=6", "train.ckpt_every=2", "train.keep_last=2", "train.sample_every=3",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert steps == ["step-00000004", "step-00000006"]  # the last 2 kept, no temp folders left
+    model, meta = tensors(run / "checkpoints" / "step-00000006" / "model.safetensors")
+    info = json.loads(meta["distgan"])
+    assert info["step"] == 6 and info["config"]["train"]["steps"] == 6
+    assert {k.split(".")[0] for k in model} == {"G", "D", "G_ema"}
+    assert any(k.endswith("running_mean") for k in model)  # BatchNorm buffers are saved too
+    opt, opt_meta = tensors(run / "checkpoints" / "step-00000006" / "optimizer.safetensors")
+    assert {k.split(".")[0] for k in opt} == {"G", "D"} and any(k.endswith("exp_avg_sq") for k in opt)
+    assert set(json.loads(opt_meta["optimizers"])) == {"G", "D"}
+    state, _ = tensors(run / "checkpoints" / "step-00000006" / "state.safetensors")
+    assert {"rng.rank.torch", "rng.rank.numpy", "rng.rank.python", "data.positions"} <= set(state)
+    assert (run / "samples" / "step-00000003.png").exists() and (run / "samples" / "step-00000006.png").exists()
+    assert (run / "config.yaml").exists()
+    metrics = [m for m in read_metrics(run) if "loss/d" in m]
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    assert all(np.isfinite(m["loss/d"]) and np.isfinite(m["loss/g"]) for m in metrics)
+
+    r = run_cli("sample", "--ckpt", run, "--n", 10, "--out", tmp_path / "s.npy", "--seed", 3)
+    assert r.returncode == 0, r.stderr
+    x = np.load(tmp_path / "s.npy")
+    assert x.shape == (10, 1, 16, 16) and x.dtype == np.float32 and x.min() >= -1 and x.max() <= 1
+    r = run_cli(
+        "sample", "--ckpt", run / "checkpoints" / "step-00000004", "--n", 10, "--out", tmp_path / "s2.npy", "--seed", 3
+    )
+    assert not np.array_equal(x, np.load(tmp_path / "s2.npy"))  # another step, other weights
+    run_cli("sample", "--ckpt", run, "--n", 10, "--out", tmp_path / "s3.npy", "--seed", 3)
+    assert np.array_equal(x, np.load(tmp_path / "s3.npy"))  # seeded
+    r = run_cli("sample", "--ckpt", run, "--n", 12, "--out", tmp_path / "grid.png")
+    assert r.returncode == 0 and (tmp_path / "grid.png").stat().st_size > 0
+
+    # A finished run: --resume auto has nothing to do; a new run into it is refused.
+    r = run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=6", "--resume", "auto")
+    assert r.returncode == 0 and "nothing to do" in r.stdout
+    r = run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=6")
+    assert r.returncode == 2 and "--resume auto" in r.stderr
+
+
+def test_wandb_offline_run_directory(tmp_path, digits_shards):
+    run = tmp_path / "run"
+    overrides = [o for o in FAST if not o.startswith("tracking")]
+    r = run_cli("train", *overrides, f"data.shards={digits_shards}", "--out", run,
+                "train.steps=4", "train.sample_every=2", "tracking.wandb.mode=auto")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = history(next(runs[0].glob("run-*.wandb")))
+    assert [int(h["_step"]) for h in logged] == [2, 4]
+    assert all("loss/d" in h and "loss/g" in h and "samples/filenames" in h for h in logged)
+    jsonl = {m["step"]: m for m in read_metrics(run) if "loss/d" in m}
+    assert float(logged[-1]["loss/d"]) == pytest.approx(jsonl[4]["loss/d"])
+    images = sorted((runs[0] / "files" / "media" / "images").glob("samples_*.png"))
+    assert len(images) == 2 and all(p.stat().st_size > 0 for p in images)
+    assert (run / "wandb_run_id").read_text().strip() in runs[0].name
+
+
+def test_sigint_checkpoints_and_resumes(tmp_path, digits_shards):
+    run = tmp_path / "run"
+    args = [*FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=100000", "train.ckpt_every=100000"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distgan", "train", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err and "checkpoint written" in err
+    (step_dir,) = (run / "checkpoints").iterdir()
+    step = int(step_dir.name.split("-")[1])
+    assert 0 < step < 100000
+    r = run_cli("train", "--out", run, "--resume", "auto", f"train.steps={step + 2}")
+    assert r.returncode == 0, r.stderr
+    assert (run / "checkpoints" / f"step-{step + 2:08d}").exists()
+
+
+def test_bf16_mixed_precision_trains(tmp_path, digits_shards):
+    r = run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", tmp_path / "run",
+                "train.steps=4", "train.mixed_precision=bf16")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert all(np.isfinite(m["loss/d"]) for m in read_metrics(tmp_path / "run") if "loss/d" in m)
+
+
+def test_digits_mlp_preset_runs(tmp_path, digits_shards):
+    r = run_cli("train", "--preset", "digits-mlp", "--out", tmp_path / "run", f"data.shards={digits_shards}",
+                "train.steps=3", "train.log_every=1", "tracking.wandb.mode=disabled")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    model, _ = tensors(tmp_path / "run" / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert model["G.net.0.weight"].shape == (256, 100)  # the seed's z(100) -> 256 first layer
+
+
+def test_default_command_builds_the_digits_cache(tmp_path):
+    cache = tmp_path / "cache"
+    r = run_cli("train", "--out", tmp_path / "run", "train.steps=2", *FAST, env={"DISTGAN_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr
+    assert json.loads((cache / "shards" / "digits" / "manifest.json").read_text())["count"] == 1797
+    assert os.path.exists(tmp_path / "run" / "checkpoints" / "step-00000002" / "model.safetensors")

@@ -1,0 +1,47 @@
+"""Read the records of an offline W&B run file (run-ID.wandb), to check what a run logged.
+
+The file is a LevelDB-style log (32 KiB blocks; each chunk: crc32 u32, length u16, type u8)
+behind a 7-byte W&B header; each record is a `wandb_internal_pb2.Record` protobuf.
+"""
+
+import struct
+from pathlib import Path
+
+BLOCK = 32768
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: Path):
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    ident, _magic, _version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B", ident
+    pos, parts = 7, []
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:  # the rest of a block too small for a chunk header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            break
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (FULL, FIRST):
+            parts = [chunk]
+        else:
+            parts.append(chunk)
+        if kind in (FULL, LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            yield record
+
+
+def history(path: Path) -> list[dict]:
+    """Every wandb.log() call of the run, as {key: JSON text}."""
+    return [
+        {item.key or "/".join(item.nested_key): item.value_json for item in r.history.item}
+        for r in records(path)
+        if r.WhichOneof("record_type") == "history"
+    ]
