@@ -52,10 +52,12 @@ def main() -> None:
     urls = stream.resolve(str(shards.ensure_builtin("digits"))).urls
     previous = common.RESULTS / f"trainer_overhead-{common.machine_tag()}.json"
     if previous.exists():
-        row = next(r for r in json.loads(previous.read_text())["rows"] if r["preset"] == config.DEFAULT_PRESET)
+        rows = json.loads(previous.read_text())["rows"]
+        row = next(r for r in rows if r["preset"] == config.DEFAULT_PRESET and "shard" in r["loop"])
         steps_per_sec, source = row["distgan steps/s"], previous.name
     else:
-        steps_per_sec, source = trainer_overhead.distgan_loop(config.DEFAULT_PRESET, 300, 50), "measured here"
+        steps_per_sec = trainer_overhead.distgan_loop(config.DEFAULT_PRESET, 300, 50, in_memory=False)
+        source = "measured here"
     consumed = steps_per_sec * cfg.data.batch_size * cfg.train.grad_accum
     rows = []
     for workers in (0, 1, 2):
@@ -71,7 +73,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     notes = (
         f"Default preset {config.DEFAULT_PRESET}: batch {cfg.data.batch_size}, resolution {cfg.data.resolution}, "
-        f"data.num_workers={cfg.data.num_workers}. Training consumption from {source}. "
+        f"data.num_workers={cfg.data.num_workers} (auto: 0 on the CPU). Training consumption from {source}. "
         "headroom x = stream / training; > 1 means the stream is not the bottleneck. The stream alone has the "
         "machine to itself here; during training its worker shares the cores with the training step."
     )

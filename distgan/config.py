@@ -35,7 +35,9 @@ class DataConfig:
     resolution: int = 16
     channels: int = 1
     batch_size: int = 64  # per process and per micro-batch
-    num_workers: int = 1
+    # DataLoader workers per process; -1 (auto): none when training on the CPU (the step already
+    # uses every core, and a worker would fight it for them), else up to 4 per GPU process.
+    num_workers: int = -1
     shuffle_buffer: int = 1000
     on_error: str = "raise"  # raise: stop on a corrupt sample; skip: count and skip it
 
@@ -51,6 +53,10 @@ class GeneratorConfig:
 class DiscriminatorConfig:
     arch: str = "dcgan"
     width: int = 64
+    # Minibatch discrimination (Salimans et al. 2016) before D's last layer, via kernels/.
+    minibatch_discrimination: bool = False
+    mbd_kernels: int = 100
+    mbd_kernel_dim: int = 5
 
 
 @dataclass
@@ -196,6 +202,8 @@ def validate(cfg: Config) -> None:
         "model.g.z_dim": cfg.model.g.z_dim,
         "model.g.width": cfg.model.g.width,
         "model.d.width": cfg.model.d.width,
+        "model.d.mbd_kernels": cfg.model.d.mbd_kernels,
+        "model.d.mbd_kernel_dim": cfg.model.d.mbd_kernel_dim,
     }
     for key, value in positive.items():
         if value < 1:
@@ -204,8 +212,8 @@ def validate(cfg: Config) -> None:
         value = get(cfg, key)
         if value not in choices:
             raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'")
-    if cfg.data.num_workers < 0:
-        raise UserError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.num_workers < -1:
+        raise UserError(f"config key 'data.num_workers' must be >= 0, or -1 for auto; got {cfg.data.num_workers}")
     if cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
     if not 0.0 <= cfg.train.ema_beta < 1.0:

@@ -19,6 +19,7 @@ import copy
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -165,8 +166,14 @@ def _find_resume(resume: str | None, run_dir: Path) -> checkpoint.Checkpoint | N
     return None
 
 
-def train(cfg: config.Config, run_dir: str | Path, resume: str | None = None) -> int:
-    """Train `cfg` into `run_dir`; returns the process exit code (0, or 128+signal when stopped)."""
+def train(
+    cfg: config.Config, run_dir: str | Path, resume: str | None = None, data: Iterable[dict] | None = None
+) -> int:
+    """Train `cfg` into `run_dir`; returns the process exit code (0, or 128+signal when stopped).
+
+    `data` replaces the shard stream with your own iterable of batches ({"image": (B,C,H,W) in
+    [-1, 1], "label": (B,)}); the benchmarks use it to feed in-memory data. Its position is not
+    checkpointed, so a resume with it is not exact."""
     run_dir = Path(run_dir)
     t = cfg.train
 
@@ -183,9 +190,11 @@ def train(cfg: config.Config, run_dir: str | Path, resume: str | None = None) ->
         if main:
             print(f"'{run_dir}' is already at step {start} >= train.steps={t.steps}; nothing to do.")
         return 0
-    with accelerator.local_main_process_first():
-        source = stream.resolve(cfg.data.shards, progress=accelerator.is_local_main_process)
-    expected_shape = _check_manifest(source.manifest, cfg)
+    source, expected_shape = None, None
+    if data is None:
+        with accelerator.local_main_process_first():
+            source = stream.resolve(cfg.data.shards, progress=accelerator.is_local_main_process)
+        expected_shape = _check_manifest(source.manifest, cfg)
 
     # 2. Models, optimizers, EMA: one seed, identical on every rank.
     rng.seed_all(t.seed)
@@ -206,7 +215,7 @@ def train(cfg: config.Config, run_dir: str | Path, resume: str | None = None) ->
     accelerator.wait_for_everyone()
     tracker = Tracker(accelerator, cfg, run_dir, config.to_dict(cfg))
     try:
-        return _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape, tracker, rank, world)
+        return _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape, tracker, rank, world, data)
     finally:
         tracker.close()
         if world == 1:  # let a later train() in this process build a fresh Accelerator
@@ -227,7 +236,7 @@ def _check_manifest(manifest: dict | None, cfg: config.Config) -> tuple[int, int
     return shape
 
 
-def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape, tracker, rank, world) -> int:
+def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape, tracker, rank, world, data) -> int:
     t = cfg.train
     main = accelerator.is_main_process
     device = accelerator.device
@@ -242,7 +251,7 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
 
     # Per-rank randomness (noise, dropout) from the same seed, restored exactly on resume.
     rng.seed_all(stream.stream_seed(t.seed, rank, 2))
-    num_workers = cfg.data.num_workers
+    num_workers = stream.auto_workers(cfg.data.num_workers, device.type == "cuda")
     logical_workers = max(num_workers, 1)
     positions = [0] * logical_workers
     skipped = [0] * logical_workers
@@ -265,23 +274,26 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
             )
         tracker.event("resume", start, checkpoint=str(ckpt.path))
 
-    ds = stream.ShardStream(
-        source.urls,
-        batch_size=cfg.data.batch_size,
-        resolution=cfg.data.resolution,
-        channels=cfg.data.channels,
-        seed=t.seed,
-        rank=rank,
-        world_size=world,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        on_error=cfg.data.on_error,
-        expected_shape=expected_shape,
-    )
-    if batches_done:
-        ds.start_positions = positions
-        ds.worker_offset = batches_done % logical_workers
-    shards_read = torch.zeros(len(source.urls), dtype=torch.int64)  # which shards this rank has read
-    batches = iter(stream.make_loader(ds, num_workers, pin_memory=device.type == "cuda"))
+    if data is None:
+        ds = stream.ShardStream(
+            source.urls,
+            batch_size=cfg.data.batch_size,
+            resolution=cfg.data.resolution,
+            channels=cfg.data.channels,
+            seed=t.seed,
+            rank=rank,
+            world_size=world,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            on_error=cfg.data.on_error,
+            expected_shape=expected_shape,
+        )
+        if batches_done:
+            ds.start_positions = positions
+            ds.worker_offset = batches_done % logical_workers
+        batches = iter(stream.make_loader(ds, num_workers, pin_memory=device.type == "cuda"))
+    else:
+        batches = iter(data)
+    shards_read = torch.zeros(len(source.urls) if source else 0, dtype=torch.int64)  # shards this rank read
 
     ctx = StepContext(accelerator, t.grad_accum)
     fixed_noise = torch.Generator(device="cpu").manual_seed(t.seed)
@@ -343,9 +355,10 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
                 micro = []
                 for _ in range(t.grad_accum):
                     b = next(batches)
-                    positions[batches_done % logical_workers] = b["pos"]
-                    skipped[batches_done % logical_workers] = b["skipped"]
-                    shards_read[b["shards"]] = 1
+                    if "pos" in b:  # the shard stream's bookkeeping, for exact resume
+                        positions[batches_done % logical_workers] = b["pos"]
+                        skipped[batches_done % logical_workers] = b["skipped"]
+                        shards_read[b["shards"]] = 1
                     batches_done += 1
                     micro.append({"image": b["image"].to(device, non_blocking=True), "label": b["label"].to(device)})
                 metrics = variant.train_step(micro, ctx)

@@ -138,7 +138,9 @@ def write_shards(
     n = 0
     try:
         pattern = str(tmp / f"{prefix}-%06d.tar")
-        with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as sink:
+        # An integer mtime keeps tar headers plain ustar: a float one adds a PAX header per member,
+        # which doubles the reader's header parsing. A fixed one makes shards reproducible.
+        with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0) as sink:
             for image, label, extra in tqdm(samples, total=count, desc=f"shards {out}", disable=not progress):
                 if shape is None:
                     shape = tuple(image.shape)
@@ -206,11 +208,13 @@ def cache_root() -> Path:
 
 # Small shards so that 2 ranks x 2 workers each get their own on the 1797 digits.
 BUILTIN_MAXCOUNT = 250
+# Part of the cache folder's name: bump it when the way builtin shards are written changes.
+CACHE_VERSION = 2
 
 
 def ensure_builtin(name: str, progress: bool = True) -> Path:
     """The folder of builtin `name`'s shards in the cache, written on first use."""
-    folder = cache_root() / "shards" / name
+    folder = cache_root() / "shards" / f"{name}-v{CACHE_VERSION}"
     if not (folder / MANIFEST).exists():
         write_builtin(name, folder, maxcount=BUILTIN_MAXCOUNT, overwrite=True, progress=progress)
     return folder

@@ -206,7 +206,12 @@ class ShardStream(IterableDataset):
                 draws_without_sample[0] = 0
                 yield sample
 
-        raw = counted(tarfile_samples(shard_urls(), handler=self._tar_error))
+        # Members the trainer does not use (.json metadata ...) are skipped unread.
+        wanted = ("png", "cls")
+        members = tarfile_samples(
+            shard_urls(), handler=self._tar_error, select_files=lambda name: name.rsplit(".", 1)[-1] in wanted
+        )
+        raw = counted(members)
         raw = _shuffle(raw, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)
         skip = self.start_positions[worker] if self.start_positions else 0
         pos = 0
@@ -220,6 +225,18 @@ class ShardStream(IterableDataset):
             if len(items) == self.batch_size:
                 yield self._batch(items, skip + pos)
                 items = []
+
+
+def auto_workers(requested: int, on_gpu: bool) -> int:
+    """`data.num_workers`, with -1 resolved from the cores each local process has: training on the
+    CPU, none below 4 cores (the step uses them all; a worker would fight it) and 1 from 4 up;
+    on GPUs, up to 4, leaving one core for the training process."""
+    if requested >= 0:
+        return requested
+    cores = (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if not on_gpu:
+        return 0 if cores < 4 else 1
+    return max(1, min(4, cores - 1))
 
 
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:

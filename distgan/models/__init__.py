@@ -34,4 +34,7 @@ def build_generator(cfg) -> nn.Module:
 def build_discriminator(cfg) -> nn.Module:
     d = cfg.model.d
     family = _family(d.arch, "model.d.arch")
-    return family.Discriminator(channels=cfg.data.channels, resolution=cfg.data.resolution, width=d.width)
+    mbd = (d.mbd_kernels, d.mbd_kernel_dim) if d.minibatch_discrimination else None
+    return family.Discriminator(
+        channels=cfg.data.channels, resolution=cfg.data.resolution, width=d.width, minibatch=mbd
+    )

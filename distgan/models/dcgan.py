@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from distgan.errors import UserError
+from distgan.models.layers import discriminator_head
 
 
 def check_resolution(resolution: int, key: str) -> None:
@@ -51,7 +52,10 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, channels: int, resolution: int, width: int = 64):
+    """Strided convs down to a 4x4 map, then a 4x4 conv to the logit; with minibatch
+    discrimination, the 4x4 map is flattened through the layer and a linear layer instead."""
+
+    def __init__(self, channels: int, resolution: int, width: int = 64, minibatch: tuple[int, int] | None = None):
         super().__init__()
         check_resolution(resolution, "model.d.arch")
         downs = int(math.log2(resolution)) - 2
@@ -60,9 +64,10 @@ class Discriminator(nn.Module):
         for _ in range(downs - 1):
             layers += [nn.Conv2d(c, c * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c * 2), nn.LeakyReLU(0.2, True)]
             c *= 2
-        layers += [nn.Conv2d(c, 1, 4, 1, 0)]
         self.net = nn.Sequential(*layers)
+        self.head = nn.Conv2d(c, 1, 4, 1, 0) if minibatch is None else discriminator_head(c * 16, minibatch)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten()
+        h = self.net(x)
+        return (self.head(h) if isinstance(self.head, nn.Conv2d) else self.head(h.flatten(1))).flatten()

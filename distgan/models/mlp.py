@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distgan.models.layers import discriminator_head
+
 
 def check_resolution(resolution: int, key: str) -> None:
     """Any resolution works for an MLP."""
@@ -36,7 +38,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, channels: int, resolution: int, width: int = 64):
+    def __init__(self, channels: int, resolution: int, width: int = 64, minibatch: tuple[int, int] | None = None):
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
@@ -46,8 +48,8 @@ class Discriminator(nn.Module):
             nn.LeakyReLU(0.2, True),
             nn.Linear(512, 256),
             nn.LeakyReLU(0.2, True),
-            nn.Linear(256, 1),
         )
+        self.head = discriminator_head(256, minibatch)  # minibatch discrimination goes before the logit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten()
+        return self.head(self.net(x)).flatten()

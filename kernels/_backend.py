@@ -1,0 +1,56 @@
+"""Picks the Triton kernel or the PyTorch fallback for each call.
+
+backend=None (auto): Triton for CUDA tensors (and for CPU tensors under TRITON_INTERPRET=1, the
+interpreter the tests use), the PyTorch fallback otherwise. The environment variable
+DISTGAN_KERNELS=torch|triton overrides auto. When Triton is asked for but cannot run the call
+(not installed, or a CPU tensor without the interpreter), a warning is given once and the
+fallback runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("triton", "torch")
+_warned: set[str] = set()
+
+
+@functools.lru_cache(maxsize=1)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_can_run(t: torch.Tensor) -> bool:
+    return triton_importable() and (t.is_cuda or interpreter_on())
+
+
+def choose(op: str, backend: str | None, t: torch.Tensor) -> str:
+    """'triton' or 'torch' for `op` on tensor `t`."""
+    requested = backend or os.environ.get("DISTGAN_KERNELS") or None
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None; got {requested!r}")
+    if requested == "torch":
+        return "torch"
+    if triton_can_run(t):
+        return "triton"
+    if requested == "triton" and op not in _warned:
+        _warned.add(op)
+        why = (
+            "triton is not installed"
+            if not triton_importable()
+            else f"the tensor is on {t.device} (set TRITON_INTERPRET=1 to run Triton on the CPU)"
+        )
+        warnings.warn(f"kernels.{op}: Triton requested but {why}; using the PyTorch fallback", stacklevel=3)
+    return "torch"
