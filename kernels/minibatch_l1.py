@@ -16,6 +16,22 @@ from kernels import reference
 
 
 @triton.jit
+def _load_rows(M, offs, b, offs_k, B, K, stride_mb, stride_mo, stride_mk):
+    """Rows `offs` of kernel b of M as an fp32 (len(offs), BLOCK_K) tile, zero outside."""
+    mask = (offs < B)[:, None] & (offs_k < K)[None, :]
+    ptrs = M + offs[:, None] * stride_mb + b * stride_mo + offs_k[None, :] * stride_mk
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _group_span(pid_i, B, GROUP, BLOCK_I: tl.constexpr):
+    """[start, end) of the rows j that share a group with rows pid_i*BLOCK_I ... of this program."""
+    i_first = pid_i * BLOCK_I
+    i_last = tl.minimum(i_first + BLOCK_I, B) - 1
+    return (i_first // GROUP) * GROUP, tl.minimum((i_last // GROUP + 1) * GROUP, B)
+
+
+@triton.jit
 def minibatch_l1_forward_kernel(
     M, OUT, B, K, GROUP,
     stride_mb, stride_mo, stride_mk, stride_ob, stride_oo,
@@ -30,26 +46,14 @@ def minibatch_l1_forward_kernel(
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_k = tl.arange(0, BLOCK_K)
     mask_i = offs_i < B
-    mask_k = offs_k < K
-    mi = tl.load(
-        M + offs_i[:, None] * stride_mb + b * stride_mo + offs_k[None, :] * stride_mk,
-        mask=mask_i[:, None] & mask_k[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    i_first = pid_i * BLOCK_I
-    i_last = tl.minimum(i_first + BLOCK_I, B) - 1
-    j_start = (i_first // GROUP) * GROUP
-    j_end = tl.minimum((i_last // GROUP + 1) * GROUP, B)
+    mi = _load_rows(M, offs_i, b, offs_k, B, K, stride_mb, stride_mo, stride_mk)
+    j_start, j_end = _group_span(pid_i, B, GROUP, BLOCK_I)
     group_i = offs_i // GROUP
     acc = tl.zeros([BLOCK_I], dtype=tl.float32)
     for j0 in range(j_start, j_end, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < j_end
-        mj = tl.load(
-            M + offs_j[:, None] * stride_mb + b * stride_mo + offs_k[None, :] * stride_mk,
-            mask=mask_j[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        mj = _load_rows(M, offs_j, b, offs_k, j_end, K, stride_mb, stride_mo, stride_mk)
         dist = tl.sum(tl.abs(mi[:, None, :] - mj[None, :, :]), axis=2)  # (BLOCK_I, BLOCK_J)
         keep = mask_j[None, :] & (group_i[:, None] == (offs_j // GROUP)[None, :])
         if EXCLUDE_SELF:
@@ -74,27 +78,15 @@ def minibatch_l1_backward_kernel(
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_k = tl.arange(0, BLOCK_K)
     mask_i = offs_i < B
-    mask_k = offs_k < K
-    mi = tl.load(
-        M + offs_i[:, None] * stride_mb + b * stride_mo + offs_k[None, :] * stride_mk,
-        mask=mask_i[:, None] & mask_k[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    mi = _load_rows(M, offs_i, b, offs_k, B, K, stride_mb, stride_mo, stride_mk)
     gi = tl.load(G + offs_i * stride_gb + b * stride_go, mask=mask_i, other=0.0).to(tl.float32)
-    i_first = pid_i * BLOCK_I
-    i_last = tl.minimum(i_first + BLOCK_I, B) - 1
-    j_start = (i_first // GROUP) * GROUP
-    j_end = tl.minimum((i_last // GROUP + 1) * GROUP, B)
+    j_start, j_end = _group_span(pid_i, B, GROUP, BLOCK_I)
     group_i = offs_i // GROUP
     dm = tl.zeros([BLOCK_I, BLOCK_K], dtype=tl.float32)
     for j0 in range(j_start, j_end, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < j_end
-        mj = tl.load(
-            M + offs_j[:, None] * stride_mb + b * stride_mo + offs_k[None, :] * stride_mk,
-            mask=mask_j[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        mj = _load_rows(M, offs_j, b, offs_k, j_end, K, stride_mb, stride_mo, stride_mk)
         gj = tl.load(G + offs_j * stride_gb + b * stride_go, mask=mask_j, other=0.0).to(tl.float32)
         diff = mi[:, None, :] - mj[None, :, :]  # (BLOCK_I, BLOCK_J, BLOCK_K)
         c = tl.exp(-tl.sum(tl.abs(diff), axis=2))
@@ -105,7 +97,7 @@ def minibatch_l1_backward_kernel(
     tl.store(
         DM + offs_i[:, None] * stride_db + b * stride_do + offs_k[None, :] * stride_dk,
         dm.to(DM.dtype.element_ty),
-        mask=mask_i[:, None] & mask_k[None, :],
+        mask=mask_i[:, None] & (offs_k < K)[None, :],
     )
 
 
