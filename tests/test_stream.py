@@ -89,3 +89,25 @@ def test_loader_leaves_global_rng_alone(digits_shards):
     next(it)
     iter(stream.make_loader(make(src), 1))
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_pipe_and_http_urls(digits_shards):
+    """data.shards as a `pipe:` URL and as http:// from a server on 127.0.0.1."""
+    import functools
+    import http.server
+    import threading
+
+    local = take(make(stream.resolve(str(digits_shards / "digits-000003.tar")), shuffle_buffer=1), 2)
+    piped = take(make(stream.resolve(f"pipe:cat {digits_shards}/digits-00000{{3..3}}.tar"), shuffle_buffer=1), 2)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(digits_shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/digits-000003.tar"
+        served = take(make(stream.resolve(url), shuffle_buffer=1), 2)
+    finally:
+        server.shutdown()
+    for other in (piped, served):
+        for a, b in zip(local, other):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
