@@ -120,9 +120,9 @@ def test_sigint_checkpoints_and_resumes(tmp_path, digits_shards):
         [sys.executable, "-m", "distgan", "train", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not (run / "metrics.jsonl").exists():
-        time.sleep(0.5)
-    time.sleep(2)
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and "loss/d" in metrics.read_text()):
+        time.sleep(0.2)  # wait until training steps are running, so the handler is installed
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, err
