@@ -55,6 +55,9 @@ class DiscriminatorConfig:
     width: int = 64
     # Minibatch discrimination (Salimans et al. 2016) before D's last layer, via kernels/.
     minibatch_discrimination: bool = False
+    # Spectral norm (Miyato et al. 2018) on every conv and linear layer, via kernels.spectral_norm;
+    # the DCGAN discriminator then drops its BatchNorm, as SNGAN's does.
+    spectral_norm: bool = False
     mbd_kernels: int = 100
     mbd_kernel_dim: int = 5
 
@@ -68,7 +71,7 @@ class ModelConfig:
 @dataclass
 class VariantConfig:
     name: str = "gan"
-    loss: str = "ns"  # ns: non-saturating BCE (the seed's), minimax: the saturating original
+    loss: str = "ns"  # ns: non-saturating BCE (the seed's); minimax: the saturating original; hinge
 
 
 @dataclass

@@ -3,6 +3,8 @@
 Imports torch and triton, never distgan, so it is usable on its own.
 
 - `minibatch_discrimination(m, ...)`: minibatch discrimination's pairwise L1 similarity sums.
+- `spectral_norm(module, ...)`: a drop-in for torch.nn.utils.parametrizations.spectral_norm
+  (PyTorch implementation so far; the fused Triton power iteration is still to come).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 
 from kernels import _backend, reference
 
-__all__ = ["minibatch_discrimination"]
+__all__ = ["minibatch_discrimination", "spectral_norm"]
 
 
 def minibatch_discrimination(
@@ -50,3 +52,29 @@ def minibatch_discrimination(
 
         return MinibatchL1Triton.apply(m, exclude_self, group_size)
     return reference.minibatch_l1(m, exclude_self, group_size, memory_budget)
+
+
+def spectral_norm(
+    module: torch.nn.Module,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+) -> torch.nn.Module:
+    """Spectrally normalise `module.<name>`, with the semantics of PyTorch's parametrization.
+
+    u and v are buffers (`parametrizations.<name>.0._u` / `._v`, the same keys as PyTorch's, so
+    state dicts load both ways), updated by one power iteration per training-mode forward without
+    grad; eval uses the stored vectors. Conv weights are viewed as out x rest; `dim` defaults to 1
+    for ConvTranspose and 0 otherwise. Returns the module.
+    """
+    from torch.nn.utils import parametrize
+
+    weight = getattr(module, name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"module {type(module).__name__} has no tensor '{name}'")
+    if dim is None:
+        transposed = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+        dim = 1 if isinstance(module, transposed) else 0
+    parametrize.register_parametrization(module, name, reference.SpectralNorm(weight, n_power_iterations, dim, eps))
+    return module

@@ -161,3 +161,66 @@ def minibatch_l1(
 ) -> torch.Tensor:
     """The PyTorch fallback: differentiable (twice), extra memory bounded by `memory_budget`."""
     return MinibatchL1Chunked.apply(m, exclude_self, group_size, memory_budget)
+
+
+# -- spectral norm ---------------------------------------------------------------------------------
+#
+# Spectral normalisation (Miyato et al. 2018): W_sn = W / sigma(W), sigma estimated by power
+# iteration on the matrix view of W (out x rest; dim=1 first for ConvTranspose):
+#     u <- normalize(W v),  v <- normalize(W^T u)   (training mode only, without grad)
+#     sigma = u^T W v                                  (differentiable in W; u, v constants)
+# which gives dW = G / sigma - (<G, W> / sigma^2) u v^T for G = dL/dW_sn.
+
+
+class SpectralNorm(torch.nn.Module):
+    """A parametrization with the semantics and state-dict keys (`_u`, `_v`) of
+    `torch.nn.utils.parametrizations.spectral_norm`, so models and checkpoints move freely
+    between the two. The power iteration runs in fp32 also for bf16/fp16 weights."""
+
+    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12):
+        super().__init__()
+        ndim = weight.ndim
+        if not -ndim <= dim < ndim:
+            raise IndexError(f"dim {dim} out of range for a weight with {ndim} dimensions")
+        if n_power_iterations <= 0:
+            raise ValueError(f"n_power_iterations must be positive; got {n_power_iterations}")
+        self.dim = dim % ndim
+        self.eps = eps
+        self.n_power_iterations = n_power_iterations
+        if ndim > 1:
+            mat = self.matrix(weight)
+            u = torch.nn.functional.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=eps)
+            v = torch.nn.functional.normalize(mat.new_empty(mat.shape[1]).normal_(0, 1), dim=0, eps=eps)
+            self.register_buffer("_u", u)
+            self.register_buffer("_v", v)
+            self.power_iteration(mat, 15)
+
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.dim != 0:
+            weight = weight.permute(self.dim, *(d for d in range(weight.ndim) if d != self.dim))
+        return weight.flatten(1)
+
+    @torch.no_grad()
+    def power_iteration(self, mat: torch.Tensor, iterations: int) -> None:
+        """Update the stored u, v in place (fp32 arithmetic)."""
+        w = mat.float()
+        u, v = self._u.float(), self._v.float()
+        for _ in range(iterations):
+            u = torch.nn.functional.normalize(torch.mv(w, v), dim=0, eps=self.eps)
+            v = torch.nn.functional.normalize(torch.mv(w.t(), u), dim=0, eps=self.eps)
+        self._u.copy_(u)
+        self._v.copy_(v)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.ndim == 1:
+            return torch.nn.functional.normalize(weight, dim=0, eps=self.eps)
+        mat = self.matrix(weight)
+        if self.training:
+            self.power_iteration(mat, self.n_power_iterations)
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = self._v.clone(memory_format=torch.contiguous_format)
+        sigma = torch.vdot(u.float(), torch.mv(mat.float(), v.float()))
+        return weight / sigma.to(weight.dtype)
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value

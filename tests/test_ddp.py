@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import FAST, ROOT, read_metrics
 from safetensors import safe_open
@@ -33,9 +34,10 @@ def read(path):
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["distgan"])
 
 
-def test_two_ranks_disjoint_data_identical_params_rank0_writes(tmp_path, digits_shards):
+@pytest.mark.parametrize("extra", [[], ["--preset", "digits-sngan"]])  # BatchNorm D; spectral-norm D (u, v buffers)
+def test_two_ranks_disjoint_data_identical_params_rank0_writes(tmp_path, digits_shards, extra):
     run = tmp_path / "run"
-    r = launch(*FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=6", "train.ckpt_every=3")
+    r = launch(*extra, *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=6", "train.ckpt_every=3")
     assert r.returncode == 0, r.stderr[-3000:]
     step = run / "checkpoints" / "step-00000006"
     state, meta = read(step / "state.safetensors")

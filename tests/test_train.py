@@ -187,3 +187,20 @@ def test_minibatch_discrimination_preset_trains(tmp_path, digits_shards, extra):
     (t_key,) = [k for k in model if k.startswith("D.") and k.endswith(".T")]
     assert model[t_key].shape[1] == 8 * 5
     assert all(np.isfinite(m["loss/d"]) for m in read_metrics(tmp_path / "run") if "loss/d" in m)
+
+
+def test_sngan_preset_trains(tmp_path, digits_shards):
+    r = run_cli(
+        "train",
+        "--preset",
+        "digits-sngan",
+        *FAST,
+        f"data.shards={digits_shards}",
+        "--out",
+        tmp_path / "run",
+        "train.steps=3",
+    )
+    assert r.returncode == 0, r.stderr
+    model, _ = tensors(tmp_path / "run" / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert any(k.startswith("D.") and k.endswith("parametrizations.weight.0._u") for k in model)
+    assert all(np.isfinite(m["loss/d"]) for m in read_metrics(tmp_path / "run") if "loss/d" in m)

@@ -35,6 +35,21 @@ def build_discriminator(cfg) -> nn.Module:
     d = cfg.model.d
     family = _family(d.arch, "model.d.arch")
     mbd = (d.mbd_kernels, d.mbd_kernel_dim) if d.minibatch_discrimination else None
-    return family.Discriminator(
-        channels=cfg.data.channels, resolution=cfg.data.resolution, width=d.width, minibatch=mbd
+    kwargs = {"batchnorm": False} if d.spectral_norm and d.arch == "dcgan" else {}
+    D = family.Discriminator(
+        channels=cfg.data.channels, resolution=cfg.data.resolution, width=d.width, minibatch=mbd, **kwargs
     )
+    if d.spectral_norm:
+        apply_spectral_norm(D)
+    return D
+
+
+def apply_spectral_norm(module: nn.Module) -> nn.Module:
+    """kernels.spectral_norm on every conv and linear layer of `module`."""
+    import kernels
+
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    for m in list(module.modules()):
+        if isinstance(m, (nn.Linear, *convs)):
+            kernels.spectral_norm(m)
+    return module

@@ -55,14 +55,22 @@ class Discriminator(nn.Module):
     """Strided convs down to a 4x4 map, then a 4x4 conv to the logit; with minibatch
     discrimination, the 4x4 map is flattened through the layer and a linear layer instead."""
 
-    def __init__(self, channels: int, resolution: int, width: int = 64, minibatch: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        channels: int,
+        resolution: int,
+        width: int = 64,
+        minibatch: tuple[int, int] | None = None,
+        batchnorm: bool = True,
+    ):
         super().__init__()
         check_resolution(resolution, "model.d.arch")
         downs = int(math.log2(resolution)) - 2
         c = width
         layers: list[nn.Module] = [nn.Conv2d(channels, c, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         for _ in range(downs - 1):
-            layers += [nn.Conv2d(c, c * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c * 2), nn.LeakyReLU(0.2, True)]
+            norm = [nn.BatchNorm2d(c * 2)] if batchnorm else []
+            layers += [nn.Conv2d(c, c * 2, 4, 2, 1, bias=not batchnorm), *norm, nn.LeakyReLU(0.2, True)]
             c *= 2
         self.net = nn.Sequential(*layers)
         self.head = nn.Conv2d(c, 1, 4, 1, 0) if minibatch is None else discriminator_head(c * 16, minibatch)
