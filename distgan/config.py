@@ -35,8 +35,8 @@ class DataConfig:
     resolution: int = 16
     channels: int = 1
     batch_size: int = 64  # per process and per micro-batch
-    # DataLoader workers per process; -1 (auto): none when training on the CPU (the step already
-    # uses every core, and a worker would fight it for them), else up to 4 per GPU process.
+    # DataLoader workers per process; -1: auto (data.stream.auto_workers): on the CPU none below
+    # 4 cores per process (a worker would fight the step for them), else 1; on GPUs up to 4.
     num_workers: int = -1
     shuffle_buffer: int = 1000
     on_error: str = "raise"  # raise: stop on a corrupt sample; skip: count and skip it
@@ -55,11 +55,11 @@ class DiscriminatorConfig:
     width: int = 64
     # Minibatch discrimination (Salimans et al. 2016) before D's last layer, via kernels/.
     minibatch_discrimination: bool = False
+    mbd_kernels: int = 100
+    mbd_kernel_dim: int = 5
     # Spectral norm (Miyato et al. 2018) on every conv and linear layer, via kernels.spectral_norm;
     # the DCGAN discriminator then drops its BatchNorm, as SNGAN's does.
     spectral_norm: bool = False
-    mbd_kernels: int = 100
-    mbd_kernel_dim: int = 5
 
 
 @dataclass

@@ -52,8 +52,8 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Strided convs down to a 4x4 map, then a 4x4 conv to the logit; with minibatch
-    discrimination, the 4x4 map is flattened through the layer and a linear layer instead."""
+    """Strided convs down to a 4x4 map, flattened into the logit layer (the same function as the
+    paper's final 4x4 conv), after minibatch discrimination when asked."""
 
     def __init__(
         self,
@@ -73,9 +73,8 @@ class Discriminator(nn.Module):
             layers += [nn.Conv2d(c, c * 2, 4, 2, 1, bias=not batchnorm), *norm, nn.LeakyReLU(0.2, True)]
             c *= 2
         self.net = nn.Sequential(*layers)
-        self.head = nn.Conv2d(c, 1, 4, 1, 0) if minibatch is None else discriminator_head(c * 16, minibatch)
+        self.head = discriminator_head(c * 16, minibatch)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.net(x)
-        return (self.head(h) if isinstance(self.head, nn.Conv2d) else self.head(h.flatten(1))).flatten()
+        return self.head(self.net(x).flatten(1)).flatten()
