@@ -103,9 +103,20 @@ def average_buffers(modules: list[torch.nn.Module], world: int) -> None:
     """Average floating-point buffers (BatchNorm running stats) over ranks, once per step.
 
     DDP keeps parameters identical but each rank updates its buffers from its own batch (and D's
-    again in the G step, which runs outside DDP), so without this they drift apart between
-    DDP's broadcasts. One all-reduce for all of them keeps every rank's model identical."""
-    buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+    again in the G step, which runs outside DDP), so without this they would drift apart (DDP's
+    own buffer broadcast is off). One all-reduce for all of them keeps every rank's model identical.
+    Spectral norm's u, v are left out: they are a deterministic function of the (identical)
+    weights and their own previous values, so they are already identical on every rank."""
+    from kernels.reference import SpectralNorm
+
+    buffers = [
+        b
+        for m in modules
+        for sub in m.modules()
+        if not isinstance(sub, SpectralNorm)
+        for b in sub.buffers(recurse=False)
+        if b.is_floating_point()
+    ]
     if world == 1 or not buffers:
         return
     flat = torch.cat([b.reshape(-1).float() for b in buffers])
@@ -122,13 +133,17 @@ def ema_beta(beta: float, step: int) -> float:
 
 
 def make_accelerator(cfg: config.Config, with_wandb: bool):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     try:
         return Accelerator(
             cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.train.mixed_precision,
             log_with="wandb" if with_wandb else None,
+            # No buffer broadcast at every forward: BatchNorm stats are averaged once per step
+            # (average_buffers) and spectral norm's u, v are identical on every rank by construction.
+            # Broadcasting in place would also break a D called on real and then fake before backward.
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
     except (ValueError, RuntimeError) as exc:
         raise UserError(

@@ -3,17 +3,21 @@
 Imports torch and triton, never distgan, so it is usable on its own.
 
 - `minibatch_discrimination(m, ...)`: minibatch discrimination's pairwise L1 similarity sums.
-- `spectral_norm(module, ...)`: a drop-in for torch.nn.utils.parametrizations.spectral_norm
-  (PyTorch implementation so far; the fused Triton power iteration is still to come).
+- `spectral_norm(module, ...)`: a drop-in for torch.nn.utils.parametrizations.spectral_norm whose
+  power iteration runs in fused Triton kernels (two passes over W, fp32).
+- `spectral_norm_all(module)`: one grouped power iteration (3 launches) for every spectral-normed
+  layer of a module per forward.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from kernels import _backend, reference
 
-__all__ = ["minibatch_discrimination", "spectral_norm"]
+__all__ = ["minibatch_discrimination", "spectral_norm", "spectral_norm_all"]
 
 
 def minibatch_discrimination(
@@ -60,13 +64,17 @@ def spectral_norm(
     n_power_iterations: int = 1,
     eps: float = 1e-12,
     dim: int | None = None,
+    *,
+    backend: str | None = None,
 ) -> torch.nn.Module:
     """Spectrally normalise `module.<name>`, with the semantics of PyTorch's parametrization.
 
     u and v are buffers (`parametrizations.<name>.0._u` / `._v`, the same keys as PyTorch's, so
-    state dicts load both ways), updated by one power iteration per training-mode forward without
-    grad; eval uses the stored vectors. Conv weights are viewed as out x rest; `dim` defaults to 1
-    for ConvTranspose and 0 otherwise. Returns the module.
+    state dicts load both ways), updated by `n_power_iterations` power iterations per training-mode
+    forward without grad; eval uses the stored vectors. Conv weights are viewed as out x rest; `dim`
+    defaults to 1 for ConvTranspose and 0 otherwise. The iteration runs in fp32 (also under
+    autocast and for bf16/fp16 weights), reads W twice and takes sigma from the second pass.
+    `backend` as for `minibatch_discrimination`. Returns the module.
     """
     from torch.nn.utils import parametrize
 
@@ -76,5 +84,62 @@ def spectral_norm(
     if dim is None:
         transposed = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
         dim = 1 if isinstance(module, transposed) else 0
-    parametrize.register_parametrization(module, name, reference.SpectralNorm(weight, n_power_iterations, dim, eps))
+    sn = reference.SpectralNorm(weight, n_power_iterations, dim, eps, backend=backend)
+    parametrize.register_parametrization(module, name, sn)
     return module
+
+
+def spectral_norm_all(module: torch.nn.Module) -> torch.nn.Module:
+    """Run the power iteration of every `kernels.spectral_norm` layer inside `module` as one group:
+    3 Triton launches per training forward of `module` however many layers it has (instead of 3 per
+    layer). Layers are grouped by device, dtypes and n_power_iterations, so a module whose layers all
+    agree gets one group. Each layer's result is handed to it when it reads its weight; a layer that
+    reads its weight twice in one forward runs its own iteration the second time, as PyTorch's would.
+    Where Triton does not run (CPU without the interpreter, backend "torch") this changes nothing.
+    Calling it again on the same module is a no-op. Returns the module."""
+    if getattr(module, "_distgan_sn_owners", None) is not None:
+        return module
+    owners = [
+        plist
+        for m in module.modules()
+        for plist in getattr(m, "parametrizations", {}).values()
+        if len(plist) == 1 and isinstance(plist[0], reference.SpectralNorm)
+    ]
+    if not owners:
+        raise ValueError(f"{type(module).__name__} has no layer with kernels.spectral_norm to group")
+    # a plain attribute, not hooks' closures, so copy.deepcopy(module) groups the copy's own layers
+    module._distgan_sn_owners = owners
+    module.register_forward_pre_hook(_group_before)
+    module.register_forward_hook(_group_after)
+    return module
+
+
+def _group_before(module: torch.nn.Module, args) -> None:
+    owners = module._distgan_sn_owners
+    for plist in owners:
+        plist[0]._pending = None
+    if not module.training or torch.compiler.is_compiling():
+        return
+    groups: dict[tuple, list] = {}
+    for plist in owners:
+        sn, w = plist[0], plist.original
+        if not sn.training or w.ndim < 2 or not w.is_contiguous():
+            continue
+        if _backend.choose("spectral_norm", sn.backend, w) != "triton":
+            continue
+        key = (w.device, w.dtype, sn._u.dtype, sn.n_power_iterations, sn.eps)
+        groups.setdefault(key, []).append((sn, w))
+    if not groups:
+        return
+    from kernels import power_iteration as fused
+
+    for members in groups.values():
+        layers, weights = [m[0] for m in members], [m[1] for m in members]
+        outs = reference.SNWeights.apply(functools.partial(fused.run, layers), *weights)
+        for sn, w, out in zip(layers, weights, outs):
+            sn._pending = (w, out)
+
+
+def _group_after(module: torch.nn.Module, args, output) -> None:
+    for plist in module._distgan_sn_owners:
+        plist[0]._pending = None

@@ -16,6 +16,7 @@ with g = dL/do. The j = i term has sign(0) = 0, so `exclude_self` does not chang
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -170,14 +171,89 @@ def minibatch_l1(
 #     u <- normalize(W v),  v <- normalize(W^T u)   (training mode only, without grad)
 #     sigma = u^T W v                                  (differentiable in W; u, v constants)
 # which gives dW = G / sigma - (<G, W> / sigma^2) u v^T for G = dL/dW_sn.
+#
+# Two passes over W suffice: with s = W^T u from the second pass, v = s / |s| and
+# sigma = u^T W v = |s|^2 / |s| (PyTorch reads W a third time for sigma). Both the fallback and the
+# Triton kernels compute sigma that way, and both return W_sn through `SNWeights`, whose backward
+# is the formula above.
+
+
+def sn_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """The (out x rest) matrix view of `weight` with `dim` first."""
+    if dim != 0:
+        weight = weight.permute(dim, *(d for d in range(weight.ndim) if d != dim))
+    return weight.flatten(1)
+
+
+def _from_matrix(mat: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
+    """Inverse of sn_matrix: a (shape[dim] x rest) matrix back to `shape`."""
+    if dim == 0:
+        return mat.reshape(shape)
+    order = [dim, *(d for d in range(len(shape)) if d != dim)]
+    full = mat.reshape([shape[d] for d in order])
+    return full.permute(*(order.index(d) for d in range(len(shape))))
+
+
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / x.norm().clamp_min(eps)
+
+
+def sigma_from_s(s: torch.Tensor, eps: float) -> torch.Tensor:
+    """u^T W v for v = s / max(|s|, eps), s = W^T u: |s|^2 / max(|s|, eps)."""
+    ss = torch.dot(s, s)
+    return ss / ss.sqrt().clamp_min(eps)
+
+
+class SNWeights(torch.autograd.Function):
+    """W_sn[i] = W[i] / sigma[i] for one or many layers, sigma[i] = u_i^T W[i] v_i as a function of
+    W[i] with u_i, v_i constants (PyTorch's gradient). `compute(weights)` runs the power iteration
+    (updating the buffers) and returns (outputs, [(t, s, sigma, dim, eps)]): t = W v (u = t/|t|),
+    s = W^T u (v = s/|s|), both fp32 and fresh, so later calls that update the buffers in place
+    (D on real, then on fake, before backward) cannot change this call's gradient."""
+
+    @staticmethod
+    def forward(ctx, compute, *weights):
+        outs, saved = compute(weights)
+        ctx.meta = [(dim, eps) for _, _, _, dim, eps in saved]
+        ctx.save_for_backward(*weights, *(x for t, s, sigma, _, _ in saved for x in (t, s, sigma)))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = len(ctx.meta)
+        tensors = ctx.saved_tensors
+        weights, rest = tensors[:n], tensors[n:]
+        out = [None]
+        for i, (g, w, (dim, eps)) in enumerate(zip(grads, weights, ctx.meta)):
+            if g is None or not ctx.needs_input_grad[1 + i]:
+                out.append(None)
+                continue
+            t, s, sigma = rest[3 * i : 3 * i + 3]
+            u, v = _normalize(t, eps), _normalize(s, eps)
+            gf = g.float()
+            coef = (gf * w.float()).sum() / (sigma * sigma)
+            dw = gf / sigma - coef * _from_matrix(torch.outer(u, v), w.shape, dim)
+            out.append(dw.to(w.dtype))
+        return tuple(out)
 
 
 class SpectralNorm(torch.nn.Module):
     """A parametrization with the semantics and state-dict keys (`_u`, `_v`) of
     `torch.nn.utils.parametrizations.spectral_norm`, so models and checkpoints move freely
-    between the two. The power iteration runs in fp32 also for bf16/fp16 weights."""
+    between the two. The power iteration runs in fp32 (autocast off) also for bf16/fp16 weights.
 
-    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12):
+    In training mode the iteration runs in the fused Triton kernels (kernels/power_iteration.py)
+    where they can run, and in two passes of torch ops otherwise; `kernels.spectral_norm_all`
+    leaves a whole module's results in `_pending` before the layers ask for them."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        n_power_iterations: int = 1,
+        dim: int = 0,
+        eps: float = 1e-12,
+        backend: str | None = None,
+    ):
         super().__init__()
         ndim = weight.ndim
         if not -ndim <= dim < ndim:
@@ -187,40 +263,67 @@ class SpectralNorm(torch.nn.Module):
         self.dim = dim % ndim
         self.eps = eps
         self.n_power_iterations = n_power_iterations
+        self.backend = backend
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         if ndim > 1:
-            mat = self.matrix(weight)
+            mat = sn_matrix(weight, self.dim)
             u = torch.nn.functional.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=eps)
             v = torch.nn.functional.normalize(mat.new_empty(mat.shape[1]).normal_(0, 1), dim=0, eps=eps)
             self.register_buffer("_u", u)
             self.register_buffer("_v", v)
-            self.power_iteration(mat, 15)
+            with torch.no_grad():
+                self.power_iteration(weight, 15)
 
     def matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.dim != 0:
-            weight = weight.permute(self.dim, *(d for d in range(weight.ndim) if d != self.dim))
-        return weight.flatten(1)
+        return sn_matrix(weight, self.dim)
 
-    @torch.no_grad()
-    def power_iteration(self, mat: torch.Tensor, iterations: int) -> None:
-        """Update the stored u, v in place (fp32 arithmetic)."""
-        w = mat.float()
-        u, v = self._u.float(), self._v.float()
-        for _ in range(iterations):
-            u = torch.nn.functional.normalize(torch.mv(w, v), dim=0, eps=self.eps)
-            v = torch.nn.functional.normalize(torch.mv(w.t(), u), dim=0, eps=self.eps)
+    def power_iteration(self, weight: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`iterations` steps in fp32 torch ops, two passes over W each; updates the stored u, v in
+        place and returns the last (t, s) = (W v, W^T u)."""
+        with torch.autocast(weight.device.type, enabled=False):
+            w = self.matrix(weight).float()
+            v = self._v.float()
+            for _ in range(iterations):
+                t = torch.mv(w, v)
+                u = _normalize(t, self.eps)
+                s = torch.mv(w.t(), u)
+                v = _normalize(s, self.eps)
         self._u.copy_(u)
         self._v.copy_(v)
+        return t, s
+
+    def _torch_step(self, weights):
+        (weight,) = weights
+        t, s = self.power_iteration(weight, self.n_power_iterations)
+        sigma = sigma_from_s(s, self.eps)
+        return [(weight.float() / sigma).to(weight.dtype)], [(t, s, sigma, self.dim, self.eps)]
+
+    def _eval_step(self, weights):
+        (weight,) = weights
+        with torch.autocast(weight.device.type, enabled=False):
+            u, v = self._u.float(), self._v.float()
+            sigma = torch.dot(u, torch.mv(self.matrix(weight).float(), v))
+        return [(weight.float() / sigma).to(weight.dtype)], [(u, v, sigma, self.dim, self.eps)]
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.ndim == 1:
             return torch.nn.functional.normalize(weight, dim=0, eps=self.eps)
-        mat = self.matrix(weight)
-        if self.training:
-            self.power_iteration(mat, self.n_power_iterations)
-        u = self._u.clone(memory_format=torch.contiguous_format)
-        v = self._v.clone(memory_format=torch.contiguous_format)
-        sigma = torch.vdot(u.float(), torch.mv(mat.float(), v.float()))
-        return weight / sigma.to(weight.dtype)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is weight and self.training:
+            return pending[1]
+        if not self.training:
+            step = self._eval_step
+        elif torch.compiler.is_compiling():  # plain torch ops: no graph break, Inductor fuses them
+            step = self._torch_step
+        else:
+            from kernels import _backend
+
+            step = self._torch_step
+            if _backend.choose("spectral_norm", self.backend, weight) == "triton" and weight.is_contiguous():
+                from kernels import power_iteration as fused
+
+                step = functools.partial(fused.run, [self])
+        return SNWeights.apply(step, weight)[0]
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value

@@ -42,9 +42,12 @@ def test_two_ranks_disjoint_data_identical_params_rank0_writes(tmp_path, digits_
     step = run / "checkpoints" / "step-00000006"
     state, meta = read(step / "state.safetensors")
     assert meta["data"]["world_size"] == 2
-    # every parameter and buffer of G, D and G_ema hashes the same on both ranks
+    # every parameter and buffer of G, D and G_ema hashes the same on both ranks; spectral norm's
+    # u, v (never broadcast nor averaged: DDP runs with broadcast_buffers=False) included
     fingerprints = meta["fingerprints"]
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    model, _ = read(step / "model.safetensors")
+    assert any(k.endswith("._u") for k in model) == (extra != [])
     # the ranks read disjoint shards
     read_by = state["data.shards_read"].bool()
     assert read_by.shape == (2, 8) and read_by[0].any() and read_by[1].any()

@@ -1,0 +1,212 @@
+"""Spectral norm's power iteration as fused Triton kernels, for one layer or many at once.
+
+The math is in `kernels/reference.py` (spectral norm section). For a group of L layers (one, or
+every spectral-normed layer of a module), one training forward is three launches whatever L is:
+
+1. `_wv_kernel`:    t = W v                                   (pass 1 over W, per row block)
+2. `_wtu_kernel`:   u = t / |t|,  s = W^T u, |s_block|^2       (pass 2 over W, per column block;
+                    the column-block 0 program stores u)
+3. `_scale_kernel`: sigma = |s|^2 / max(|s|, eps) from the partial sums in a fixed order,
+                    v = s / max(|s|, eps) (block 0 stores it), W_sn = W / sigma (per element block)
+
+Each program finds its layer in a table of per-layer records (pointers as int64 addresses, sizes,
+offsets), like Triton's grouped-GEMM tutorial, so layers of any shapes share a launch. W is read in
+its own layout: the matrix view (out x rest, `dim` first) of a weight of shape (P.., M, Q..) puts
+element (r, c) at (c // Q) * M * Q + r * Q + c % Q, so ConvTranspose (dim=1) needs no copy.
+
+No atomics: every sum runs in a fixed order, so the same W gives bitwise the same u, v and sigma
+on every rank of a DDP job (the buffers never need broadcasting). All arithmetic is fp32 whatever
+the dtype of W and of the buffers. n_power_iterations > 1 repeats launches 1-3 (3 without W_sn).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+
+# fields of a layer's record in the int64 table
+# (w, u, v addresses; rows M, columns N, inner size Q; offsets into t, s, partial sums and output; number
+# of partial sums; numel)
+FIELDS = 12
+BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_P = 32, 128, 1024, 64
+
+
+@triton.jit
+def _record(table, prog, pid, F: tl.constexpr):
+    """(this program's layer record, its block index within the layer)."""
+    layer = tl.load(prog + 2 * pid)
+    return table + layer * F, tl.load(prog + 2 * pid + 1), layer
+
+
+@triton.jit
+def _w_offsets(rows, cols, M, Q, SIMPLE: tl.constexpr):
+    """Element offsets of W's matrix view at (rows x cols)."""
+    if SIMPLE:  # dim = 0: row-major (M, Q) with Q = number of columns
+        return rows[:, None] * Q + cols[None, :]
+    return (cols // Q)[None, :] * (M * Q) + rows[:, None] * Q + (cols % Q)[None, :]
+
+
+@triton.jit
+def _wv_kernel(table, prog, t_buf, w_proto, v_proto, F: tl.constexpr, SIMPLE: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """t[rows] = W[rows, :] v for this program's block of rows."""
+    rec, blk, _ = _record(table, prog, tl.program_id(0), F)
+    w = tl.load(rec + 0).to(tl.pointer_type(w_proto.dtype.element_ty))
+    v = tl.load(rec + 2).to(tl.pointer_type(v_proto.dtype.element_ty))
+    M, N, Q, t_off = tl.load(rec + 3), tl.load(rec + 4), tl.load(rec + 5), tl.load(rec + 6)
+    rows = blk * BM + tl.arange(0, BM)
+    rmask = rows < M
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for c0 in range(0, N, BN):
+        cols = c0 + tl.arange(0, BN)
+        cmask = cols < N
+        x = tl.load(w + _w_offsets(rows, cols, M, Q, SIMPLE), mask=rmask[:, None] & cmask[None, :], other=0.0)
+        vv = tl.load(v + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc += x.to(tl.float32) * vv[None, :]
+    tl.store(t_buf + t_off + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _wtu_kernel(table, prog, t_buf, s_buf, parts, w_proto, u_proto, eps, F: tl.constexpr, SIMPLE: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """u = t / max(|t|, eps); s[cols] = W[:, cols]^T u; parts[block] = |s[cols]|^2."""
+    rec, blk, _ = _record(table, prog, tl.program_id(0), F)
+    w = tl.load(rec + 0).to(tl.pointer_type(w_proto.dtype.element_ty))
+    u = tl.load(rec + 1).to(tl.pointer_type(u_proto.dtype.element_ty))
+    M, N, Q, t_off = tl.load(rec + 3), tl.load(rec + 4), tl.load(rec + 5), tl.load(rec + 6)
+    s_off, part_off = tl.load(rec + 7), tl.load(rec + 8)
+    sq = tl.zeros([BM], dtype=tl.float32)
+    for r0 in range(0, M, BM):
+        rows = r0 + tl.arange(0, BM)
+        tt = tl.load(t_buf + t_off + rows, mask=rows < M, other=0.0)
+        sq += tt * tt
+    inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq, axis=0)), eps)
+    cols = blk * BN + tl.arange(0, BN)
+    cmask = cols < N
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for r0 in range(0, M, BM):
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < M
+        x = tl.load(w + _w_offsets(rows, cols, M, Q, SIMPLE), mask=rmask[:, None] & cmask[None, :], other=0.0)
+        tt = tl.load(t_buf + t_off + rows, mask=rmask, other=0.0)
+        acc += x.to(tl.float32) * tt[:, None]
+    s = tl.sum(acc, axis=0) * inv
+    tl.store(s_buf + s_off + cols, s, mask=cmask)
+    s = tl.where(cmask, s, 0.0)
+    tl.store(parts + part_off + blk, tl.sum(s * s, axis=0))
+    if blk == 0:
+        for r0 in range(0, M, BM):
+            rows = r0 + tl.arange(0, BM)
+            tt = tl.load(t_buf + t_off + rows, mask=rows < M, other=0.0)
+            tl.store(u + rows, (tt * inv).to(u_proto.dtype.element_ty), mask=rows < M)
+
+
+@triton.jit
+def _scale_kernel(table, prog, s_buf, parts, sigma_buf, out_buf, w_proto, v_proto, eps, F: tl.constexpr,
+                  WRITE_W: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr):  # fmt: skip
+    """sigma = |s|^2 / max(|s|, eps); block 0: v = s / max(|s|, eps); W_SN[block] = W[block] / sigma."""
+    rec, blk, layer = _record(table, prog, tl.program_id(0), F)
+    N, s_off, part_off, n_parts = tl.load(rec + 4), tl.load(rec + 7), tl.load(rec + 8), tl.load(rec + 10)
+    acc = tl.zeros([BP], dtype=tl.float32)
+    for p0 in range(0, n_parts, BP):
+        offs = p0 + tl.arange(0, BP)
+        acc += tl.load(parts + part_off + offs, mask=offs < n_parts, other=0.0)
+    ss = tl.sum(acc, axis=0)
+    norm = tl.maximum(tl.sqrt(ss), eps)
+    sigma = ss / norm
+    if blk == 0:
+        tl.store(sigma_buf + layer, sigma)
+        v = tl.load(rec + 2).to(tl.pointer_type(v_proto.dtype.element_ty))
+        for c0 in range(0, N, BE):
+            cols = c0 + tl.arange(0, BE)
+            s = tl.load(s_buf + s_off + cols, mask=cols < N, other=0.0)
+            tl.store(v + cols, (s / norm).to(v_proto.dtype.element_ty), mask=cols < N)
+    if WRITE_W:
+        w = tl.load(rec + 0).to(tl.pointer_type(w_proto.dtype.element_ty))
+        out = out_buf + tl.load(rec + 9)
+        numel = tl.load(rec + 11)
+        offs = blk * BE + tl.arange(0, BE)
+        x = tl.load(w + offs, mask=offs < numel, other=0.0).to(tl.float32)
+        tl.store(out + offs, (x / sigma).to(w_proto.dtype.element_ty), mask=offs < numel)
+
+
+def _programs(counts: list[int], device) -> torch.Tensor:
+    """The (layer, block) pairs of a grid with counts[l] blocks for layer l, flattened int32."""
+    pairs = [(layer, b) for layer, n in enumerate(counts) for b in range(n)]
+    return torch.tensor(pairs, dtype=torch.int32).reshape(-1).to(device, non_blocking=True)
+
+
+class _Plan:
+    """The tables for one group of layers, rebuilt only when a pointer or shape changes."""
+
+    def __init__(self, weights, layers):
+        device = weights[0].device
+        self.shapes = []
+        rec, t_off, s_off, part_off, out_off = [], 0, 0, 0, 0
+        self.simple = True
+        for w, sn in zip(weights, layers):
+            M = w.shape[sn.dim]
+            N = w.numel() // M
+            Q = 1
+            for d in w.shape[sn.dim + 1 :]:
+                Q *= d
+            self.simple &= Q == N
+            n_parts = triton.cdiv(N, BLOCK_N)
+            rec.append([w.data_ptr(), sn._u.data_ptr(), sn._v.data_ptr(),
+                        M, N, Q, t_off, s_off, part_off, out_off, n_parts, w.numel()])  # fmt: skip
+            self.shapes.append((M, N, t_off, s_off, out_off))
+            t_off, s_off, part_off, out_off = t_off + M, s_off + N, part_off + n_parts, out_off + w.numel()
+        self.sizes = (t_off, s_off, part_off, out_off)
+        self.table = torch.tensor(rec, dtype=torch.int64).to(device, non_blocking=True)
+        self.prog_rows = _programs([triton.cdiv(m, BLOCK_M) for m, *_ in self.shapes], device)
+        self.prog_cols = _programs([triton.cdiv(n, BLOCK_N) for _, n, *_ in self.shapes], device)
+        self.prog_one = _programs([1] * len(weights), device)
+        self.prog_elems = _programs([triton.cdiv(w.numel(), BLOCK_E) for w in weights], device)
+        self.grids = tuple(len(p) // 2 for p in (self.prog_rows, self.prog_cols, self.prog_one, self.prog_elems))
+
+
+_plans: dict[tuple, _Plan] = {}
+
+
+def _key(weights, layers) -> tuple:
+    return tuple(
+        (w.data_ptr(), tuple(w.shape), sn._u.data_ptr(), sn._v.data_ptr(), sn.dim) for w, sn in zip(weights, layers)
+    )
+
+
+def run(layers: list[reference.SpectralNorm], weights) -> tuple[list[torch.Tensor], list[tuple]]:
+    """One training-mode step of every layer in `layers` (same device, weight dtype, buffer dtype and
+    n_power_iterations): updates their u, v buffers and returns (W_sn per layer, saved per layer)
+    in the form `reference.SNWeights` expects."""
+    w0, sn0 = weights[0], layers[0]
+    key = _key(weights, layers)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 64:
+            _plans.clear()
+        plan = _plans[key] = _Plan(weights, layers)
+    t_size, s_size, n_parts, out_size = plan.sizes
+    out_buf = torch.empty(out_size, device=w0.device, dtype=w0.dtype)
+    t_buf = torch.empty(t_size, device=w0.device, dtype=torch.float32)
+    s_buf = torch.empty(s_size, device=w0.device, dtype=torch.float32)
+    parts = torch.empty(n_parts, device=w0.device, dtype=torch.float32)
+    sigma = torch.empty(len(weights), device=w0.device, dtype=torch.float32)
+    g_rows, g_cols, g_one, g_elems = plan.grids
+    u0, v0 = sn0._u, sn0._v
+    for it in range(sn0.n_power_iterations):
+        last = it == sn0.n_power_iterations - 1
+        _wv_kernel[(g_rows,)](plan.table, plan.prog_rows, t_buf, w0, v0, F=FIELDS, SIMPLE=plan.simple,
+                              BM=BLOCK_M, BN=BLOCK_N)  # fmt: skip
+        _wtu_kernel[(g_cols,)](plan.table, plan.prog_cols, t_buf, s_buf, parts, w0, u0, sn0.eps, F=FIELDS,
+                               SIMPLE=plan.simple, BM=BLOCK_M, BN=BLOCK_N)  # fmt: skip
+        prog, grid = (plan.prog_elems, g_elems) if last else (plan.prog_one, g_one)
+        _scale_kernel[(grid,)](plan.table, prog, s_buf, parts, sigma, out_buf, w0, v0, sn0.eps, F=FIELDS, WRITE_W=last,
+                               BE=BLOCK_E, BP=BLOCK_P)  # fmt: skip
+    outs, saved = [], []
+    for i, ((M, N, t_off, s_off, out_off), sn, w) in enumerate(zip(plan.shapes, layers, weights)):
+        outs.append(out_buf[out_off : out_off + w.numel()].view(w.shape))
+        saved.append((t_buf[t_off : t_off + M], s_buf[s_off : s_off + N], sigma[i], sn.dim, sn.eps))
+    return outs, saved
