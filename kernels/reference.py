@@ -16,6 +16,7 @@ with g = dL/do. The j = i term has sign(0) = 0, so `exclude_self` does not chang
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -173,9 +174,10 @@ def minibatch_l1(
 # which gives dW = G / sigma - (<G, W> / sigma^2) u v^T for G = dL/dW_sn.
 #
 # Two passes over W suffice: with s = W^T u from the second pass, v = s / |s| and
-# sigma = u^T W v = |s|^2 / |s| (PyTorch reads W a third time for sigma). Both the fallback and the
-# Triton kernels compute sigma that way, and both return W_sn through `SNWeights`, whose backward
-# is the formula above.
+# sigma = u^T W v = v^T s = |s|^2 / |s| (PyTorch reads W a third time for sigma). Both the fallback
+# and the Triton kernels compute sigma that way. The fallback runs the second pass with grad, so
+# autograd gives the formula above; the Triton path returns W_sn through `SNWeights`, whose
+# backward is that formula.
 
 
 def sn_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -194,14 +196,16 @@ def _from_matrix(mat: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor
     return full.permute(*(order.index(d) for d in range(len(shape))))
 
 
+def _fp32(weight: torch.Tensor):
+    """Autocast off (so the power iteration stays fp32) only where it is on: entering the context
+    costs more than the iteration on small layers."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.autocast(weight.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x / x.norm().clamp_min(eps)
-
-
-def sigma_from_s(s: torch.Tensor, eps: float) -> torch.Tensor:
-    """u^T W v for v = s / max(|s|, eps), s = W^T u: |s|^2 / max(|s|, eps)."""
-    ss = torch.dot(s, s)
-    return ss / ss.sqrt().clamp_min(eps)
 
 
 class SNWeights(torch.autograd.Function):
@@ -277,53 +281,52 @@ class SpectralNorm(torch.nn.Module):
     def matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return sn_matrix(weight, self.dim)
 
-    def power_iteration(self, weight: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`iterations` steps in fp32 torch ops, two passes over W each; updates the stored u, v in
-        place and returns the last (t, s) = (W v, W^T u)."""
-        with torch.autocast(weight.device.type, enabled=False):
+    @torch.no_grad()
+    def power_iteration(self, weight: torch.Tensor, iterations: int) -> None:
+        """`iterations` steps in fp32, updating the stored u, v in place."""
+        with _fp32(weight):
             w = self.matrix(weight).float()
             v = self._v.float()
             for _ in range(iterations):
-                t = torch.mv(w, v)
-                u = _normalize(t, self.eps)
-                s = torch.mv(w.t(), u)
-                v = _normalize(s, self.eps)
+                u = _normalize(torch.mv(w, v), self.eps)
+                v = _normalize(torch.mv(w.t(), u), self.eps)
         self._u.copy_(u)
         self._v.copy_(v)
-        return t, s
-
-    def _torch_step(self, weights):
-        (weight,) = weights
-        t, s = self.power_iteration(weight, self.n_power_iterations)
-        sigma = sigma_from_s(s, self.eps)
-        return [(weight.float() / sigma).to(weight.dtype)], [(t, s, sigma, self.dim, self.eps)]
-
-    def _eval_step(self, weights):
-        (weight,) = weights
-        with torch.autocast(weight.device.type, enabled=False):
-            u, v = self._u.float(), self._v.float()
-            sigma = torch.dot(u, torch.mv(self.matrix(weight).float(), v))
-        return [(weight.float() / sigma).to(weight.dtype)], [(u, v, sigma, self.dim, self.eps)]
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.ndim == 1:
             return torch.nn.functional.normalize(weight, dim=0, eps=self.eps)
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is weight and self.training:
-            return pending[1]
         if not self.training:
-            step = self._eval_step
-        elif torch.compiler.is_compiling():  # plain torch ops: no graph break, Inductor fuses them
-            step = self._torch_step
-        else:
+            with _fp32(weight):
+                sigma = torch.dot(self._u.float(), torch.mv(self.matrix(weight).float(), self._v.float()))
+            return (weight.float() / sigma).to(weight.dtype)
+        if pending is not None and pending[0] is weight:
+            return pending[1]
+        if not torch.compiler.is_compiling() and weight.is_contiguous():
             from kernels import _backend
 
-            step = self._torch_step
-            if _backend.choose("spectral_norm", self.backend, weight) == "triton" and weight.is_contiguous():
+            if _backend.choose("spectral_norm", self.backend, weight) == "triton":
                 from kernels import power_iteration as fused
 
-                step = functools.partial(fused.run, [self])
-        return SNWeights.apply(step, weight)[0]
+                return SNWeights.apply(functools.partial(fused.run, [self]), weight)[0]
+        # The fallback (also what torch.compile traces, without graph breaks): two passes over W,
+        # the second one differentiable, so that sigma = v^T (W^T u) = u^T W v carries the
+        # gradient u v^T with u, v constants, as in PyTorch.
+        with _fp32(weight):
+            mat = self.matrix(weight).float()
+            with torch.no_grad():
+                v = self._v.float()
+                for i in range(self.n_power_iterations):
+                    u = _normalize(torch.mv(mat, v), self.eps)
+                    if i + 1 < self.n_power_iterations:
+                        v = _normalize(torch.mv(mat.t(), u), self.eps)
+            s = torch.mv(mat.t(), u)
+            v = _normalize(s.detach(), self.eps)
+            self._u.copy_(u)
+            self._v.copy_(v)
+            sigma = torch.dot(v, s)
+        return (weight.float() / sigma).to(weight.dtype)
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value

@@ -117,7 +117,9 @@ def test_spectral_norm_config_wraps_every_layer():
 def test_several_power_iterations_per_step(kind):
     base = layer(kind)
     ours = kernels.spectral_norm(copy.deepcopy(base), n_power_iterations=3, backend="triton")
-    theirs = parametrizations.spectral_norm(copy.deepcopy(base), n_power_iterations=3, dim=1 if kind == "convT" else None)
+    theirs = parametrizations.spectral_norm(
+        copy.deepcopy(base), n_power_iterations=3, dim=1 if kind == "convT" else None
+    )
     theirs.load_state_dict(ours.state_dict())
     x = inputs(kind, torch.float32)
     torch.testing.assert_close(ours(x), theirs(x))
