@@ -135,15 +135,30 @@ def save(
         for f in FILES:  # make the bytes durable before the rename publishes them
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # out of the way in one rename, never half-deleted under its step name
+            os.rename(final, tempfile.mkdtemp(prefix=".del-", dir=folder) + "/old")
         os.rename(tmp, final)
+        _fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_steps(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = Path(tempfile.mkdtemp(prefix=".del-", dir=folder)) / "old"
+        os.rename(old, doomed)
+    # What killed writers left behind (SIGKILL skips the cleanup above): temp and doomed folders.
+    for stale in folder.iterdir():
+        if stale.name.startswith((".tmp-step-", ".del-")) and stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in `folder` durable (a power cut after this keeps them)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- loading ------------------------------------------------------------------------------------

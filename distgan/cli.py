@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from distgan.errors import UserError, user_message
+from distgan.errors import RunFailed, UserError, user_message
 
 
 def _shards(args: argparse.Namespace) -> int:
@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"distgan {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"distgan {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"distgan {args.command}: interrupted", file=sys.stderr)
         return 130

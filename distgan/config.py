@@ -23,7 +23,10 @@ DEFAULT_PRESET = "digits-dcgan"
 # Config keys that take one of a fixed set of strings.
 CHOICES = {
     "data.on_error": ("raise", "skip"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
+    # auto: what `accelerate launch` was given (--mixed_precision or its config file), else no
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    # skip: a step whose gradients are NaN/Inf is not applied (stop after train.max_nan_skips in a row)
+    "train.on_nan": ("skip", "stop"),
     "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),  # auto: offline without an API key
 }
 
@@ -83,7 +86,9 @@ class TrainConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     grad_accum: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
+    on_nan: str = "skip"
+    max_nan_skips: int = 20  # consecutive skipped steps before the run stops anyway
     ema_beta: float = 0.999
     log_every: int = 50
     sample_every: int = 500
@@ -106,12 +111,20 @@ class TrackingConfig:
 
 
 @dataclass
+class DistConfig:
+    # A collective that waits longer than this (a dead or hung rank) fails the run with an error
+    # instead of hanging; also bounds the wait for all ranks at start-up and at checkpoints.
+    timeout_s: int = 600
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     variant: VariantConfig = field(default_factory=VariantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def list_presets() -> list[str]:
@@ -202,6 +215,8 @@ def validate(cfg: Config) -> None:
         "train.ckpt_every": cfg.train.ckpt_every,
         "train.keep_last": cfg.train.keep_last,
         "train.n_samples": cfg.train.n_samples,
+        "train.max_nan_skips": cfg.train.max_nan_skips,
+        "dist.timeout_s": cfg.dist.timeout_s,
         "model.g.z_dim": cfg.model.g.z_dim,
         "model.g.width": cfg.model.g.width,
         "model.d.width": cfg.model.d.width,

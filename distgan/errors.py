@@ -12,3 +12,8 @@ def user_message(exc: BaseException) -> str:
     if "Original Traceback" in text and marker in text:
         text = text.rsplit(marker, 1)[1].strip()
     return text
+
+
+class RunFailed(Exception):
+    """The run cannot go on (it diverged, or lost a rank); the message says why and what is intact.
+    The CLI prints it and exits with status 1."""

@@ -28,16 +28,18 @@ from tqdm import tqdm
 
 from distgan import checkpoint, config, images, rng, variants
 from distgan.data import stream
-from distgan.errors import UserError
+from distgan.errors import RunFailed, UserError
 from distgan.tracking import Tracker
 
 
 class StepContext:
     """What a variant's `train_step` needs from the trainer: micro-batching and model plumbing."""
 
-    def __init__(self, accelerator, accum: int):
+    def __init__(self, accelerator, accum: int, optimizer_names: dict[int, str] | None = None):
         self.accelerator = accelerator
         self.accum = accum
+        self.optimizer_names = optimizer_names or {}
+        self.nonfinite: list[str] = []  # optimizers whose update this step skipped (NaN/Inf gradients)
 
     def micro(self, model: torch.nn.Module, batches: list[dict]):
         """Yield the micro-batches; gradients of `model` are all-reduced only on the last one."""
@@ -49,6 +51,21 @@ class StepContext:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's loss, scaled so the accumulated gradient is the mean."""
         self.accelerator.backward(loss / self.accum)
+
+    def step(self, optimizer) -> bool:
+        """optimizer.step(), unless a gradient is NaN or Inf: then the update is skipped, recorded in
+        `nonfinite`, and the trainer applies train.on_nan. Gradients are all-reduced by then, so every
+        rank decides the same. With fp16, the gradient scaler makes this decision itself (an
+        overflow there is routine: it lowers the scale and skips the step). Returns whether it stepped."""
+        if self.accelerator.scaler is not None:
+            optimizer.step()
+            return not optimizer.step_was_skipped
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            self.nonfinite.append(self.optimizer_names.get(id(optimizer), "optimizer"))
+            return False
+        optimizer.step()
+        return True
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model)
@@ -133,17 +150,23 @@ def ema_beta(beta: float, step: int) -> float:
 
 
 def make_accelerator(cfg: config.Config, with_wandb: bool):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from datetime import timedelta
 
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    precision = cfg.train.mixed_precision
     try:
         return Accelerator(
             cpu=not torch.cuda.is_available(),
-            mixed_precision=cfg.train.mixed_precision,
+            mixed_precision=None if precision == "auto" else precision,
             log_with="wandb" if with_wandb else None,
             # No buffer broadcast at every forward: BatchNorm stats are averaged once per step
             # (average_buffers) and spectral norm's u, v are identical on every rank by construction.
             # Broadcasting in place would also break a D called on real and then fake before backward.
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(broadcast_buffers=False),
+                InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s)),
+            ],
         )
     except (ValueError, RuntimeError) as exc:
         raise UserError(
@@ -169,8 +192,17 @@ def check_compatible(ckpt: checkpoint.Checkpoint, cfg: config.Config) -> None:
 
 def _find_resume(resume: str | None, run_dir: Path) -> checkpoint.Checkpoint | None:
     if resume == "auto":
+        # The newest checkpoint that reads back whole. Writes are atomic, so an unreadable one means
+        # damage from outside (a full disk, a bad copy): say so and fall back to the one before.
         steps = checkpoint.list_steps(run_dir)
-        return checkpoint.load(steps[-1]) if steps else None
+        for path in reversed(steps):
+            try:
+                return checkpoint.load(path)
+            except UserError as exc:
+                print(f"warning: skipping checkpoint: {exc}", file=sys.stderr)
+        if steps:
+            raise UserError(f"no checkpoint in '{checkpoint.checkpoints_dir(run_dir)}' reads back whole; see above")
+        return None
     if resume:
         return checkpoint.load(resume)
     if checkpoint.list_steps(run_dir):
@@ -310,7 +342,12 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
         batches = iter(data)
     shards_read = torch.zeros(len(source.urls) if source else 0, dtype=torch.int64)  # shards this rank read
 
-    ctx = StepContext(accelerator, t.grad_accum)
+    ctx = StepContext(accelerator, t.grad_accum, {id(o): n for n, o in variant.optimizers.items()})
+    # Buffers (BatchNorm stats and counts, spectral norm's u, v) as they were before the step, to
+    # undo what a step with NaN/Inf gradients did to them.
+    buffers = [b for m in variant.models.values() for b in accelerator.unwrap_model(m).buffers()]
+    before = [b.clone() for b in buffers]
+    nan_skips = consecutive_skips = 0
     fixed_noise = torch.Generator(device="cpu").manual_seed(t.seed)
     sums: dict[str, torch.Tensor] = {}
     n_sums = 0
@@ -326,6 +363,17 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
         local["data.skipped"] = torch.tensor(skipped, dtype=torch.int64)
         local["data.shards_read"] = shards_read
         plain = {n: accelerator.unwrap_model(m) for n, m in variant.models.items()}
+        bad = [
+            f"{n}.{k}"
+            for n, m in {**plain, **emas}.items()
+            for k, v in m.state_dict().items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
+        if bad:  # never replace a good checkpoint with a diverged state
+            raise RunFailed(
+                f"step {step}: the model holds NaN/Inf values ({', '.join(bad[:5])}); not writing a checkpoint. "
+                "The newest existing checkpoint is intact; try lower learning rates"
+            )
         local["fingerprint"] = torch.tensor([checkpoint.fingerprint({**plain, **emas})], dtype=torch.int64)
         gathered = {k: accelerator.gather(v.to(device)[None]).cpu() for k, v in local.items()}
         gathered = {(f"rng.rank.{k[4:]}" if k.startswith("rng.") else k): v for k, v in gathered.items()}
@@ -376,7 +424,15 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
                         shards_read[b["shards"]] = 1
                     batches_done += 1
                     micro.append({"image": b["image"].to(device, non_blocking=True), "label": b["label"].to(device)})
+                if buffers:
+                    torch._foreach_copy_(before, buffers)
                 metrics = variant.train_step(micro, ctx)
+                if ctx.nonfinite:
+                    metrics = _nonfinite_step(ctx, cfg, run_dir, step + 1, buffers, before, consecutive_skips + 1, main)
+                    tracker.event("nonfinite", step + 1, skipped=metrics.pop("skipped"))
+                    nan_skips, consecutive_skips = nan_skips + 1, consecutive_skips + 1
+                else:
+                    consecutive_skips = 0
                 average_buffers([accelerator.unwrap_model(m) for m in variant.models.values()], world)
                 for name, ema in emas.items():
                     ema_update(
@@ -401,6 +457,7 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
                             "perf/steps_per_sec": rate,
                             "perf/samples_per_sec": rate * cfg.data.batch_size * t.grad_accum * world,
                             "data/skipped": total_skipped,
+                            "train/nan_skipped_steps": nan_skips,
                         }
                     )
                     tracker.log(logged, step)
@@ -441,6 +498,32 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
         if wandb_dir and tracker.mode == "offline":
             print(f"W&B offline run in {Path(wandb_dir).parent}; upload it with: wandb sync {Path(wandb_dir).parent}")
     return 0
+
+
+def _nonfinite_step(ctx, cfg, run_dir, step, buffers, before, consecutive, main) -> dict:
+    """After a step whose gradients were NaN/Inf (the update was skipped): undo the step's buffer
+    updates, then stop or go on as train.on_nan says. Returns the metrics to log for the step."""
+    what = ", ".join(ctx.nonfinite)
+    ctx.nonfinite = []
+    if buffers:
+        torch._foreach_copy_(buffers, before)
+    t = cfg.train
+    if t.on_nan == "stop" or consecutive >= t.max_nan_skips:
+        steps = checkpoint.list_steps(run_dir)
+        last = f"the newest checkpoint, '{steps[-1]}', is intact" if steps else "no checkpoint was written yet"
+        why = (
+            "train.on_nan=stop"
+            if t.on_nan == "stop"
+            else f"{consecutive} steps in a row (train.max_nan_skips={t.max_nan_skips})"
+        )
+        raise RunFailed(
+            f"step {step}: NaN/Inf gradients in {what}; stopping ({why}). Nothing was saved from this "
+            f"state; {last}. Try lower learning rates, train.mixed_precision=bf16 instead of fp16, or a "
+            "spectral-norm discriminator (model.d.spectral_norm=true)"
+        )
+    if main:
+        print(f"warning: step {step}: NaN/Inf gradients in {what}; update skipped (train.on_nan=skip)", file=sys.stderr)
+    return {"skipped": what}
 
 
 def _agree_to_stop(signum: int, device, world: int) -> int:

@@ -38,7 +38,7 @@ def test_yaml_file_and_override_order(tmp_path):
         ({"overrides": ["train.stepz=3"]}, "valid keys in 'train': steps, seed"),
         ({"overrides": ["bogus.x=3"]}, "unknown config key 'bogus"),
         ({"overrides": ["train.steps=abc"]}, "bad value for config key 'train.steps'"),
-        ({"overrides": ["train.mixed_precision=fp8"]}, "must be one of no, bf16, fp16"),
+        ({"overrides": ["train.mixed_precision=fp8"]}, "must be one of auto, no, bf16, fp16"),
         ({"overrides": ["data.on_error=ignore"]}, "must be one of raise, skip"),
         ({"overrides": ["model.d.arch=resnet9000"]}, "must be one of dcgan, mlp"),
         ({"overrides": ["data.resolution=12"]}, "power of two"),

@@ -54,7 +54,7 @@ class GAN:
             stats["loss/d"] += loss.detach() / len(batches)
             stats["d/real"] += real_logits.detach().float().mean() / len(batches)
             stats["d/fake"] += fake_logits.detach().float().mean() / len(batches)
-        opt_d.step()
+        ctx.step(opt_d)
 
         opt_g.zero_grad(set_to_none=True)
         with ctx.frozen(D) as d_plain:
@@ -63,7 +63,7 @@ class GAN:
                 loss = losses.g_loss(self.loss, d_plain(fake))
                 ctx.backward(loss)
                 stats["loss/g"] += loss.detach() / len(batches)
-        opt_g.step()
+        ctx.step(opt_g)
         return stats
 
     @torch.no_grad()
