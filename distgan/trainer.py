@@ -295,6 +295,7 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
     variant.optimizers = dict(zip(opt_names, prepared[len(names) :]))
     for ema in emas.values():
         ema.to(device)
+    allreduces = _count_allreduces(variant.models.values())
 
     # Per-rank randomness (noise, dropout) from the same seed, restored exactly on resume.
     rng.seed_all(stream.stream_seed(t.seed, rank, 2))
@@ -458,6 +459,11 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
                             "perf/samples_per_sec": rate * cfg.data.batch_size * t.grad_accum * world,
                             "data/skipped": total_skipped,
                             "train/nan_skipped_steps": nan_skips,
+                            **(
+                                {"dist/grad_allreduces_per_step": allreduces.pop() / max(step - last_log_step, 1)}
+                                if world > 1
+                                else {}
+                            ),
                         }
                     )
                     tracker.log(logged, step)
@@ -476,6 +482,19 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
                     save(step)
                 if stopping:
                     break
+    except (RuntimeError, dist.DistError) as exc:
+        if world == 1 or not _comm_failure(exc):
+            raise
+        # The launcher SIGTERMs the survivors when it sees a rank die: finish saying why first.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        steps = checkpoint.list_steps(run_dir)
+        last = f"'{steps[-1]}' is intact" if steps else "none was written yet"
+        raise RunFailed(
+            f"rank {rank}: lost contact with the other ranks during step {step + 1} "
+            f"({str(exc).strip().splitlines()[0][:200]}). Another rank died (see the launcher's summary), "
+            f"hung for longer than dist.timeout_s={cfg.dist.timeout_s}, or the network failed. The newest "
+            f"checkpoint, {last}; continue with --resume auto once every rank can run."
+        ) from None
     finally:
         # Shut the DataLoader workers down now, also on an error: left to interpreter exit,
         # multiprocessing would SIGTERM them, which they ignore (see stream._ignore_signals).
@@ -524,6 +543,42 @@ def _nonfinite_step(ctx, cfg, run_dir, step, buffers, before, consecutive, main)
     if main:
         print(f"warning: step {step}: NaN/Inf gradients in {what}; update skipped (train.on_nan=skip)", file=sys.stderr)
     return {"skipped": what}
+
+
+class _Counter:
+    def __init__(self):
+        self.n = 0
+
+    def pop(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+
+def _count_allreduces(models) -> _Counter:
+    """Count DDP's gradient all-reduces (one per bucket), through a comm hook that then runs the
+    standard averaging all-reduce; logged as dist/grad_allreduces_per_step, so anyone can see that
+    accumulation micro-batches add none."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    counter = _Counter()
+
+    def hook(state, bucket):
+        counter.n += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+    for m in models:
+        if isinstance(m, DistributedDataParallel):
+            m.register_comm_hook(None, hook)
+    return counter
+
+
+def _comm_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because a peer is gone or stuck (gloo and NCCL)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out"))
 
 
 def _agree_to_stop(signum: int, device, world: int) -> int:

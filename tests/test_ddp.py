@@ -2,15 +2,20 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
 from conftest import FAST, ROOT, read_metrics
 from safetensors import safe_open
 from test_train import assert_bitwise_equal
+
+from distgan import checkpoint
 
 
 def free_port() -> int:
@@ -19,14 +24,66 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*args, processes=2, timeout=600):
-    cmd = [
+def launch_cmd(*args, processes=2):
+    return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), "-m", "distgan", "train", *map(str, args),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch(*args, processes=2, timeout=600):
+    return subprocess.run(
+        launch_cmd(*args, processes=processes), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=timeout
+    )
+
+
+def start(*args, processes=2):
+    """A launch in the background, its output in files (pipes could fill up and block it)."""
+    out = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        launch_cmd(*args, processes=processes), stdout=out, stderr=out, cwd=ROOT, env=ENV, text=True
+    )
+    proc.log = out
+    return proc
+
+
+def output(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def ranks_of(launcher_pid: int, n: int = 2, timeout: float = 60) -> dict[int, int]:
+    """{rank: pid} of the workers a launcher started (read from /proc)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = {}
+        for d in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+                if ppid != launcher_pid:
+                    continue
+                env = open(f"/proc/{d}/environ", "rb").read().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            for e in env:
+                if e.startswith(b"RANK="):
+                    found[int(e[5:])] = int(d)
+        if len(found) == n:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"launcher {launcher_pid} did not start {n} workers")
+
+
+def wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, output(proc)[-3000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
 
 
 def read(path):
@@ -73,3 +130,118 @@ def test_two_ranks_resume_is_exact(tmp_path, digits_shards):
     assert_bitwise_equal(
         tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path / "split" / "checkpoints" / "step-00000006"
     )
+
+
+LONG = [*FAST, "train.steps=100000", "train.log_every=1", "train.ckpt_every=4"]
+
+
+def test_sigterm_to_every_rank_checkpoints_once_then_requeue_resumes(tmp_path, digits_shards):
+    """What SLURM does at preemption: SIGTERM to the launcher and every rank at once. The ranks
+    agree on a step, write one checkpoint there and exit 143; --resume auto continues from it."""
+    run = tmp_path / "run"
+    proc = start(*LONG, f"data.shards={digits_shards}", "--out", run)
+    wait_for(run / "checkpoints" / "step-00000004", proc)
+    ranks = ranks_of(proc.pid)
+    for pid in (proc.pid, *ranks.values()):
+        os.kill(pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    log = output(proc)
+    assert log.count("stopped by signal 15") == 1, log[-3000:]  # rank 0 says it, once
+    steps = checkpoint.list_steps(run)
+    stop = steps[-1]
+    assert stop.name != "step-00000004"  # a new checkpoint at the step where the ranks stopped
+    ckpt = checkpoint.load(stop)
+    assert len(set(ckpt.meta["fingerprints"])) == 1
+    assert [p.name for p in steps if p.name > "step-00000004"] == [stop.name]  # exactly one
+    # the requeued job
+    r = launch(*FAST, f"data.shards={digits_shards}", "--out", run, "--resume", "auto", f"train.steps={ckpt.step + 2}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [m for m in read_metrics(run) if m.get("event") == "resume"]
+    assert resumed and resumed[-1]["step"] == ckpt.step
+    assert checkpoint.list_steps(run)[-1].name == f"step-{ckpt.step + 2:08d}"
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_hung_rank_stops_the_others_with_a_clear_error(tmp_path, digits_shards, how):
+    """Rank 1 killed (SIGKILL) or frozen (SIGSTOP): rank 0 fails with a clear message, the frozen
+    case within dist.timeout_s, and the last checkpoint stays whole."""
+    run = tmp_path / "run"
+    proc = start(*LONG, f"data.shards={digits_shards}", "--out", run, "dist.timeout_s=6")
+    wait_for(run / "checkpoints" / "step-00000004", proc)
+    ranks = ranks_of(proc.pid)
+    t0 = time.time()
+    os.kill(ranks[1], getattr(signal, how))
+    while os.path.exists(f"/proc/{ranks[0]}") and open(f"/proc/{ranks[0]}/stat").read().split()[2] != "Z":
+        assert time.time() - t0 < 60, "rank 0 did not give up"
+        time.sleep(0.1)
+    waited = time.time() - t0
+    if how == "SIGSTOP":
+        assert 5 < waited < 30, waited  # dist.timeout_s=6, plus the step in flight
+        os.kill(ranks[1], signal.SIGKILL)
+    proc.wait(timeout=120)
+    log = output(proc)
+    assert proc.returncode != 0
+    assert "rank 0: lost contact with the other ranks" in log, log[-3000:]
+    assert "continue with --resume auto" in log
+    newest = checkpoint.list_steps(run)[-1]
+    assert len(set(checkpoint.load(newest).meta["fingerprints"])) == 1
+
+
+def test_grad_accum_equals_bigger_batch_without_extra_allreduces(tmp_path, digits_shards):
+    """2 ranks: accum=2 x batch 8 equals accum=1 x batch 16 for G, D and Adam (MLP: no BatchNorm),
+    with as many gradient all-reduces per step (micro-batches before the last run under no_sync)."""
+    common = [*FAST, f"data.shards={digits_shards}", "model.g.arch=mlp", "model.d.arch=mlp", "train.steps=2",
+              "train.log_every=1", "data.num_workers=0"]  # fmt: skip
+    r = launch(*common, "--out", tmp_path / "accum", "train.grad_accum=2", "data.batch_size=8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(*common, "--out", tmp_path / "big", "train.grad_accum=1", "data.batch_size=16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, _ = read(tmp_path / "accum" / "checkpoints" / "step-00000002" / name)
+        b, _ = read(tmp_path / "big" / "checkpoints" / "step-00000002" / name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{name}:{k}")
+    counts = {
+        run: [m["dist/grad_allreduces_per_step"] for m in read_metrics(tmp_path / run) if "loss/d" in m]
+        for run in ("accum", "big")
+    }
+    assert counts["accum"] == counts["big"] and counts["big"][0] >= 2  # >= one bucket each for D and G
+
+
+@pytest.mark.parametrize("count", [3, 1])  # 3 shards over 2 ranks x 2 workers; 1 shard, fewer than workers
+def test_uneven_shards_neither_hang_nor_crash(tmp_path, count):
+    from distgan.data import shards
+
+    out = tmp_path / "shards"
+    shards.write_builtin("digits", out, maxcount=-(-1797 // count), progress=False)
+    assert len(list(out.glob("*.tar"))) == count
+    run = tmp_path / "run"
+    r = launch(*FAST, f"data.shards={out}", "data.num_workers=2", "--out", run, "train.steps=4", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = checkpoint.load(run / "checkpoints" / "step-00000004")  # every rank got there: the gather
+    assert len(ckpt.meta["fingerprints"]) == 2 and len(set(ckpt.meta["fingerprints"])) == 1
+
+
+@pytest.mark.parametrize("scheme", ["http", "pipe"])
+def test_two_ranks_stream_remote_shards(tmp_path, digits_shards, scheme):
+    import functools
+    import http.server
+    import threading
+
+    manifest = json.loads((digits_shards / "manifest.json").read_text())
+    if scheme == "http":
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(digits_shards))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_port}/{manifest['pattern']}"
+    else:
+        url = f"pipe:cat {digits_shards}/{manifest['pattern']}"
+    try:
+        r = launch(*FAST, f"data.shards={url}", "--out", tmp_path / "run", "train.steps=4", timeout=300)
+    finally:
+        if scheme == "http":
+            server.shutdown()
+    assert r.returncode == 0, r.stderr[-3000:]
+    state, meta = read(tmp_path / "run" / "checkpoints" / "step-00000004" / "state.safetensors")
+    read_by = state["data.shards_read"].bool()
+    assert read_by[0].any() and read_by[1].any() and not (read_by[0] & read_by[1]).any()
