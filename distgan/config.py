@@ -63,6 +63,8 @@ class DiscriminatorConfig:
     # Spectral norm (Miyato et al. 2018) on every conv and linear layer, via kernels.spectral_norm;
     # the DCGAN discriminator then drops its BatchNorm, as SNGAN's does.
     spectral_norm: bool = False
+    # BatchNorm in the DCGAN discriminator; null (auto): on, except with spectral norm (as SNGAN's D)
+    batchnorm: bool | None = None
 
 
 @dataclass
@@ -73,8 +75,13 @@ class ModelConfig:
 
 @dataclass
 class VariantConfig:
-    name: str = "gan"
-    loss: str = "ns"  # ns: non-saturating BCE (the seed's); minimax: the saturating original; hinge
+    name: str = "gan"  # gan, wgan (weight clipping), wgan-gp (gradient penalty)
+    # ns: non-saturating BCE (the seed's); minimax: the saturating original; hinge; ls (LSGAN);
+    # wasserstein (the wgan variants' critic loss)
+    loss: str = "ns"
+    n_critic: int = 1  # D (critic) steps per G step, each on its own real batch
+    clip: float = 0.01  # wgan: critic weights are clamped to [-clip, clip] after each step
+    gp_weight: float = 10.0  # wgan-gp: lambda of the gradient penalty
 
 
 @dataclass
@@ -222,6 +229,7 @@ def validate(cfg: Config) -> None:
         "model.d.width": cfg.model.d.width,
         "model.d.mbd_kernels": cfg.model.d.mbd_kernels,
         "model.d.mbd_kernel_dim": cfg.model.d.mbd_kernel_dim,
+        "variant.n_critic": cfg.variant.n_critic,
     }
     for key, value in positive.items():
         if value < 1:

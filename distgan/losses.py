@@ -7,6 +7,11 @@ With D(x) = sigmoid(logit):
 - minimax (the original saturating game): same L_D, L_G = log(1 - D(G(z))) = -softplus(fake)
 - hinge (Lim & Ye 2017; Miyato et al. 2018, SNGAN):
     L_D = relu(1 - real) + relu(1 + fake),  L_G = -fake
+- ls (LSGAN, Mao et al. 2017, targets a=0, b=c=1):
+    L_D = (real - 1)^2 / 2 + fake^2 / 2,    L_G = (fake - 1)^2 / 2
+- wasserstein (WGAN, Arjovsky et al. 2017; D is a critic, unbounded scores):
+    L_D = fake - real,                      L_G = -fake
+All are means over the batch.
 """
 
 from __future__ import annotations
@@ -14,14 +19,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("ns", "minimax", "hinge")
+LOSSES = ("ns", "minimax", "hinge", "ls", "wasserstein")
 
 
 def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
+    real, fake = real_logits.float(), fake_logits.float()
     if kind == "hinge":
-        return F.relu(1.0 - real_logits.float()).mean() + F.relu(1.0 + fake_logits.float()).mean()
+        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+    if kind == "ls":
+        return 0.5 * (real - 1.0).square().mean() + 0.5 * fake.square().mean()
+    if kind == "wasserstein":
+        return fake.mean() - real.mean()
     return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
 
 
@@ -30,6 +40,8 @@ def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
         return F.softplus(-fake_logits.float()).mean()
     if kind == "minimax":
         return -F.softplus(fake_logits.float()).mean()
-    if kind == "hinge":
+    if kind in ("hinge", "wasserstein"):
         return -fake_logits.float().mean()
+    if kind == "ls":
+        return 0.5 * (fake_logits.float() - 1.0).square().mean()
     raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")

@@ -417,7 +417,7 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
         with StopSignal() as stop:
             while step < t.steps:
                 micro = []
-                for _ in range(t.grad_accum):
+                for _ in range(t.grad_accum * getattr(variant, "data_per_step", 1)):
                     b = next(batches)
                     if "pos" in b:  # the shard stream's bookkeeping, for exact resume
                         positions[batches_done % logical_workers] = b["pos"]
@@ -456,7 +456,7 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
                     logged.update(
                         {
                             "perf/steps_per_sec": rate,
-                            "perf/samples_per_sec": rate * cfg.data.batch_size * t.grad_accum * world,
+                            "perf/samples_per_sec": rate * cfg.data.batch_size * len(micro) * world,
                             "data/skipped": total_skipped,
                             "train/nan_skipped_steps": nan_skips,
                             **(

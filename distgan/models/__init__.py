@@ -35,7 +35,8 @@ def build_discriminator(cfg) -> nn.Module:
     d = cfg.model.d
     family = _family(d.arch, "model.d.arch")
     mbd = (d.mbd_kernels, d.mbd_kernel_dim) if d.minibatch_discrimination else None
-    kwargs = {"batchnorm": False} if d.spectral_norm and d.arch == "dcgan" else {}
+    batchnorm = (not d.spectral_norm) if d.batchnorm is None else d.batchnorm
+    kwargs = {"batchnorm": batchnorm} if d.arch == "dcgan" else {}
     D = family.Discriminator(
         channels=cfg.data.channels, resolution=cfg.data.resolution, width=d.width, minibatch=mbd, **kwargs
     )

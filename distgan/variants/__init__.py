@@ -4,7 +4,8 @@ A variant
 - builds its models and optimizers from the config (`models`, `optimizers`: dicts by name),
 - names the models the trainer keeps an EMA copy of (`ema`, e.g. ("G",)),
 - does one optimisation step with `train_step(batches, ctx)`, where `batches` holds
-  `train.grad_accum` micro-batches, and returns a dict of scalar tensors to log,
+  `train.grad_accum * data_per_step` micro-batches (`data_per_step`, default 1, is e.g. n_critic
+  for variants whose D steps each take fresh data), and returns a dict of scalar tensors to log,
 - draws images in [-1, 1] with `sample(model, n, generator)`.
 """
 
@@ -12,7 +13,11 @@ from __future__ import annotations
 
 from distgan.errors import UserError
 
-REGISTRY = {"gan": "distgan.variants.gan:GAN"}
+REGISTRY = {
+    "gan": "distgan.variants.gan:GAN",
+    "wgan": "distgan.variants.wgan:WGAN",
+    "wgan-gp": "distgan.variants.wgan:WGANGP",
+}
 
 
 def check_name(name: str) -> None:

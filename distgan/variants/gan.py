@@ -1,8 +1,10 @@
 """The GAN of Goodfellow et al. (2014), as in the seed: one D step then one G step per batch.
 
-D step: D is called on real and on (detached) fake images, loss L_D, Adam step.
+D step: D is called on real and on (detached) fake images, loss L_D, optimizer step.
 G step: fresh z, L_G through D; D's parameters are frozen and D is called unwrapped from DDP,
 so its gradients are neither computed nor all-reduced during the G step.
+`variant.loss` picks L_D / L_G (distgan.losses). Subclasses change the D step (`d_penalty`,
+`after_d_step`), the optimizers and the number of D steps per G step (`variant.n_critic`).
 """
 
 from __future__ import annotations
@@ -24,25 +26,31 @@ class GAN:
         self.cfg = cfg
         self.loss = cfg.variant.loss
         self.z_dim = cfg.model.g.z_dim
-        t = cfg.train
+        self.n_critic = cfg.variant.n_critic
+        self.data_per_step = self.n_critic  # each D step takes its own real batch
         G, D = models.build_generator(cfg), models.build_discriminator(cfg)
         self.models = {"G": G, "D": D}
-        self.optimizers = {
-            "G": torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2)),
-            "D": torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2)),
-        }
+        self.optimizers = {"G": self.optimizer(G, cfg.train.lr_g), "D": self.optimizer(D, cfg.train.lr_d)}
+
+    def optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        return torch.optim.Adam(model.parameters(), lr=lr, betas=(t.beta1, t.beta2))
 
     def noise(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         if generator is not None:  # a fixed generator (sample grids) lives on its own device
             return torch.randn(n, self.z_dim, generator=generator, device=generator.device).to(device)
         return torch.randn(n, self.z_dim, device=device)
 
-    def train_step(self, batches: list[dict], ctx) -> dict[str, torch.Tensor]:
-        G, D = self.models["G"], self.models["D"]
-        opt_g, opt_d = self.optimizers["G"], self.optimizers["D"]
-        device = batches[0]["image"].device
-        stats = {k: torch.zeros((), device=device) for k in ("loss/d", "loss/g", "d/real", "d/fake")}
+    def d_penalty(self, D, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra terms of D's loss (named, weighted); none for the plain GAN."""
+        return {}
 
+    def after_d_step(self, D: torch.nn.Module) -> None:
+        """Called after each D optimizer step (WGAN clips the weights here)."""
+
+    def d_step(self, batches: list[dict], ctx, stats: dict) -> None:
+        D, G, opt_d = self.models["D"], self.models["G"], self.optimizers["D"]
+        device = batches[0]["image"].device
         opt_d.zero_grad(set_to_none=True)
         for mb in ctx.micro(D, batches):
             real = mb["image"]
@@ -50,19 +58,32 @@ class GAN:
                 fake = G(self.noise(real.size(0), device))
             real_logits, fake_logits = D(real), D(fake)
             loss = losses.d_loss(self.loss, real_logits, fake_logits)
+            for name, term in self.d_penalty(D, real, fake).items():
+                loss = loss + term
+                stats[name] = stats.get(name, 0) + term.detach() / (len(batches) * self.n_critic)
             ctx.backward(loss)
-            stats["loss/d"] += loss.detach() / len(batches)
-            stats["d/real"] += real_logits.detach().float().mean() / len(batches)
-            stats["d/fake"] += fake_logits.detach().float().mean() / len(batches)
+            stats["loss/d"] += loss.detach() / (len(batches) * self.n_critic)
+            stats["d/real"] += real_logits.detach().float().mean() / (len(batches) * self.n_critic)
+            stats["d/fake"] += fake_logits.detach().float().mean() / (len(batches) * self.n_critic)
         ctx.step(opt_d)
+        self.after_d_step(ctx.unwrap(D))
 
+    def train_step(self, batches: list[dict], ctx) -> dict[str, torch.Tensor]:
+        G, D, opt_g = self.models["G"], self.models["D"], self.optimizers["G"]
+        device = batches[0]["image"].device
+        stats = {k: torch.zeros((), device=device) for k in ("loss/d", "loss/g", "d/real", "d/fake")}
+        per = len(batches) // self.n_critic
+        for i in range(self.n_critic):
+            self.d_step(batches[i * per : (i + 1) * per], ctx, stats)
+
+        g_batches = batches[:per]
         opt_g.zero_grad(set_to_none=True)
         with ctx.frozen(D) as d_plain:
-            for mb in ctx.micro(G, batches):
+            for mb in ctx.micro(G, g_batches):
                 fake = G(self.noise(mb["image"].size(0), device))
                 loss = losses.g_loss(self.loss, d_plain(fake))
                 ctx.backward(loss)
-                stats["loss/g"] += loss.detach() / len(batches)
+                stats["loss/g"] += loss.detach() / len(g_batches)
         ctx.step(opt_g)
         return stats
 

@@ -1,0 +1,55 @@
+"""Wasserstein GANs: a critic D with unbounded scores, `variant.n_critic` critic steps per G step.
+
+- wgan (Arjovsky et al. 2017): critic weights clamped to [-clip, clip] after every critic step,
+  RMSprop (the paper's: lr 5e-5, clip 0.01, n_critic 5).
+- wgan-gp (Gulrajani et al. 2017): no clipping; the penalty lambda * (|grad_x D(x_hat)| - 1)^2 at
+  x_hat uniformly between real and fake, differentiated through (create_graph), with Adam
+  (lr 1e-4, betas (0, 0.9), n_critic 5, lambda 10). The critic must not use BatchNorm (the penalty
+  is per sample); the presets turn it off.
+
+Under DDP the critic runs three times before one backward (real, fake, x_hat), which works because
+DDP runs with broadcast_buffers=False (see trainer.make_accelerator); the penalty's inner
+autograd.grad is with respect to x_hat only, so DDP all-reduces once, in the outer backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distgan.errors import UserError
+from distgan.variants.gan import GAN
+
+
+class WGAN(GAN):
+    def __init__(self, cfg):
+        if cfg.variant.loss != "wasserstein":
+            raise UserError(f"variant '{cfg.variant.name}' needs variant.loss=wasserstein; got '{cfg.variant.loss}'")
+        super().__init__(cfg)
+
+    def optimizer(self, model, lr):
+        return torch.optim.RMSprop(model.parameters(), lr=lr)
+
+    @torch.no_grad()
+    def after_d_step(self, D):
+        c = self.cfg.variant.clip
+        torch._foreach_clamp_min_(list(D.parameters()), -c)
+        torch._foreach_clamp_max_(list(D.parameters()), c)
+
+
+def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """mean over samples of (|d D(x_hat) / d x_hat|_2 - 1)^2, x_hat = e real + (1 - e) fake, e ~ U(0, 1)
+    per sample; differentiable in D's parameters (create_graph=True)."""
+    e = torch.rand(real.size(0), *([1] * (real.ndim - 1)), device=real.device, dtype=real.dtype)
+    x_hat = (e * real + (1 - e) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(D(x_hat).float().sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).float().norm(dim=1) - 1.0).square().mean()
+
+
+class WGANGP(GAN):
+    def __init__(self, cfg):
+        if cfg.variant.loss != "wasserstein":
+            raise UserError(f"variant 'wgan-gp' needs variant.loss=wasserstein; got '{cfg.variant.loss}'")
+        super().__init__(cfg)
+
+    def d_penalty(self, D, real, fake):
+        return {"loss/gp": self.cfg.variant.gp_weight * gradient_penalty(D, real, fake)}

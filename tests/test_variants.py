@@ -1,0 +1,98 @@
+"""Losses against their formulas, the WGAN pieces, and short training runs of every variant preset."""
+
+import math
+
+import pytest
+import torch
+from conftest import FAST, read_metrics, run_cli
+from test_train import tensors
+
+from distgan import config, losses
+from distgan.variants import get
+from distgan.variants.wgan import gradient_penalty
+
+REAL = torch.tensor([2.0, -1.0, 0.5])
+FAKE = torch.tensor([-3.0, 0.0, 1.5])
+
+
+def mean(f, xs):
+    return sum(f(x) for x in xs.tolist()) / len(xs)
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize(
+    "kind, d_expected, g_expected",
+    [
+        ("ns", mean(lambda r: -math.log(sig(r)), REAL) + mean(lambda f: -math.log(1 - sig(f)), FAKE),
+         mean(lambda f: -math.log(sig(f)), FAKE)),
+        ("minimax", mean(lambda r: -math.log(sig(r)), REAL) + mean(lambda f: -math.log(1 - sig(f)), FAKE),
+         mean(lambda f: math.log(1 - sig(f)), FAKE)),
+        ("hinge", mean(lambda r: max(0, 1 - r), REAL) + mean(lambda f: max(0, 1 + f), FAKE), mean(lambda f: -f, FAKE)),
+        ("ls", mean(lambda r: (r - 1) ** 2 / 2, REAL) + mean(lambda f: f**2 / 2, FAKE),
+         mean(lambda f: (f - 1) ** 2 / 2, FAKE)),
+        ("wasserstein", mean(lambda f: f, FAKE) - mean(lambda r: r, REAL), mean(lambda f: -f, FAKE)),
+    ],
+)  # fmt: skip
+def test_losses_match_their_formulas(kind, d_expected, g_expected):
+    assert losses.d_loss(kind, REAL, FAKE).item() == pytest.approx(d_expected, rel=1e-6)
+    assert losses.g_loss(kind, FAKE).item() == pytest.approx(g_expected, rel=1e-6)
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    """D(x) = <a, x>: grad_x D = a everywhere, so the penalty is (|a| - 1)^2, and d/da is
+    2 (|a| - 1) a / |a| through the create_graph backward."""
+    a = torch.tensor([3.0, 4.0, 0.0, 0.0], requires_grad=True)
+    D = lambda x: x.flatten(1) @ a  # noqa: E731
+    real, fake = torch.randn(5, 1, 2, 2), torch.randn(5, 1, 2, 2)
+    gp = gradient_penalty(D, real, fake)
+    assert gp.item() == pytest.approx((5.0 - 1.0) ** 2)
+    gp.backward()
+    torch.testing.assert_close(a.grad, 2 * (5.0 - 1.0) * a.detach() / 5.0)
+
+
+def test_wgan_clips_the_critic_and_takes_n_critic_batches():
+    cfg = config.load_config("digits-wgan", overrides=[*FAST, "variant.clip=0.005"])
+    variant = get("wgan")(cfg)
+    assert variant.data_per_step == 5
+    assert isinstance(variant.optimizers["D"], torch.optim.RMSprop)
+    D = variant.models["D"]
+    with torch.no_grad():
+        for p in D.parameters():
+            p.mul_(100)
+    variant.after_d_step(D)
+    assert max(p.abs().max().item() for p in D.parameters()) <= 0.005
+
+
+def test_wgan_needs_the_wasserstein_loss():
+    from distgan.errors import UserError
+
+    with pytest.raises(UserError, match="needs variant.loss=wasserstein"):
+        get("wgan-gp")(config.load_config("digits-wgan-gp", overrides=["variant.loss=ns"]))
+
+
+@pytest.mark.parametrize(
+    "preset, extra",
+    [
+        ("digits-wgan", []),
+        ("digits-wgan-gp", []),
+        ("digits-wgan-gp", ["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=8"]),
+        ("digits-lsgan", []),
+    ],
+)
+def test_variant_presets_train(tmp_path, digits_shards, preset, extra):
+    run = tmp_path / "run"
+    r = run_cli("train", "--preset", preset, *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=2",
+                "variant.n_critic=2", *extra)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = [m for m in read_metrics(run) if "loss/d" in m]
+    assert logged and all(math.isfinite(m["loss/d"]) and math.isfinite(m["loss/g"]) for m in logged)
+    assert ("loss/gp" in logged[-1]) == (preset == "digits-wgan-gp")
+    model, _ = tensors(run / "checkpoints" / "step-00000002" / "model.safetensors")
+    if preset == "digits-wgan":
+        assert max(v.abs().max().item() for k, v in model.items() if k.startswith("D.")) <= 0.01
+    # a D step per real batch: n_critic=2 x 2 steps x 16 samples were read
+    state, _ = tensors(run / "checkpoints" / "step-00000002" / "state.safetensors")
+    assert int(state["data.positions"].sum()) == 2 * 2 * 16
