@@ -72,20 +72,43 @@ def _sample(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     G.to(device).eval()
     gen = torch.Generator().manual_seed(args.seed)
+    labels, nrow = _sample_labels(args, cfg)
+    total = len(labels) if labels is not None else args.n
     chunks = []
-    with tqdm(total=args.n, desc="sample", disable=args.n <= 1024) as bar:
-        while sum(len(c) for c in chunks) < args.n:
-            k = min(1024, args.n - sum(len(c) for c in chunks))
-            chunks.append(variant.sample(G, k, generator=gen).cpu())
+    with tqdm(total=total, desc="sample", disable=total <= 1024) as bar:
+        while (done := sum(len(c) for c in chunks)) < total:
+            k = min(1024, total - done)
+            y = labels[done : done + k] if labels is not None else None
+            chunks.append(variant.sample(G, k, generator=gen, labels=y).cpu())
             bar.update(k)
     x = torch.cat(chunks)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
         np.save(args.out, x.numpy().astype(np.float32))
     else:
-        images.save_png(args.out, images.make_grid(x))
-    print(f"wrote {args.n} samples from {ckpt.path} (step {ckpt.step}) to {args.out}")
+        images.save_png(args.out, images.make_grid(x, nrow=nrow))
+    print(f"wrote {total} samples from {ckpt.path} (step {ckpt.step}) to {args.out}")
     return 0
+
+
+def _sample_labels(args: argparse.Namespace, cfg):
+    """(labels for --class, grid row length) for `distgan sample`."""
+    import torch
+
+    if args.cls is None:
+        return None, None
+    k = cfg.model.num_classes
+    if k < 1:
+        raise UserError(f"--class needs a conditional model; this checkpoint's variant is '{cfg.variant.name}'")
+    if args.cls == "all":
+        return torch.arange(k).repeat_interleave(args.n), args.n
+    try:
+        c = int(args.cls)
+    except ValueError:
+        raise UserError(f"--class must be a class index or 'all'; got '{args.cls}'") from None
+    if not 0 <= c < k:
+        raise UserError(f"--class must be in 0..{k - 1} for this model; got {c}")
+    return torch.full((args.n,), c), None
 
 
 def _presets(_args: argparse.Namespace) -> int:
@@ -128,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     m.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npy ((N,C,H,W) float32 in [-1, 1])")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument(
+        "--class",
+        dest="cls",
+        help="conditional models: a class index (every sample of that class) or 'all' (a row per class, --n per row)",
+    )
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     m.set_defaults(func=_sample)
 

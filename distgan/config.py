@@ -27,6 +27,7 @@ CHOICES = {
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     # skip: a step whose gradients are NaN/Inf is not applied (stop after train.max_nan_skips in a row)
     "train.on_nan": ("skip", "stop"),
+    "model.d.conditioning": ("projection", "concat"),
     "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),  # auto: offline without an API key
 }
 
@@ -50,6 +51,7 @@ class GeneratorConfig:
     arch: str = "dcgan"
     z_dim: int = 64
     width: int = 64
+    embed_dim: int = 16  # cgan: size of the label embedding concatenated to z
 
 
 @dataclass
@@ -65,12 +67,15 @@ class DiscriminatorConfig:
     spectral_norm: bool = False
     # BatchNorm in the DCGAN discriminator; null (auto): on, except with spectral norm (as SNGAN's D)
     batchnorm: bool | None = None
+    # cgan: projection (Miyato & Koyama 2018) or concat (the label as an extra input channel)
+    conditioning: str = "projection"
 
 
 @dataclass
 class ModelConfig:
     g: GeneratorConfig = field(default_factory=GeneratorConfig)
     d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    num_classes: int = 0  # cgan: classes of the labels (the shards' .cls); 0: unconditional
 
 
 @dataclass
@@ -82,6 +87,7 @@ class VariantConfig:
     n_critic: int = 1  # D (critic) steps per G step, each on its own real batch
     clip: float = 0.01  # wgan: critic weights are clamped to [-clip, clip] after each step
     gp_weight: float = 10.0  # wgan-gp: lambda of the gradient penalty
+    pack: int = 1  # PacGAN (Lin et al. 2018): D judges `pack` samples at once, stacked as channels
 
 
 @dataclass
@@ -230,6 +236,8 @@ def validate(cfg: Config) -> None:
         "model.d.mbd_kernels": cfg.model.d.mbd_kernels,
         "model.d.mbd_kernel_dim": cfg.model.d.mbd_kernel_dim,
         "variant.n_critic": cfg.variant.n_critic,
+        "variant.pack": cfg.variant.pack,
+        "model.g.embed_dim": cfg.model.g.embed_dim,
     }
     for key, value in positive.items():
         if value < 1:

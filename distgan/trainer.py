@@ -275,6 +275,12 @@ def _check_manifest(manifest: dict | None, cfg: config.Config) -> tuple[int, int
     if not manifest:
         return None
     shape = tuple(manifest["image_shape"])
+    classes = len(manifest.get("classes") or [])
+    if cfg.model.num_classes and classes > cfg.model.num_classes:
+        raise UserError(
+            f"the shards have {classes} classes but model.num_classes={cfg.model.num_classes}; "
+            f"set model.num_classes={classes}"
+        )
     if shape[2] != cfg.data.channels:
         raise UserError(
             f"the shards hold {shape[2]}-channel images but data.channels={cfg.data.channels}; "

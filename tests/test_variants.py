@@ -80,6 +80,10 @@ def test_wgan_needs_the_wasserstein_loss():
         ("digits-wgan-gp", []),
         ("digits-wgan-gp", ["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=8"]),
         ("digits-lsgan", []),
+        ("digits-cgan", []),
+        ("digits-cgan", ["model.d.conditioning=concat"]),
+        ("digits-dcgan", ["variant.pack=2"]),
+        ("digits-wgan-gp", ["variant.pack=4"]),
     ],
 )
 def test_variant_presets_train(tmp_path, digits_shards, preset, extra):
@@ -96,3 +100,48 @@ def test_variant_presets_train(tmp_path, digits_shards, preset, extra):
     # a D step per real batch: n_critic=2 x 2 steps x 16 samples were read
     state, _ = tensors(run / "checkpoints" / "step-00000002" / "state.safetensors")
     assert int(state["data.positions"].sum()) == 2 * 2 * 16
+
+
+def test_pacgan_packs_consecutive_samples_along_channels():
+    cfg = config.load_config("digits-dcgan", overrides=[*FAST, "variant.pack=2"])
+    variant = get("gan")(cfg)
+    assert variant.models["D"].net[0].in_channels == 2
+    seen = []
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 16, 16)
+    variant.discriminate(lambda packed: seen.append(packed) or packed.mean((1, 2, 3)), x, None)
+    assert seen[0].shape == (2, 2, 16, 16)
+    assert seen[0][:, :, 0, 0].tolist() == [[0.0, 1.0], [2.0, 3.0]]  # real with real, in pairs
+    from distgan.errors import UserError
+
+    with pytest.raises(UserError, match="multiple of variant.pack=3"):
+        get("gan")(config.load_config("digits-dcgan", overrides=[*FAST, "variant.pack=3"]))
+
+
+def test_cgan_samples_a_class_or_a_row_per_class(tmp_path, digits_shards):
+    run = tmp_path / "run"
+    r = run_cli("train", "--preset", "digits-cgan", *FAST, f"data.shards={digits_shards}", "--out", run,
+                "train.steps=2")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("sample", "--ckpt", run, "--class", "all", "--n", "3", "--out", tmp_path / "all.npy")
+    assert r.returncode == 0, r.stderr
+    import numpy as np
+
+    assert np.load(tmp_path / "all.npy").shape == (30, 1, 16, 16)
+    r = run_cli("sample", "--ckpt", run, "--class", "3", "--n", "5", "--out", tmp_path / "three.png")
+    assert r.returncode == 0 and (tmp_path / "three.png").stat().st_size > 0
+    r = run_cli("sample", "--ckpt", run, "--class", "10", "--n", "5", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "--class must be in 0..9" in r.stderr
+    # the conditioning is real: with the same noise, two classes give different images
+    cfg = config.load_config("digits-cgan", overrides=[*FAST])
+    v = get("cgan")(cfg)
+    g = torch.Generator().manual_seed(0)
+    a = v.sample(v.models["G"], 4, generator=g.manual_seed(0), labels=torch.full((4,), 1))
+    b = v.sample(v.models["G"], 4, generator=g.manual_seed(0), labels=torch.full((4,), 7))
+    assert not torch.allclose(a, b)
+
+
+def test_sample_class_needs_a_conditional_model(tmp_path, digits_shards):
+    run = tmp_path / "run"
+    assert run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=1").returncode == 0
+    r = run_cli("sample", "--ckpt", run, "--class", "3", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "--class needs a conditional model" in r.stderr

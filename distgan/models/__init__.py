@@ -25,20 +25,24 @@ def check_config(cfg) -> None:
         _family(arch, key).check_resolution(cfg.data.resolution, key)
 
 
-def build_generator(cfg) -> nn.Module:
+def build_generator(cfg, z_dim: int | None = None) -> nn.Module:
+    """G from the config; `z_dim` overrides model.g.z_dim (a conditional G's input is z + embedding)."""
     g = cfg.model.g
     family = _family(g.arch, "model.g.arch")
-    return family.Generator(z_dim=g.z_dim, channels=cfg.data.channels, resolution=cfg.data.resolution, width=g.width)
+    return family.Generator(
+        z_dim=z_dim or g.z_dim, channels=cfg.data.channels, resolution=cfg.data.resolution, width=g.width
+    )
 
 
-def build_discriminator(cfg) -> nn.Module:
+def build_discriminator(cfg, channels: int | None = None) -> nn.Module:
+    """D from the config; `channels` overrides data.channels (packed or label-concatenated inputs)."""
     d = cfg.model.d
     family = _family(d.arch, "model.d.arch")
     mbd = (d.mbd_kernels, d.mbd_kernel_dim) if d.minibatch_discrimination else None
     batchnorm = (not d.spectral_norm) if d.batchnorm is None else d.batchnorm
     kwargs = {"batchnorm": batchnorm} if d.arch == "dcgan" else {}
     D = family.Discriminator(
-        channels=cfg.data.channels, resolution=cfg.data.resolution, width=d.width, minibatch=mbd, **kwargs
+        channels=channels or cfg.data.channels, resolution=cfg.data.resolution, width=d.width, minibatch=mbd, **kwargs
     )
     if d.spectral_norm:
         apply_spectral_norm(D)

@@ -17,6 +17,7 @@ REGISTRY = {
     "gan": "distgan.variants.gan:GAN",
     "wgan": "distgan.variants.wgan:WGAN",
     "wgan-gp": "distgan.variants.wgan:WGANGP",
+    "cgan": "distgan.variants.cgan:CGAN",
 }
 
 

@@ -3,8 +3,12 @@
 D step: D is called on real and on (detached) fake images, loss L_D, optimizer step.
 G step: fresh z, L_G through D; D's parameters are frozen and D is called unwrapped from DDP,
 so its gradients are neither computed nor all-reduced during the G step.
-`variant.loss` picks L_D / L_G (distgan.losses). Subclasses change the D step (`d_penalty`,
+`variant.loss` picks L_D / L_G (distgan.losses). Subclasses change the models (`build`), how G
+and D are called (`generate`, `discriminate`: cgan passes labels), the D step (`d_penalty`,
 `after_d_step`), the optimizers and the number of D steps per G step (`variant.n_critic`).
+
+PacGAN (Lin et al. 2018) is `variant.pack=m` with any loss: D is built for m x channels and judges
+m consecutive samples stacked along channels, real with real and fake with fake.
 """
 
 from __future__ import annotations
@@ -28,9 +32,27 @@ class GAN:
         self.z_dim = cfg.model.g.z_dim
         self.n_critic = cfg.variant.n_critic
         self.data_per_step = self.n_critic  # each D step takes its own real batch
-        G, D = models.build_generator(cfg), models.build_discriminator(cfg)
+        self.pack = cfg.variant.pack
+        if cfg.data.batch_size % self.pack:
+            raise UserError(f"data.batch_size={cfg.data.batch_size} must be a multiple of variant.pack={self.pack}")
+        G, D = self.build(cfg)
         self.models = {"G": G, "D": D}
         self.optimizers = {"G": self.optimizer(G, cfg.train.lr_g), "D": self.optimizer(D, cfg.train.lr_d)}
+
+    def build(self, cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
+        return models.build_generator(cfg), models.build_discriminator(cfg, channels=cfg.data.channels * self.pack)
+
+    def labels(self, n: int, device) -> torch.Tensor | None:
+        """Labels for n fakes (cgan: uniform over the classes); None when unconditional."""
+        return None
+
+    def generate(self, G, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return G(z)
+
+    def discriminate(self, D, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.pack > 1:  # (B, C, H, W) -> (B / m, m C, H, W): m consecutive samples per D input
+            x = x.reshape(x.size(0) // self.pack, self.pack * x.size(1), *x.shape[2:])
+        return D(x)
 
     def optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -42,7 +64,8 @@ class GAN:
         return torch.randn(n, self.z_dim, device=device)
 
     def d_penalty(self, D, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra terms of D's loss (named, weighted); none for the plain GAN."""
+        """Extra terms of D's loss (named, weighted); none for the plain GAN. `D` is a function of
+        images alone (labels, packing already bound)."""
         return {}
 
     def after_d_step(self, D: torch.nn.Module) -> None:
@@ -53,12 +76,13 @@ class GAN:
         device = batches[0]["image"].device
         opt_d.zero_grad(set_to_none=True)
         for mb in ctx.micro(D, batches):
-            real = mb["image"]
+            real, y_real = mb["image"], mb["label"]
+            y_fake = self.labels(real.size(0), device)
             with torch.no_grad():
-                fake = G(self.noise(real.size(0), device))
-            real_logits, fake_logits = D(real), D(fake)
+                fake = self.generate(G, self.noise(real.size(0), device), y_fake)
+            real_logits, fake_logits = self.discriminate(D, real, y_real), self.discriminate(D, fake, y_fake)
             loss = losses.d_loss(self.loss, real_logits, fake_logits)
-            for name, term in self.d_penalty(D, real, fake).items():
+            for name, term in self.d_penalty(lambda x, y=y_real: self.discriminate(D, x, y), real, fake).items():
                 loss = loss + term
                 stats[name] = stats.get(name, 0) + term.detach() / (len(batches) * self.n_critic)
             ctx.backward(loss)
@@ -80,14 +104,19 @@ class GAN:
         opt_g.zero_grad(set_to_none=True)
         with ctx.frozen(D) as d_plain:
             for mb in ctx.micro(G, g_batches):
-                fake = G(self.noise(mb["image"].size(0), device))
-                loss = losses.g_loss(self.loss, d_plain(fake))
+                n = mb["image"].size(0)
+                y = self.labels(n, device)
+                fake = self.generate(G, self.noise(n, device), y)
+                loss = losses.g_loss(self.loss, self.discriminate(d_plain, fake, y))
                 ctx.backward(loss)
                 stats["loss/g"] += loss.detach() / len(g_batches)
         ctx.step(opt_g)
         return stats
 
     @torch.no_grad()
-    def sample(self, G: torch.nn.Module, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, G: torch.nn.Module, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """n images in [-1, 1]; `labels` (n,) for conditional variants (ignored otherwise)."""
         device = next(G.parameters()).device
         return G(self.noise(n, device, generator)).float().clamp(-1, 1)

@@ -1,0 +1,57 @@
+"""Conditional GAN (Mirza & Osindero 2014): G(z, y) and D(x, y) with the shards' class labels.
+
+G concatenates a label embedding to z (the seed's way). D is a projection discriminator (Miyato &
+Koyama 2018) by default, or takes the label as an extra input channel (`model.d.conditioning=
+concat`); see distgan/models/conditional.py. Fakes get labels uniform over `model.num_classes`.
+Sampling: `distgan sample --class K` draws class K, `--class all` a row per class; the training
+grids show the classes in order, one block of rows each.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distgan import models
+from distgan.errors import UserError
+from distgan.models import conditional
+from distgan.variants.gan import GAN
+
+
+class CGAN(GAN):
+    def __init__(self, cfg):
+        if cfg.model.num_classes < 1:
+            raise UserError("variant 'cgan' needs model.num_classes >= 1 (10 for the digits)")
+        if cfg.variant.pack > 1:
+            raise UserError("variant 'cgan' does not combine with variant.pack > 1")
+        self.num_classes = cfg.model.num_classes
+        super().__init__(cfg)
+
+    def build(self, cfg):
+        g, d = cfg.model.g, cfg.model.d
+        G = conditional.ConditionalGenerator(
+            models.build_generator(cfg, z_dim=g.z_dim + g.embed_dim), self.num_classes, g.embed_dim
+        )
+        if d.conditioning == "concat":
+            base = models.build_discriminator(cfg, channels=cfg.data.channels + 1)
+            D = conditional.ConcatDiscriminator(base, self.num_classes, cfg.data.resolution)
+        else:
+            base = models.build_discriminator(cfg)
+            head = base.head[0] if isinstance(base.head, torch.nn.Sequential) else base.head
+            D = conditional.ProjectionDiscriminator(base, self.num_classes, head.in_features)
+        return G, D
+
+    def labels(self, n, device):
+        return torch.randint(0, self.num_classes, (n,), device=device)
+
+    def generate(self, G, z, y):
+        return G(z, y)
+
+    def discriminate(self, D, x, y):
+        return D(x, y)
+
+    @torch.no_grad()
+    def sample(self, G, n, generator=None, labels=None):
+        device = next(G.parameters()).device
+        if labels is None:  # the classes in order, in equal blocks
+            labels = torch.arange(n) * self.num_classes // n
+        return G(self.noise(n, device, generator), labels.to(device)).float().clamp(-1, 1)
