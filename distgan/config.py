@@ -80,7 +80,7 @@ class ModelConfig:
 
 @dataclass
 class VariantConfig:
-    name: str = "gan"  # gan, wgan (weight clipping), wgan-gp (gradient penalty)
+    name: str = "gan"  # gan, wgan (weight clipping), wgan-gp (gradient penalty), cgan, unrolled
     # ns: non-saturating BCE (the seed's); minimax: the saturating original; hinge; ls (LSGAN);
     # wasserstein (the wgan variants' critic loss)
     loss: str = "ns"
@@ -88,6 +88,8 @@ class VariantConfig:
     clip: float = 0.01  # wgan: critic weights are clamped to [-clip, clip] after each step
     gp_weight: float = 10.0  # wgan-gp: lambda of the gradient penalty
     pack: int = 1  # PacGAN (Lin et al. 2018): D judges `pack` samples at once, stacked as channels
+    unroll_steps: int = 5  # unrolled: D steps unrolled for G's loss (Metz et al. 2017)
+    unroll_grad: bool = True  # unrolled: gradients flow through the unrolled steps (the paper's full version)
 
 
 @dataclass
@@ -237,6 +239,7 @@ def validate(cfg: Config) -> None:
         "model.d.mbd_kernel_dim": cfg.model.d.mbd_kernel_dim,
         "variant.n_critic": cfg.variant.n_critic,
         "variant.pack": cfg.variant.pack,
+        "variant.unroll_steps": cfg.variant.unroll_steps,
         "model.g.embed_dim": cfg.model.g.embed_dim,
     }
     for key, value in positive.items():

@@ -302,3 +302,13 @@ def test_gradient_penalty_under_ddp(tmp_path, digits_shards, d):
     assert len(set(meta["fingerprints"])) == 1
     logged = [m for m in read_metrics(run) if "loss/gp" in m]
     assert logged and logged[-1]["loss/gp"] > 0
+
+
+def test_unrolled_gan_under_ddp(tmp_path, digits_shards):
+    """Unrolled GAN on 2 ranks: G runs k+1 times before one backward through the unrolled D steps."""
+    run = tmp_path / "run"
+    r = launch("--preset", "digits-unrolled", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=2",
+               "variant.unroll_steps=2")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, meta = read(run / "checkpoints" / "step-00000002" / "state.safetensors")
+    assert len(set(meta["fingerprints"])) == 1

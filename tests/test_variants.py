@@ -84,6 +84,7 @@ def test_wgan_needs_the_wasserstein_loss():
         ("digits-cgan", ["model.d.conditioning=concat"]),
         ("digits-dcgan", ["variant.pack=2"]),
         ("digits-wgan-gp", ["variant.pack=4"]),
+        ("digits-unrolled", ["variant.unroll_steps=2"]),
     ],
 )
 def test_variant_presets_train(tmp_path, digits_shards, preset, extra):
@@ -145,3 +146,56 @@ def test_sample_class_needs_a_conditional_model(tmp_path, digits_shards):
     assert run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=1").returncode == 0
     r = run_cli("sample", "--ckpt", run, "--class", "3", "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "--class needs a conditional model" in r.stderr
+
+
+def test_unrolled_critic_equals_d_after_k_real_adam_steps():
+    """unroll_grad=false: the critic G is judged by equals a copy of D after k steps of D's actual
+    Adam optimizer on the same real batch and the same fakes."""
+    import copy
+
+    cfg = config.load_config(
+        "digits-unrolled", overrides=[*FAST, "variant.unroll_steps=3", "variant.unroll_grad=false"]
+    )
+    v = get("unrolled")(cfg)
+    D, G = v.models["D"], v.models["G"]
+    real = torch.rand(8, 1, 16, 16) * 2 - 1
+    probe = torch.rand(5, 1, 16, 16) * 2 - 1
+    torch.manual_seed(5)
+    critic = v.g_critic(D, {"image": real})
+    with torch.no_grad():
+        ours = critic(probe)
+
+    D2 = copy.deepcopy(D)
+    opt = torch.optim.Adam(D2.parameters(), lr=cfg.train.lr_d, betas=(cfg.train.beta1, cfg.train.beta2))
+    torch.manual_seed(5)
+    for _ in range(3):
+        with torch.no_grad():
+            fake = G(v.noise(8, "cpu"))
+        opt.zero_grad()
+        losses.d_loss("ns", D2(real), D2(fake)).backward()
+        opt.step()
+    with torch.no_grad():
+        theirs = D2(probe)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    # and D itself was not touched
+    with torch.no_grad():
+        assert not torch.allclose(D(probe), theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_unrolled_full_version_sends_gradient_through_the_unrolled_steps():
+    grads = {}
+    for full in (True, False):
+        cfg = config.load_config("digits-unrolled", overrides=[*FAST, "variant.unroll_steps=2",
+                                                                f"variant.unroll_grad={str(full).lower()}"])  # fmt: skip
+        torch.manual_seed(0)
+        v = get("unrolled")(cfg)
+        G, D = v.models["G"], v.models["D"]
+        real = torch.rand(8, 1, 16, 16) * 2 - 1
+        torch.manual_seed(1)
+        critic = v.g_critic(D, {"image": real})
+        fake = G(v.noise(8, "cpu"))
+        losses.g_loss("ns", critic(fake)).backward()
+        grads[full] = torch.cat([p.grad.flatten() for p in G.parameters()])
+        assert torch.isfinite(grads[full]).all()
+        assert all(p.grad is None for p in D.parameters())
+    assert not torch.allclose(grads[True], grads[False], rtol=1e-3, atol=1e-6)

@@ -18,6 +18,7 @@ REGISTRY = {
     "wgan": "distgan.variants.wgan:WGAN",
     "wgan-gp": "distgan.variants.wgan:WGANGP",
     "cgan": "distgan.variants.cgan:CGAN",
+    "unrolled": "distgan.variants.unrolled:UnrolledGAN",
 }
 
 

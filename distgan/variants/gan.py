@@ -93,25 +93,32 @@ class GAN:
         self.after_d_step(ctx.unwrap(D))
 
     def train_step(self, batches: list[dict], ctx) -> dict[str, torch.Tensor]:
-        G, D, opt_g = self.models["G"], self.models["D"], self.optimizers["G"]
         device = batches[0]["image"].device
         stats = {k: torch.zeros((), device=device) for k in ("loss/d", "loss/g", "d/real", "d/fake")}
         per = len(batches) // self.n_critic
         for i in range(self.n_critic):
             self.d_step(batches[i * per : (i + 1) * per], ctx, stats)
 
-        g_batches = batches[:per]
+        self.g_step(batches[:per], ctx, stats)
+        return stats
+
+    def g_step(self, batches: list[dict], ctx, stats: dict) -> None:
+        G, D, opt_g = self.models["G"], self.models["D"], self.optimizers["G"]
+        device = batches[0]["image"].device
         opt_g.zero_grad(set_to_none=True)
         with ctx.frozen(D) as d_plain:
-            for mb in ctx.micro(G, g_batches):
+            for mb in ctx.micro(G, batches):
                 n = mb["image"].size(0)
                 y = self.labels(n, device)
                 fake = self.generate(G, self.noise(n, device), y)
-                loss = losses.g_loss(self.loss, self.discriminate(d_plain, fake, y))
+                loss = losses.g_loss(self.loss, self.discriminate(self.g_critic(d_plain, mb), fake, y))
                 ctx.backward(loss)
-                stats["loss/g"] += loss.detach() / len(g_batches)
+                stats["loss/g"] += loss.detach() / len(batches)
         ctx.step(opt_g)
-        return stats
+
+    def g_critic(self, d_plain, mb: dict):
+        """The D that G's loss is computed against: D itself (the unrolled GAN unrolls it first)."""
+        return d_plain
 
     @torch.no_grad()
     def sample(
