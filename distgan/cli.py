@@ -1,4 +1,4 @@
-"""`distgan` command line: shards | train | sample | presets.
+"""`distgan` command line: shards | train | sample | eval | presets.
 
 User errors (bad config, path, shard or checkpoint) print one line and exit with status 2.
 """
@@ -51,29 +51,28 @@ def _train(args: argparse.Namespace) -> int:
     return trainer.train(cfg, out, resume=args.resume)
 
 
-def _sample(args: argparse.Namespace) -> int:
-    import numpy as np
+def _load_generator(path: str, device_name: str | None):
+    """(checkpoint, config, variant, its EMA generator on the device, in eval mode)."""
     import torch
-    from tqdm import tqdm
 
-    from distgan import checkpoint, config, images, variants
+    from distgan import checkpoint, config, variants
 
-    suffix = Path(args.out).suffix.lower()
-    if suffix not in (".png", ".npy"):
-        raise UserError(f"--out must end in .png (a grid) or .npy (the raw array); got '{args.out}'")
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1; got {args.n}")
-    ckpt = checkpoint.load(args.ckpt, only_models=True)
+    ckpt = checkpoint.load(path, only_models=True)
     cfg = config.from_dict(ckpt.meta["config"])
     variant = variants.get(cfg.variant.name)(cfg)
     name = variant.ema[0]
     G = variant.models[name]
     checkpoint.load_model(G, ckpt.model_state(f"{name}_ema"), f"checkpoint '{ckpt.path}' model '{name}_ema'")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    G.to(device).eval()
-    gen = torch.Generator().manual_seed(args.seed)
-    labels, nrow = _sample_labels(args, cfg)
-    total = len(labels) if labels is not None else args.n
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return ckpt, cfg, variant, G.to(device).eval()
+
+
+def _draw(variant, G, total: int, seed: int, labels=None):
+    """`total` samples in chunks of 1024, with a progress bar for big requests."""
+    import torch
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
     chunks = []
     with tqdm(total=total, desc="sample", disable=total <= 1024) as bar:
         while (done := sum(len(c) for c in chunks)) < total:
@@ -81,13 +80,91 @@ def _sample(args: argparse.Namespace) -> int:
             y = labels[done : done + k] if labels is not None else None
             chunks.append(variant.sample(G, k, generator=gen, labels=y).cpu())
             bar.update(k)
-    x = torch.cat(chunks)
+    return torch.cat(chunks)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from distgan import images
+
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in (".png", ".npy"):
+        raise UserError(f"--out must end in .png (a grid) or .npy (the raw array); got '{args.out}'")
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1; got {args.n}")
+    ckpt, cfg, variant, G = _load_generator(args.ckpt, args.device)
+    labels, nrow = _sample_labels(args, cfg)
+    total = len(labels) if labels is not None else args.n
+    x = _draw(variant, G, total, args.seed, labels)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
         np.save(args.out, x.numpy().astype(np.float32))
+    elif x.ndim == 2:  # points: a scatter over the true centres, when the data has them
+        mixture = (_manifest(cfg) or {}).get("mixture") or {}
+        images.save_png(args.out, images.scatter(x, mixture.get("centres")))
     else:
         images.save_png(args.out, images.make_grid(x, nrow=nrow))
     print(f"wrote {total} samples from {ckpt.path} (step {ckpt.step}) to {args.out}")
+    return 0
+
+
+def _manifest(cfg) -> dict | None:
+    from distgan.data import stream
+
+    try:
+        return stream.resolve(cfg.data.shards, progress=False).manifest
+    except UserError:
+        return None
+
+
+EVAL_METRICS = {
+    "modes": "2-D mixtures: modes captured, % high quality, reverse KL (PacGAN's definitions)",
+    "digits": "16x16 digits: a classifier trained on the real digits judges the samples (confident "
+    "fraction, classes covered, class balance), next to held-out real digits",
+}
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    ckpt, cfg, variant, G = _load_generator(args.ckpt, args.device)
+    manifest = _manifest(cfg) or {}
+    usable = []
+    if manifest.get("mixture"):
+        usable.append("modes")
+    if cfg.data.kind == "images" and cfg.data.channels == 1 and manifest.get("source") == "builtin:digits":
+        usable.append("digits")
+    wanted = args.metrics.split(",") if args.metrics else usable
+    for m in wanted:
+        if m not in EVAL_METRICS:
+            raise UserError(f"unknown metric '{m}'; available: {', '.join(EVAL_METRICS)}")
+        if m not in usable:
+            raise UserError(
+                f"metric '{m}' does not apply to this checkpoint's data ({cfg.data.shards}); it applies: "
+                f"{', '.join(usable) or 'none yet (FID/KID on Inception features are not implemented)'}"
+            )
+    if not wanted:
+        raise UserError(
+            f"no metric applies to {cfg.data.shards} yet: distgan eval measures the 2-D mixtures and the "
+            "embedded digits (FID/KID on Inception features are not implemented)"
+        )
+    x = _draw(variant, G, args.n, args.seed)
+    result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "n": args.n}
+    if "modes" in wanted:
+        from distgan.metrics.mixtures import mode_metrics
+
+        mix = manifest["mixture"]
+        result.update(mode_metrics(x.numpy(), mix["centres"], mix["std"]))
+    if "digits" in wanted:
+        from distgan.metrics import digits
+
+        result["digits"] = digits.evaluate(x)
+    for k, v in result.items():
+        print(f"{k:>18}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -125,7 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("shards", help="write webdataset shards (KEY.png + KEY.cls + KEY.json) and a manifest.json")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--builtin", help="embedded real data: digits (sklearn, 1797 8x8) or faces (skimage lfw_subset)")
+    src.add_argument(
+        "--builtin",
+        help="embedded data: digits (sklearn, 1797 8x8), faces (skimage lfw_subset), or the 2-D mixtures ring "
+        "(8 modes) and grid (25 modes), 100k points each",
+    )
     src.add_argument("--images", help="an image folder whose subfolders are the classes")
     src.add_argument("--npz", help="an .npz with arrays x (N,H,W[,C]) and optional y (N,)")
     s.add_argument("--out", required=True, help="output folder for the shards")
@@ -158,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     m.set_defaults(func=_sample)
+
+    e = sub.add_parser("eval", help="measure a checkpoint's EMA generator (mode collapse, sample quality)")
+    e.add_argument("--ckpt", required=True, help="a checkpoint step folder, or a run directory (its latest)")
+    e.add_argument("--metrics", help="comma-separated: " + "; ".join(f"{k}: {v}" for k, v in EVAL_METRICS.items()))
+    e.add_argument("--n", type=int, default=2500, help="samples to draw (default 2500, as in PacGAN)")
+    e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    e.set_defaults(func=_eval)
 
     r = sub.add_parser("presets", help="list the presets")
     r.set_defaults(func=_presets)

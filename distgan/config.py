@@ -23,6 +23,7 @@ DEFAULT_PRESET = "digits-dcgan"
 # Config keys that take one of a fixed set of strings.
 CHOICES = {
     "data.on_error": ("raise", "skip"),
+    "data.kind": ("images", "points"),
     # auto: what `accelerate launch` was given (--mixed_precision or its config file), else no
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     # skip: a step whose gradients are NaN/Inf is not applied (stop after train.max_nan_skips in a row)
@@ -36,6 +37,7 @@ CHOICES = {
 class DataConfig:
     # A local path, brace pattern, http(s):// or pipe: URL; "builtin:NAME" builds NAME's shards into the cache.
     shards: str = "builtin:digits"
+    kind: str = "images"  # images (KEY.png), or points (KEY.npy: data.channels-dim vectors, e.g. the 2-D mixtures)
     resolution: int = 16
     channels: int = 1
     batch_size: int = 64  # per process and per micro-batch
@@ -251,7 +253,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'")
     if cfg.data.num_workers < -1:
         raise UserError(f"config key 'data.num_workers' must be >= 0, or -1 for auto; got {cfg.data.num_workers}")
-    if cfg.data.channels not in (1, 3):
+    if cfg.data.kind == "images" and cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
     if not 0.0 <= cfg.train.ema_beta < 1.0:
         raise UserError(f"config key 'train.ema_beta' must be in [0, 1), got {cfg.train.ema_beta}")

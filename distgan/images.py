@@ -42,3 +42,35 @@ def save_png(path: str | Path, image: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def scatter(points: torch.Tensor, centres=None, size: int = 400) -> np.ndarray:
+    """2-D samples (N, 2) as an (size, size, 3) uint8 scatter plot: blue dots, with the true
+    centres (K, 2) as red rings when given. The view covers the centres (or the points) plus a margin."""
+    from PIL import Image, ImageDraw
+
+    p = points.detach().float().cpu().numpy()[:, :2]
+    ref = np.asarray(centres, dtype=np.float64) if centres is not None else p
+    finite = ref[np.isfinite(ref).all(1)]
+    half = float(np.abs(finite).max()) * 1.25 + 1e-3 if len(finite) else 1.0
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+
+    def px(xy):
+        return (xy[..., 0] + half) / (2 * half) * (size - 1), (half - xy[..., 1]) / (2 * half) * (size - 1)
+
+    draw.line([(0, size // 2), (size, size // 2)], fill=(225, 225, 225))
+    draw.line([(size // 2, 0), (size // 2, size)], fill=(225, 225, 225))
+    xs, ys = px(p[np.isfinite(p).all(1)])
+    for x, y in zip(xs, ys):
+        draw.point((float(x), float(y)), fill=(30, 80, 200))
+    if centres is not None:
+        cx, cy = px(ref)
+        for x, y in zip(cx, cy):
+            draw.ellipse((x - 5, y - 5, x + 5, y + 5), outline=(220, 30, 30), width=2)
+    return np.asarray(img)
+
+
+def render(samples: torch.Tensor, centres=None) -> np.ndarray:
+    """A picture of a batch of samples: a grid of images, or a scatter plot of 2-D points."""
+    return scatter(samples, centres) if samples.ndim == 2 else make_grid(samples)

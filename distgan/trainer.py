@@ -275,6 +275,16 @@ def _check_manifest(manifest: dict | None, cfg: config.Config) -> tuple[int, int
     if not manifest:
         return None
     shape = tuple(manifest["image_shape"])
+    kind = manifest.get("kind", "images")
+    if kind != cfg.data.kind:
+        raise UserError(f"the shards hold {kind} but data.kind={cfg.data.kind}; set data.kind={kind}")
+    if kind == "points":
+        if shape != (cfg.data.channels,):
+            raise UserError(
+                f"the shards hold {shape[0]}-d points but data.channels={cfg.data.channels}; "
+                f"set data.channels={shape[0]}"
+            )
+        return None
     classes = len(manifest.get("classes") or [])
     if cfg.model.num_classes and classes > cfg.model.num_classes:
         raise UserError(
@@ -340,6 +350,7 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
             shuffle_buffer=cfg.data.shuffle_buffer,
             on_error=cfg.data.on_error,
             expected_shape=expected_shape,
+            points=cfg.data.kind == "points",
         )
         if batches_done:
             ds.start_positions = positions
@@ -408,13 +419,15 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
         accelerator.wait_for_everyone()
         saved_at = step
 
+    centres = ((source.manifest or {}).get("mixture") or {}).get("centres") if source else None
+
     def sample_grid(step: int) -> None:
         if not main:
             return
         ema = emas.get("G_ema", accelerator.unwrap_model(variant.models["G"]))
         with torch.no_grad():
             imgs = variant.sample(ema, t.n_samples, generator=fixed_noise.manual_seed(t.seed))
-        grid = images.make_grid(imgs)
+        grid = images.render(imgs, centres)
         images.save_png(run_dir / "samples" / f"step-{step:08d}.png", grid)
         images.save_png(run_dir / "samples" / "latest.png", grid)
         tracker.log_image("samples", grid, step)

@@ -1,6 +1,8 @@
-"""Embedded real datasets that ship inside PyPI packages, as uint8 arrays.
+"""Embedded datasets: real images that ship inside PyPI packages, and the 2-D mixtures of the
+mode-collapse literature.
 
-Every loader returns `(images, labels, class_names)` with images of shape (N, H, W, C), uint8.
+Every loader returns `(samples, labels, class_names)`: images of shape (N, H, W, C) uint8, or for
+the mixtures points of shape (N, 2) float32 with their mode as the label.
 """
 
 from __future__ import annotations
@@ -27,7 +29,29 @@ def faces() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, labels, ["face", "non-face"]
 
 
-BUILTINS = {"digits": digits, "faces": faces}
+def mixture_spec(name: str) -> tuple[np.ndarray, float]:
+    """(centres (K, 2), std) of PacGAN's 2-D mixtures (Lin et al. 2018, after VEEGAN's):
+    ring: 8 centres (cos 2 pi k/8, sin 2 pi k/8), std 0.01; grid: 25 centres {-4,-2,0,2,4}^2, std 0.05."""
+    if name == "ring":
+        k = np.arange(8)
+        return np.stack([np.cos(2 * np.pi * k / 8), np.sin(2 * np.pi * k / 8)], 1), 0.01
+    if name == "grid":
+        g = np.array([-4.0, -2.0, 0.0, 2.0, 4.0])
+        return np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2), 0.05
+    raise ValueError(name)
+
+
+def mixture(name: str, n: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """n points of mixture `name`, modes drawn uniformly."""
+    centres, std = mixture_spec(name)
+    rng = np.random.default_rng(seed)
+    mode = rng.integers(len(centres), size=n)
+    x = centres[mode] + std * rng.standard_normal((n, 2))
+    return x.astype(np.float32), mode.astype(np.int64), [f"mode {i}" for i in range(len(centres))]
+
+
+MIXTURES = ("ring", "grid")
+BUILTINS = {"digits": digits, "faces": faces, "ring": lambda: mixture("ring"), "grid": lambda: mixture("grid")}
 
 
 def load(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

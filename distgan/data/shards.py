@@ -122,8 +122,10 @@ def write_shards(
     maxsize: float = 256e6,
     overwrite: bool = False,
     progress: bool = True,
+    extra_manifest: dict | None = None,
 ) -> dict:
-    """Write `samples` ((H, W, C) uint8, label or None, extra json) as shards; return the manifest."""
+    """Write `samples` ((H, W, C) uint8 images, or (D,) float32 points; label or None; extra json)
+    as shards: KEY.png (images) or KEY.npy (points), KEY.cls, KEY.json. Returns the manifest."""
     import webdataset as wds
 
     out = Path(out_dir)
@@ -150,7 +152,13 @@ def write_shards(
                         f"{where} has shape {tuple(image.shape)} but earlier images have {shape}; "
                         "pass --resize N to bring all images to N x N"
                     )
-                sample = {"__key__": f"{n:08d}", "png": encode_png(image), "json": {"index": n, **extra}}
+                sample = {"__key__": f"{n:08d}", "json": {"index": n, **extra}}
+                if image.ndim == 1:
+                    buf = io.BytesIO()
+                    np.save(buf, image.astype(np.float32))
+                    sample["npy"] = buf.getvalue()
+                else:
+                    sample["png"] = encode_png(image)
                 if label is not None:
                     sample["cls"] = int(label)
                 sink.write(sample)
@@ -166,12 +174,14 @@ def write_shards(
         shutil.rmtree(tmp, ignore_errors=True)
     manifest = {
         "count": n,
-        "image_shape": list(shape),  # H, W, C of the stored PNGs
+        "kind": "points" if len(shape) == 1 else "images",
+        "image_shape": list(shape),  # H, W, C of the stored PNGs; (D,) for points
         "classes": classes,
         "num_classes": len(classes),
         "shards": names,
         "pattern": f"{prefix}-{{000000..{len(names) - 1:06d}}}.tar",
         "source": source,
+        **(extra_manifest or {}),
     }
     tmp_manifest = out / f".{MANIFEST}.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=2))
@@ -197,6 +207,9 @@ def write_builtin(name: str, out_dir, **kw) -> dict:
 
     x, y, classes = builtin.load(name)
     kw.setdefault("prefix", name)
+    if name in builtin.MIXTURES:  # what distgan eval measures samples against
+        centres, std = builtin.mixture_spec(name)
+        kw["extra_manifest"] = {"mixture": {"centres": centres.tolist(), "std": std}}
     return write_arrays(x, y, classes, out_dir, source=f"builtin:{name}", **kw)
 
 
@@ -216,7 +229,10 @@ def ensure_builtin(name: str, progress: bool = True) -> Path:
     """The folder of builtin `name`'s shards in the cache, written on first use."""
     folder = cache_root() / "shards" / f"{name}-v{CACHE_VERSION}"
     if not (folder / MANIFEST).exists():
-        write_builtin(name, folder, maxcount=BUILTIN_MAXCOUNT, overwrite=True, progress=progress)
+        from distgan.data import builtin
+
+        maxcount = 10_000 if name in builtin.MIXTURES else BUILTIN_MAXCOUNT  # 100k points: 10 shards
+        write_builtin(name, folder, maxcount=maxcount, overwrite=True, progress=progress)
     return folder
 
 

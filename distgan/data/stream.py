@@ -110,8 +110,10 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         on_error: str = "raise",
         expected_shape: tuple[int, int, int] | None = None,
+        points: bool = False,
     ):
         self.urls = list(urls)
+        self.points = points  # (D,) float points in KEY.npy instead of images in KEY.png
         self.batch_size = batch_size
         self.resolution = resolution
         self.channels = channels
@@ -140,8 +142,35 @@ class ShardStream(IterableDataset):
         return True  # skip: go on with the next shard
 
     # -- decoding -------------------------------------------------------------------------
+    def _label(self, sample: dict, url: str, key: str) -> int | None:
+        label = sample.get("cls")
+        try:
+            return int(label) if label is not None else -1
+        except ValueError:
+            self._fail(f"label {label!r} is not an integer", url, key)
+            return None
+
+    def _decode_point(self, sample: dict, url: str, key: str) -> tuple[np.ndarray, int, int] | None:
+        data = sample.get("npy")
+        if data is None:
+            self._fail(f"no .npy member (members: {', '.join(k for k in sample if not k.startswith('__'))})", url, key)
+            return None
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as exc:
+            self._fail(f"corrupt .npy ({exc})", url, key)
+            return None
+        if arr.shape != (self.channels,) or not np.isfinite(arr).all():
+            self._fail(f"point of shape {arr.shape} (finite: {bool(np.isfinite(arr).all())}), expected ({self.channels},)",
+                       url, key)  # fmt: skip
+            return None
+        label = self._label(sample, url, key)
+        return None if label is None else (arr.astype(np.float32), label, self._shard_index.get(url, -1))
+
     def _decode(self, sample: dict) -> tuple[np.ndarray, int, int] | None:
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        if self.points:
+            return self._decode_point(sample, url, key)
         data = sample.get("png")
         if data is None:
             self._fail(f"no .png member (members: {', '.join(k for k in sample if not k.startswith('__'))})", url, key)
@@ -165,17 +194,15 @@ class ShardStream(IterableDataset):
             img = Image.fromarray(arr.reshape(shape)[..., 0] if self.channels == 1 else arr, mode)
             arr = np.asarray(img.resize((self.resolution, self.resolution), Image.BILINEAR))
         arr = arr.reshape(self.resolution, self.resolution, self.channels)
-        label = sample.get("cls")
-        try:
-            label = int(label) if label is not None else -1
-        except ValueError:
-            self._fail(f"label {label!r} is not an integer", url, key)
-            return None
-        return arr, label, self._shard_index.get(url, -1)
+        label = self._label(sample, url, key)
+        return None if label is None else (arr, label, self._shard_index.get(url, -1))
 
     def _batch(self, items: list[tuple[np.ndarray, int, int]], pos: int) -> dict:
-        images = np.stack([a for a, _, _ in items]).transpose(0, 3, 1, 2)
-        image = torch.from_numpy(images).float().div_(127.5).sub_(1.0)
+        if self.points:
+            image = torch.from_numpy(np.stack([a for a, _, _ in items]))
+        else:
+            images = np.stack([a for a, _, _ in items]).transpose(0, 3, 1, 2)
+            image = torch.from_numpy(images).float().div_(127.5).sub_(1.0)
         label = torch.tensor([lab for _, lab, _ in items], dtype=torch.long)
         shards = sorted({i for _, _, i in items})
         return {"image": image, "label": label, "pos": pos, "skipped": self._skipped, "shards": shards}
@@ -207,7 +234,7 @@ class ShardStream(IterableDataset):
                 yield sample
 
         # Members the trainer does not use (.json metadata ...) are skipped unread.
-        wanted = ("png", "cls")
+        wanted = ("npy", "cls") if self.points else ("png", "cls")
         members = tarfile_samples(
             shard_urls(), handler=self._tar_error, select_files=lambda name: name.rsplit(".", 1)[-1] in wanted
         )

@@ -9,9 +9,9 @@ from __future__ import annotations
 from torch import nn
 
 from distgan.errors import UserError
-from distgan.models import dcgan, mlp
+from distgan.models import dcgan, mlp, toy
 
-FAMILIES = {"dcgan": dcgan, "mlp": mlp}
+FAMILIES = {"dcgan": dcgan, "mlp": mlp, "toy": toy}
 
 
 def _family(arch: str, key: str):

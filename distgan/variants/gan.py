@@ -126,4 +126,5 @@ class GAN:
     ) -> torch.Tensor:
         """n images in [-1, 1]; `labels` (n,) for conditional variants (ignored otherwise)."""
         device = next(G.parameters()).device
-        return G(self.noise(n, device, generator)).float().clamp(-1, 1)
+        out = G(self.noise(n, device, generator)).float()
+        return out.clamp(-1, 1) if out.ndim == 4 else out  # images live in [-1, 1]; points anywhere
