@@ -118,50 +118,21 @@ def _manifest(cfg) -> dict | None:
         return None
 
 
-EVAL_METRICS = {
-    "modes": "2-D mixtures: modes captured, % high quality, reverse KL (PacGAN's definitions)",
-    "digits": "16x16 digits: a classifier trained on the real digits judges the samples (confident "
-    "fraction, classes covered, class balance), next to held-out real digits",
-}
-
-
 def _eval(args: argparse.Namespace) -> int:
     import json
 
+    from distgan import metrics
+
     ckpt, cfg, variant, G = _load_generator(args.ckpt, args.device)
-    manifest = _manifest(cfg) or {}
-    usable = []
-    if manifest.get("mixture"):
-        usable.append("modes")
-    if cfg.data.kind == "images" and cfg.data.channels == 1 and manifest.get("source") == "builtin:digits":
-        usable.append("digits")
-    wanted = args.metrics.split(",") if args.metrics else usable
-    for m in wanted:
-        if m not in EVAL_METRICS:
-            raise UserError(f"unknown metric '{m}'; available: {', '.join(EVAL_METRICS)}")
-        if m not in usable:
-            raise UserError(
-                f"metric '{m}' does not apply to this checkpoint's data ({cfg.data.shards}); it applies: "
-                f"{', '.join(usable) or 'none yet (FID/KID on Inception features are not implemented)'}"
-            )
-    if not wanted:
-        raise UserError(
-            f"no metric applies to {cfg.data.shards} yet: distgan eval measures the 2-D mixtures and the "
-            "embedded digits (FID/KID on Inception features are not implemented)"
-        )
+    manifest = _manifest(cfg)
+    usable = metrics.applicable(cfg, manifest, args.features)
+    names = args.metrics.split(",") if args.metrics else usable
+    metrics.check(names, usable, cfg)
     x = _draw(variant, G, args.n, args.seed)
     result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "n": args.n}
-    if "modes" in wanted:
-        from distgan.metrics.mixtures import mode_metrics
-
-        mix = manifest["mixture"]
-        result.update(mode_metrics(x.numpy(), mix["centres"], mix["std"]))
-    if "digits" in wanted:
-        from distgan.metrics import digits
-
-        result["digits"] = digits.evaluate(x)
+    result.update(metrics.compute(x, names, cfg, manifest, args.features))
     for k, v in result.items():
-        print(f"{k:>18}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+        print(f"{k:>24}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -196,6 +167,15 @@ def _presets(_args: argparse.Namespace) -> int:
     return 0
 
 
+METRIC_HELP = {
+    "modes": "2-D mixtures",
+    "digits": "digits classifier judgement",
+    "fid": "FID",
+    "kid": "KID",
+    "stacked": "stacked-digits modes of 1000",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distgan", description="Distributed GAN trainer.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -205,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--builtin",
         help="embedded data: digits (sklearn, 1797 8x8), faces (skimage lfw_subset), or the 2-D mixtures ring "
-        "(8 modes) and grid (25 modes), 100k points each",
+        "(8 modes) and grid (25 modes), 100k points each, or stacked-digits (60k RGB images of 3 digits: "
+        "1000 modes)",
     )
     src.add_argument("--images", help="an image folder whose subfolders are the classes")
     src.add_argument("--npz", help="an .npz with arrays x (N,H,W[,C]) and optional y (N,)")
@@ -242,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="measure a checkpoint's EMA generator (mode collapse, sample quality)")
     e.add_argument("--ckpt", required=True, help="a checkpoint step folder, or a run directory (its latest)")
-    e.add_argument("--metrics", help="comma-separated: " + "; ".join(f"{k}: {v}" for k, v in EVAL_METRICS.items()))
+    e.add_argument(
+        "--metrics",
+        help="comma-separated (default: all that apply to the data): "
+        + "; ".join(f"{k}: {v}" for k, v in METRIC_HELP.items()),
+    )
+    e.add_argument("--features", help="a TorchScript feature network (N,C,H,W in [-1,1] -> N,D) for fid/kid")
     e.add_argument("--n", type=int, default=2500, help="samples to draw (default 2500, as in PacGAN)")
     e.add_argument("--json", help="also write the results to this JSON file")
     e.add_argument("--seed", type=int, default=0)

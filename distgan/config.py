@@ -112,6 +112,10 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_last: int = 3
     n_samples: int = 100  # images in each sample grid
+    # every eval_every steps (0: never) rank 0 draws eval_n samples from EMA-G and logs the metrics
+    # `distgan eval` would give (eval/...), where the data has some
+    eval_every: int = 0
+    eval_n: int = 2500
 
 
 @dataclass
@@ -233,6 +237,7 @@ def validate(cfg: Config) -> None:
         "train.keep_last": cfg.train.keep_last,
         "train.n_samples": cfg.train.n_samples,
         "train.max_nan_skips": cfg.train.max_nan_skips,
+        "train.eval_n": cfg.train.eval_n,
         "dist.timeout_s": cfg.dist.timeout_s,
         "model.g.z_dim": cfg.model.g.z_dim,
         "model.g.width": cfg.model.g.width,
@@ -255,6 +260,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config key 'data.num_workers' must be >= 0, or -1 for auto; got {cfg.data.num_workers}")
     if cfg.data.kind == "images" and cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
+    if cfg.train.eval_every < 0:
+        raise UserError(f"config key 'train.eval_every' must be >= 0 (0: never); got {cfg.train.eval_every}")
     if not 0.0 <= cfg.train.ema_beta < 1.0:
         raise UserError(f"config key 'train.ema_beta' must be in [0, 1), got {cfg.train.ema_beta}")
     from distgan import models, variants  # late import: both import this module

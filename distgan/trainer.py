@@ -421,6 +421,25 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
 
     centres = ((source.manifest or {}).get("mixture") or {}).get("centres") if source else None
 
+    def evaluate(step: int) -> None:
+        from distgan import metrics
+
+        names = metrics.applicable(cfg, source.manifest if source else None)
+        if not main or not names:
+            return
+        ema = emas.get("G_ema", accelerator.unwrap_model(variant.models["G"]))
+        with torch.no_grad():
+            x = torch.cat(
+                [
+                    variant.sample(
+                        ema, min(1024, t.eval_n - i), generator=fixed_noise.manual_seed(t.seed + 1 + i)
+                    ).cpu()
+                    for i in range(0, t.eval_n, 1024)
+                ]
+            )
+        result = metrics.compute(x, names, cfg, source.manifest)
+        tracker.log(metrics.scalars(result), step)
+
     def sample_grid(step: int) -> None:
         if not main:
             return
@@ -497,6 +516,8 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
                     last_log_time, last_log_step = time.perf_counter(), step
                 if step % t.sample_every == 0 or step == t.steps:
                     sample_grid(step)
+                if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+                    evaluate(step)
                 if step % t.ckpt_every == 0 or step == t.steps or stopping:
                     save(step)
                 if stopping:

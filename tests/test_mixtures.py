@@ -77,3 +77,19 @@ def test_grid_preset_trains_samples_and_evaluates(tmp_path):
     assert "modes" in r.stdout
     r = run_cli("sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "pts.npy")
     assert r.returncode == 0 and np.load(tmp_path / "pts.npy").shape == (300, 2)
+
+
+def test_eval_every_logs_the_metrics_during_training(tmp_path):
+    x, y, classes = builtin.mixture("ring", n=2000)
+    centres, std = builtin.mixture_spec("ring")
+    shards.write_arrays(x, y, classes, tmp_path / "ring", source="test", maxcount=1000, progress=False,
+                        extra_manifest={"mixture": {"centres": centres.tolist(), "std": std}})  # fmt: skip
+    run = tmp_path / "run"
+    r = run_cli("train", "--preset", "ring-gan", "--out", run, f"data.shards={tmp_path / 'ring'}", "train.steps=10",
+                "train.eval_every=5", "train.eval_n=300", "tracking.wandb.mode=disabled")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    from conftest import read_metrics
+
+    evals = [m for m in read_metrics(run) if "eval/modes" in m]
+    assert [m["step"] for m in evals] == [5, 10]
+    assert all(0 <= m["eval/modes"] <= 8 and m["eval/samples"] == 300 for m in evals)

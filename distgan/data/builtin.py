@@ -29,6 +29,18 @@ def faces() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, labels, ["face", "non-face"]
 
 
+def stacked_digits(n: int = 60_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Stacked digits (the Stacked MNIST of VEEGAN/PacGAN, on sklearn's real 8x8 digits): three
+    digits drawn independently and uniformly, stacked as the R, G and B channels; the label
+    100 a + 10 b + c is one of 1000 modes."""
+    x, y, _ = digits()
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(len(x), size=(n, 3))
+    images = np.concatenate([x[idx[:, c]] for c in range(3)], axis=-1)
+    labels = y[idx[:, 0]] * 100 + y[idx[:, 1]] * 10 + y[idx[:, 2]]
+    return images, labels.astype(np.int64), [f"{i:03d}" for i in range(1000)]
+
+
 def mixture_spec(name: str) -> tuple[np.ndarray, float]:
     """(centres (K, 2), std) of PacGAN's 2-D mixtures (Lin et al. 2018, after VEEGAN's):
     ring: 8 centres (cos 2 pi k/8, sin 2 pi k/8), std 0.01; grid: 25 centres {-4,-2,0,2,4}^2, std 0.05."""
@@ -51,7 +63,13 @@ def mixture(name: str, n: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.
 
 
 MIXTURES = ("ring", "grid")
-BUILTINS = {"digits": digits, "faces": faces, "ring": lambda: mixture("ring"), "grid": lambda: mixture("grid")}
+BUILTINS = {
+    "digits": digits,
+    "faces": faces,
+    "stacked-digits": stacked_digits,
+    "ring": lambda: mixture("ring"),
+    "grid": lambda: mixture("grid"),
+}
 
 
 def load(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -1,1 +1,122 @@
-"""Sample-quality metrics."""
+"""Sample-quality and mode-collapse metrics, chosen by what the data is (`applicable`), computed by
+`compute`: shared by `distgan eval` and the trainer's `train.eval_every`."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from distgan.errors import UserError
+
+METRICS = {
+    "modes": "2-D mixtures: modes captured, % high quality, reverse KL (PacGAN's definitions)",
+    "digits": "digits: a classifier of the real digits judges the samples (confident fraction, classes "
+    "covered), next to held-out real digits",
+    "fid": "FID against the real data, in a digits classifier's feature space (or --features FILE's)",
+    "kid": "KID (unbiased, cubic kernel), in the same feature space as fid",
+    "stacked": "stacked digits: each channel classified, modes covered of 1000, KL to uniform",
+}
+
+
+def applicable(cfg, manifest: dict | None, features: str | None = None) -> list[str]:
+    manifest = manifest or {}
+    source = manifest.get("source", "")
+    if manifest.get("mixture"):
+        return ["modes"]
+    if cfg.data.kind != "images":
+        return []
+    if source == "builtin:stacked-digits":
+        return ["stacked"] + (["fid", "kid"] if features else [])
+    if source == "builtin:digits" and cfg.data.channels == 1:
+        return ["digits", "fid", "kid"]
+    return ["fid", "kid"] if features else []
+
+
+def check(names: list[str], usable: list[str], cfg) -> None:
+    for m in names:
+        if m not in METRICS:
+            raise UserError(f"unknown metric '{m}'; available: {', '.join(METRICS)}")
+        if m not in usable:
+            raise UserError(
+                f"metric '{m}' does not apply to this run's data ({cfg.data.shards}); what applies: "
+                f"{', '.join(usable) or 'nothing built in (give --features FILE for FID/KID)'}"
+            )
+    if not names:
+        raise UserError(
+            f"no metric applies to {cfg.data.shards}: the built-in ones cover the 2-D mixtures, the embedded "
+            "digits and stacked digits; for other images give a TorchScript feature network with --features "
+            "FILE (Inception weights cannot be downloaded here)"
+        )
+
+
+def real_images(cfg, n: int) -> torch.Tensor:
+    """n real training images from the run's shards (rank 0's stream, seed 0)."""
+    from distgan.data import stream
+
+    src = stream.resolve(cfg.data.shards, progress=False)
+    ds = stream.ShardStream(src.urls, batch_size=min(n, 256), resolution=cfg.data.resolution,
+                            channels=cfg.data.channels, seed=0, shuffle_buffer=1000)  # fmt: skip
+    out, got = [], 0
+    for batch in ds:
+        out.append(batch["image"])
+        got += len(batch["image"])
+        if got >= n:
+            break
+    return torch.cat(out)[:n]
+
+
+def compute(samples: torch.Tensor, names: list[str], cfg, manifest: dict | None, features: str | None = None) -> dict:
+    """The metrics `names` of `samples` (as variant.sample returns them)."""
+    from distgan.metrics import fid as fidlib
+
+    manifest = manifest or {}
+    out: dict = {}
+    if "modes" in names:
+        from distgan.metrics.mixtures import mode_metrics
+
+        mix = manifest["mixture"]
+        out.update(mode_metrics(samples.numpy(), mix["centres"], mix["std"]))
+    if "digits" in names:
+        from distgan.metrics import digits
+
+        out["digits"] = digits.evaluate(samples)
+    if "fid" in names or "kid" in names:
+        if features:
+            real = real_images(cfg, len(samples))
+            a, b = fidlib.torchscript_features(features, samples), fidlib.torchscript_features(features, real)
+            out["feature_space"] = features
+        else:
+            from distgan.metrics.digits import real_digits
+
+            net = fidlib.DigitFeatures(cfg.data.resolution)
+            x, _ = real_digits(cfg.data.resolution)
+            r = cfg.data.resolution
+            a, b = net.features(samples), net.features(torch.from_numpy(x).view(-1, 1, r, r))
+            out["feature_space"] = f"digits MLP (hidden 128), held-out accuracy {net.test_accuracy:.3f}"
+        if "fid" in names:
+            out["fid"] = fidlib.fid(a, b)
+        if "kid" in names:
+            out["kid"] = fidlib.kid(a, b)
+    if "stacked" in names:
+        net = fidlib.DigitFeatures(cfg.data.resolution)
+        digits_per_channel = [net.probs(samples[:, c : c + 1]).argmax(1) for c in range(3)]
+        modes = digits_per_channel[0] * 100 + digits_per_channel[1] * 10 + digits_per_channel[2]
+        counts = np.bincount(modes, minlength=1000)
+        p = counts / counts.sum()
+        out["stacked_modes"] = int((counts > 0).sum())
+        out["stacked_kl"] = float(np.sum(p[p > 0] * np.log(p[p > 0] * 1000)))
+        out["classifier_test_accuracy"] = net.test_accuracy
+    return out
+
+
+def scalars(result: dict, prefix: str = "eval/") -> dict[str, float]:
+    """The numeric top-level entries (and digits' summary), for logging."""
+    flat = {}
+    for k, v in result.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat[prefix + k] = float(v)
+    gen = result.get("digits", {}).get("generated", {})
+    for k in ("confident_fraction", "classes_covered"):
+        if k in gen:
+            flat[f"{prefix}digits_{k}"] = float(gen[k])
+    return flat

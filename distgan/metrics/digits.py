@@ -1,6 +1,6 @@
 """Are generated digits recognisable? A classifier trained on the real digits judges them.
 
-The classifier (an RBF SVM) is trained on sklearn's real digits brought to the generator's
+The classifier (a logistic regression) is trained on sklearn's real digits brought to the generator's
 resolution exactly as the training pipeline brings them (8x8 PNG -> bilinear resize), so real
 and generated images are judged in the same space. Reported: the fraction of samples it is
 confident about, the classes covered and the class histogram; the same numbers for held-out

@@ -19,6 +19,7 @@ REGISTRY = {
     "wgan-gp": "distgan.variants.wgan:WGANGP",
     "cgan": "distgan.variants.cgan:CGAN",
     "unrolled": "distgan.variants.unrolled:UnrolledGAN",
+    "sngan": "distgan.variants.sngan:SNGAN",
 }
 
 

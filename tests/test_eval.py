@@ -1,0 +1,71 @@
+"""distgan eval's image metrics: FID/KID against closed forms, stacked digits, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, run_cli
+
+from distgan.data import builtin
+from distgan.metrics import fid as fidlib
+
+
+def test_frechet_distance_matches_the_closed_form_for_known_gaussians():
+    """For diagonal covariances: |m1 - m2|^2 + sum(s1 + s2 - 2 sqrt(s1 s2))."""
+    m1, m2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    exact = ((m1 - m2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert fidlib.frechet_distance(m1, np.diag(s1), m2, np.diag(s2)) == pytest.approx(exact, rel=1e-9)
+    # a full covariance: a rotation of both leaves the distance unchanged
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((3, 3)))
+    rotated = fidlib.frechet_distance(q @ m1, q @ np.diag(s1) @ q.T, q @ m2, q @ np.diag(s2) @ q.T)
+    assert rotated == pytest.approx(exact, rel=1e-6)
+    # and from samples, FID converges to it
+    rng = np.random.default_rng(1)
+    a = m1 + rng.standard_normal((200_000, 3)) * np.sqrt(s1)
+    b = m2 + rng.standard_normal((200_000, 3)) * np.sqrt(s2)
+    assert fidlib.fid(a, b) == pytest.approx(exact, rel=0.02)
+
+
+def test_kid_is_zero_for_one_distribution_and_positive_for_two():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2000, 8)), rng.standard_normal((2000, 8))
+    assert abs(fidlib.kid(a, b)) < 0.01
+    assert fidlib.kid(a, b + 1.0) > 0.1
+
+
+def test_stacked_digits_are_three_real_digits_and_1000_modes():
+    x, y, classes = builtin.stacked_digits(n=5000, seed=0)
+    digits, labels, _ = builtin.digits()
+    assert x.shape == (5000, 8, 8, 3) and len(classes) == 1000 and y.max() < 1000
+    first = x[0]
+    for c, want in enumerate((y[0] // 100, y[0] // 10 % 10, y[0] % 10)):
+        matches = [i for i in range(len(digits)) if np.array_equal(digits[i, ..., 0], first[..., c])]
+        assert matches and labels[matches[0]] == want
+    assert len(np.unique(y)) > 990  # 5000 draws cover nearly all 1000 modes
+
+
+def test_eval_reports_fid_kid_and_digit_judgement_on_a_digits_run(tmp_path, digits_shards):
+    run = tmp_path / "run"
+    assert run_cli("train", *FAST, "--out", run, "train.steps=2").returncode == 0  # builtin:digits
+    r = run_cli("eval", "--ckpt", run, "--n", "300", "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["fid"] > 0 and "kid" in result and result["digits"]["generated"]["n"] == 300
+    assert "held-out accuracy 0.9" in result["feature_space"]  # the feature classifier's, reported
+    r = run_cli("eval", "--ckpt", run, "--metrics", "modes")
+    assert r.returncode == 2 and "does not apply" in r.stderr
+
+
+def test_eval_with_a_torchscript_feature_network(tmp_path, digits_shards):
+    net = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 16)))
+    torch.jit.save(net, str(tmp_path / "features.pt"))
+    run = tmp_path / "run"
+    assert run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=1").returncode == 0
+    r = run_cli("eval", "--ckpt", run, "--n", "200", "--metrics", "fid", "--features", tmp_path / "features.pt",
+                "--json", tmp_path / "e.json")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "e.json").read_text())["fid"] > 0
+    r = run_cli("eval", "--ckpt", run, "--metrics", "fid", "--features", tmp_path / "nope.pt")
+    assert r.returncode == 2 and "does not exist" in r.stderr
