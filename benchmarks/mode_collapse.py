@@ -1,0 +1,237 @@
+"""Mode collapse on the 2-D mixtures and stacked digits, next to the published tables.
+
+    python benchmarks/mode_collapse.py [--seeds 5] [--steps 5000] [--datasets ring grid]
+                                       [--variants gan minibatch unrolled wgan-gp sngan pacgan2 pacgan4]
+                                       [--stacked-steps 3000] [--no-stacked]
+
+Every cell (dataset, variant, seed) is one `distgan train` of the dataset's preset with the
+variant's overrides, then `distgan eval --n 2500` on its final checkpoint. Each finished cell is
+saved in benchmarks/results/mode_collapse/cells/ and skipped when the script runs again, so the
+benchmark resumes where it stopped; the tables are rebuilt from all cells present. Stacked
+digits (1000 modes) then run for the two variants with the most grid modes, and the DCGAN baseline.
+
+Outputs: results/mode_collapse-<machine>.{json,md} (mean +/- standard error over seeds, the
+published rows beside them) and results/mode_collapse-scatter.png (the first seed of each variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = common.RESULTS / "mode_collapse" / "cells"
+
+VARIANTS = {
+    "gan": [],
+    "minibatch": ["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=50"],
+    "unrolled": ["variant.name=unrolled", "variant.unroll_steps=5"],
+    "wgan-gp": ["variant.name=wgan-gp", "variant.loss=wasserstein", "variant.n_critic=5", "train.beta2=0.9"],
+    "sngan": ["variant.name=sngan", "variant.loss=hinge"],
+    "pacgan2": ["variant.pack=2"],
+    "pacgan4": ["variant.pack=4"],
+}
+
+# (dataset, row) -> (modes, high-quality %, reverse KL); None where the paper gives no figure.
+PUBLISHED = {
+    ("ring", "GAN (PacGAN Table 1)"): (6.3, 98.2, 0.45),
+    ("ring", "PacGAN4 (PacGAN Table 1)"): (7.8, 95.9, 0.07),
+    ("grid", "GAN (PacGAN Table 1)"): (17.3, 94.8, 0.70),
+    ("grid", "PacGAN4 (PacGAN Table 1)"): (24.8, 93.6, 0.04),
+    ("grid", "GAN (VEEGAN Table 1)"): (3.3, 0.5, None),
+    ("grid", "Unrolled GAN (VEEGAN Table 1)"): (23.6, 16.0, None),
+    ("grid", "VEEGAN (VEEGAN Table 1)"): (24.6, 40.0, None),
+    ("stacked", "DCGAN (VEEGAN Table 2)"): (99, None, None),
+    ("stacked", "Unrolled GAN (VEEGAN Table 2)"): (48.7, None, None),
+    ("stacked", "VEEGAN (VEEGAN Table 2)"): (150, None, None),
+    ("stacked", "PacDCGAN2 (PacGAN Table 2)"): (1000, None, 0.06),
+}
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distgan", *cmd], capture_output=True, text=True, cwd=ROOT)
+
+
+def cell(dataset: str, variant: str, seed: int, steps: int) -> dict:
+    path = CELLS / f"{dataset}-{variant}-n{steps}-s{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    preset = "stacked-digits-dcgan" if dataset == "stacked" else f"{dataset}-gan"
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        r = run(["train", "--preset", preset, "--out", f"{tmp}/run", f"train.steps={steps}", f"train.seed={seed}",
+                 "tracking.wandb.mode=disabled", f"train.ckpt_every={steps}", f"train.sample_every={steps}",
+                 *VARIANTS[variant]])  # fmt: skip
+        if r.returncode != 0:
+            raise RuntimeError(f"{dataset}/{variant}/seed {seed}: train failed:\n{r.stderr[-2000:]}")
+        train_s = time.perf_counter() - start
+        r = run(["eval", "--ckpt", f"{tmp}/run", "--n", "2500", "--json", f"{tmp}/eval.json", "--seed", str(seed)])
+        if r.returncode != 0:
+            raise RuntimeError(f"{dataset}/{variant}/seed {seed}: eval failed:\n{r.stderr[-2000:]}")
+        result = json.loads(Path(f"{tmp}/eval.json").read_text())
+        samples = None
+        if dataset != "stacked" and seed == 0:
+            r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", "--out", f"{tmp}/pts.npy"])
+            samples = np.load(f"{tmp}/pts.npy").tolist() if r.returncode == 0 else None
+    out = {"dataset": dataset, "variant": variant, "seed": seed, "steps": steps, "train_s": train_s, **result}
+    out.pop("checkpoint", None)
+    CELLS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out) + "\n")
+    if samples is not None:
+        (CELLS / f"{dataset}-{variant}-n{steps}-s{seed}.samples.json").write_text(json.dumps(samples))
+    return out
+
+
+def load_cells() -> list[dict]:
+    return [json.loads(f.read_text()) for f in sorted(CELLS.glob("*.json")) if not f.name.endswith(".samples.json")]
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    m = statistics.mean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return m, se
+
+
+def fmt(m: float, se: float, digits: int = 1) -> str:
+    if math.isnan(m):
+        return ""
+    return f"{m:.{digits}f} ± {se:.{digits}f}" if not math.isnan(se) else f"{m:.{digits}f}"
+
+
+def table(done: list[dict]) -> tuple[list[dict], str]:
+    rows, lines = [], []
+    for dataset in ("ring", "grid", "stacked"):
+        cells = [c for c in done if c["dataset"] == dataset]
+        if not cells and not any(d == dataset for d, _ in PUBLISHED):
+            continue
+        key_modes = "stacked_modes" if dataset == "stacked" else "modes"
+        key_kl = "stacked_kl" if dataset == "stacked" else "reverse_kl"
+        lines += [f"\n### {dataset}\n", "| row | seeds | steps | modes | high quality % | reverse KL |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for variant, steps in [(v, n) for v in VARIANTS for n in sorted({c["steps"] for c in cells})]:
+            got = [c for c in cells if c["variant"] == variant and c["steps"] == steps]
+            if not got:
+                continue
+            modes = mean_se([c[key_modes] for c in got])
+            hq = mean_se([c["high_quality_pct"] for c in got]) if dataset != "stacked" else (math.nan, math.nan)
+            kl = mean_se([c[key_kl] for c in got])
+            rows.append({"dataset": dataset, "variant": variant, "seeds": len(got), "steps": got[0]["steps"],
+                         "modes": modes, "high_quality_pct": hq, "reverse_kl": kl})  # fmt: skip
+            lines.append(f"| distgan {variant} | {len(got)} | {got[0]['steps']} | {fmt(*modes)} | {fmt(*hq)} "
+                         f"| {fmt(*kl, digits=3)} |")  # fmt: skip
+        for (d, name), (m, h, k) in PUBLISHED.items():
+            if d == dataset:
+                lines.append(f"| {name} | | | {m} | {'' if h is None else h} | {'' if k is None else k} |")
+    return rows, "\n".join(lines)
+
+
+def scatter_png(done: list[dict]) -> Path | None:
+    from PIL import Image, ImageDraw
+
+    from distgan import images
+    from distgan.data import builtin
+
+    tiles = []
+    for dataset in ("ring", "grid"):
+        centres, _ = builtin.mixture_spec(dataset)
+        for variant in VARIANTS:
+            found = sorted(CELLS.glob(f"{dataset}-{variant}-n*-s0.samples.json"))
+            if not found:
+                continue
+            f = found[-1]
+            import torch
+
+            pts = torch.tensor(json.loads(f.read_text()))
+            tile = Image.fromarray(images.scatter(pts, centres, size=260))
+            ImageDraw.Draw(tile).text((6, 4), f"{dataset} {variant}", fill=(0, 0, 0))
+            tiles.append((dataset, tile))
+    if not tiles:
+        return None
+    per_row = max(sum(1 for d, _ in tiles if d == ds) for ds in ("ring", "grid"))
+    canvas = Image.new("RGB", (260 * per_row, 260 * 2), "white")
+    for r, ds in enumerate(("ring", "grid")):
+        for c, (_, tile) in enumerate([t for t in tiles if t[0] == ds]):
+            canvas.paste(tile, (260 * c, 260 * r))
+    path = common.RESULTS / "mode_collapse-scatter.png"
+    canvas.save(path)
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5000, help="training steps per 2-D cell")
+    p.add_argument("--datasets", nargs="+", default=["ring", "grid"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--stacked-steps", type=int, default=3000)
+    p.add_argument("--stacked-seeds", type=int, default=2)
+    p.add_argument("--no-stacked", action="store_true")
+    p.add_argument("--budget-min", type=float, default=None, help="stop starting new cells after this many minutes")
+    args = p.parse_args()
+    start = time.time()
+
+    def out_of_time() -> bool:
+        return args.budget_min is not None and time.time() - start > 60 * args.budget_min
+
+    for seed in range(args.seeds):  # seeds outermost: a partial run still covers every variant
+        for dataset in args.datasets:
+            for variant in args.variants:
+                if out_of_time():
+                    break
+                c = cell(dataset, variant, seed, args.steps)
+                print(f"{dataset:5s} {variant:10s} seed {seed}: modes {c['modes']:2d} "
+                      f"hq {c['high_quality_pct']:5.1f}% kl {c['reverse_kl']:.3f} ({c['train_s']:.0f} s)", flush=True)  # fmt: skip
+    done = load_cells()
+    if not args.no_stacked and not out_of_time():
+        grid = [c for c in done if c["dataset"] == "grid"]
+        ranked = sorted({c["variant"] for c in grid}, key=lambda v: -statistics.mean(
+            c["modes"] for c in grid if c["variant"] == v))  # fmt: skip
+        for variant in ["gan", *[v for v in ranked if v not in ("gan", "unrolled", "wgan-gp")][:2]]:
+            for seed in range(args.stacked_seeds):
+                if out_of_time():
+                    break
+                c = cell("stacked", variant, seed, args.stacked_steps)
+                print(
+                    f"stacked {variant:10s} seed {seed}: modes {c['stacked_modes']} kl {c['stacked_kl']:.3f}",
+                    flush=True,
+                )
+        done = load_cells()
+    rows, md = table(done)
+    png = scatter_png(done)
+    print(md)
+    notes = (
+        "Each distgan row: mean ± standard error over seeds of `distgan eval --n 2500` on the final EMA "
+        "generator (modes captured: modes with at least one high-quality sample; high quality: within 3 std "
+        "of the nearest centre in every coordinate; reverse KL: high-quality samples' histogram over modes "
+        "against uniform). Presets ring-gan / grid-gan (G 4x400 ReLU+BN, D 3x200 LeakyReLU, Adam 1e-4, "
+        "batch 100, z 2-d) with each variant's overrides (see VARIANTS in the script). Stacked digits: "
+        "stacked-digits-dcgan at 16x16; modes counted by classifying each channel with the digits MLP "
+        "(held-out accuracy in the cells). Published rows are copied from the papers' tables, which "
+        "trained longer and on 28x28 MNIST for the stacked rows, so they compare trends, not exact settings."
+        + (f"\n\n![samples]({png.name})" if png else "")
+        + "\n\n"
+        + md
+    )
+    flat = [{k: (fmt(*v, digits=3 if k == "reverse_kl" else 1) if isinstance(v, tuple) else v) for k, v in r.items()}
+            for r in rows]  # fmt: skip
+    common.write("mode_collapse", flat, ["dataset", "variant", "seeds", "steps", "modes", "high_quality_pct",
+                                         "reverse_kl"], notes, extra={"cells": done})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
