@@ -50,23 +50,33 @@ def _w_offsets(rows, cols, M, Q, SIMPLE: tl.constexpr):
 
 
 @triton.jit
+def _matrix(rec, w_proto):
+    """(W's pointer, rows M, columns N, inner size Q, offset into t) from a layer record."""
+    w = tl.load(rec + 0).to(tl.pointer_type(w_proto.dtype.element_ty))
+    return w, tl.load(rec + 3), tl.load(rec + 4), tl.load(rec + 5), tl.load(rec + 6)
+
+
+@triton.jit
+def _w_tile(w, rows, cols, M, N, Q, SIMPLE: tl.constexpr):
+    """W[rows, cols] as an fp32 tile, zero outside the matrix."""
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    return tl.load(w + _w_offsets(rows, cols, M, Q, SIMPLE), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _wv_kernel(table, prog, t_buf, w_proto, v_proto, F: tl.constexpr, SIMPLE: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     """t[rows] = W[rows, :] v for this program's block of rows."""
     rec, blk, _ = _record(table, prog, tl.program_id(0), F)
-    w = tl.load(rec + 0).to(tl.pointer_type(w_proto.dtype.element_ty))
+    w, M, N, Q, t_off = _matrix(rec, w_proto)
     v = tl.load(rec + 2).to(tl.pointer_type(v_proto.dtype.element_ty))
-    M, N, Q, t_off = tl.load(rec + 3), tl.load(rec + 4), tl.load(rec + 5), tl.load(rec + 6)
     rows = blk * BM + tl.arange(0, BM)
-    rmask = rows < M
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for c0 in range(0, N, BN):
         cols = c0 + tl.arange(0, BN)
-        cmask = cols < N
-        x = tl.load(w + _w_offsets(rows, cols, M, Q, SIMPLE), mask=rmask[:, None] & cmask[None, :], other=0.0)
-        vv = tl.load(v + cols, mask=cmask, other=0.0).to(tl.float32)
-        acc += x.to(tl.float32) * vv[None, :]
-    tl.store(t_buf + t_off + rows, tl.sum(acc, axis=1), mask=rmask)
+        vv = tl.load(v + cols, mask=cols < N, other=0.0).to(tl.float32)
+        acc += _w_tile(w, rows, cols, M, N, Q, SIMPLE) * vv[None, :]
+    tl.store(t_buf + t_off + rows, tl.sum(acc, axis=1), mask=rows < M)
 
 
 @triton.jit
@@ -74,9 +84,8 @@ def _wtu_kernel(table, prog, t_buf, s_buf, parts, w_proto, u_proto, eps, F: tl.c
                 BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     """u = t / max(|t|, eps); s[cols] = W[:, cols]^T u; parts[block] = |s[cols]|^2."""
     rec, blk, _ = _record(table, prog, tl.program_id(0), F)
-    w = tl.load(rec + 0).to(tl.pointer_type(w_proto.dtype.element_ty))
+    w, M, N, Q, t_off = _matrix(rec, w_proto)
     u = tl.load(rec + 1).to(tl.pointer_type(u_proto.dtype.element_ty))
-    M, N, Q, t_off = tl.load(rec + 3), tl.load(rec + 4), tl.load(rec + 5), tl.load(rec + 6)
     s_off, part_off = tl.load(rec + 7), tl.load(rec + 8)
     sq = tl.zeros([BM], dtype=tl.float32)
     for r0 in range(0, M, BM):
@@ -89,10 +98,8 @@ def _wtu_kernel(table, prog, t_buf, s_buf, parts, w_proto, u_proto, eps, F: tl.c
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for r0 in range(0, M, BM):
         rows = r0 + tl.arange(0, BM)
-        rmask = rows < M
-        x = tl.load(w + _w_offsets(rows, cols, M, Q, SIMPLE), mask=rmask[:, None] & cmask[None, :], other=0.0)
-        tt = tl.load(t_buf + t_off + rows, mask=rmask, other=0.0)
-        acc += x.to(tl.float32) * tt[:, None]
+        tt = tl.load(t_buf + t_off + rows, mask=rows < M, other=0.0)
+        acc += _w_tile(w, rows, cols, M, N, Q, SIMPLE) * tt[:, None]
     s = tl.sum(acc, axis=0) * inv
     tl.store(s_buf + s_off + cols, s, mask=cmask)
     s = tl.where(cmask, s, 0.0)

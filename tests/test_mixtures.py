@@ -43,12 +43,10 @@ def test_mode_metrics_on_known_cases():
 
 
 def test_point_shards_stream_as_vectors(tmp_path):
-    x, y, classes = builtin.mixture("ring", n=500)
-    centres, std = builtin.mixture_spec("ring")
-    manifest = shards.write_arrays(x, y, classes, tmp_path, source="test", maxcount=200, progress=False,
-                                   extra_manifest={"mixture": {"centres": centres.tolist(), "std": std}})  # fmt: skip
-    assert manifest["kind"] == "points" and manifest["image_shape"] == [2]
-    assert json.loads((tmp_path / "manifest.json").read_text())["mixture"]["std"] == 0.01
+    x = mixture_shards("ring", 2500, tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["kind"] == "points" and manifest["image_shape"] == [2] and len(manifest["shards"]) == 3
+    assert manifest["mixture"]["std"] == 0.01
     src = stream.resolve(str(tmp_path))
     ds = stream.ShardStream(src.urls, batch_size=50, resolution=1, channels=2, seed=0, points=True, shuffle_buffer=10)
     batch = next(iter(ds))
@@ -58,12 +56,18 @@ def test_point_shards_stream_as_vectors(tmp_path):
     assert all(tuple(p) in written for p in batch["image"].tolist())
 
 
-def test_grid_preset_trains_samples_and_evaluates(tmp_path):
-    """grid-pacgan on 4000 grid points (the preset's builtin:grid writes 100k, ~10 s)."""
-    x, y, classes = builtin.mixture("grid", n=4000)
-    centres, std = builtin.mixture_spec("grid")
-    shards.write_arrays(x, y, classes, tmp_path / "grid", source="test", maxcount=1000, progress=False,
+def mixture_shards(name, n, out):
+    """n points of mixture `name` as shards with the mixture in the manifest (the builtin writes 100k)."""
+    x, y, classes = builtin.mixture(name, n=n)
+    centres, std = builtin.mixture_spec(name)
+    shards.write_arrays(x, y, classes, out, source="test", maxcount=1000, progress=False,
                         extra_manifest={"mixture": {"centres": centres.tolist(), "std": std}})  # fmt: skip
+    return x
+
+
+def test_grid_preset_trains_samples_and_evaluates(tmp_path):
+    """grid-pacgan on 4000 grid points."""
+    mixture_shards("grid", 4000, tmp_path / "grid")
     run = tmp_path / "run"
     r = run_cli("train", "--preset", "grid-pacgan", "--out", run, f"data.shards={tmp_path / 'grid'}", "train.steps=20",
                 "train.log_every=10", "tracking.wandb.mode=disabled", "train.sample_every=20")  # fmt: skip
@@ -80,10 +84,7 @@ def test_grid_preset_trains_samples_and_evaluates(tmp_path):
 
 
 def test_eval_every_logs_the_metrics_during_training(tmp_path):
-    x, y, classes = builtin.mixture("ring", n=2000)
-    centres, std = builtin.mixture_spec("ring")
-    shards.write_arrays(x, y, classes, tmp_path / "ring", source="test", maxcount=1000, progress=False,
-                        extra_manifest={"mixture": {"centres": centres.tolist(), "std": std}})  # fmt: skip
+    mixture_shards("ring", 2000, tmp_path / "ring")
     run = tmp_path / "run"
     r = run_cli("train", "--preset", "ring-gan", "--out", run, f"data.shards={tmp_path / 'ring'}", "train.steps=10",
                 "train.eval_every=5", "train.eval_n=300", "tracking.wandb.mode=disabled")  # fmt: skip
