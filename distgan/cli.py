@@ -123,6 +123,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from distgan import metrics
 
+    if args.n < 2:
+        raise UserError(f"--n must be >= 2; got {args.n}")
     ckpt, cfg, variant, G = _load_generator(args.ckpt, args.device)
     manifest = _manifest(cfg)
     usable = metrics.applicable(cfg, manifest, args.features)

@@ -94,3 +94,11 @@ def test_eval_every_logs_the_metrics_during_training(tmp_path):
     evals = [m for m in read_metrics(run) if "eval/modes" in m]
     assert [m["step"] for m in evals] == [5, 10]
     assert all(0 <= m["eval/modes"] <= 8 and m["eval/samples"] == 300 for m in evals)
+
+
+def test_points_and_images_do_not_mix(tmp_path, digits_shards):
+    r = run_cli("train", "--preset", "grid-gan", "--out", tmp_path / "a", f"data.shards={digits_shards}")
+    assert r.returncode == 2 and "the shards hold images but data.kind=points" in r.stderr
+    mixture_shards("ring", 1000, tmp_path / "ring")
+    r = run_cli("train", "--out", tmp_path / "b", f"data.shards={tmp_path / 'ring'}")
+    assert r.returncode == 2 and "the shards hold points but data.kind=images" in r.stderr
