@@ -102,6 +102,8 @@ def load_cells() -> list[dict]:
 def mean_se(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
+    if not all(math.isfinite(v) for v in values):  # reverse KL is inf when no sample is high quality
+        return math.inf, math.nan
     m = statistics.mean(values)
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
     return m, se
@@ -215,6 +217,8 @@ def main() -> None:
     png = scatter_png(done)
     print(md)
     notes = (
+        "Cells accumulate over runs of this script (each is in results/mode_collapse/cells/ with its steps, seed "
+        "and training time), so the command above may be only the last of several. "
         "Each distgan row: mean ± standard error over seeds of `distgan eval --n 2500` on the final EMA "
         "generator (modes captured: modes with at least one high-quality sample; high quality: within 3 std "
         "of the nearest centre in every coordinate; reverse KL: high-quality samples' histogram over modes "
