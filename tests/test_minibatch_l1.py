@@ -176,6 +176,7 @@ def test_bad_arguments():
         kernels.minibatch_discrimination(torch.randn(3, 4, 2), group_size=0)
 
 
+@pytest.mark.slow  # ~50 s: in `make test-all`
 def test_fallback_memory_stays_within_budget():
     """B=4096, O=128, K=16 forward + backward on the fallback: peak RSS growth over the inputs and
     outputs stays under the 256 MB budget (the naive version would need > 130 GB)."""
