@@ -169,15 +169,6 @@ def _presets(_args: argparse.Namespace) -> int:
     return 0
 
 
-METRIC_HELP = {
-    "modes": "2-D mixtures",
-    "digits": "digits classifier judgement",
-    "fid": "FID",
-    "kid": "KID",
-    "stacked": "stacked-digits modes of 1000",
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distgan", description="Distributed GAN trainer.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -225,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="measure a checkpoint's EMA generator (mode collapse, sample quality)")
     e.add_argument("--ckpt", required=True, help="a checkpoint step folder, or a run directory (its latest)")
+    from distgan.metrics import METRICS
+
     e.add_argument(
         "--metrics",
         help="comma-separated (default: all that apply to the data): "
-        + "; ".join(f"{k}: {v}" for k, v in METRIC_HELP.items()),
+        + "; ".join(f"{k}: {v}" for k, v in METRICS.items()).replace("%", "%%"),  # argparse formats help
     )
     e.add_argument("--features", help="a TorchScript feature network (N,C,H,W in [-1,1] -> N,D) for fid/kid")
     e.add_argument("--n", type=int, default=2500, help="samples to draw (default 2500, as in PacGAN)")

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from distgan.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = {
     "modes": "2-D mixtures: modes captured, % high quality, reverse KL (PacGAN's definitions)",
@@ -51,6 +55,8 @@ def check(names: list[str], usable: list[str], cfg) -> None:
 
 def real_images(cfg, n: int) -> torch.Tensor:
     """n real training images from the run's shards (rank 0's stream, seed 0)."""
+    import torch
+
     from distgan.data import stream
 
     src = stream.resolve(cfg.data.shards, progress=False)
@@ -86,6 +92,8 @@ def compute(samples: torch.Tensor, names: list[str], cfg, manifest: dict | None,
             a, b = fidlib.torchscript_features(features, samples), fidlib.torchscript_features(features, real)
             out["feature_space"] = features
         else:
+            import torch
+
             from distgan.metrics.digits import real_digits
 
             net = fidlib.DigitFeatures(cfg.data.resolution)

@@ -74,6 +74,7 @@ class GAN:
     def d_step(self, batches: list[dict], ctx, stats: dict) -> None:
         D, G, opt_d = self.models["D"], self.models["G"], self.optimizers["D"]
         device = batches[0]["image"].device
+        share = 1.0 / (len(batches) * self.n_critic)  # of the step's mean, per micro-batch
         opt_d.zero_grad(set_to_none=True)
         for mb in ctx.micro(D, batches):
             real, y_real = mb["image"], mb["label"]
@@ -84,11 +85,11 @@ class GAN:
             loss = losses.d_loss(self.loss, real_logits, fake_logits)
             for name, term in self.d_penalty(lambda x, y=y_real: self.discriminate(D, x, y), real, fake).items():
                 loss = loss + term
-                stats[name] = stats.get(name, 0) + term.detach() / (len(batches) * self.n_critic)
+                stats[name] = stats.get(name, 0) + term.detach() * share
             ctx.backward(loss)
-            stats["loss/d"] += loss.detach() / (len(batches) * self.n_critic)
-            stats["d/real"] += real_logits.detach().float().mean() / (len(batches) * self.n_critic)
-            stats["d/fake"] += fake_logits.detach().float().mean() / (len(batches) * self.n_critic)
+            stats["loss/d"] += loss.detach() * share
+            stats["d/real"] += real_logits.detach().float().mean() * share
+            stats["d/fake"] += fake_logits.detach().float().mean() * share
         ctx.step(opt_d)
         self.after_d_step(ctx.unwrap(D))
 

@@ -27,14 +27,15 @@ class UnrolledGAN(GAN):
         self.unroll_steps = cfg.variant.unroll_steps
         self.unroll_grad = cfg.variant.unroll_grad
 
-    def _rule(self):
-        """(lr, Adam settings and moments by parameter name or None) of D's optimizer."""
+    def _rule(self, d_plain):
+        """(lr, None) for plain SGD, or (lr, (betas, eps, {param name: (exp_avg, exp_avg_sq, step)}))
+        from D's Adam state."""
         opt = self.optimizers["D"]
         opt = getattr(opt, "optimizer", opt)  # Accelerate's wrapper
         group = opt.param_groups[0]
-        names = {id(p): n for n, p in self.unwrapped_d.named_parameters()}
         if not isinstance(opt, torch.optim.Adam):
             return group["lr"], None
+        names = {id(p): n for n, p in d_plain.named_parameters()}
         moments = {}
         for p in group["params"]:
             st = opt.state.get(p, {})
@@ -42,13 +43,11 @@ class UnrolledGAN(GAN):
         return group["lr"], (group["betas"], group["eps"], moments)
 
     def g_critic(self, d_plain, mb):
-        self.unwrapped_d = d_plain
         device = mb["image"].device
         real = mb["image"]
         params = {n: p.detach().requires_grad_(True) for n, p in d_plain.named_parameters()}
         buffers = {n: b.clone() for n, b in d_plain.named_buffers()}
-        lr, adam = self._rule()
-        moments = {n: (None, None, 0.0) for n in params} if adam is None else adam[2]
+        lr, adam = self._rule(d_plain)
         for _ in range(self.unroll_steps):
             with torch.enable_grad() if self.unroll_grad else torch.no_grad():
                 fake = self.generate(self.models["G"], self.noise(real.size(0), device), None)
@@ -63,7 +62,7 @@ class UnrolledGAN(GAN):
                 if adam is None:
                     upd = g
                 else:
-                    (b1, b2), eps = adam[0], adam[1]
+                    (b1, b2), eps, moments = adam
                     m, v, t = moments[name]
                     m = (1 - b1) * g if m is None else b1 * m + (1 - b1) * g
                     v = (1 - b2) * g * g if v is None else b2 * v + (1 - b2) * g * g
