@@ -23,7 +23,8 @@ DEFAULT_PRESET = "digits-dcgan"
 # Config keys that take one of a fixed set of strings.
 CHOICES = {
     "data.on_error": ("raise", "skip"),
-    "data.kind": ("images", "points"),
+    "data.kind": ("images", "points", "paired"),
+    "variant.pixel_loss": ("l1", "mse"),
     # auto: what `accelerate launch` was given (--mixed_precision or its config file), else no
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     # skip: a step whose gradients are NaN/Inf is not applied (stop after train.max_nan_skips in a row)
@@ -37,7 +38,14 @@ CHOICES = {
 class DataConfig:
     # A local path, brace pattern, http(s):// or pipe: URL; "builtin:NAME" builds NAME's shards into the cache.
     shards: str = "builtin:digits"
-    kind: str = "images"  # images (KEY.png), or points (KEY.npy: data.channels-dim vectors, e.g. the 2-D mixtures)
+    # images (KEY.png), points (KEY.npy: data.channels-dim vectors, e.g. the 2-D mixtures), or paired
+    # (KEY.input.png + KEY.target.png: image-to-image pairs, e.g. pix2pix)
+    kind: str = "images"
+    # Unpaired image-to-image (cyclegan): the two domains' shard sets, streamed independently
+    # (same forms as data.shards); data.shards is then unused.
+    shards_a: str = ""
+    shards_b: str = ""
+    input_channels: int = 0  # paired data: channels of KEY.input.png (0: data.channels)
     resolution: int = 16
     channels: int = 1
     batch_size: int = 64  # per process and per micro-batch
@@ -54,6 +62,7 @@ class GeneratorConfig:
     z_dim: int = 64
     width: int = 64
     embed_dim: int = 16  # cgan: size of the label embedding concatenated to z
+    blocks: int = 6  # resnet (cyclegan) and srresnet (srgan) generators: residual blocks
 
 
 @dataclass
@@ -71,6 +80,7 @@ class DiscriminatorConfig:
     batchnorm: bool | None = None
     # cgan: projection (Miyato & Koyama 2018) or concat (the label as an extra input channel)
     conditioning: str = "projection"
+    layers: int = 3  # patchgan: strided conv layers (3: the 70x70 PatchGAN of pix2pix/CycleGAN)
 
 
 @dataclass
@@ -92,6 +102,19 @@ class VariantConfig:
     pack: int = 1  # PacGAN (Lin et al. 2018): D judges `pack` samples at once, stacked as channels
     unroll_steps: int = 5  # unrolled: D steps unrolled for G's loss (Metz et al. 2017)
     unroll_grad: bool = True  # unrolled: gradients flow through the unrolled steps (the paper's full version)
+    # Image-to-image (pix2pix, cyclegan, srgan)
+    gan_weight: float = 1.0  # weight of G's adversarial loss; pix2pix with 0 is the L1-only U-Net baseline
+    l1_weight: float = 100.0  # pix2pix: lambda of the L1 term (Isola et al. 2017)
+    cycle_weight: float = 10.0  # cyclegan: lambda of the cycle-consistency loss (Zhu et al. 2017)
+    identity_weight: float = 0.5  # cyclegan: identity loss, as a fraction of cycle_weight
+    pool_size: int = 50  # cyclegan: image-history buffer per rank for D (0: off)
+    scale: int = 4  # srgan: upscaling factor (2 or 4); LR = bicubic downscale of the HR crop
+    crop: int = 0  # srgan: random HR crop size taken from each training image (0: the whole image)
+    pretrain_steps: int = 1000  # srgan: steps on the pixel loss alone before adversarial training
+    pixel_loss: str = "mse"  # srgan: l1 or mse
+    adv_weight: float = 1.0e-3  # srgan: weight of the adversarial term after pre-training (Ledig et al. 2017)
+    vgg_weights: str = ""  # srgan: a local VGG19 state dict (torchvision layout) for the perceptual loss
+    vgg_weight: float = 6.0e-3  # srgan: weight of the VGG feature loss (features rescaled by 1/12.75)
 
 
 @dataclass
@@ -248,6 +271,8 @@ def validate(cfg: Config) -> None:
         "variant.pack": cfg.variant.pack,
         "variant.unroll_steps": cfg.variant.unroll_steps,
         "model.g.embed_dim": cfg.model.g.embed_dim,
+        "model.g.blocks": cfg.model.g.blocks,
+        "model.d.layers": cfg.model.d.layers,
     }
     for key, value in positive.items():
         if value < 1:
@@ -258,8 +283,19 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'")
     if cfg.data.num_workers < -1:
         raise UserError(f"config key 'data.num_workers' must be >= 0, or -1 for auto; got {cfg.data.num_workers}")
-    if cfg.data.kind == "images" and cfg.data.channels not in (1, 3):
+    if cfg.data.kind != "points" and cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
+    if cfg.data.input_channels not in (0, 1, 3):
+        raise UserError(
+            f"config key 'data.input_channels' must be 0 (data.channels), 1 or 3; got {cfg.data.input_channels}"
+        )
+    if cfg.variant.scale not in (2, 4):
+        raise UserError(f"config key 'variant.scale' must be 2 or 4, got {cfg.variant.scale}")
+    for key in ("gan_weight", "l1_weight", "cycle_weight", "identity_weight", "adv_weight", "vgg_weight"):
+        if getattr(cfg.variant, key) < 0:
+            raise UserError(f"config key 'variant.{key}' must be >= 0, got {getattr(cfg.variant, key)}")
+    if cfg.variant.pool_size < 0 or cfg.variant.crop < 0 or cfg.variant.pretrain_steps < 0:
+        raise UserError("config keys 'variant.pool_size', 'variant.crop' and 'variant.pretrain_steps' must be >= 0")
     if cfg.train.eval_every < 0:
         raise UserError(f"config key 'train.eval_every' must be >= 0 (0: never); got {cfg.train.eval_every}")
     if not 0.0 <= cfg.train.ema_beta < 1.0:

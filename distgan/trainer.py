@@ -40,12 +40,17 @@ class StepContext:
         self.accum = accum
         self.optimizer_names = optimizer_names or {}
         self.nonfinite: list[str] = []  # optimizers whose update this step skipped (NaN/Inf gradients)
+        self.global_step = 0  # steps done before this one (srgan's pre-training phase reads it)
 
-    def micro(self, model: torch.nn.Module, batches: list[dict]):
-        """Yield the micro-batches; gradients of `model` are all-reduced only on the last one."""
+    def micro(self, model: torch.nn.Module | tuple[torch.nn.Module, ...], batches: list[dict]):
+        """Yield the micro-batches; gradients of `model` (or of each of a tuple of models) are
+        all-reduced only on the last one."""
+        group = model if isinstance(model, tuple) else (model,)
         for i, mb in enumerate(batches):
-            last = i == len(batches) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+            with contextlib.ExitStack() as stack:
+                if i < len(batches) - 1:
+                    for m in group:
+                        stack.enter_context(self.accelerator.no_sync(m))
                 yield mb
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -237,11 +242,14 @@ def train(
         if main:
             print(f"'{run_dir}' is already at step {start} >= train.steps={t.steps}; nothing to do.")
         return 0
-    source, expected_shape = None, None
+    sources: dict[str, stream.ShardSource] = {}
+    expected: dict[str, tuple | None] = {}
     if data is None:
-        with accelerator.local_main_process_first():
-            source = stream.resolve(cfg.data.shards, progress=accelerator.is_local_main_process)
-        expected_shape = _check_manifest(source.manifest, cfg)
+        # {"": data.shards}, or one stream per domain for unpaired variants ({"a": ..., "b": ...})
+        for name, (key, spec) in variants.get(cfg.variant.name).data_streams(cfg).items():
+            with accelerator.local_main_process_first():
+                sources[name] = stream.resolve(spec, progress=accelerator.is_local_main_process, key=key)
+            expected[name] = _check_manifest(sources[name].manifest, cfg, key)
 
     # 2. Models, optimizers, EMA: one seed, identical on every rank.
     rng.seed_all(t.seed)
@@ -262,7 +270,7 @@ def train(
     accelerator.wait_for_everyone()
     tracker = Tracker(accelerator, cfg, run_dir, config.to_dict(cfg))
     try:
-        return _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape, tracker, rank, world, data)
+        return _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data)
     finally:
         tracker.close()
         if world == 1:  # let a later train() in this process build a fresh Accelerator
@@ -271,13 +279,19 @@ def train(
             AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _check_manifest(manifest: dict | None, cfg: config.Config) -> tuple[int, int, int] | None:
+def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.shards") -> tuple[int, int, int] | None:
     if not manifest:
         return None
     shape = tuple(manifest["image_shape"])
     kind = manifest.get("kind", "images")
     if kind != cfg.data.kind:
-        raise UserError(f"the shards hold {kind} but data.kind={cfg.data.kind}; set data.kind={kind}")
+        raise UserError(f"the shards of {key} hold {kind} but data.kind={cfg.data.kind}; set data.kind={kind}")
+    if kind == "paired":
+        want = cfg.data.input_channels or cfg.data.channels
+        got = manifest["input_shape"][2]
+        if got != want:
+            raise UserError(f"the shards of {key} hold {got}-channel inputs but data.input_channels={want}; "
+                            f"set data.input_channels={got}")  # fmt: skip
     if kind == "points":
         if shape != (cfg.data.channels,):
             raise UserError(
@@ -293,13 +307,51 @@ def _check_manifest(manifest: dict | None, cfg: config.Config) -> tuple[int, int
         )
     if shape[2] != cfg.data.channels:
         raise UserError(
-            f"the shards hold {shape[2]}-channel images but data.channels={cfg.data.channels}; "
+            f"the shards of {key} hold {shape[2]}-channel images but data.channels={cfg.data.channels}; "
             f"set data.channels={shape[2]}"
         )
-    return shape
+    return None if kind == "paired" else shape
 
 
-def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape, tracker, rank, world, data) -> int:
+class _Feed:
+    """One shard stream of a run and its bookkeeping for exact resume: per logical worker, the raw
+    samples taken (`positions`) and skipped, and which shards this rank has read. Checkpoint keys
+    are data.* for the main stream and data.<name>.* for named ones (cyclegan's a, b); batch keys
+    get the suffix _<name> ("image_a")."""
+
+    def __init__(self, name: str, source, loader, logical_workers: int):
+        self.name, self.source, self.loader = name, source, loader
+        self.prefix = f"data.{name}." if name else "data."
+        self.suffix = f"_{name}" if name else ""
+        self.positions = [0] * logical_workers
+        self.skipped = [0] * logical_workers
+        self.shards_read = torch.zeros(len(source.urls) if source else 0, dtype=torch.int64)
+
+    def take(self, worker: int, device) -> dict:
+        b = next(self.loader)
+        if "pos" in b:  # the shard stream's bookkeeping, for exact resume
+            self.positions[worker], self.skipped[worker] = b["pos"], b["skipped"]
+            self.shards_read[b["shards"]] = 1
+        return {k + self.suffix: v.to(device, non_blocking=True) for k, v in b.items() if torch.is_tensor(v)}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            self.prefix + "positions": torch.tensor(self.positions, dtype=torch.int64),
+            self.prefix + "skipped": torch.tensor(self.skipped, dtype=torch.int64),
+            self.prefix + "shards_read": self.shards_read,
+        }
+
+
+def _fields(cfg) -> dict[str, tuple[str, int]] | None:
+    if cfg.data.kind == "paired":
+        return {
+            "image": ("target.png", cfg.data.channels),
+            "input": ("input.png", cfg.data.input_channels or cfg.data.channels),
+        }
+    return None
+
+
+def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data) -> int:
     t = cfg.train
     main = accelerator.is_main_process
     device = accelerator.device
@@ -317,18 +369,22 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
     rng.seed_all(stream.stream_seed(t.seed, rank, 2))
     num_workers = stream.auto_workers(cfg.data.num_workers, device.type == "cuda")
     logical_workers = max(num_workers, 1)
-    positions = [0] * logical_workers
-    skipped = [0] * logical_workers
+    resumed: dict[str, tuple[list[int], list[int]]] = {}  # feed prefix -> (positions, skipped)
     batches_done = 0
     start = 0
     if ckpt is not None:
         start = ckpt.step
         data_meta = ckpt.meta["data"]
         if data_meta["world_size"] == world and data_meta["num_workers"] == num_workers:
-            positions = ckpt.state["data.positions"][rank].tolist()
-            skipped = ckpt.state["data.skipped"][rank].tolist()
+            for key, v in ckpt.state.items():
+                if key.startswith("data.") and key.endswith(".positions"):
+                    prefix = key[: -len("positions")]
+                    resumed[prefix] = (v[rank].tolist(), ckpt.state[prefix + "skipped"][rank].tolist())
             batches_done = data_meta["batches"]
             rng.set_state({k.split(".", 2)[2]: v[rank] for k, v in ckpt.state.items() if k.startswith("rng.")})
+            own = {k[len("variant.") :]: v[rank] for k, v in ckpt.state.items() if k.startswith("variant.")}
+            if own and hasattr(variant, "load_rank_state"):
+                variant.load_rank_state(own)
         elif main:
             print(
                 f"warning: checkpoint was made with {data_meta['world_size']} processes x "
@@ -338,27 +394,34 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
             )
         tracker.event("resume", start, checkpoint=str(ckpt.path))
 
+    feeds: list[_Feed] = []
     if data is None:
-        ds = stream.ShardStream(
-            source.urls,
-            batch_size=cfg.data.batch_size,
-            resolution=cfg.data.resolution,
-            channels=cfg.data.channels,
-            seed=t.seed,
-            rank=rank,
-            world_size=world,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            on_error=cfg.data.on_error,
-            expected_shape=expected_shape,
-            points=cfg.data.kind == "points",
-        )
-        if batches_done:
-            ds.start_positions = positions
-            ds.worker_offset = batches_done % logical_workers
-        batches = iter(stream.make_loader(ds, num_workers, pin_memory=device.type == "cuda"))
+        for name, source in sources.items():
+            ds = stream.ShardStream(
+                source.urls,
+                batch_size=cfg.data.batch_size,
+                resolution=cfg.data.resolution,
+                channels=cfg.data.channels,
+                # each domain its own sample order, from the same seed
+                seed=t.seed if not name else stream.stream_seed(t.seed, *name.encode()),
+                rank=rank,
+                world_size=world,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                on_error=cfg.data.on_error,
+                expected_shape=expected[name],
+                points=cfg.data.kind == "points",
+                fields=_fields(cfg),
+            )
+            feed = _Feed(name, source, None, logical_workers)
+            if batches_done and feed.prefix in resumed:
+                feed.positions, feed.skipped = resumed[feed.prefix]
+                ds.start_positions = feed.positions
+                ds.worker_offset = batches_done % logical_workers
+            feed.loader = iter(stream.make_loader(ds, num_workers, pin_memory=device.type == "cuda"))
+            feeds.append(feed)
     else:
-        batches = iter(data)
-    shards_read = torch.zeros(len(source.urls) if source else 0, dtype=torch.int64)  # shards this rank read
+        feeds.append(_Feed("", None, iter(data), logical_workers))
+    source = next(iter(sources.values()), None)  # the main stream: its manifest drives previews and eval
 
     ctx = StepContext(accelerator, t.grad_accum, {id(o): n for n, o in variant.optimizers.items()})
     # Buffers (BatchNorm stats and counts, spectral norm's u, v) as they were before the step, to
@@ -377,9 +440,10 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
     def save(step: int) -> None:
         nonlocal saved_at
         local = {f"rng.{k}": v for k, v in rng.get_state().items()}
-        local["data.positions"] = torch.tensor(positions, dtype=torch.int64)
-        local["data.skipped"] = torch.tensor(skipped, dtype=torch.int64)
-        local["data.shards_read"] = shards_read
+        for feed in feeds if data is None else []:
+            local.update(feed.state())
+        if hasattr(variant, "rank_state"):  # e.g. cyclegan's image-history buffers, one per rank
+            local.update({f"variant.{k}": v for k, v in variant.rank_state().items()})
         plain = {n: accelerator.unwrap_model(m) for n, m in variant.models.items()}
         bad = [
             f"{n}.{k}"
@@ -421,9 +485,21 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
 
     centres = ((source.manifest or {}).get("mixture") or {}).get("centres") if source else None
 
+    preview_batch = None  # previews without a held-out set show the first training batch
+    heldout: list = []  # image-to-image variants: the held-out set, read once
+
+    def generators() -> dict[str, torch.nn.Module]:
+        return {n: emas.get(f"{n}_ema", accelerator.unwrap_model(m)) for n, m in variant.models.items()}
+
     def evaluate(step: int) -> None:
         from distgan import metrics
 
+        if hasattr(variant, "evaluate"):  # image-to-image: measured on held-out inputs
+            if main:
+                heldout[:] = heldout or [variant.heldout()]
+                if heldout[0] is not None:
+                    tracker.log(metrics.scalars(variant.evaluate(generators(), heldout[0])), step)
+            return
         names = metrics.applicable(cfg, source.manifest if source else None)
         if not main or not names:
             return
@@ -443,10 +519,14 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
     def sample_grid(step: int) -> None:
         if not main:
             return
-        ema = emas.get("G_ema", accelerator.unwrap_model(variant.models["G"]))
-        with torch.no_grad():
-            imgs = variant.sample(ema, t.n_samples, generator=fixed_noise.manual_seed(t.seed))
-        grid = images.render(imgs, centres)
+        if hasattr(variant, "preview"):  # image-to-image: input | output | target rows
+            heldout[:] = heldout or [variant.heldout()]
+            grid = images.make_grid(*variant.preview(generators(), heldout[0] or preview_batch))
+        else:
+            ema = emas.get("G_ema", accelerator.unwrap_model(variant.models["G"]))
+            with torch.no_grad():
+                imgs = variant.sample(ema, t.n_samples, generator=fixed_noise.manual_seed(t.seed))
+            grid = images.render(imgs, centres)
         images.save_png(run_dir / "samples" / f"step-{step:08d}.png", grid)
         images.save_png(run_dir / "samples" / "latest.png", grid)
         tracker.log_image("samples", grid, step)
@@ -456,15 +536,15 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
             while step < t.steps:
                 micro = []
                 for _ in range(t.grad_accum * getattr(variant, "data_per_step", 1)):
-                    b = next(batches)
-                    if "pos" in b:  # the shard stream's bookkeeping, for exact resume
-                        positions[batches_done % logical_workers] = b["pos"]
-                        skipped[batches_done % logical_workers] = b["skipped"]
-                        shards_read[b["shards"]] = 1
+                    mb = {}
+                    for feed in feeds:
+                        mb.update(feed.take(batches_done % logical_workers, device))
                     batches_done += 1
-                    micro.append({"image": b["image"].to(device, non_blocking=True), "label": b["label"].to(device)})
+                    micro.append(mb)
+                preview_batch = preview_batch or micro[0]
                 if buffers:
                     torch._foreach_copy_(before, buffers)
+                ctx.global_step = step
                 metrics = variant.train_step(micro, ctx)
                 if ctx.nonfinite:
                     metrics = _nonfinite_step(ctx, cfg, run_dir, step + 1, buffers, before, consecutive_skips + 1, main)
@@ -487,7 +567,8 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
                 if step % t.log_every == 0 or step == t.steps or stopping:
                     keys = sorted(sums)
                     means = accelerator.reduce(torch.stack([sums[k] / n_sums for k in keys]), "mean").tolist()
-                    total_skipped = int(accelerator.reduce(torch.tensor(sum(skipped), device=device), "sum"))
+                    bad = torch.tensor(sum(sum(f.skipped) for f in feeds), device=device)
+                    total_skipped = int(accelerator.reduce(bad, "sum"))
                     elapsed = time.perf_counter() - last_log_time
                     rate = (step - last_log_step) / max(elapsed, 1e-9)
                     logged = dict(zip(keys, means))
@@ -538,7 +619,8 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, source, expected_shape
     finally:
         # Shut the DataLoader workers down now, also on an error: left to interpreter exit,
         # multiprocessing would SIGTERM them, which they ignore (see stream._ignore_signals).
-        stream.shutdown(batches)
+        for feed in feeds:
+            stream.shutdown(feed.loader)
         bar.close()
     if saved_at != step:
         save(step)

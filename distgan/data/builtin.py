@@ -76,5 +76,91 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from distgan.errors import UserError
 
     if name not in BUILTINS:
-        raise UserError(f"unknown builtin dataset '{name}'; available: {', '.join(sorted(BUILTINS))}")
+        raise UserError(f"unknown builtin dataset '{name}'; available: {', '.join(names())}")
     return BUILTINS[name]()
+
+
+def names() -> list[str]:
+    return sorted([*BUILTINS, *IMAGE2IMAGE])
+
+
+# --- image-to-image sets: (train, held-out) pairs of sample arrays -------------------------------
+# Photos shipped in scikit-image. Training patches come from TRAIN_PHOTOS; held-out patches for
+# PSNR/SSIM come only from HELDOUT_PHOTOS, so evaluation never sees a training photo.
+TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "motorcycle")
+HELDOUT_PHOTOS = ("chelsea",)
+
+
+def _photo(name: str) -> np.ndarray:
+    from skimage import data
+
+    if name == "motorcycle":
+        return data.stereo_motorcycle()[0]
+    return getattr(data, name)()
+
+
+def _patches(names, n: int, size: int, seed: int) -> np.ndarray:
+    """n random size x size RGB patches, uniformly over the photos, randomly mirrored."""
+    rng = np.random.default_rng(seed)
+    photos = [_photo(p) for p in names]
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        img = photos[rng.integers(len(photos))]
+        top, left = rng.integers(img.shape[0] - size + 1), rng.integers(img.shape[1] - size + 1)
+        patch = img[top : top + size, left : left + size]
+        out[i] = patch[:, ::-1] if rng.random() < 0.5 else patch
+    return out
+
+
+def edges(photos: np.ndarray, sigma: float = 1.5) -> np.ndarray:
+    """The edge maps pix2pix learns from: Canny (skimage.feature.canny, sigma=1.5, default
+    hysteresis thresholds) on the grayscale patch, drawn as black lines on white, 1 channel."""
+    from skimage.color import rgb2gray
+    from skimage.feature import canny
+
+    out = np.empty((*photos.shape[:3], 1), np.uint8)
+    for i, p in enumerate(photos):
+        out[i, ..., 0] = np.where(canny(rgb2gray(p), sigma=sigma), 0, 255)
+    return out
+
+
+def edges2photos(n: int = 4000, n_heldout: int = 200, size: int = 64):
+    """Paired edges -> photo: 64x64 photo patches and their Canny edge maps."""
+    train, held = _patches(TRAIN_PHOTOS, n, size, 0), _patches(HELDOUT_PHOTOS, n_heldout, size, 1)
+    return {"input": edges(train), "target": train}, {"input": edges(held), "target": held}
+
+
+def photos_hr(n: int = 4000, n_heldout: int = 200, size: int = 96):
+    """High-resolution 96x96 photo patches for super-resolution (LR is made while training)."""
+    return _patches(TRAIN_PHOTOS, n, size, 2), _patches(HELDOUT_PHOTOS, n_heldout, size, 3)
+
+
+def _digits_32(x: np.ndarray) -> np.ndarray:
+    """8x8 digits upscaled to 32x32 (bicubic), (N, 32, 32, 1) uint8."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(a[..., 0]).resize((32, 32), Image.BICUBIC)) for a in x])[..., None]
+
+
+def digits_domain(thick: bool):
+    """CycleGAN's two unpaired domains from the real digits, upscaled to 32x32: "thin" (as
+    written) and "thick" (grey-level dilation with a disk of radius 2, skimage.morphology.dilation).
+    The digits are split in two disjoint halves (even / odd index), one per domain, so no digit
+    appears in both: the domains are unpaired. The last 10% of each half is held out."""
+    from skimage.morphology import dilation, disk
+
+    x, y, _ = digits()
+    half = x[1::2] if thick else x[0::2]
+    img = _digits_32(half)
+    if thick:
+        img = np.stack([dilation(a[..., 0], disk(2)) for a in img])[..., None]
+    cut = int(len(img) * 0.9)
+    return img[:cut], img[cut:]
+
+
+IMAGE2IMAGE = {
+    "edges2photos": edges2photos,
+    "photos-hr": photos_hr,
+    "digits-thin": lambda: digits_domain(False),
+    "digits-thick": lambda: digits_domain(True),
+}

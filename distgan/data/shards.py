@@ -136,7 +136,7 @@ def write_shards(
         raise UserError("--maxcount and --maxsize must be positive")
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-shards-", dir=out))
-    shape = None
+    shape = input_shape = None
     n = 0
     try:
         pattern = str(tmp / f"{prefix}-%06d.tar")
@@ -144,6 +144,10 @@ def write_shards(
         # which doubles the reader's header parsing. A fixed one makes shards reproducible.
         with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0) as sink:
             for image, label, extra in tqdm(samples, total=count, desc=f"shards {out}", disable=not progress):
+                pair = image if isinstance(image, dict) else None  # paired: {"input": ..., "target": ...}
+                if pair is not None:
+                    image = pair["target"]
+                    input_shape = input_shape or tuple(pair["input"].shape)
                 if shape is None:
                     shape = tuple(image.shape)
                 elif tuple(image.shape) != shape:
@@ -153,7 +157,9 @@ def write_shards(
                         "pass --resize N to bring all images to N x N"
                     )
                 sample = {"__key__": f"{n:08d}", "json": {"index": n, **extra}}
-                if image.ndim == 1:
+                if pair is not None:
+                    sample["input.png"], sample["target.png"] = encode_png(pair["input"]), encode_png(image)
+                elif image.ndim == 1:
                     buf = io.BytesIO()
                     np.save(buf, image.astype(np.float32))
                     sample["npy"] = buf.getvalue()
@@ -174,8 +180,9 @@ def write_shards(
         shutil.rmtree(tmp, ignore_errors=True)
     manifest = {
         "count": n,
-        "kind": "points" if len(shape) == 1 else "images",
-        "image_shape": list(shape),  # H, W, C of the stored PNGs; (D,) for points
+        "kind": "paired" if input_shape else "points" if len(shape) == 1 else "images",
+        "image_shape": list(shape),  # H, W, C of the stored PNGs (paired: the targets); (D,) for points
+        **({"input_shape": list(input_shape)} if input_shape else {}),
         "classes": classes,
         "num_classes": len(classes),
         "shards": names,
@@ -189,10 +196,16 @@ def write_shards(
     return manifest
 
 
-def write_arrays(x: np.ndarray, y: np.ndarray | None, classes: list[str], out_dir, *, source: str, **kw) -> dict:
-    labels = y if y is not None else [None] * len(x)
-    samples = ((x[i], labels[i], {}) for i in range(len(x)))
-    return write_shards(samples, len(x), out_dir, classes=classes, source=source, **kw)
+def write_arrays(x, y: np.ndarray | None, classes: list[str], out_dir, *, source: str, **kw) -> dict:
+    """`x`: (N, H, W, C) uint8 images or (N, D) points, or paired images as a dict {"input": ...,
+    "target": ...} of two such arrays."""
+    n = len(x["target"]) if isinstance(x, dict) else len(x)
+    labels = y if y is not None else [None] * n
+    if isinstance(x, dict):
+        samples = (({"input": x["input"][i], "target": x["target"][i]}, labels[i], {}) for i in range(n))
+    else:
+        samples = ((x[i], labels[i], {}) for i in range(n))
+    return write_shards(samples, n, out_dir, classes=classes, source=source, **kw)
 
 
 def write_folder(root: str, out_dir, *, resize: int | None = None, rgb: bool = False, **kw) -> dict:
@@ -202,11 +215,23 @@ def write_folder(root: str, out_dir, *, resize: int | None = None, rgb: bool = F
     return write_shards(samples, len(entries), out_dir, classes=classes, source=f"images:{root}", **kw)
 
 
+HELDOUT = "heldout"
+
+
 def write_builtin(name: str, out_dir, **kw) -> dict:
     from distgan.data import builtin
 
-    x, y, classes = builtin.load(name)
     kw.setdefault("prefix", name)
+    if name in builtin.IMAGE2IMAGE:  # training shards, and held-out ones in OUT/heldout/ for eval
+        train, held = builtin.IMAGE2IMAGE[name]()
+        progress = kw.get("progress", True)
+        held_kw = {**kw, "maxcount": 10_000, "progress": False}
+        write_arrays(held, None, [], Path(out_dir) / HELDOUT, source=f"builtin:{name} (held out)", **held_kw)
+        kw["extra_manifest"] = {"heldout": HELDOUT}
+        if progress:
+            print(f"held-out samples for eval: {Path(out_dir) / HELDOUT}")
+        return write_arrays(train, None, [], out_dir, source=f"builtin:{name}", **kw)
+    x, y, classes = builtin.load(name)
     if name in builtin.MIXTURES:  # what distgan eval measures samples against
         centres, std = builtin.mixture_spec(name)
         kw["extra_manifest"] = {"mixture": {"centres": centres.tolist(), "std": std}}
@@ -229,8 +254,9 @@ def ensure_builtin(name: str, progress: bool = True) -> Path:
     """The folder of builtin `name`'s shards in the cache, written on first use."""
     folder = cache_root() / "shards" / f"{name}-v{CACHE_VERSION}"
     if not (folder / MANIFEST).exists():
-        # 100k points or 60k stacked digits: ~10 shards; the real digits: 8 small ones
-        maxcount = BUILTIN_MAXCOUNT if name in ("digits", "faces") else 10_000
+        # 100k points or 60k stacked digits: ~10 shards; the real digits and the image-to-image
+        # sets (4000 patches, 800 digits): small ones, so 2 ranks x 2 workers each get their own
+        maxcount = 10_000 if name in ("ring", "grid", "stacked-digits") else BUILTIN_MAXCOUNT
         write_builtin(name, folder, maxcount=maxcount, overwrite=True, progress=progress)
     return folder
 

@@ -45,14 +45,15 @@ def _is_remote(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec
 
 
-def resolve(spec: str, progress: bool = True) -> ShardSource:
-    """Expand `data.shards` into a URL list, checking local paths exist and are non-empty."""
+def resolve(spec: str, progress: bool = True, key: str = "data.shards") -> ShardSource:
+    """Expand `data.shards` (or the config key `key`) into a URL list, checking local paths exist
+    and are non-empty."""
     import braceexpand
 
     from distgan.data import shards
 
     if not spec:
-        raise UserError("config key 'data.shards' is empty; give a shard path, brace pattern or URL")
+        raise UserError(f"config key '{key}' is empty; give a shard path, brace pattern or URL")
     if spec.startswith("builtin:"):
         spec = str(shards.ensure_builtin(spec.split(":", 1)[1], progress=progress))
     if _is_remote(spec):
@@ -70,10 +71,10 @@ def resolve(spec: str, progress: bool = True) -> ShardSource:
     missing = [u for u in urls if not os.path.isfile(u)]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"shard '{missing[0]}'{more} does not exist (data.shards={spec})")
+        raise UserError(f"shard '{missing[0]}'{more} does not exist ({key}={spec})")
     empty = [u for u in urls if os.path.getsize(u) == 0]
     if empty:
-        raise UserError(f"shard '{empty[0]}' is empty (data.shards={spec})")
+        raise UserError(f"shard '{empty[0]}' is empty ({key}={spec})")
     return ShardSource(urls, manifest)
 
 
@@ -93,7 +94,8 @@ def _ignore_signals(_worker_id: int) -> None:
 
 
 class ShardStream(IterableDataset):
-    """An endless stream of batches: {"image": (B,C,H,W) float in [-1, 1], "label": (B,) long (-1 when
+    """An endless stream of batches: {"image": (B,C,H,W) float in [-1, 1] (and the other `fields`),
+    "label": (B,) long (-1 when
     the shards have no .cls), "pos": raw samples taken so far, "skipped": bad samples skipped so
     far, "shards": indices (into `urls`) of the shards this batch came from}."""
 
@@ -111,8 +113,12 @@ class ShardStream(IterableDataset):
         on_error: str = "raise",
         expected_shape: tuple[int, int, int] | None = None,
         points: bool = False,
+        fields: dict[str, tuple[str, int]] | None = None,
     ):
         self.urls = list(urls)
+        # Batch key -> (tar member suffix, channels) of the images each sample holds; paired data
+        # (pix2pix) is {"image": ("target.png", C), "input": ("input.png", C_in)}.
+        self.fields = fields or {"image": ("png", channels)}
         self.points = points  # (D,) float points in KEY.npy instead of images in KEY.png
         self.batch_size = batch_size
         self.resolution = resolution
@@ -167,45 +173,56 @@ class ShardStream(IterableDataset):
         label = self._label(sample, url, key)
         return None if label is None else (arr.astype(np.float32), label, self._shard_index.get(url, -1))
 
-    def _decode(self, sample: dict) -> tuple[np.ndarray, int, int] | None:
-        url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
-        if self.points:
-            return self._decode_point(sample, url, key)
-        data = sample.get("png")
+    def _decode_image(self, data: bytes | None, member: str, channels: int, url: str, key: str, sample: dict):
         if data is None:
-            self._fail(f"no .png member (members: {', '.join(k for k in sample if not k.startswith('__'))})", url, key)
+            self._fail(f"no .{member} member (members: {', '.join(k for k in sample if not k.startswith('__'))})",
+                       url, key)  # fmt: skip
             return None
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                if img.mode in ("P", "LA", "RGBA", "I;16", "I"):
-                    img = img.convert("RGB" if self.channels == 3 else "L")
+                if img.mode in ("P", "LA", "RGBA", "I;16", "I") or (img.mode == "L") != (channels == 1):
+                    img = img.convert("RGB" if channels == 3 else "L")
                 arr = np.asarray(img)
         except Exception as exc:
-            self._fail(f"corrupt image ({exc})", url, key)
+            self._fail(f"corrupt image .{member} ({exc})", url, key)
             return None
         shape = arr.shape if arr.ndim == 3 else (*arr.shape, 1)
-        if shape[2] != self.channels or (self.expected_shape and shape != self.expected_shape):
-            expected = self.expected_shape or f"(H, W, {self.channels})"
-            self._fail(f"image shape {shape} (H, W, C), expected {expected}", url, key)
+        expected = self.expected_shape if member == "png" else None
+        if shape[2] != channels or (expected and shape != expected):
+            self._fail(f"image .{member} shape {shape} (H, W, C), expected {expected or f'(H, W, {channels})'}",
+                       url, key)  # fmt: skip
             return None
         if shape[:2] != (self.resolution, self.resolution):
-            mode = "L" if self.channels == 1 else "RGB"
-            img = Image.fromarray(arr.reshape(shape)[..., 0] if self.channels == 1 else arr, mode)
+            img = Image.fromarray(arr.reshape(shape)[..., 0] if channels == 1 else arr, "L" if channels == 1 else "RGB")
             arr = np.asarray(img.resize((self.resolution, self.resolution), Image.BILINEAR))
-        arr = arr.reshape(self.resolution, self.resolution, self.channels)
-        label = self._label(sample, url, key)
-        return None if label is None else (arr, label, self._shard_index.get(url, -1))
+        return arr.reshape(self.resolution, self.resolution, channels)
 
-    def _batch(self, items: list[tuple[np.ndarray, int, int]], pos: int) -> dict:
+    def _decode(self, sample: dict) -> tuple[dict[str, np.ndarray], int, int] | None:
+        url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
         if self.points:
-            image = torch.from_numpy(np.stack([a for a, _, _ in items]))
-        else:
-            images = np.stack([a for a, _, _ in items]).transpose(0, 3, 1, 2)
-            image = torch.from_numpy(images).float().div_(127.5).sub_(1.0)
-        label = torch.tensor([lab for _, lab, _ in items], dtype=torch.long)
+            decoded = self._decode_point(sample, url, key)
+            return None if decoded is None else ({"image": decoded[0]}, decoded[1], decoded[2])
+        arrays = {}
+        for name, (member, channels) in self.fields.items():
+            arr = self._decode_image(sample.get(member), member, channels, url, key, sample)
+            if arr is None:
+                return None
+            arrays[name] = arr
+        label = self._label(sample, url, key)
+        return None if label is None else (arrays, label, self._shard_index.get(url, -1))
+
+    def _batch(self, items: list[tuple[dict[str, np.ndarray], int, int]], pos: int) -> dict:
+        out = {}
+        for name in items[0][0]:
+            stacked = np.stack([a[name] for a, _, _ in items])
+            if self.points:
+                out[name] = torch.from_numpy(stacked)
+            else:
+                out[name] = torch.from_numpy(stacked.transpose(0, 3, 1, 2)).float().div_(127.5).sub_(1.0)
+        out["label"] = torch.tensor([lab for _, lab, _ in items], dtype=torch.long)
         shards = sorted({i for _, _, i in items})
-        return {"image": image, "label": label, "pos": pos, "skipped": self._skipped, "shards": shards}
+        return {**out, "pos": pos, "skipped": self._skipped, "shards": shards}
 
     # -- the stream -----------------------------------------------------------------------
     def __iter__(self):
@@ -234,10 +251,13 @@ class ShardStream(IterableDataset):
                 yield sample
 
         # Members the trainer does not use (.json metadata ...) are skipped unread.
-        wanted = ("npy", "cls") if self.points else ("png", "cls")
-        members = tarfile_samples(
-            shard_urls(), handler=self._tar_error, select_files=lambda name: name.rsplit(".", 1)[-1] in wanted
-        )
+        wanted = {"npy", "cls"} if self.points else {"cls", *(m for m, _ in self.fields.values())}
+
+        def select(name: str) -> bool:  # KEY.png, KEY.cls, KEY.input.png ...: the part after the key
+            base = name.rsplit("/", 1)[-1]
+            return base.split(".", 1)[-1] in wanted
+
+        members = tarfile_samples(shard_urls(), handler=self._tar_error, select_files=select)
         raw = counted(members)
         raw = _shuffle(raw, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)
         skip = self.start_positions[worker] if self.start_positions else 0
@@ -284,3 +304,36 @@ def shutdown(loader_iter) -> None:
     stop = getattr(loader_iter, "_shutdown_workers", None)  # torch's multi-process iterator
     if stop is not None:
         stop()
+
+
+def read_all(source: ShardSource, *, resolution: int, channels: int, fields=None, limit: int | None = None,
+             progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Every sample of `source`'s shards once, in order (held-out sets, classifier training data):
+    {field: (N, C, H, W) in [-1, 1], "label": (N,)}; at most `limit` samples."""
+    from tqdm import tqdm
+    from webdataset.tariterators import tarfile_samples
+
+    ds = ShardStream(source.urls, batch_size=1, resolution=resolution, channels=channels, seed=0, fields=fields)
+    ds._skipped = 0
+    items = []
+    samples = tarfile_samples(iter([{"url": u} for u in source.urls]))
+    for sample in tqdm(samples, desc="read", disable=not progress, total=limit):
+        decoded = ds._decode(sample)
+        if decoded is not None:
+            items.append(decoded)
+        if limit and len(items) >= limit:
+            break
+    if not items:
+        raise UserError(f"no readable samples in {source.urls[0]}{' ...' if len(source.urls) > 1 else ''}")
+    out = ds._batch(items, len(items))
+    return {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+
+def heldout_source(spec: str, key: str = "data.shards") -> ShardSource | None:
+    """The held-out shards that go with data spec `spec`: the folder its manifest names as
+    "heldout" (the builtin image-to-image sets have one), else None."""
+    source = resolve(spec, progress=False, key=key)
+    name = (source.manifest or {}).get("heldout")
+    if not name:
+        return None
+    return resolve(str(Path(source.urls[0]).parent / name), progress=False, key=f"{key} (held out)")

@@ -21,7 +21,11 @@ def _family(arch: str, key: str):
 
 
 def check_config(cfg) -> None:
+    from distgan.models import image2image
+
     for key, arch in (("model.g.arch", cfg.model.g.arch), ("model.d.arch", cfg.model.d.arch)):
+        if arch in image2image.GENERATORS + image2image.DISCRIMINATORS:
+            continue  # the image-to-image variants build (and check) these themselves
         _family(arch, key).check_resolution(cfg.data.resolution, key)
 
 

@@ -20,6 +20,9 @@ REGISTRY = {
     "cgan": "distgan.variants.cgan:CGAN",
     "unrolled": "distgan.variants.unrolled:UnrolledGAN",
     "sngan": "distgan.variants.sngan:SNGAN",
+    "pix2pix": "distgan.variants.pix2pix:Pix2Pix",
+    "cyclegan": "distgan.variants.cyclegan:CycleGAN",
+    "srgan": "distgan.variants.srgan:SRGAN",
 }
 
 

@@ -39,6 +39,12 @@ class GAN:
         self.models = {"G": G, "D": D}
         self.optimizers = {"G": self.optimizer(G, cfg.train.lr_g), "D": self.optimizer(D, cfg.train.lr_d)}
 
+    @staticmethod
+    def data_streams(cfg) -> dict[str, tuple[str, str]]:
+        """The shard streams a step draws from: name -> (config key, shard spec). One, unnamed, here;
+        unpaired variants stream one per domain."""
+        return {"": ("data.shards", cfg.data.shards)}
+
     def build(self, cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
         return models.build_generator(cfg), models.build_discriminator(cfg, channels=cfg.data.channels * self.pack)
 
