@@ -67,6 +67,58 @@ def _load_generator(path: str, device_name: str | None):
     return ckpt, cfg, variant, G.to(device).eval()
 
 
+def _load_generators(path: str, device_name: str | None):
+    """(checkpoint, config, variant, {name: EMA generator}) for the image-to-image variants."""
+    import torch
+
+    from distgan import checkpoint, config, variants
+
+    ckpt = checkpoint.load(path, only_models=True)
+    cfg = config.from_dict(ckpt.meta["config"])
+    variant = variants.get(cfg.variant.name)(cfg)
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gens = {}
+    for name in variant.ema:
+        G = variant.models[name]
+        checkpoint.load_model(G, ckpt.model_state(f"{name}_ema"), f"checkpoint '{ckpt.path}' model '{name}_ema'")
+        gens[name] = G.to(device).eval()
+    return ckpt, cfg, variant, gens
+
+
+def _translate(args: argparse.Namespace) -> int:
+    """`distgan sample --input`: translate or upscale the user's images with an image-to-image model."""
+    from distgan import images
+
+    ckpt, cfg, variant, gens = _load_generators(args.ckpt, args.device)
+    if not hasattr(variant, "translate"):
+        raise UserError(f"--input needs an image-to-image model (pix2pix, cyclegan, srgan); this checkpoint's "
+                        f"variant is '{cfg.variant.name}'")  # fmt: skip
+    src = Path(args.input)
+    if src.is_dir():
+        files = sorted(f for f in src.iterdir() if f.suffix.lower() in images.IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"--input folder '{src}' holds no images")
+        out_dir = Path(args.out)
+        if out_dir.suffix:
+            raise UserError(f"--input is a folder, so --out must be a folder too; got '{args.out}'")
+        targets = [out_dir / (f.stem + ".png") for f in files]
+    elif src.is_file():
+        if Path(args.out).suffix.lower() != ".png":
+            raise UserError(f"--out must end in .png for a single --input image; got '{args.out}'")
+        files, targets = [src], [Path(args.out)]
+    else:
+        raise UserError(f"--input '{src}' does not exist")
+    from tqdm import tqdm
+
+    for f, target in zip(tqdm(files, desc="translate", disable=len(files) < 4), targets):
+        x = images.load_image(f, variant.input_channels())
+        y = variant.translate_image(gens, x, direction=args.direction)
+        images.save_png(target, images.to_uint8(y)[0])
+    where = targets[0] if len(targets) == 1 else targets[0].parent
+    print(f"wrote {len(targets)} image(s) from {ckpt.path} (step {ckpt.step}) to {where}")
+    return 0
+
+
 def _draw(variant, G, total: int, seed: int, labels=None):
     """`total` samples in chunks of 1024, with a progress bar for big requests."""
     import torch
@@ -88,6 +140,8 @@ def _sample(args: argparse.Namespace) -> int:
 
     from distgan import images
 
+    if args.input:
+        return _translate(args)
     suffix = Path(args.out).suffix.lower()
     if suffix not in (".png", ".npy"):
         raise UserError(f"--out must end in .png (a grid) or .npy (the raw array); got '{args.out}'")
@@ -125,6 +179,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.n < 2:
         raise UserError(f"--n must be >= 2; got {args.n}")
+    from distgan import checkpoint, config, variants
+
+    if hasattr(variants.get(config.from_dict(checkpoint.load(args.ckpt, only_models=True).meta["config"]).variant.name),
+               "evaluate"):  # fmt: skip
+        return _eval_translation(args)
     ckpt, cfg, variant, G = _load_generator(args.ckpt, args.device)
     manifest = _manifest(cfg)
     usable = metrics.applicable(cfg, manifest, args.features)
@@ -135,6 +194,36 @@ def _eval(args: argparse.Namespace) -> int:
     result.update(metrics.compute(x, names, cfg, manifest, args.features))
     for k, v in result.items():
         print(f"{k:>24}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _eval_translation(args: argparse.Namespace) -> int:
+    """`distgan eval` of an image-to-image model: its own measures on the held-out set."""
+    import json
+
+    from distgan.data import stream
+
+    ckpt, cfg, variant, gens = _load_generators(args.ckpt, args.device)
+    if args.metrics or args.features:
+        raise UserError(f"--metrics/--features do not apply to variant '{cfg.variant.name}': it is measured on "
+                        "held-out inputs (PSNR/SSIM, or cycle error and a domain classifier for cyclegan)")  # fmt: skip
+    if args.heldout:
+        if cfg.variant.name == "cyclegan":
+            raise UserError("--heldout takes one shard set; cyclegan's held-out sets come from its two domains")
+        src = stream.resolve(args.heldout, progress=False, key="--heldout")
+        heldout = stream.read_all(src, resolution=cfg.data.resolution, channels=cfg.data.channels,
+                                  fields=variant.fields())  # fmt: skip
+    else:
+        heldout = variant.heldout()
+        if heldout is None:
+            raise UserError(f"the shards of this run ({cfg.data.shards}) name no held-out set; give one with "
+                            "--heldout SHARDS (the same format as the training shards)")  # fmt: skip
+    result = {"checkpoint": str(ckpt.path), "step": ckpt.step, **variant.evaluate(gens, heldout)}
+    for k, v in result.items():
+        print(f"{k:>28}: {v}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -179,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--builtin",
         help="embedded data: digits (sklearn, 1797 8x8), faces (skimage lfw_subset), or the 2-D mixtures ring "
         "(8 modes) and grid (25 modes), 100k points each, or stacked-digits (60k RGB images of 3 digits: "
-        "1000 modes)",
+        "1000 modes); image-to-image sets with a held-out part in OUT/heldout: edges2photos (paired Canny "
+        "edges -> 64x64 photo patches), photos-hr (96x96 HR photo patches, for SR), digits-thin and "
+        "digits-thick (cyclegan's two unpaired domains, 32x32)",
     )
     src.add_argument("--images", help="an image folder whose subfolders are the classes")
     src.add_argument("--npz", help="an .npz with arrays x (N,H,W[,C]) and optional y (N,)")
@@ -201,10 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
     t.set_defaults(func=_train)
 
-    m = sub.add_parser("sample", help="sample images from a checkpoint's EMA generator")
+    m = sub.add_parser("sample", help="sample images from a checkpoint's EMA generator, or translate images")
     m.add_argument("--ckpt", required=True, help="a checkpoint step folder, or a run directory (its latest)")
     m.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    m.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npy ((N,C,H,W) float32 in [-1, 1])")
+    m.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npy ((N,C,H,W) float32 in [-1, 1]); "
+                   "with --input, the translated image (or folder)")  # fmt: skip
     m.add_argument("--seed", type=int, default=0)
     m.add_argument(
         "--class",
@@ -212,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="conditional models: a class index (every sample of that class) or 'all' (a row per class, --n per row)",
     )
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    m.add_argument(
+        "--input",
+        help="image-to-image models: an image or a folder of images to translate (pix2pix, cyclegan) or "
+        "upscale (srgan, in overlapping tiles); --out is then a .png file, or a folder for a folder",
+    )
+    m.add_argument("--direction", choices=("ab", "ba"), default="ab", help="cyclegan: A -> B (default) or B -> A")
     m.set_defaults(func=_sample)
 
     e = sub.add_parser("eval", help="measure a checkpoint's EMA generator (mode collapse, sample quality)")
@@ -226,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--features", help="a TorchScript feature network (N,C,H,W in [-1,1] -> N,D) for fid/kid")
     e.add_argument("--n", type=int, default=2500, help="samples to draw (default 2500, as in PacGAN)")
     e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--heldout", help="image-to-image models: held-out shards to measure on (default: the "
+                   "training shards' own held-out set, which the builtin sets have)")  # fmt: skip
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     e.set_defaults(func=_eval)

@@ -10,6 +10,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distgan.data.shards import IMAGE_SUFFIXES  # noqa: F401  (re-exported for the CLI)
+
+
+def load_image(path: str | Path, channels: int) -> torch.Tensor:
+    """An image file as a (1, C, H, W) float tensor in [-1, 1] (grayscale or RGB as asked)."""
+    from distgan.errors import UserError
+
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    except Exception as exc:
+        raise UserError(f"image '{path}' cannot be decoded: {exc}") from None
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""

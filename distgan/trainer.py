@@ -369,7 +369,7 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
     rng.seed_all(stream.stream_seed(t.seed, rank, 2))
     num_workers = stream.auto_workers(cfg.data.num_workers, device.type == "cuda")
     logical_workers = max(num_workers, 1)
-    resumed: dict[str, tuple[list[int], list[int]]] = {}  # feed prefix -> (positions, skipped)
+    resumed: dict[str, tuple] = {}  # feed prefix -> (positions, skipped, shards read)
     batches_done = 0
     start = 0
     if ckpt is not None:
@@ -379,7 +379,8 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
             for key, v in ckpt.state.items():
                 if key.startswith("data.") and key.endswith(".positions"):
                     prefix = key[: -len("positions")]
-                    resumed[prefix] = (v[rank].tolist(), ckpt.state[prefix + "skipped"][rank].tolist())
+                    resumed[prefix] = (v[rank].tolist(), ckpt.state[prefix + "skipped"][rank].tolist(),
+                                       ckpt.state.get(prefix + "shards_read", [None] * world)[rank])  # fmt: skip
             batches_done = data_meta["batches"]
             rng.set_state({k.split(".", 2)[2]: v[rank] for k, v in ckpt.state.items() if k.startswith("rng.")})
             own = {k[len("variant.") :]: v[rank] for k, v in ckpt.state.items() if k.startswith("variant.")}
@@ -414,7 +415,9 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
             )
             feed = _Feed(name, source, None, logical_workers)
             if batches_done and feed.prefix in resumed:
-                feed.positions, feed.skipped = resumed[feed.prefix]
+                feed.positions, feed.skipped, shards_read = resumed[feed.prefix]
+                if shards_read is not None and shards_read.shape == feed.shards_read.shape:
+                    feed.shards_read = shards_read.clone()
                 ds.start_positions = feed.positions
                 ds.worker_offset = batches_done % logical_workers
             feed.loader = iter(stream.make_loader(ds, num_workers, pin_memory=device.type == "cuda"))

@@ -23,10 +23,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor, border: int = 0) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def _gaussian(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     g = torch.exp(-((torch.arange(size, dtype=torch.float64) - size // 2) ** 2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] @ g[None, :]
+    return g / g.sum()
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, border: int = 0) -> torch.Tensor:
@@ -34,11 +33,13 @@ def ssim(x: torch.Tensor, y: torch.Tensor, border: int = 0) -> torch.Tensor:
     computed per channel over the 'valid' part of the image and averaged (as skimage's
     structural_similarity with gaussian_weights=True, use_sample_covariance=False)."""
     a, b = _shave(_unit(x), border), _shave(_unit(y), border)
-    c = a.size(1)
-    w = _gaussian_window().to(a)[None, None].repeat(c, 1, 1, 1)
+    n, c = a.shape[:2]
+    g = _gaussian().to(a)
 
-    def blur(t):
-        return F.conv2d(t, w, groups=c)
+    def blur(t):  # the separable Gaussian, one channel at a time
+        t = t.reshape(n * c, 1, *t.shape[2:])
+        t = F.conv2d(F.conv2d(t, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+        return t.view(n, c, *t.shape[2:])
 
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a**2

@@ -93,8 +93,12 @@ class CycleGAN(Translation):
     def data_streams(cfg):
         return {"a": ("data.shards_a", cfg.data.shards_a), "b": ("data.shards_b", cfg.data.shards_b)}
 
-    def translate(self, gens, x, direction: str = "ab"):
-        return gens["G_" + direction](x)
+    def translate(self, gens, x):
+        return gens["G_ab"](x)
+
+    def generator_for(self, gens, direction):
+        """translate() runs G_ab: for B -> A, G_ba in its place."""
+        return gens if direction == "ab" else {"G_ab": gens["G_ba"]}
 
     def rank_state(self) -> dict[str, torch.Tensor]:
         return {**self.pools["a"].state("pool_a"), **self.pools["b"].state("pool_b")}
@@ -157,8 +161,8 @@ class CycleGAN(Translation):
         """Rows of a | G_ab(a) | G_ba(G_ab(a)) and b | G_ba(b) | G_ab(G_ba(b))."""
         a, b = batch["image_a"][:4].cpu(), batch["image_b"][:4].cpu()
         ab = self.run(gens, a)
-        aba = self.run({"G_ab": gens["G_ba"]}, ab)
-        ba = self.run({"G_ab": gens["G_ba"]}, b)
+        aba = self.run(self.generator_for(gens, "ba"), ab)
+        ba = self.run(self.generator_for(gens, "ba"), b)
         bab = self.run(gens, ba)
         rows = torch.cat([torch.stack([a, ab, aba], 1), torch.stack([b, ba, bab], 1)])
         return rows.flatten(0, 1).float(), 3
@@ -170,8 +174,8 @@ class CycleGAN(Translation):
         from distgan.metrics import domains
 
         a, b = heldout["image_a"], heldout["image_b"]
-        ab, ba = self.run(gens, a), self.run({"G_ab": gens["G_ba"]}, b)
-        aba, bab = self.run({"G_ab": gens["G_ba"]}, ab), self.run(gens, ba)
+        ab, ba = self.run(gens, a), self.run(self.generator_for(gens, "ba"), b)
+        aba, bab = self.run(self.generator_for(gens, "ba"), ab), self.run(gens, ba)
         clf = domains.DomainClassifier.for_config(self.cfg)
         return {
             "n_a": len(a),

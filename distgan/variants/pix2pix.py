@@ -35,6 +35,9 @@ class Pix2Pix(Translation):
     def translate(self, gens, x):
         return gens["G"](x)
 
+    def input_channels(self) -> int:
+        return self.in_channels
+
     def train_step(self, batches: list[dict], ctx) -> dict[str, torch.Tensor]:
         G, D = self.models["G"], self.models["D"]
         v = self.cfg.variant

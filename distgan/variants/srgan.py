@@ -21,7 +21,7 @@ from distgan import losses
 from distgan.errors import UserError
 from distgan.metrics import image as im
 from distgan.models import image2image
-from distgan.variants.translation import Translation
+from distgan.variants.translation import Translation, tiled
 
 
 class SRGAN(Translation):
@@ -63,6 +63,15 @@ class SRGAN(Translation):
 
     def translate(self, gens, x):
         return gens["G"](x).clamp(-1, 1)
+
+    def out_scale(self) -> int:
+        return self.scale
+
+    @torch.no_grad()
+    def translate_image(self, gens, x, direction="ab", tile: int = 64, overlap: int = 8):
+        """Upscale an image of any size in overlapping LR tiles of `tile` pixels, so memory stays
+        bounded for big photos."""
+        return tiled(lambda t: self.run(gens, t), x, tile, overlap, self.scale)
 
     def train_step(self, batches: list[dict], ctx) -> dict[str, torch.Tensor]:
         G, D = self.models["G"], self.models["D"]

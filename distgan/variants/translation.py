@@ -91,3 +91,50 @@ class Translation:
         ]
         cols = [t.expand(-1, c, -1, -1) for t in cols]
         return torch.stack(cols, 1).flatten(0, 1), len(cols)
+
+    # -- users' images (distgan sample --input) -------------------------------------------
+    def input_channels(self) -> int:
+        return self.cfg.data.channels
+
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this (the U-Net's 2^depth, the ResNet's 4)."""
+        return self.cfg.data.resolution if self.cfg.model.g.arch == "unet" else 4
+
+    def generator_for(self, gens: dict, direction: str) -> dict:
+        return gens
+
+    @torch.no_grad()
+    def translate_image(self, gens: dict, x: torch.Tensor, direction: str = "ab") -> torch.Tensor:
+        """One (1, C, H, W) image of any size in [-1, 1]: padded (replicated edges) to a size the
+        generator takes, translated, cropped back. Returns it on the CPU."""
+        gens = self.generator_for(gens, direction)
+        m = self.size_multiple()
+        h, w = x.shape[-2:]
+        ph, pw = -h % m, -w % m
+        if ph or pw:
+            x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
+        return self.run(gens, x)[..., : h * self.out_scale(), : w * self.out_scale()]
+
+    def out_scale(self) -> int:
+        return 1
+
+
+def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: int) -> torch.Tensor:
+    """fn over overlapping tiles of x (1, C, H, W), each tile's border of `overlap` input pixels
+    dropped from its output, so the seams see the same context as the inside; fn upscales by `scale`."""
+    h, w = x.shape[-2:]
+    step = tile - 2 * overlap
+    out = None
+    for top in range(0, h, step):
+        for left in range(0, w, step):
+            t0, l0 = max(top - overlap, 0), max(left - overlap, 0)
+            t1, l1 = min(top + step + overlap, h), min(left + step + overlap, w)
+            y = fn(x[..., t0:t1, l0:l1])
+            if out is None:
+                out = y.new_zeros(1, y.size(1), h * scale, w * scale)
+            bh, bw = min(step, h - top), min(step, w - left)
+            dt, dl = (top - t0) * scale, (left - l0) * scale
+            out[..., top * scale : (top + bh) * scale, left * scale : (left + bw) * scale] = y[
+                ..., dt : dt + bh * scale, dl : dl + bw * scale
+            ]
+    return out
