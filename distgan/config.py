@@ -80,6 +80,7 @@ class DiscriminatorConfig:
     batchnorm: bool | None = None
     # cgan: projection (Miyato & Koyama 2018) or concat (the label as an extra input channel)
     conditioning: str = "projection"
+    maxout: int = 0  # toy D (2-D mixtures): maxout units of this many pieces (PacGAN's D: 5); 0: LeakyReLU
     layers: int = 3  # patchgan: strided conv layers (3: the 70x70 PatchGAN of pix2pix/CycleGAN)
 
 
@@ -92,7 +93,9 @@ class ModelConfig:
 
 @dataclass
 class VariantConfig:
-    name: str = "gan"  # gan, wgan (weight clipping), wgan-gp (gradient penalty), cgan, unrolled
+    # gan, wgan (weight clipping), wgan-gp (gradient penalty), sngan, cgan, unrolled; image-to-image:
+    # pix2pix, cyclegan, srgan
+    name: str = "gan"
     # ns: non-saturating BCE (the seed's); minimax: the saturating original; hinge; ls (LSGAN);
     # wasserstein (the wgan variants' critic loss)
     loss: str = "ns"
@@ -294,6 +297,8 @@ def validate(cfg: Config) -> None:
     for key in ("gan_weight", "l1_weight", "cycle_weight", "identity_weight", "adv_weight", "vgg_weight"):
         if getattr(cfg.variant, key) < 0:
             raise UserError(f"config key 'variant.{key}' must be >= 0, got {getattr(cfg.variant, key)}")
+    if cfg.model.d.maxout < 0 or cfg.model.d.maxout == 1:
+        raise UserError(f"config key 'model.d.maxout' must be 0 (off) or >= 2 pieces, got {cfg.model.d.maxout}")
     if cfg.variant.pool_size < 0 or cfg.variant.crop < 0 or cfg.variant.pretrain_steps < 0:
         raise UserError("config keys 'variant.pool_size', 'variant.crop' and 'variant.pretrain_steps' must be >= 0")
     if cfg.train.eval_every < 0:

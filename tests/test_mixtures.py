@@ -102,3 +102,18 @@ def test_points_and_images_do_not_mix(tmp_path, digits_shards):
     mixture_shards("ring", 1000, tmp_path / "ring")
     r = run_cli("train", "--out", tmp_path / "b", f"data.shards={tmp_path / 'ring'}")
     assert r.returncode == 2 and "the shards hold points but data.kind=images" in r.stderr
+
+
+def test_maxout_discriminator_takes_the_max_over_pieces():
+    from distgan import config, models
+    from distgan.models.toy import Maxout
+
+    layer = Maxout(2, 3, 5)
+    x = torch.randn(4, 2)
+    full = layer.linear(x).view(4, 3, 5)
+    assert torch.equal(layer(x), full.max(-1).values)
+    cfg = config.load_config("grid-gan", overrides=["model.d.maxout=5"])
+    D = models.build_discriminator(cfg)
+    assert sum(isinstance(m, Maxout) for m in D.modules()) == 3 and D(torch.randn(7, 2)).shape == (7,)
+    with pytest.raises(Exception, match="model.d.maxout"):
+        config.load_config("grid-gan", overrides=["model.d.maxout=1"])

@@ -44,7 +44,7 @@ def build_discriminator(cfg, channels: int | None = None) -> nn.Module:
     family = _family(d.arch, "model.d.arch")
     mbd = (d.mbd_kernels, d.mbd_kernel_dim) if d.minibatch_discrimination else None
     batchnorm = (not d.spectral_norm) if d.batchnorm is None else d.batchnorm
-    kwargs = {"batchnorm": batchnorm} if d.arch == "dcgan" else {}
+    kwargs = {"batchnorm": batchnorm} if d.arch == "dcgan" else {"maxout": d.maxout} if d.arch == "toy" else {}
     D = family.Discriminator(
         channels=channels or cfg.data.channels, resolution=cfg.data.resolution, width=d.width, minibatch=mbd, **kwargs
     )

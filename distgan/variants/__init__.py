@@ -7,6 +7,16 @@ A variant
   `train.grad_accum * data_per_step` micro-batches (`data_per_step`, default 1, is e.g. n_critic
   for variants whose D steps each take fresh data), and returns a dict of scalar tensors to log,
 - draws images in [-1, 1] with `sample(model, n, generator)`.
+
+Optional hooks, used by the image-to-image variants (pix2pix, cyclegan, srgan; variants/translation.py):
+- `data_streams(cfg)` (static): the shard streams a step draws from, {name: (config key, spec)};
+  the default is one unnamed stream of data.shards; cyclegan streams "a" and "b" (batch keys image_a,
+  image_b), each with its own resume bookkeeping;
+- `rank_state()` / `load_rank_state(state)`: per-rank tensors saved in checkpoints (one row per rank),
+  e.g. cyclegan's image-history buffers;
+- `preview(gens, batch)`: the sample grid (images, row length) from a batch of inputs, instead of
+  `sample`; `heldout()` and `evaluate(gens, heldout)`: measures on held-out inputs, for
+  `distgan eval` and train.eval_every.
 """
 
 from __future__ import annotations

@@ -44,9 +44,7 @@ class SRGAN(Translation):
         self.optimizers = {"G": self.optimizer(G.parameters(), cfg.train.lr_g),
                            "D": self.optimizer(D.parameters(), cfg.train.lr_d)}  # fmt: skip
         self.vgg = image2image.VGGFeatures(v.vgg_weights) if v.vgg_weights else None
-        if self.vgg is None and self.main and v.vgg_weight > 0:
-            print("srgan: no variant.vgg_weights file given, so no perceptual (VGG) loss: G learns from the "
-                  "pixel loss and, after pre-training, the adversarial loss", file=sys.stderr)  # fmt: skip
+        self.noted = False
 
     def pixel(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         d = a.float() - b.float()
@@ -77,6 +75,10 @@ class SRGAN(Translation):
         G, D = self.models["G"], self.models["D"]
         v = self.cfg.variant
         adversarial = ctx.global_step >= v.pretrain_steps
+        if not self.noted and self.main and self.vgg is None and v.vgg_weight > 0:
+            self.noted = True
+            print("srgan: no variant.vgg_weights file given, so no perceptual (VGG) loss: G learns from the "
+                  "pixel loss and, after pre-training, the adversarial loss", file=sys.stderr)  # fmt: skip
         device = batches[0]["image"].device
         keys = ("loss/pixel", "loss/g", "loss/d", "loss/vgg", "d/real", "d/fake")
         stats = {k: torch.zeros((), device=device) for k in keys}
