@@ -342,15 +342,6 @@ class _Feed:
         }
 
 
-def _fields(cfg) -> dict[str, tuple[str, int]] | None:
-    if cfg.data.kind == "paired":
-        return {
-            "image": ("target.png", cfg.data.channels),
-            "input": ("input.png", cfg.data.input_channels or cfg.data.channels),
-        }
-    return None
-
-
 def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data) -> int:
     t = cfg.train
     main = accelerator.is_main_process
@@ -411,7 +402,7 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
                 on_error=cfg.data.on_error,
                 expected_shape=expected[name],
                 points=cfg.data.kind == "points",
-                fields=_fields(cfg),
+                fields=variant.fields() if hasattr(variant, "fields") else None,  # paired: input + target
             )
             feed = _Feed(name, source, None, logical_workers)
             if batches_done and feed.prefix in resumed:

@@ -61,7 +61,7 @@ def test_psnr_and_ssim_match_scikit_image():
 
 
 def test_sharper_images_have_more_gradient_energy_and_drawn_edges_are_found():
-    photos = builtin._patches(builtin.TRAIN_PHOTOS, 4, 64, seed=5)
+    photos = builtin._patches(4, 64, seed=5, heldout=False)
     x = torch.from_numpy(photos).permute(0, 3, 1, 2).float() / 127.5 - 1
     blurred = F.avg_pool2d(x, 5, 1, 2, count_include_pad=False)
     assert (im.gradient_energy(blurred) < 0.8 * im.gradient_energy(x)).all()
@@ -109,11 +109,15 @@ def test_paired_shards_stream_input_and_target(tmp_path):
     assert batch["input"].shape == (4, 1, 64, 64) and batch["image"].shape == (4, 3, 64, 64)
 
 
-def test_builtin_sets_hold_out_their_own_photos_and_digits():
-    train, held = builtin.edges2photos(n=50, n_heldout=20)
-    seen = {p.tobytes() for p in train["target"]}
-    assert not any(p.tobytes() in seen for p in held["target"])
-    assert set(builtin.TRAIN_PHOTOS).isdisjoint(builtin.HELDOUT_PHOTOS)
+def test_builtin_sets_hold_out_a_strip_of_every_photo_and_half_the_digits(monkeypatch):
+    # a photo whose pixels say which column they come from: 200 columns, cut at 150
+    column = np.broadcast_to(np.arange(200, dtype=np.uint8)[None, :, None], (120, 200, 3))
+    monkeypatch.setattr(builtin, "_photo", lambda name: column)
+    train, held = builtin._patches(300, 32, seed=0, heldout=False), builtin._patches(100, 32, seed=1, heldout=True)
+    assert train.max() < 150 <= held.min()  # no held-out pixel is ever in a training patch
+    assert train.min() == 0 and held.max() == 199  # and both parts are covered to their edges
+    monkeypatch.undo()
+    train, _ = builtin.edges2photos(n=50, n_heldout=20)
     # edges are black (0) on white (255)
     assert set(np.unique(train["input"])) <= {0, 255} and (train["input"] == 0).mean() < 0.5
     thin, _ = builtin.digits_domain(False)

@@ -85,10 +85,11 @@ def names() -> list[str]:
 
 
 # --- image-to-image sets: (train, held-out) pairs of sample arrays -------------------------------
-# Photos shipped in scikit-image. Training patches come from TRAIN_PHOTOS; held-out patches for
-# PSNR/SSIM come only from HELDOUT_PHOTOS, so evaluation never sees a training photo.
-TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "motorcycle")
-HELDOUT_PHOTOS = ("chelsea",)
+# Photos shipped in scikit-image. Each is split in two by a vertical cut at 75% of its width:
+# training patches lie entirely left of the cut, held-out patches (PSNR/SSIM) entirely right of it,
+# so no held-out pixel is ever seen in training, while both sides show the same kinds of scene.
+PHOTOS = ("astronaut", "coffee", "rocket", "chelsea", "motorcycle")
+HELDOUT_FRACTION = 0.25
 
 
 def _photo(name: str) -> np.ndarray:
@@ -99,10 +100,15 @@ def _photo(name: str) -> np.ndarray:
     return getattr(data, name)()
 
 
-def _patches(names, n: int, size: int, seed: int) -> np.ndarray:
-    """n random size x size RGB patches, uniformly over the photos, randomly mirrored."""
+def _patches(n: int, size: int, seed: int, heldout: bool) -> np.ndarray:
+    """n random size x size RGB patches, uniformly over the photos, randomly mirrored; from the
+    training part (left of each photo's cut) or the held-out part (right of it)."""
     rng = np.random.default_rng(seed)
-    photos = [_photo(p) for p in names]
+    photos = []
+    for name in PHOTOS:
+        img = _photo(name)
+        cut = int(img.shape[1] * (1 - HELDOUT_FRACTION))
+        photos.append(img[:, cut:] if heldout else img[:, :cut])
     out = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
         img = photos[rng.integers(len(photos))]
@@ -125,14 +131,16 @@ def edges(photos: np.ndarray, sigma: float = 1.5) -> np.ndarray:
 
 
 def edges2photos(n: int = 4000, n_heldout: int = 200, size: int = 64):
-    """Paired edges -> photo: 64x64 photo patches and their Canny edge maps."""
-    train, held = _patches(TRAIN_PHOTOS, n, size, 0), _patches(HELDOUT_PHOTOS, n_heldout, size, 1)
+    """Paired edges -> photo: 64x64 photo patches and their Canny edge maps (held out: patches
+    right of each photo's cut)."""
+    train, held = _patches(n, size, 0, heldout=False), _patches(n_heldout, size, 1, heldout=True)
     return {"input": edges(train), "target": train}, {"input": edges(held), "target": held}
 
 
 def photos_hr(n: int = 4000, n_heldout: int = 200, size: int = 96):
-    """High-resolution 96x96 photo patches for super-resolution (LR is made while training)."""
-    return _patches(TRAIN_PHOTOS, n, size, 2), _patches(HELDOUT_PHOTOS, n_heldout, size, 3)
+    """High-resolution 96x96 photo patches for super-resolution (LR is made while training; held
+    out: patches right of each photo's cut)."""
+    return _patches(n, size, 2, heldout=False), _patches(n_heldout, size, 3, heldout=True)
 
 
 def _digits_32(x: np.ndarray) -> np.ndarray:

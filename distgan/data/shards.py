@@ -247,7 +247,7 @@ def cache_root() -> Path:
 # Small shards so that 2 ranks x 2 workers each get their own on the 1797 digits.
 BUILTIN_MAXCOUNT = 250
 # Part of the cache folder's name: bump it when the way builtin shards are written changes.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def ensure_builtin(name: str, progress: bool = True) -> Path:
