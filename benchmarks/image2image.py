@@ -1,6 +1,6 @@
 """Pix2Pix, SRGAN and CycleGAN on the embedded photo and digit sets, measured on held-out data.
 
-    python benchmarks/image2image.py [--sr-steps 2000] [--sr-pretrain 1000] [--pix2pix-steps 1500]
+    python benchmarks/image2image.py [--sr-steps 2500] [--sr-pretrain 2000] [--pix2pix-steps 1500]
                                      [--cyclegan-steps 1000] [--only sr pix2pix cyclegan]
 
 Each experiment is `distgan train --preset ...` (the shipped presets, fewer steps), then
@@ -64,8 +64,8 @@ def grid(run: Path, name: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sr-steps", type=int, default=2000)
-    p.add_argument("--sr-pretrain", type=int, default=1000)
+    p.add_argument("--sr-steps", type=int, default=2500)
+    p.add_argument("--sr-pretrain", type=int, default=2000)
     p.add_argument("--pix2pix-steps", type=int, default=1500)
     p.add_argument("--cyclegan-steps", type=int, default=1000)
     p.add_argument("--only", nargs="+", choices=("sr", "pix2pix", "cyclegan"), default=("sr", "pix2pix", "cyclegan"))
@@ -111,7 +111,9 @@ def main() -> None:
         "border pixels. Edge F1: Canny edges of the output against the drawn edge map (1 px tolerance). "
         "Sharpness ratio: mean gradient magnitude of the outputs over that of the real targets (1 = as detailed as "
         "the photos; a blurry regression is below 1). Cycle error: mean |x - G(F(x))| in [0, 1] units. "
-        "Grids: results/image2image-<run>.png (input | output | target rows; CycleGAN: x | G(x) | F(G(x)))."
+        "Grids: results/image2image-<run>.png (input | output | target rows; CycleGAN: x | G(x) | F(G(x))). "
+        "train s is wall time; the SR run and the pix2pix/CycleGAN runs were trained side by side on the 2 cores "
+        "(`--only sr` and `--only pix2pix cyclegan`), then this command collected them."
     )
     common.write("image2image", rows, [c for c in columns if any(c in r for r in rows)], notes)
 
