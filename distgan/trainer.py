@@ -270,13 +270,18 @@ def train(
     accelerator.wait_for_everyone()
     tracker = Tracker(accelerator, cfg, run_dir, config.to_dict(cfg))
     try:
-        return _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data)
+        code = _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data)
     finally:
         tracker.close()
         if world == 1:  # let a later train() in this process build a fresh Accelerator
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state(reset_partial_state=True)
+    if world > 1 and dist.is_initialized():
+        # Shut the process group down before interpreter exit tears its threads apart: left to exit,
+        # a gloo rank could occasionally abort ("terminate called without an active exception").
+        dist.destroy_process_group()
+    return code
 
 
 def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.shards") -> tuple[int, int, int] | None:
@@ -284,13 +289,14 @@ def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.
         return None
     shape = tuple(manifest["image_shape"])
     kind = manifest.get("kind", "images")
+    where = "the shards" if key == "data.shards" else f"the shards of {key}"
     if kind != cfg.data.kind:
-        raise UserError(f"the shards of {key} hold {kind} but data.kind={cfg.data.kind}; set data.kind={kind}")
+        raise UserError(f"{where} hold {kind} but data.kind={cfg.data.kind}; set data.kind={kind}")
     if kind == "paired":
         want = cfg.data.input_channels or cfg.data.channels
         got = manifest["input_shape"][2]
         if got != want:
-            raise UserError(f"the shards of {key} hold {got}-channel inputs but data.input_channels={want}; "
+            raise UserError(f"{where} hold {got}-channel inputs but data.input_channels={want}; "
                             f"set data.input_channels={got}")  # fmt: skip
     if kind == "points":
         if shape != (cfg.data.channels,):
@@ -307,7 +313,7 @@ def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.
         )
     if shape[2] != cfg.data.channels:
         raise UserError(
-            f"the shards of {key} hold {shape[2]}-channel images but data.channels={cfg.data.channels}; "
+            f"{where} hold {shape[2]}-channel images but data.channels={cfg.data.channels}; "
             f"set data.channels={shape[2]}"
         )
     return None if kind == "paired" else shape

@@ -185,13 +185,13 @@ class ShardStream(IterableDataset):
                     img = img.convert("RGB" if channels == 3 else "L")
                 arr = np.asarray(img)
         except Exception as exc:
-            self._fail(f"corrupt image .{member} ({exc})", url, key)
+            self._fail(f"corrupt image{'' if member == 'png' else ' .' + member} ({exc})", url, key)
             return None
         shape = arr.shape if arr.ndim == 3 else (*arr.shape, 1)
         expected = self.expected_shape if member == "png" else None
         if shape[2] != channels or (expected and shape != expected):
-            self._fail(f"image .{member} shape {shape} (H, W, C), expected {expected or f'(H, W, {channels})'}",
-                       url, key)  # fmt: skip
+            what = "image" if member == "png" else f"image .{member}"
+            self._fail(f"{what} shape {shape} (H, W, C), expected {expected or f'(H, W, {channels})'}", url, key)
             return None
         if shape[:2] != (self.resolution, self.resolution):
             img = Image.fromarray(arr.reshape(shape)[..., 0] if channels == 1 else arr, "L" if channels == 1 else "RGB")
