@@ -23,6 +23,9 @@ def _shards(args: argparse.Namespace) -> int:
         manifest = shards.write_builtin(args.builtin, args.out, **kw)
     elif args.images:
         manifest = shards.write_folder(args.images, args.out, resize=args.resize, rgb=args.rgb, **kw)
+    elif args.pairs:
+        manifest = shards.write_pairs(*args.pairs, args.out, resize=args.resize, rgb=args.rgb,
+                                      input_rgb=args.input_rgb, **kw)  # fmt: skip
     else:
         x, y, classes = shards.load_npz(args.npz)
         manifest = shards.write_arrays(x, y, classes, args.out, source=f"npz:{args.npz}", **kw)
@@ -272,14 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
         "edges -> 64x64 photo patches), photos-hr (96x96 HR photo patches, for SR), digits-thin and "
         "digits-thick (cyclegan's two unpaired domains, 32x32)",
     )
-    src.add_argument("--images", help="an image folder whose subfolders are the classes")
+    src.add_argument(
+        "--images", help="an image folder: its subfolders are the classes, or a flat folder of unlabelled images"
+    )
+    src.add_argument(
+        "--pairs",
+        nargs=2,
+        metavar=("INPUT_DIR", "TARGET_DIR"),
+        help="paired image-to-image data (pix2pix): images that pair up by name across the two folders, "
+        "written as KEY.input.png + KEY.target.png",
+    )
     src.add_argument("--npz", help="an .npz with arrays x (N,H,W[,C]) and optional y (N,)")
     s.add_argument("--out", required=True, help="output folder for the shards")
     s.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
     s.add_argument("--maxsize", type=float, default=256e6, help="bytes per shard (default 256e6)")
     s.add_argument("--prefix", help="shard file prefix (default: the builtin's name, else 'shard')")
-    s.add_argument("--resize", type=int, help="--images: center-crop and resize every image to N x N")
-    s.add_argument("--rgb", action="store_true", help="--images: store RGB instead of grayscale")
+    s.add_argument("--resize", type=int, help="--images, --pairs: center-crop and resize every image to N x N")
+    s.add_argument("--rgb", action="store_true", help="--images, --pairs (targets): store RGB instead of grayscale")
+    s.add_argument("--input-rgb", action="store_true", help="--pairs: store the inputs as RGB too")
     s.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     s.set_defaults(func=_shards)
 

@@ -340,3 +340,40 @@ def test_sample_input_translates_files_and_folders(tmp_path, capsys):
     ]:
         assert cli.main(["sample", "--ckpt", str(sr), *map(str, args)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_shards_from_users_pairs_and_flat_folders(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "edges" / "sub").mkdir(parents=True)
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    pairs = {}
+    for name in ("a", "b", "sub/c"):
+        edge, photo = rng.integers(0, 256, (20, 24), np.uint8), rng.integers(0, 256, (20, 24, 3), np.uint8)
+        Image.fromarray(edge).save(tmp_path / "edges" / f"{name}.png")
+        Image.fromarray(photo).save(tmp_path / "photos" / f"{name}.png")
+        pairs[name] = (edge, photo)
+    out = tmp_path / "paired"
+    assert cli.main(["shards", "--pairs", str(tmp_path / "edges"), str(tmp_path / "photos"), "--out", str(out),
+                     "--rgb"]) == 0  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "paired" and manifest["count"] == 3
+    assert manifest["input_shape"] == [20, 24, 1] and manifest["image_shape"] == [20, 24, 3]
+    got = stream.read_all(stream.resolve(str(out)), resolution=20, channels=3,
+                          fields={"image": ("target.png", 3), "input": ("input.png", 1)})  # fmt: skip
+    back = ((got["image"] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    assert got["image"].shape[0] == 3 and not np.array_equal(back[0], pairs["a"][1])  # 20x24 resized to 20x20
+    # a missing partner is an error, not a silently dropped image
+    (tmp_path / "photos" / "b.png").unlink()
+    assert cli.main(["shards", "--pairs", str(tmp_path / "edges"), str(tmp_path / "photos"), "--out",
+                     str(tmp_path / "p2")]) == 2  # fmt: skip
+    assert "no partner, e.g. the input 'b'" in capsys.readouterr().err
+    # images beside class subfolders would belong to no class: an error, not a silent drop
+    assert cli.main(["shards", "--images", str(tmp_path / "photos"), "--out", str(tmp_path / "mixed")]) == 2
+    assert "also images directly in it" in capsys.readouterr().err
+    # a flat folder of images (SR, one CycleGAN domain): unlabelled shards
+    assert cli.main(["shards", "--images", str(tmp_path / "photos" / "sub"), "--out", str(tmp_path / "flat"),
+                     "--rgb"]) == 0  # fmt: skip
+    flat = json.loads((tmp_path / "flat" / "manifest.json").read_text())
+    assert flat["count"] == 1 and flat["classes"] == [] and flat["kind"] == "images"

@@ -76,8 +76,15 @@ def _folder_entries(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if not root.is_dir():
         raise UserError(f"image folder '{root}' does not exist")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise UserError(f"image folder '{root}' has no class subfolders (expected DIR/CLASS/IMAGE.png)")
+    if not classes:  # a flat folder of images: unlabelled (super-resolution, one CycleGAN domain)
+        flat = [(f, None) for f in _images_in(root)]
+        if not flat:
+            raise UserError(f"image folder '{root}' holds no images (nor class subfolders DIR/CLASS/IMAGE.png)")
+        return flat, []
+    loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:  # they would belong to no class: say so rather than leave them out
+        raise UserError(f"image folder '{root}' has class subfolders and also images directly in it (e.g. "
+                        f"'{loose[0].name}'); put every image in a class subfolder, or use a flat folder")  # fmt: skip
     entries = [
         (f, idx)
         for idx, name in enumerate(classes)
@@ -87,6 +94,54 @@ def _folder_entries(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if not entries:
         raise UserError(f"image folder '{root}' has no images in its class subfolders")
     return entries, classes
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+
+
+def _open(path: Path, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except Exception as exc:
+        raise UserError(f"image '{path}' cannot be decoded: {exc}") from None
+
+
+def write_pairs(input_dir: str, target_dir: str, out_dir, *, resize: int | None = None, rgb: bool = False,
+                input_rgb: bool = False, **kw) -> dict:  # fmt: skip
+    """Paired shards (KEY.input.png + KEY.target.png) from two folders whose images pair up by
+    relative path without the suffix (edges/0001.png <-> photos/0001.jpg). Every image must have
+    its partner and the same size (`resize` center-crops and resizes both alike)."""
+    roots = {"input": Path(input_dir), "target": Path(target_dir)}
+    found = {}
+    for name, root in roots.items():
+        if not root.is_dir():
+            raise UserError(f"--pairs: {name} folder '{root}' does not exist")
+        found[name] = {str(f.relative_to(root).with_suffix("")): f for f in _images_in(root)}
+    keys = sorted(set(found["input"]) & set(found["target"]))
+    alone = sorted(set(found["input"]) ^ set(found["target"]))
+    if alone:
+        which = "input" if alone[0] in found["input"] else "target"
+        raise UserError(f"--pairs: {len(alone)} image(s) have no partner, e.g. the {which} '{alone[0]}'; every "
+                        "input needs a target of the same name (any image suffix)")  # fmt: skip
+    if not keys:
+        raise UserError(f"--pairs: no images in '{input_dir}' and '{target_dir}'")
+
+    def samples():
+        for k in keys:
+            a = _open(found["input"][k], "RGB" if input_rgb else "L")
+            b = _open(found["target"][k], "RGB" if rgb else "L")
+            if a.size != b.size:
+                raise UserError(f"--pairs: '{k}' is {a.size[0]}x{a.size[1]} as input but {b.size[0]}x{b.size[1]} "
+                                "as target; pairs must be aligned, same size")  # fmt: skip
+            if resize:
+                a, b = _center_square(a, resize), _center_square(b, resize)
+            a, b = np.asarray(a), np.asarray(b)
+            pair = {"input": a[..., None] if a.ndim == 2 else a, "target": b[..., None] if b.ndim == 2 else b}
+            yield pair, None, {"file": k}
+
+    return write_shards(samples(), len(keys), out_dir, classes=[], source=f"pairs:{input_dir}|{target_dir}", **kw)
 
 
 def _center_square(img: Image.Image, size: int) -> Image.Image:
@@ -99,11 +154,7 @@ def _center_square(img: Image.Image, size: int) -> Image.Image:
 def folder_samples(root: Path, entries: list[tuple[Path, int]], resize: int | None, rgb: bool) -> Iterator:
     mode = "RGB" if rgb else "L"
     for path, label in entries:
-        try:
-            with Image.open(path) as img:
-                img = img.convert(mode)
-        except Exception as exc:
-            raise UserError(f"image '{path}' cannot be decoded: {exc}") from None
+        img = _open(path, mode)
         if resize:
             img = _center_square(img, resize)
         arr = np.asarray(img)
