@@ -176,7 +176,6 @@ def _manifest(cfg) -> dict | None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
 
     from distgan import metrics
 
@@ -195,17 +194,11 @@ def _eval(args: argparse.Namespace) -> int:
     x = _draw(variant, G, args.n, args.seed)
     result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "n": args.n}
     result.update(metrics.compute(x, names, cfg, manifest, args.features))
-    for k, v in result.items():
-        print(f"{k:>24}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return _report(result, args.json)
 
 
 def _eval_translation(args: argparse.Namespace) -> int:
     """`distgan eval` of an image-to-image model: its own measures on the held-out set."""
-    import json
 
     from distgan.data import stream
 
@@ -224,12 +217,18 @@ def _eval_translation(args: argparse.Namespace) -> int:
         if heldout is None:
             raise UserError(f"the shards of this run ({cfg.data.shards}) name no held-out set; give one with "
                             "--heldout SHARDS (the same format as the training shards)")  # fmt: skip
-    result = {"checkpoint": str(ckpt.path), "step": ckpt.step, **variant.evaluate(gens, heldout)}
+    return _report({"checkpoint": str(ckpt.path), "step": ckpt.step, **variant.evaluate(gens, heldout)}, args.json)
+
+
+def _report(result: dict, json_path: str | None) -> int:
+    """Print eval results, one per line, and write them to `json_path` when given."""
+    import json
+
     for k, v in result.items():
-        print(f"{k:>28}: {v}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{k:>28}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -44,19 +44,15 @@ class Pix2Pix(Translation):
         device = batches[0]["image"].device
         stats = {k: torch.zeros((), device=device) for k in ("loss/d", "loss/g", "loss/l1", "d/real", "d/fake")}
         n = len(batches)
-        if v.gan_weight > 0:
-            self.optimizers["D"].zero_grad(set_to_none=True)
-            for mb in ctx.micro(D, batches):
+        if v.gan_weight > 0:  # D judges (input, image) pairs; its loss is halved, as in the paper
+
+            def pair(mb):
                 x, y = mb["input"], mb["image"]
                 with torch.no_grad():
                     fake = G(x)
-                real_logits, fake_logits = D(torch.cat([x, y], 1)), D(torch.cat([x, fake], 1))
-                loss = 0.5 * losses.d_loss(self.loss, real_logits, fake_logits)
-                ctx.backward(loss)
-                stats["loss/d"] += loss.detach() / n
-                stats["d/real"] += real_logits.detach().float().mean() / n
-                stats["d/fake"] += fake_logits.detach().float().mean() / n
-            ctx.step(self.optimizers["D"])
+                return torch.cat([x, y], 1), torch.cat([x, fake], 1)
+
+            self.d_update(ctx, D, batches, pair, stats, scale=0.5)
         self.optimizers["G"].zero_grad(set_to_none=True)
         with ctx.frozen(D) as d_plain:
             for mb in ctx.micro(G, batches):

@@ -89,17 +89,13 @@ class SRGAN(Translation):
             hr = self.crop(mb["image"])
             pairs.append((im.downscale_bicubic(hr, self.scale).to(hr.dtype), hr))
         if adversarial:
-            self.optimizers["D"].zero_grad(set_to_none=True)
-            for lr, hr in ctx.micro(D, pairs):
+
+            def pair(lr_hr):
                 with torch.no_grad():
-                    sr = G(lr)
-                real_logits, fake_logits = D(hr), D(sr)
-                loss = losses.d_loss(self.loss, real_logits, fake_logits)
-                ctx.backward(loss)
-                stats["loss/d"] += loss.detach() / n
-                stats["d/real"] += real_logits.detach().float().mean() / n
-                stats["d/fake"] += fake_logits.detach().float().mean() / n
-            ctx.step(self.optimizers["D"])
+                    sr = G(lr_hr[0])
+                return lr_hr[1], sr
+
+            self.d_update(ctx, D, pairs, pair, stats)
         self.optimizers["G"].zero_grad(set_to_none=True)
         with ctx.frozen(D) as d_plain:
             for lr, hr in ctx.micro(G, pairs):

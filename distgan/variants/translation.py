@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from distgan import losses
 from distgan.errors import UserError
 
 
@@ -39,6 +40,21 @@ class Translation:
             f"variant '{self.cfg.variant.name}' translates images rather than drawing them from noise; "
             "use `distgan sample --ckpt RUN --input IMG|DIR --out OUT`"
         )
+
+    def d_update(self, ctx, D, batches: list, pair, stats: dict, scale: float = 1.0) -> None:
+        """One optimizer step of D over the micro-batches: `pair(mb)` gives D's real and fake inputs
+        (the fakes made without grad); the loss (variant.loss) is multiplied by `scale`."""
+        n = len(batches)
+        self.optimizers["D"].zero_grad(set_to_none=True)
+        for mb in ctx.micro(D, batches):
+            real_in, fake_in = pair(mb)
+            real_logits, fake_logits = D(real_in), D(fake_in)
+            loss = scale * losses.d_loss(self.loss, real_logits, fake_logits)
+            ctx.backward(loss)
+            stats["loss/d"] += loss.detach() / n
+            stats["d/real"] += real_logits.detach().float().mean() / n
+            stats["d/fake"] += fake_logits.detach().float().mean() / n
+        ctx.step(self.optimizers["D"])
 
     # -- to be provided by each variant ---------------------------------------------------
     def translate(self, gens: dict, x: torch.Tensor) -> torch.Tensor:
