@@ -51,7 +51,16 @@ def _train(args: argparse.Namespace) -> int:
         if target:
             base = checkpoint.load(target[0], only_models=True).meta["config"]
     cfg = config.load_config(args.preset, args.config, args.overrides, base=base)
-    return trainer.train(cfg, out, resume=args.resume)
+    code = trainer.train(cfg, out, resume=args.resume)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is written and closed by now (checkpoints fsynced, logs closed, loader workers
+        # stopped). Skip interpreter teardown: there, a gloo rank of a finished run occasionally
+        # aborted ("terminate called without an active exception", a C++ thread destroyed while
+        # joinable), turning a successful run into a failed launch.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _load_generator(path: str, device_name: str | None):

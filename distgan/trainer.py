@@ -277,10 +277,6 @@ def train(
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state(reset_partial_state=True)
-    if world > 1 and dist.is_initialized():
-        # Shut the process group down before interpreter exit tears its threads apart: left to exit,
-        # a gloo rank could occasionally abort ("terminate called without an active exception").
-        dist.destroy_process_group()
     return code
 
 
