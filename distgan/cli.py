@@ -63,24 +63,8 @@ def _train(args: argparse.Namespace) -> int:
     return code
 
 
-def _load_generator(path: str, device_name: str | None):
-    """(checkpoint, config, variant, its EMA generator on the device, in eval mode)."""
-    import torch
-
-    from distgan import checkpoint, config, variants
-
-    ckpt = checkpoint.load(path, only_models=True)
-    cfg = config.from_dict(ckpt.meta["config"])
-    variant = variants.get(cfg.variant.name)(cfg)
-    name = variant.ema[0]
-    G = variant.models[name]
-    checkpoint.load_model(G, ckpt.model_state(f"{name}_ema"), f"checkpoint '{ckpt.path}' model '{name}_ema'")
-    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return ckpt, cfg, variant, G.to(device).eval()
-
-
 def _load_generators(path: str, device_name: str | None):
-    """(checkpoint, config, variant, {name: EMA generator}) for the image-to-image variants."""
+    """(checkpoint, config, variant, {name: its EMA generator on the device, in eval mode})."""
     import torch
 
     from distgan import checkpoint, config, variants
@@ -95,6 +79,12 @@ def _load_generators(path: str, device_name: str | None):
         checkpoint.load_model(G, ckpt.model_state(f"{name}_ema"), f"checkpoint '{ckpt.path}' model '{name}_ema'")
         gens[name] = G.to(device).eval()
     return ckpt, cfg, variant, gens
+
+
+def _load_generator(path: str, device_name: str | None):
+    """(checkpoint, config, variant, its (first) EMA generator on the device, in eval mode)."""
+    ckpt, cfg, variant, gens = _load_generators(path, device_name)
+    return ckpt, cfg, variant, gens[variant.ema[0]]
 
 
 def _translate(args: argparse.Namespace) -> int:
@@ -190,12 +180,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.n < 2:
         raise UserError(f"--n must be >= 2; got {args.n}")
-    from distgan import checkpoint, config, variants
-
-    if hasattr(variants.get(config.from_dict(checkpoint.load(args.ckpt, only_models=True).meta["config"]).variant.name),
-               "evaluate"):  # fmt: skip
-        return _eval_translation(args)
-    ckpt, cfg, variant, G = _load_generator(args.ckpt, args.device)
+    loaded = _load_generators(args.ckpt, args.device)
+    if hasattr(loaded[2], "evaluate"):  # image-to-image: measured on held-out inputs
+        return _eval_translation(args, *loaded)
+    ckpt, cfg, variant, gens = loaded
+    G = gens[variant.ema[0]]
     manifest = _manifest(cfg)
     usable = metrics.applicable(cfg, manifest, args.features)
     names = args.metrics.split(",") if args.metrics else usable
@@ -206,12 +195,10 @@ def _eval(args: argparse.Namespace) -> int:
     return _report(result, args.json)
 
 
-def _eval_translation(args: argparse.Namespace) -> int:
+def _eval_translation(args: argparse.Namespace, ckpt, cfg, variant, gens) -> int:
     """`distgan eval` of an image-to-image model: its own measures on the held-out set."""
-
     from distgan.data import stream
 
-    ckpt, cfg, variant, gens = _load_generators(args.ckpt, args.device)
     if args.metrics or args.features:
         raise UserError(f"--metrics/--features do not apply to variant '{cfg.variant.name}': it is measured on "
                         "held-out inputs (PSNR/SSIM, or cycle error and a domain classifier for cyclegan)")  # fmt: skip

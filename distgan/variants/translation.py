@@ -1,7 +1,8 @@
 """What the image-to-image variants (pix2pix, cyclegan, srgan) share: optimizers, previews
 (input | output | target rows), held-out evaluation and translating users' images.
 
-They take images, not noise: `translate(gens, x)` maps inputs to outputs, where `gens` holds the
+Each variant defines `translate(gens, x)` and `evaluate(gens, heldout)`. They take images, not
+noise: `translate(gens, x)` maps inputs to outputs, where `gens` holds the
 generators by name (the EMA copies when there are some). `sample(...)` therefore has nothing to
 draw from and says so; `distgan sample --input IMG|DIR` calls `translate`.
 """
@@ -55,13 +56,6 @@ class Translation:
             stats["d/real"] += real_logits.detach().float().mean() / n
             stats["d/fake"] += fake_logits.detach().float().mean() / n
         ctx.step(self.optimizers["D"])
-
-    # -- to be provided by each variant ---------------------------------------------------
-    def translate(self, gens: dict, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def evaluate(self, gens: dict, heldout: dict) -> dict:
-        raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------
     def heldout(self) -> dict | None:
