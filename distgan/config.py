@@ -29,6 +29,7 @@ CHOICES = {
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     # skip: a step whose gradients are NaN/Inf is not applied (stop after train.max_nan_skips in a row)
     "train.on_nan": ("skip", "stop"),
+    "train.lr_decay": ("none", "linear"),
     "model.d.conditioning": ("projection", "concat"),
     "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),  # auto: offline without an API key
 }
@@ -102,6 +103,8 @@ class VariantConfig:
     n_critic: int = 1  # D (critic) steps per G step, each on its own real batch
     clip: float = 0.01  # wgan: critic weights are clamped to [-clip, clip] after each step
     gp_weight: float = 10.0  # wgan-gp: lambda of the gradient penalty
+    # R1 (Mescheder et al. 2018): D's loss gets r1_gamma / 2 * E_real |grad_x D(x)|^2; 0 = off. Any loss.
+    r1_gamma: float = 0.0
     pack: int = 1  # PacGAN (Lin et al. 2018): D judges `pack` samples at once, stacked as channels
     unroll_steps: int = 5  # unrolled: D steps unrolled for G's loss (Metz et al. 2017)
     unroll_grad: bool = True  # unrolled: gradients flow through the unrolled steps (the paper's full version)
@@ -128,6 +131,10 @@ class TrainConfig:
     lr_d: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
+    # learning-rate schedule of every optimizer: none (constant), or linear: constant until
+    # lr_decay_start x steps, then linearly down towards 0 at train.steps (a function of the step alone)
+    lr_decay: str = "none"
+    lr_decay_start: float = 0.0
     grad_accum: int = 1
     mixed_precision: str = "auto"
     on_nan: str = "skip"
@@ -294,7 +301,7 @@ def validate(cfg: Config) -> None:
         )
     if cfg.variant.scale not in (2, 4):
         raise UserError(f"config key 'variant.scale' must be 2 or 4, got {cfg.variant.scale}")
-    for key in ("gan_weight", "l1_weight", "cycle_weight", "identity_weight", "adv_weight", "vgg_weight"):
+    for key in ("gan_weight", "l1_weight", "cycle_weight", "identity_weight", "adv_weight", "vgg_weight", "r1_gamma"):
         if getattr(cfg.variant, key) < 0:
             raise UserError(f"config key 'variant.{key}' must be >= 0, got {getattr(cfg.variant, key)}")
     if cfg.model.d.maxout < 0 or cfg.model.d.maxout == 1:
@@ -303,6 +310,8 @@ def validate(cfg: Config) -> None:
         raise UserError("config keys 'variant.pool_size', 'variant.crop' and 'variant.pretrain_steps' must be >= 0")
     if cfg.train.eval_every < 0:
         raise UserError(f"config key 'train.eval_every' must be >= 0 (0: never); got {cfg.train.eval_every}")
+    if not 0.0 <= cfg.train.lr_decay_start < 1.0:
+        raise UserError(f"config key 'train.lr_decay_start' must be in [0, 1), got {cfg.train.lr_decay_start}")
     if not 0.0 <= cfg.train.ema_beta < 1.0:
         raise UserError(f"config key 'train.ema_beta' must be in [0, 1), got {cfg.train.ema_beta}")
     from distgan import models, variants  # late import: both import this module

@@ -154,6 +154,15 @@ def ema_beta(beta: float, step: int) -> float:
     return min(beta, (1.0 + step) / (10.0 + step))
 
 
+def lr_factor(t: config.TrainConfig, step: int) -> float:
+    """The multiplier of every base learning rate at 0-based `step` (train.lr_decay): stateless, so a
+    resumed run follows the same schedule."""
+    start = int(t.lr_decay_start * t.steps)
+    if t.lr_decay == "none" or step < start:
+        return 1.0
+    return (t.steps - step) / (t.steps - start)
+
+
 def make_accelerator(cfg: config.Config, with_wandb: bool):
     from datetime import timedelta
 
@@ -263,6 +272,9 @@ def train(
                 opt.load_state_dict(ckpt.optimizer_state(name))
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise UserError(f"checkpoint '{ckpt.path}': optimizer '{name}' does not fit: {exc}") from None
+    for opt in variant.optimizers.values():
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])  # the base of train.lr_decay
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -541,7 +553,14 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
                 if buffers:
                     torch._foreach_copy_(before, buffers)
                 ctx.global_step = step
+                if t.lr_decay != "none":
+                    factor = lr_factor(t, step)
+                    for opt in variant.optimizers.values():
+                        for group in opt.param_groups:
+                            group["lr"] = group["initial_lr"] * factor
                 metrics = variant.train_step(micro, ctx)
+                if t.lr_decay != "none":
+                    metrics["lr/factor"] = torch.tensor(factor, device=device)
                 if ctx.nonfinite:
                     metrics = _nonfinite_step(ctx, cfg, run_dir, step + 1, buffers, before, consecutive_skips + 1, main)
                     tracker.event("nonfinite", step + 1, skipped=metrics.pop("skipped"))

@@ -83,6 +83,27 @@ def test_grid_preset_trains_samples_and_evaluates(tmp_path):
     assert r.returncode == 0 and np.load(tmp_path / "pts.npy").shape == (300, 2)
 
 
+def test_lr_decay_and_r1_resume_exactly(tmp_path):
+    """A linearly decaying learning rate (a function of the step) and the R1 penalty: resuming at
+    step 3 gives step 6 bitwise, and the logged factor follows (steps - step) / (steps - start)."""
+    from conftest import read_metrics
+    from test_train import assert_bitwise_equal
+
+    mixture_shards("grid", 2000, tmp_path / "grid")
+    common = ["--preset", "grid-gan", f"data.shards={tmp_path / 'grid'}", "model.g.width=32", "model.d.width=16",
+              "model.d.maxout=3", "variant.r1_gamma=0.1", "train.lr_decay=linear", "train.lr_decay_start=0.5",
+              "train.log_every=1", "train.ckpt_every=3", "tracking.wandb.mode=disabled"]  # fmt: skip
+    # the schedule depends on train.steps, so the second half resumes from the full run's step 3
+    for out, extra in (("full", []), ("split", ["--resume", tmp_path / "full" / "checkpoints" / "step-00000003"])):
+        r = run_cli("train", *common, "--out", tmp_path / out, "train.steps=6", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    step = "step-00000006"
+    assert_bitwise_equal(tmp_path / "full" / "checkpoints" / step, tmp_path / "split" / "checkpoints" / step)
+    logged = {m["step"]: m for m in read_metrics(tmp_path / "full") if "loss/d" in m}
+    assert [logged[s]["lr/factor"] for s in range(1, 7)] == pytest.approx([1, 1, 1, 1, 2 / 3, 1 / 3])
+    assert all(logged[s]["loss/r1"] > 0 for s in range(1, 7))
+
+
 def test_eval_every_logs_the_metrics_during_training(tmp_path):
     mixture_shards("ring", 2000, tmp_path / "ring")
     run = tmp_path / "run"

@@ -19,6 +19,15 @@ from distgan import losses, models
 from distgan.errors import UserError
 
 
+def r1_penalty(D, real: torch.Tensor) -> torch.Tensor:
+    """E |grad_x D(x)|^2 over D's inputs x (real data), differentiable in D's parameters
+    (create_graph=True). With packing one D input holds m samples: their squared gradients add up."""
+    x = real.detach().requires_grad_(True)
+    logits = D(x).float()
+    (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+    return grad.float().square().sum() / logits.numel()
+
+
 class GAN:
     ema = ("G",)
 
@@ -70,9 +79,10 @@ class GAN:
         return torch.randn(n, self.z_dim, device=device)
 
     def d_penalty(self, D, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra terms of D's loss (named, weighted); none for the plain GAN. `D` is a function of
-        images alone (labels, packing already bound)."""
-        return {}
+        """Extra terms of D's loss (named, weighted): the R1 penalty when variant.r1_gamma > 0.
+        `D` is a function of images alone (labels, packing already bound)."""
+        gamma = self.cfg.variant.r1_gamma
+        return {"loss/r1": gamma / 2 * r1_penalty(D, real)} if gamma > 0 else {}
 
     def after_d_step(self, D: torch.nn.Module) -> None:
         """Called after each D optimizer step (WGAN clips the weights here)."""

@@ -9,7 +9,8 @@ G's loss is then L_G(D_{theta_k}(G(z))). With `variant.unroll_grad=true` (the pa
 version) the updates are built with create_graph, so G's gradient also flows through how D would
 react to G (the fakes of every unrolled step depend on G); with false, theta_k is a constant and
 only the look-ahead remains. D's real parameters, buffers and optimizer state are never touched:
-BatchNorm statistics are updated on copies. The unrolled steps reuse the step's real batch.
+BatchNorm statistics are updated on copies. The unrolled steps reuse the step's real batch and
+take D's loss without its penalties (`variant.r1_gamma` applies to the real D step only).
 """
 
 from __future__ import annotations

@@ -52,4 +52,7 @@ class WGANGP(GAN):
         super().__init__(cfg)
 
     def d_penalty(self, D, real, fake):
-        return {"loss/gp": self.cfg.variant.gp_weight * gradient_penalty(D, real, fake)}
+        return {
+            **super().d_penalty(D, real, fake),
+            "loss/gp": self.cfg.variant.gp_weight * gradient_penalty(D, real, fake),
+        }
