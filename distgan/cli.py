@@ -63,6 +63,12 @@ def _train(args: argparse.Namespace) -> int:
     return code
 
 
+DRS_HELP = (
+    "keep samples by discriminator rejection sampling (Azadi et al. 2019) with the checkpoint's D: accept x "
+    "with probability exp(D(x) - max D); logistic-loss gan/unrolled models"
+)
+
+
 def _load_generators(path: str, device_name: str | None):
     """(checkpoint, config, variant, {name: its EMA generator on the device, in eval mode})."""
     import torch
@@ -121,20 +127,35 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _draw(variant, G, total: int, seed: int, labels=None):
-    """`total` samples in chunks of 1024, with a progress bar for big requests."""
+def _draw(variant, G, total: int, seed: int, labels=None, D=None):
+    """`total` samples in chunks of 1024, with a progress bar for big requests; with `D`, kept by
+    discriminator rejection sampling (distgan.sampling), and its statistics."""
     import torch
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(seed)
-    chunks = []
-    with tqdm(total=total, desc="sample", disable=total <= 1024) as bar:
+    with tqdm(total=total, desc="sample", disable=total <= 1024 and D is None) as bar:
+        if D is not None:
+            from distgan import sampling
+
+            return sampling.rejection_sample(variant, G, D, total, gen, bar=bar)
+        chunks = []
         while (done := sum(len(c) for c in chunks)) < total:
             k = min(1024, total - done)
             y = labels[done : done + k] if labels is not None else None
             chunks.append(variant.sample(G, k, generator=gen, labels=y).cpu())
             bar.update(k)
-    return torch.cat(chunks)
+    return torch.cat(chunks), {}
+
+
+def _load_discriminator(ckpt, cfg, variant, G):
+    """The checkpoint's D, on G's device in eval mode, for --drs."""
+    from distgan import checkpoint, sampling
+
+    sampling.check_supported(cfg)
+    D = variant.models["D"]
+    checkpoint.load_model(D, ckpt.model_state("D"), f"checkpoint '{ckpt.path}' model 'D'")
+    return D.to(next(G.parameters()).device).eval()
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -143,6 +164,8 @@ def _sample(args: argparse.Namespace) -> int:
     from distgan import images
 
     if args.input:
+        if args.drs:
+            raise UserError("--drs applies to unconditional gan/unrolled models, not to --input translation")
         return _translate(args)
     suffix = Path(args.out).suffix.lower()
     if suffix not in (".png", ".npy"):
@@ -152,7 +175,8 @@ def _sample(args: argparse.Namespace) -> int:
     ckpt, cfg, variant, G = _load_generator(args.ckpt, args.device)
     labels, nrow = _sample_labels(args, cfg)
     total = len(labels) if labels is not None else args.n
-    x = _draw(variant, G, total, args.seed, labels)
+    D = _load_discriminator(ckpt, cfg, variant, G) if args.drs else None
+    x, drs = _draw(variant, G, total, args.seed, labels, D)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
         np.save(args.out, x.numpy().astype(np.float32))
@@ -161,7 +185,8 @@ def _sample(args: argparse.Namespace) -> int:
         images.save_png(args.out, images.scatter(x, mixture.get("centres")))
     else:
         images.save_png(args.out, images.make_grid(x, nrow=nrow))
-    print(f"wrote {total} samples from {ckpt.path} (step {ckpt.step}) to {args.out}")
+    kept = f" (discriminator rejection sampling kept {drs['accept_rate']:.1%} of {drs['drawn']} draws)" if drs else ""
+    print(f"wrote {total} samples from {ckpt.path} (step {ckpt.step}) to {args.out}{kept}")
     return 0
 
 
@@ -182,6 +207,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be >= 2; got {args.n}")
     loaded = _load_generators(args.ckpt, args.device)
     if hasattr(loaded[2], "evaluate"):  # image-to-image: measured on held-out inputs
+        if args.drs:
+            raise UserError("--drs applies to unconditional gan/unrolled models, not image-to-image ones")
         return _eval_translation(args, *loaded)
     ckpt, cfg, variant, gens = loaded
     G = gens[variant.ema[0]]
@@ -189,8 +216,11 @@ def _eval(args: argparse.Namespace) -> int:
     usable = metrics.applicable(cfg, manifest, args.features)
     names = args.metrics.split(",") if args.metrics else usable
     metrics.check(names, usable, cfg)
-    x = _draw(variant, G, args.n, args.seed)
+    D = _load_discriminator(ckpt, cfg, variant, G) if args.drs else None
+    x, drs = _draw(variant, G, args.n, args.seed, D=D)
     result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "n": args.n}
+    if drs:
+        result.update({f"drs_{k}": v for k, v in drs.items()})
     result.update(metrics.compute(x, names, cfg, manifest, args.features))
     return _report(result, args.json)
 
@@ -318,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         "upscale (srgan, in overlapping tiles); --out is then a .png file, or a folder for a folder",
     )
     m.add_argument("--direction", choices=("ab", "ba"), default="ab", help="cyclegan: A -> B (default) or B -> A")
+    m.add_argument("--drs", action="store_true", help=DRS_HELP)
     m.set_defaults(func=_sample)
 
     e = sub.add_parser("eval", help="measure a checkpoint's EMA generator (mode collapse, sample quality)")
@@ -336,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "training shards' own held-out set, which the builtin sets have)")  # fmt: skip
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    e.add_argument("--drs", action="store_true", help=DRS_HELP + "; the report adds the acceptance rate")
     e.set_defaults(func=_eval)
 
     r = sub.add_parser("presets", help="list the presets")

@@ -81,6 +81,8 @@ def test_grid_preset_trains_samples_and_evaluates(tmp_path):
     assert "modes" in r.stdout
     r = run_cli("sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "pts.npy")
     assert r.returncode == 0 and np.load(tmp_path / "pts.npy").shape == (300, 2)
+    r = run_cli("eval", "--ckpt", run, "--drs")  # its D judges packs of samples
+    assert r.returncode == 2 and "packs of 4" in r.stderr
 
 
 def test_lr_decay_and_r1_resume_exactly(tmp_path):
@@ -102,6 +104,43 @@ def test_lr_decay_and_r1_resume_exactly(tmp_path):
     logged = {m["step"]: m for m in read_metrics(tmp_path / "full") if "loss/d" in m}
     assert [logged[s]["lr/factor"] for s in range(1, 7)] == pytest.approx([1, 1, 1, 1, 2 / 3, 1 / 3])
     assert all(logged[s]["loss/r1"] > 0 for s in range(1, 7))
+    # discriminator rejection sampling with this (logistic-loss, unpacked) checkpoint's D
+    r = run_cli("eval", "--ckpt", tmp_path / "full", "--n", "300", "--drs", "--json", tmp_path / "drs.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "drs.json").read_text())
+    assert result["samples"] == 300 and result["drs_drawn"] >= 300
+    assert result["drs_accept_rate"] == pytest.approx(300 / result["drs_drawn"])
+    r = run_cli("sample", "--ckpt", tmp_path / "full", "--n", "50", "--drs", "--out", tmp_path / "drs.npy")
+    assert r.returncode == 0 and np.load(tmp_path / "drs.npy").shape == (50, 2) and "rejection" in r.stdout
+
+
+def test_rejection_sampling_draws_from_the_data_distribution():
+    """G draws N(0, I) in 2-D and D(x) is exactly log p_data/p_G for p_data = N(0, 0.5^2 I): the kept
+    samples have standard deviation 0.5, and the acceptance rate is 1/max ratio = 1/4."""
+    from distgan.sampling import rejection_sample
+
+    class Identity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, z):
+            return z * self.w
+
+    class Variant:
+        @staticmethod
+        def sample(G, n, generator):
+            return G(torch.randn(n, 2, generator=generator))
+
+    def D(x):  # log N(x; 0, 0.25 I) - log N(x; 0, I)
+        sq = x.square().sum(1)
+        return math.log(4.0) - sq / (2 * 0.25) + sq / 2
+
+    x, stats = rejection_sample(Variant(), Identity(), D, 20_000, torch.Generator().manual_seed(0))
+    assert x.shape == (20_000, 2)
+    assert x.std(0).tolist() == pytest.approx([0.5, 0.5], abs=0.01)
+    assert stats["accept_rate"] == pytest.approx(0.25, abs=0.01)
+    assert stats["max_logit"] == pytest.approx(math.log(4.0), abs=0.01)
 
 
 def test_eval_every_logs_the_metrics_during_training(tmp_path):

@@ -1,0 +1,82 @@
+"""Discriminator rejection sampling (Azadi et al. 2019, "Discriminator Rejection Sampling").
+
+A discriminator trained with the logistic loss (variant.loss ns or minimax) to optimality has
+logit D(x) = log p_data(x) / p_G(x). Rejection sampling from p_G with the acceptance probability
+exp(D(x) - M), M = max_x D(x), then draws from p_data where D is right: G's samples that D finds
+unlikely as data (the "bridges" between a mixture's modes, over-produced modes) are thrown away.
+This is the paper's idealised rule, without its gamma shift; M is the largest logit seen so far
+(a burn-in of `burn_in` samples first, and raised whenever a larger logit turns up, as the paper
+does). The discriminator is the checkpoint's D, which was trained against the live generator.
+
+`distgan sample --drs` and `distgan eval --drs` use it; the eval report then says how many
+draws were needed per kept sample (the acceptance rate).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from distgan.errors import UserError
+
+LOGISTIC_LOSSES = ("ns", "minimax")
+
+
+def check_supported(cfg) -> None:
+    """The rule needs D(x) = log p_data / p_G: a logistic loss, unpacked, unconditional samples."""
+    if cfg.variant.loss not in LOGISTIC_LOSSES:
+        raise UserError(
+            f"--drs needs a discriminator trained with the logistic loss (variant.loss ns or minimax), whose "
+            f"logit estimates log p_data/p_G; this checkpoint used variant.loss={cfg.variant.loss}"
+        )
+    if cfg.variant.pack > 1:
+        raise UserError(f"--drs judges single samples; this checkpoint's D judges packs of {cfg.variant.pack}")
+    if cfg.model.num_classes > 0 or cfg.variant.name not in ("gan", "unrolled"):
+        raise UserError(f"--drs supports the unconditional gan and unrolled variants; got '{cfg.variant.name}'")
+
+
+@torch.no_grad()
+def rejection_sample(
+    variant,
+    G: torch.nn.Module,
+    D: torch.nn.Module,
+    n: int,
+    generator: torch.Generator,
+    burn_in: int = 10_000,
+    chunk: int = 1024,
+    max_draws: int = 10_000_000,
+    bar=None,
+) -> tuple[torch.Tensor, dict]:
+    """n samples kept by discriminator rejection sampling, and {"drawn", "accept_rate", "max_logit"}.
+    The acceptance coins come from `generator` too, so a seed gives the same samples."""
+    device = next(G.parameters()).device
+
+    def draw(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = variant.sample(G, k, generator=generator)
+        return x, D(x.to(device)).float().flatten().cpu()
+
+    m = -math.inf
+    drawn = 0
+    while drawn < burn_in:
+        _, logits = draw(min(chunk, burn_in - drawn))
+        m = max(m, logits.max().item())
+        drawn += len(logits)
+    kept: list[torch.Tensor] = []
+    got, drawn = 0, 0
+    while got < n:
+        if drawn >= max_draws:
+            raise UserError(
+                f"--drs kept only {got} of {n} samples in {drawn} draws (acceptance {got / drawn:.2e}); "
+                "the discriminator rejects nearly everything this generator makes"
+            )
+        x, logits = draw(chunk)
+        drawn += len(logits)
+        m = max(m, logits.max().item())
+        coins = torch.rand(len(logits), generator=generator, device=generator.device).cpu()
+        keep = coins < torch.exp(logits - m)
+        kept.append(x.cpu()[keep][: n - got])
+        got += len(kept[-1])
+        if bar is not None:
+            bar.update(len(kept[-1]))
+    return torch.cat(kept), {"drawn": drawn, "accept_rate": n / drawn, "max_logit": m}
