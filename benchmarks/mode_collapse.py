@@ -5,7 +5,8 @@
                                        [--stacked-steps 3000] [--no-stacked]
 
 Every cell (dataset, variant, seed) is one `distgan train` of the dataset's preset with the
-variant's overrides, then `distgan eval --n 2500` on its final checkpoint. Each finished cell is
+variant's overrides, then `distgan eval --n 2500` on its final checkpoint (26 000 samples for stacked
+digits, and also `eval --drs` for gan-r1). Each finished cell is
 saved in benchmarks/results/mode_collapse/cells/ and skipped when the script runs again, so the
 benchmark resumes where it stopped; the tables are rebuilt from all cells present. Stacked
 digits (1000 modes) then run for the two variants with the most grid modes, and the DCGAN baseline.
@@ -43,7 +44,11 @@ VARIANTS = {
     "sngan": ["variant.name=sngan", "variant.loss=hinge"],
     "pacgan2": ["variant.pack=2"],
     "pacgan4": ["variant.pack=4"],
+    "gan-r1": [],  # the ring-gan-r1 / grid-gan-r1 presets: maxout D, R1, TTUR, lr decay, no EMA
 }
+PRESET = {"gan-r1": "{dataset}-gan-r1"}  # default: {dataset}-gan
+DRS_VARIANTS = ("gan-r1",)  # also measured with discriminator rejection sampling (eval --drs)
+STACKED_N = 26_000  # samples per stacked-digits evaluation, as VEEGAN and PacGAN count the 1000 modes
 
 # (dataset, row) -> (modes, high-quality %, reverse KL); None where the paper gives no figure.
 PUBLISHED = {
@@ -67,9 +72,14 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def cell(dataset: str, variant: str, seed: int, steps: int) -> dict:
     path = CELLS / f"{dataset}-{variant}-n{steps}-s{seed}.json"
+    if dataset == "stacked":  # counted on STACKED_N samples (cells counted on 2500 are not comparable)
+        path = CELLS / f"{dataset}-{variant}-n{steps}-e{STACKED_N}-s{seed}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    preset = "stacked-digits-dcgan" if dataset == "stacked" else f"{dataset}-gan"
+    preset = (
+        "stacked-digits-dcgan" if dataset == "stacked" else PRESET.get(variant, "{dataset}-gan").format(dataset=dataset)
+    )
+    n_eval = STACKED_N if dataset == "stacked" else 2500
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         r = run(["train", "--preset", preset, "--out", f"{tmp}/run", f"train.steps={steps}", f"train.seed={seed}",
@@ -78,20 +88,33 @@ def cell(dataset: str, variant: str, seed: int, steps: int) -> dict:
         if r.returncode != 0:
             raise RuntimeError(f"{dataset}/{variant}/seed {seed}: train failed:\n{r.stderr[-2000:]}")
         train_s = time.perf_counter() - start
-        r = run(["eval", "--ckpt", f"{tmp}/run", "--n", "2500", "--json", f"{tmp}/eval.json", "--seed", str(seed)])
+        r = run(["eval", "--ckpt", f"{tmp}/run", "--n", str(n_eval), "--json", f"{tmp}/eval.json", "--seed", str(seed)])
         if r.returncode != 0:
             raise RuntimeError(f"{dataset}/{variant}/seed {seed}: eval failed:\n{r.stderr[-2000:]}")
         result = json.loads(Path(f"{tmp}/eval.json").read_text())
+        if variant in DRS_VARIANTS and dataset != "stacked":
+            r = run(["eval", "--ckpt", f"{tmp}/run", "--n", "2500", "--drs", "--json", f"{tmp}/drs.json",
+                     "--seed", str(seed)])  # fmt: skip
+            if r.returncode != 0:
+                raise RuntimeError(f"{dataset}/{variant}/seed {seed}: eval --drs failed:\n{r.stderr[-2000:]}")
+            drs = json.loads(Path(f"{tmp}/drs.json").read_text())
+            result["drs"] = {k: drs[k] for k in ("modes", "high_quality_pct", "reverse_kl", "drs_accept_rate")}
         samples = None
+        drs_samples = None
         if dataset != "stacked" and seed == 0:
             r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", "--out", f"{tmp}/pts.npy"])
             samples = np.load(f"{tmp}/pts.npy").tolist() if r.returncode == 0 else None
+            if variant in DRS_VARIANTS:
+                r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", "--drs", "--out", f"{tmp}/drs.npy"])
+                drs_samples = np.load(f"{tmp}/drs.npy").tolist() if r.returncode == 0 else None
     out = {"dataset": dataset, "variant": variant, "seed": seed, "steps": steps, "train_s": train_s, **result}
     out.pop("checkpoint", None)
     CELLS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out) + "\n")
     if samples is not None:
         (CELLS / f"{dataset}-{variant}-n{steps}-s{seed}.samples.json").write_text(json.dumps(samples))
+    if drs_samples is not None:
+        (CELLS / f"{dataset}-{variant}+drs-n{steps}-s{seed}.samples.json").write_text(json.dumps(drs_samples))
     return out
 
 
@@ -136,6 +159,14 @@ def table(done: list[dict]) -> tuple[list[dict], str]:
                          "modes": modes, "high_quality_pct": hq, "reverse_kl": kl})  # fmt: skip
             lines.append(f"| distgan {variant} | {len(got)} | {got[0]['steps']} | {fmt(*modes)} | {fmt(*hq)} "
                          f"| {fmt(*kl, digits=3)} |")  # fmt: skip
+            drs = [c["drs"] for c in got if "drs" in c]
+            if drs:
+                modes, hq, kl = (mean_se([d[k] for d in drs]) for k in ("modes", "high_quality_pct", "reverse_kl"))
+                rate = mean_se([100 * d["drs_accept_rate"] for d in drs])
+                rows.append({"dataset": dataset, "variant": f"{variant} + DRS", "seeds": len(drs),
+                             "steps": got[0]["steps"], "modes": modes, "high_quality_pct": hq, "reverse_kl": kl})  # fmt: skip
+                lines.append(f"| distgan {variant} + DRS (accepts {fmt(*rate)}%) | {len(drs)} | {got[0]['steps']} "
+                             f"| {fmt(*modes)} | {fmt(*hq)} | {fmt(*kl, digits=3)} |")  # fmt: skip
         for (d, name), (m, h, k) in PUBLISHED.items():
             if d == dataset:
                 lines.append(f"| {name} | | | {m} | {'' if h is None else h} | {'' if k is None else k} |")
@@ -151,7 +182,7 @@ def scatter_png(done: list[dict]) -> Path | None:
     tiles = []
     for dataset in ("ring", "grid"):
         centres, _ = builtin.mixture_spec(dataset)
-        for variant in VARIANTS:
+        for variant in [*VARIANTS, *(f"{v}+drs" for v in DRS_VARIANTS)]:
             found = sorted(CELLS.glob(f"{dataset}-{variant}-n*-s0.samples.json"))
             if not found:
                 continue
@@ -203,7 +234,10 @@ def main() -> None:
         grid = [c for c in done if c["dataset"] == "grid"]
         ranked = sorted({c["variant"] for c in grid}, key=lambda v: -statistics.mean(
             c["modes"] for c in grid if c["variant"] == v))  # fmt: skip
-        for variant in ["gan", *[v for v in ranked if v not in ("gan", "unrolled", "wgan-gp")][:2]]:
+        # the DCGAN baseline and the best two variants that carry over to stacked-digits-dcgan as plain
+        # overrides (not unrolled or wgan-gp: too slow here; not gan-r1: its preset is the 2-D MLP's)
+        paper = [v for v in ranked if v not in ("gan", "unrolled", "wgan-gp", *PRESET)]
+        for variant in ["gan", *paper[:2]]:
             for seed in range(args.stacked_seeds):
                 if out_of_time():
                     break
@@ -219,17 +253,19 @@ def main() -> None:
     notes = (
         "Cells accumulate over runs of this script (each is in results/mode_collapse/cells/ with its steps, seed "
         "and training time), so the command above may be only the last of several. "
-        "Each distgan row: mean ± standard error over seeds of `distgan eval --n 2500` on the final EMA "
-        "generator (modes captured: modes with at least one high-quality sample; high quality: within 3 std "
-        "of the nearest centre in every coordinate; reverse KL: high-quality samples' histogram over modes "
-        "against uniform). Presets ring-gan / grid-gan (G 4x400 ReLU+BN, D 3x200 LeakyReLU, Adam 1e-4, "
-        "batch 100, z 2-d) with each variant's overrides (see VARIANTS in the script). Stacked digits: "
-        "stacked-digits-dcgan at 16x16; modes counted by classifying each channel with the digits MLP "
-        "(held-out accuracy in the cells). Published rows are copied from the papers' tables, which "
-        "trained longer and on 28x28 MNIST for the stacked rows, so they compare trends, not exact settings."
-        + (f"\n\n![samples]({png.name})" if png else "")
-        + "\n\n"
-        + md
+        "Each distgan row: mean ± standard error over seeds of `distgan eval --n 2500` on the final "
+        "generator's EMA copy (modes captured: modes with at least one high-quality sample; high quality: within "
+        "3 std of the nearest centre in every coordinate; reverse KL: high-quality samples' histogram over modes "
+        "against uniform). The paper-setup rows use presets ring-gan / grid-gan (G 4x400 ReLU+BN, D 3x200 "
+        "LeakyReLU, Adam 1e-4, batch 100, z 2-d, EMA 0.999) with each variant's overrides (see VARIANTS in the "
+        "script). The gan-r1 rows use presets ring-gan-r1 / grid-gan-r1: the same G and batch, PacGAN's maxout "
+        "D, R1 0.05, lr G 5e-4 / D 2e-3 decayed linearly over the second half, no EMA (ema_beta 0: the EMA copy "
+        "is the live G). '+ DRS' rows: the same checkpoints through `distgan eval --drs` (discriminator "
+        "rejection sampling with the run's D), with the share of draws kept. Stacked digits: "
+        f"stacked-digits-dcgan at 16x16; modes counted on {STACKED_N} samples, as VEEGAN and PacGAN count them, "
+        "by classifying each channel with the digits MLP (held-out accuracy in the cells). Published rows are "
+        "copied from the papers' tables, which trained longer and on 28x28 MNIST for the stacked rows, so they "
+        "compare trends, not exact settings." + (f"\n\n![samples]({png.name})" if png else "") + "\n\n" + md
     )
     flat = [{k: (fmt(*v, digits=3 if k == "reverse_kl" else 1) if isinstance(v, tuple) else v) for k, v in r.items()}
             for r in rows]  # fmt: skip

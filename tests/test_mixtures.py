@@ -92,8 +92,8 @@ def test_lr_decay_and_r1_resume_exactly(tmp_path):
     from test_train import assert_bitwise_equal
 
     mixture_shards("grid", 2000, tmp_path / "grid")
-    common = ["--preset", "grid-gan", f"data.shards={tmp_path / 'grid'}", "model.g.width=32", "model.d.width=16",
-              "model.d.maxout=3", "variant.r1_gamma=0.1", "train.lr_decay=linear", "train.lr_decay_start=0.5",
+    # grid-gan-r1 (maxout D, R1, decay over the second half, no EMA) with small MLPs
+    common = ["--preset", "grid-gan-r1", f"data.shards={tmp_path / 'grid'}", "model.g.width=32", "model.d.width=16",
               "train.log_every=1", "train.ckpt_every=3", "tracking.wandb.mode=disabled"]  # fmt: skip
     # the schedule depends on train.steps, so the second half resumes from the full run's step 3
     for out, extra in (("full", []), ("split", ["--resume", tmp_path / "full" / "checkpoints" / "step-00000003"])):
