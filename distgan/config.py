@@ -304,6 +304,8 @@ def validate(cfg: Config) -> None:
     for key in ("gan_weight", "l1_weight", "cycle_weight", "identity_weight", "adv_weight", "vgg_weight", "r1_gamma"):
         if getattr(cfg.variant, key) < 0:
             raise UserError(f"config key 'variant.{key}' must be >= 0, got {getattr(cfg.variant, key)}")
+    if cfg.variant.r1_gamma > 0 and cfg.variant.name in ("pix2pix", "cyclegan", "srgan"):
+        raise UserError(f"config key 'variant.r1_gamma' is not used by variant '{cfg.variant.name}'; leave it at 0")
     if cfg.model.d.maxout < 0 or cfg.model.d.maxout == 1:
         raise UserError(f"config key 'model.d.maxout' must be 0 (off) or >= 2 pieces, got {cfg.model.d.maxout}")
     if cfg.variant.pool_size < 0 or cfg.variant.crop < 0 or cfg.variant.pretrain_steps < 0:

@@ -44,6 +44,10 @@ def test_yaml_file_and_override_order(tmp_path):
         ({"overrides": ["data.resolution=12"]}, "power of two"),
         ({"overrides": ["train.steps=0"]}, "'train.steps' must be >= 1"),
         ({"overrides": ["train.steps"]}, "not of the form key=value"),
+        ({"overrides": ["variant.r1_gamma=-1"]}, "'variant.r1_gamma' must be >= 0"),
+        ({"overrides": ["train.lr_decay=cosine"]}, "must be one of none, linear"),
+        ({"overrides": ["train.lr_decay_start=1.0"]}, "'train.lr_decay_start' must be in [0, 1)"),
+        ({"preset": "edges2photos-pix2pix", "overrides": ["variant.r1_gamma=1"]}, "not used by variant 'pix2pix'"),
         ({"config_file": "/nonexistent.yaml"}, "does not exist"),
     ],
 )

@@ -24,8 +24,6 @@ class Translation:
     input_key = "input"  # the batch key of the inputs (pix2pix: the edge maps)
 
     def __init__(self, cfg):
-        if cfg.variant.r1_gamma > 0:
-            raise UserError(f"config key 'variant.r1_gamma' is not used by variant '{cfg.variant.name}'; leave it at 0")
         self.cfg = cfg
         self.loss = cfg.variant.loss
         self.main = os.environ.get("RANK", "0") == "0"
