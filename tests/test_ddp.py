@@ -286,14 +286,15 @@ def test_cpu_ddp_script_runs_n_ranks(tmp_path, digits_shards):
 @pytest.mark.parametrize(
     "d",
     [
-        ["model.d.batchnorm=true"],  # BatchNorm buffers updated by three D calls before backward
+        # BatchNorm buffers updated by four D calls before backward (real, fake, x_hat, R1's real)
+        ["model.d.batchnorm=true", "variant.r1_gamma=1"],
         ["model.d.spectral_norm=true"],  # u, v updated in place by three D calls (Triton path here)
         ["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=8"],  # its double backward
     ],
 )
 def test_gradient_penalty_under_ddp(tmp_path, digits_shards, d):
-    """WGAN-GP on 2 ranks: D on real, fake and x_hat, then one backward through create_graph; the
-    ranks stay identical."""
+    """WGAN-GP on 2 ranks: D on real, fake and x_hat (and real again for R1), then one backward
+    through create_graph; the ranks stay identical."""
     run = tmp_path / "run"
     r = launch("--preset", "digits-wgan-gp", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=2",
                "variant.n_critic=2", *d)  # fmt: skip
@@ -302,6 +303,8 @@ def test_gradient_penalty_under_ddp(tmp_path, digits_shards, d):
     assert len(set(meta["fingerprints"])) == 1
     logged = [m for m in read_metrics(run) if "loss/gp" in m]
     assert logged and logged[-1]["loss/gp"] > 0
+    if "variant.r1_gamma=1" in d:
+        assert logged[-1]["loss/r1"] > 0
 
 
 def test_unrolled_gan_under_ddp(tmp_path, digits_shards):
