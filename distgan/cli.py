@@ -63,14 +63,16 @@ def _train(args: argparse.Namespace) -> int:
     return code
 
 
+LIVE_HELP = "use the trained generator itself instead of its EMA copy (train.ema_beta)"
 DRS_HELP = (
     "keep samples by discriminator rejection sampling (Azadi et al. 2019) with the checkpoint's D: accept x "
     "with probability exp(D(x) - max D); logistic-loss gan/unrolled models"
 )
 
 
-def _load_generators(path: str, device_name: str | None):
-    """(checkpoint, config, variant, {name: its EMA generator on the device, in eval mode})."""
+def _load_generators(path: str, device_name: str | None, live: bool = False):
+    """(checkpoint, config, variant, {name: its EMA generator (the trained one itself with `live`) on
+    the device, in eval mode})."""
     import torch
 
     from distgan import checkpoint, config, variants
@@ -81,15 +83,15 @@ def _load_generators(path: str, device_name: str | None):
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     gens = {}
     for name in variant.ema:
-        G = variant.models[name]
-        checkpoint.load_model(G, ckpt.model_state(f"{name}_ema"), f"checkpoint '{ckpt.path}' model '{name}_ema'")
+        G, key = variant.models[name], name if live else f"{name}_ema"
+        checkpoint.load_model(G, ckpt.model_state(key), f"checkpoint '{ckpt.path}' model '{key}'")
         gens[name] = G.to(device).eval()
     return ckpt, cfg, variant, gens
 
 
-def _load_generator(path: str, device_name: str | None):
+def _load_generator(path: str, device_name: str | None, live: bool = False):
     """(checkpoint, config, variant, its (first) EMA generator on the device, in eval mode)."""
-    ckpt, cfg, variant, gens = _load_generators(path, device_name)
+    ckpt, cfg, variant, gens = _load_generators(path, device_name, live)
     return ckpt, cfg, variant, gens[variant.ema[0]]
 
 
@@ -97,7 +99,7 @@ def _translate(args: argparse.Namespace) -> int:
     """`distgan sample --input`: translate or upscale the user's images with an image-to-image model."""
     from distgan import images
 
-    ckpt, cfg, variant, gens = _load_generators(args.ckpt, args.device)
+    ckpt, cfg, variant, gens = _load_generators(args.ckpt, args.device, args.live)
     if not hasattr(variant, "translate"):
         raise UserError(f"--input needs an image-to-image model (pix2pix, cyclegan, srgan); this checkpoint's "
                         f"variant is '{cfg.variant.name}'")  # fmt: skip
@@ -172,7 +174,7 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserError(f"--out must end in .png (a grid) or .npy (the raw array); got '{args.out}'")
     if args.n < 1:
         raise UserError(f"--n must be >= 1; got {args.n}")
-    ckpt, cfg, variant, G = _load_generator(args.ckpt, args.device)
+    ckpt, cfg, variant, G = _load_generator(args.ckpt, args.device, args.live)
     labels, nrow = _sample_labels(args, cfg)
     total = len(labels) if labels is not None else args.n
     D = _load_discriminator(ckpt, cfg, variant, G) if args.drs else None
@@ -205,7 +207,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.n < 2:
         raise UserError(f"--n must be >= 2; got {args.n}")
-    loaded = _load_generators(args.ckpt, args.device)
+    loaded = _load_generators(args.ckpt, args.device, args.live)
     if hasattr(loaded[2], "evaluate"):  # image-to-image: measured on held-out inputs
         if args.drs:
             raise UserError("--drs applies to unconditional gan/unrolled models, not image-to-image ones")
@@ -349,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--direction", choices=("ab", "ba"), default="ab", help="cyclegan: A -> B (default) or B -> A")
     m.add_argument("--drs", action="store_true", help=DRS_HELP)
+    m.add_argument("--live", action="store_true", help=LIVE_HELP)
     m.set_defaults(func=_sample)
 
     e = sub.add_parser("eval", help="measure a checkpoint's EMA generator (mode collapse, sample quality)")
@@ -368,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     e.add_argument("--drs", action="store_true", help=DRS_HELP + "; the report adds the acceptance rate")
+    e.add_argument("--live", action="store_true", help=LIVE_HELP)
     e.set_defaults(func=_eval)
 
     r = sub.add_parser("presets", help="list the presets")

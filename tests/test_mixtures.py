@@ -81,6 +81,9 @@ def test_grid_preset_trains_samples_and_evaluates(tmp_path):
     assert "modes" in r.stdout
     r = run_cli("sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "pts.npy")
     assert r.returncode == 0 and np.load(tmp_path / "pts.npy").shape == (300, 2)
+    r = run_cli("sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "live.npy", "--live")
+    assert r.returncode == 0  # the trained G, not its EMA copy: same noise, other points
+    assert not np.allclose(np.load(tmp_path / "live.npy"), np.load(tmp_path / "pts.npy"))
     r = run_cli("eval", "--ckpt", run, "--drs")  # its D judges packs of samples
     assert r.returncode == 2 and "packs of 4" in r.stderr
 
