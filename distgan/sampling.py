@@ -63,7 +63,7 @@ def rejection_sample(
         m = max(m, logits.max().item())
         drawn += len(logits)
     kept: list[torch.Tensor] = []
-    got, drawn = 0, 0
+    got, drawn, passed = 0, 0, 0
     while got < n:
         if drawn >= max_draws:
             raise UserError(
@@ -75,8 +75,10 @@ def rejection_sample(
         m = max(m, logits.max().item())
         coins = torch.rand(len(logits), generator=generator, device=generator.device).cpu()
         keep = coins < torch.exp(logits - m)
+        passed += int(keep.sum())
         kept.append(x.cpu()[keep][: n - got])
         got += len(kept[-1])
         if bar is not None:
             bar.update(len(kept[-1]))
-    return torch.cat(kept), {"drawn": drawn, "accept_rate": n / drawn, "max_logit": m}
+    # the rate counts every accepted draw, also those past the n-th (draws come in whole chunks)
+    return torch.cat(kept), {"drawn": drawn, "accept_rate": passed / drawn, "max_logit": m}

