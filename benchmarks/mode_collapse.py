@@ -98,7 +98,9 @@ def cell(dataset: str, variant: str, seed: int, steps: int) -> dict:
             if r.returncode != 0:
                 raise RuntimeError(f"{dataset}/{variant}/seed {seed}: eval --drs failed:\n{r.stderr[-2000:]}")
             drs = json.loads(Path(f"{tmp}/drs.json").read_text())
-            result["drs"] = {k: drs[k] for k in ("modes", "high_quality_pct", "reverse_kl", "drs_accept_rate", "drs_drawn")}
+            result["drs"] = {
+                k: drs[k] for k in ("modes", "high_quality_pct", "reverse_kl", "drs_accept_rate", "drs_drawn")
+            }
         samples = None
         drs_samples = None
         if dataset != "stacked" and seed == 0:
