@@ -90,7 +90,8 @@ def _load_generators(path: str, device_name: str | None, live: bool = False):
 
 
 def _load_generator(path: str, device_name: str | None, live: bool = False):
-    """(checkpoint, config, variant, its (first) EMA generator on the device, in eval mode)."""
+    """(checkpoint, config, variant, its (first) generator on the device, in eval mode): the EMA copy,
+    or the trained G with `live`."""
     ckpt, cfg, variant, gens = _load_generators(path, device_name, live)
     return ckpt, cfg, variant, gens[variant.ema[0]]
 
