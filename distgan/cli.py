@@ -151,14 +151,38 @@ def _draw(variant, G, total: int, seed: int, labels=None, D=None):
     return torch.cat(chunks), {}
 
 
-def _load_discriminator(ckpt, cfg, variant, G):
-    """The checkpoint's D, on G's device in eval mode, for --drs."""
+def _load_discriminator(ckpt, cfg, variant, G, args: argparse.Namespace):
+    """The checkpoint's D, on G's device in eval mode, for --drs; with --drs-calibrate, trained further
+    against the frozen G first (distgan.sampling.calibrate). Returns (D, its report entries)."""
     from distgan import checkpoint, sampling
 
+    if args.drs_calibrate and not args.drs:
+        raise UserError("--drs-calibrate trains the discriminator for --drs; add --drs")
+    if not args.drs:
+        return None, {}
+    if args.drs_calibrate < 0 or not args.drs_lr > 0:
+        raise UserError(f"--drs-calibrate must be >= 0 and --drs-lr > 0; got {args.drs_calibrate} and {args.drs_lr}")
     sampling.check_supported(cfg)
     D = variant.models["D"]
     checkpoint.load_model(D, ckpt.model_state("D"), f"checkpoint '{ckpt.path}' model 'D'")
-    return D.to(next(G.parameters()).device).eval()
+    D = D.to(next(G.parameters()).device)
+    if not args.drs_calibrate:
+        return D.eval(), {}
+    import torch
+    from tqdm import tqdm
+
+    from distgan.data import stream
+
+    source = stream.resolve(cfg.data.shards)
+    ds = stream.ShardStream(source.urls, batch_size=cfg.data.batch_size, resolution=cfg.data.resolution,
+                            channels=cfg.data.channels, seed=args.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                            on_error=cfg.data.on_error, points=cfg.data.kind == "points")  # fmt: skip
+    real = (batch["image"] for batch in stream.make_loader(ds, num_workers=0))
+    gen = torch.Generator().manual_seed(args.seed + 1)  # not the sampling seed: fresh draws
+    with tqdm(total=args.drs_calibrate, desc="calibrate D") as bar:
+        D, stats = sampling.calibrate(variant, G, D, real, args.drs_calibrate, args.drs_lr, gen,
+                                      betas=(cfg.train.beta1, cfg.train.beta2), bar=bar)  # fmt: skip
+    return D, {"drs_" + k: v for k, v in stats.items()}
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -178,7 +202,7 @@ def _sample(args: argparse.Namespace) -> int:
     ckpt, cfg, variant, G = _load_generator(args.ckpt, args.device, args.live)
     labels, nrow = _sample_labels(args, cfg)
     total = len(labels) if labels is not None else args.n
-    D = _load_discriminator(ckpt, cfg, variant, G) if args.drs else None
+    D, _ = _load_discriminator(ckpt, cfg, variant, G, args)
     x, drs = _draw(variant, G, total, args.seed, labels, D)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
@@ -219,9 +243,9 @@ def _eval(args: argparse.Namespace) -> int:
     usable = metrics.applicable(cfg, manifest, args.features)
     names = args.metrics.split(",") if args.metrics else usable
     metrics.check(names, usable, cfg)
-    D = _load_discriminator(ckpt, cfg, variant, G) if args.drs else None
+    D, calibrated = _load_discriminator(ckpt, cfg, variant, G, args)
     x, drs = _draw(variant, G, args.n, args.seed, D=D)
-    result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "n": args.n}
+    result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "n": args.n, **calibrated}
     if drs:
         result.update({f"drs_{k}": v for k, v in drs.items()})
     result.update(metrics.compute(x, names, cfg, manifest, args.features))
@@ -289,6 +313,14 @@ def _presets(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drs-calibrate", type=int, default=0, metavar="STEPS",
+                   help="with --drs: first train the checkpoint's D this many more steps against the frozen "
+                   "generator, on the training shards (logistic loss, no penalty, weight average), so that it "
+                   "estimates log p_data/p_G for this generator (default 0: D as trained)")  # fmt: skip
+    p.add_argument("--drs-lr", type=float, default=2e-4, help="Adam learning rate of --drs-calibrate (default 2e-4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distgan", description="Distributed GAN trainer.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -352,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--direction", choices=("ab", "ba"), default="ab", help="cyclegan: A -> B (default) or B -> A")
     m.add_argument("--drs", action="store_true", help=DRS_HELP)
+    _calibrate_args(m)
     m.add_argument("--live", action="store_true", help=LIVE_HELP)
     m.set_defaults(func=_sample)
 
@@ -372,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     e.add_argument("--drs", action="store_true", help=DRS_HELP + "; the report adds the acceptance rate")
+    _calibrate_args(e)
     e.add_argument("--live", action="store_true", help=LIVE_HELP)
     e.set_defaults(func=_eval)
 

@@ -8,13 +8,23 @@ This is the paper's idealised rule, without its gamma shift; M is the largest lo
 (a burn-in of `burn_in` samples first, and raised whenever a larger logit turns up, as the paper
 does). The discriminator is the checkpoint's D, which was trained against the live generator.
 
+The rule is only as good as D's estimate of the ratio, and a GAN's D at the end of training is not
+the optimal D for the final generator: it was trained against earlier generators, in step with them,
+and (with variant.r1_gamma) smoothed by a penalty. `calibrate` first trains a copy of D further
+against the frozen generator, on the training data, with the plain logistic loss and an average of
+its weights (the optimum for a fixed G is exactly the log ratio). On the 2-D grid this is what turns
+the rule from a small correction into one that removes the bridges between modes (README, "Mode
+collapse"). It is `--drs-calibrate STEPS` on `sample` and `eval`.
+
 `distgan sample --drs` and `distgan eval --drs` use it; the eval report then says how many
 draws were needed per kept sample (the acceptance rate).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -34,6 +44,48 @@ def check_supported(cfg) -> None:
         raise UserError(f"--drs judges single samples; this checkpoint's D judges packs of {cfg.variant.pack}")
     if cfg.model.num_classes > 0 or cfg.variant.name not in ("gan", "unrolled"):
         raise UserError(f"--drs supports the unconditional gan and unrolled variants; got '{cfg.variant.name}'")
+
+
+def calibrate(
+    variant,
+    G: torch.nn.Module,
+    D: torch.nn.Module,
+    real: Iterator[torch.Tensor],
+    steps: int,
+    lr: float,
+    generator: torch.Generator,
+    average: float = 0.999,
+    betas: tuple[float, float] = (0.5, 0.999),
+    bar=None,
+) -> tuple[torch.nn.Module, dict]:
+    """A copy of D trained `steps` more Adam steps against the frozen G (samples as `variant.sample`
+    draws them, which is what the rule judges) on batches from `real`, with the logistic loss and no
+    penalty; returned is the running average of its weights (`average`, with the trainer's warm-up),
+    in eval mode, and {"calibrate_steps", "calibrate_loss": the mean D loss over the last tenth}.
+    The caller's D is left as it was."""
+    from distgan import losses
+    from distgan.trainer import ema_beta, ema_update
+
+    if steps < 1:
+        raise UserError(f"--drs-calibrate needs at least 1 step; got {steps}")
+    device = next(D.parameters()).device
+    D = copy.deepcopy(D).train()
+    avg = copy.deepcopy(D).requires_grad_(False)
+    opt = torch.optim.Adam(D.parameters(), lr=lr, betas=betas)
+    tail: list[float] = []
+    for step in range(steps):
+        x = next(real).to(device)
+        fake = variant.sample(G, len(x), generator=generator).to(device)
+        loss = losses.d_loss("ns", D(x), D(fake))  # logistic: its optimum is log p_data / p_G
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema_update(avg, D, ema_beta(average, step))
+        if step >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+    return avg.eval(), {"calibrate_steps": steps, "calibrate_loss": sum(tail) / len(tail)}
 
 
 @torch.no_grad()

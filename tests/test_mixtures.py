@@ -115,6 +115,48 @@ def test_lr_decay_and_r1_resume_exactly(tmp_path):
     assert 300 / result["drs_drawn"] <= result["drs_accept_rate"] <= 1
     r = run_cli("sample", "--ckpt", tmp_path / "full", "--n", "50", "--drs", "--out", tmp_path / "drs.npy")
     assert r.returncode == 0 and np.load(tmp_path / "drs.npy").shape == (50, 2) and "rejection" in r.stdout
+    # ... with D first trained further against the frozen G; the checkpoint itself is left as it was
+    model_file = tmp_path / "full" / "checkpoints" / step / "model.safetensors"
+    before = model_file.read_bytes()
+    r = run_cli("eval", "--ckpt", tmp_path / "full", "--n", "300", "--drs", "--drs-calibrate", "20",
+                "--json", tmp_path / "cal.json")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    cal = json.loads((tmp_path / "cal.json").read_text())
+    assert cal["drs_calibrate_steps"] == 20 and 0 < cal["drs_calibrate_loss"] < 10 and cal["samples"] == 300
+    assert cal["drs_max_logit"] != result["drs_max_logit"]  # another D judged
+    assert model_file.read_bytes() == before
+    r = run_cli("sample", "--ckpt", tmp_path / "full", "--drs-calibrate", "5", "--out", tmp_path / "x.npy")
+    assert r.returncode == 2 and "add --drs" in r.stderr
+
+
+def test_calibration_fits_the_log_density_ratio():
+    """G draws N(0, I) in 2-D, the data is N(0, 0.5^2 I), and D(x) = a + b |x|^2 starts at 0: trained
+    against the frozen G it reaches the optimum of the logistic loss, log p_data/p_G =
+    log 4 - 1.5 |x|^2; the caller's D is untouched."""
+    from distgan.sampling import calibrate
+
+    class Quadratic(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.zeros(()))
+            self.b = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return self.a + self.b * x.square().sum(1)
+
+    class Variant:
+        @staticmethod
+        def sample(G, n, generator):
+            return torch.randn(n, 2, generator=generator)
+
+    gen = torch.Generator().manual_seed(0)
+    real = iter(lambda: 0.5 * torch.randn(512, 2, generator=gen), None)
+    D = Quadratic()
+    fitted, stats = calibrate(Variant(), None, D, real, 1500, 0.02, torch.Generator().manual_seed(1), average=0.99)
+    assert fitted.a.item() == pytest.approx(math.log(4.0), abs=0.1)
+    assert fitted.b.item() == pytest.approx(-1.5, abs=0.1)
+    assert D.a.item() == 0 and D.b.item() == 0
+    assert stats["calibrate_steps"] == 1500 and 0 < stats["calibrate_loss"] < 2 * math.log(2)
 
 
 def test_rejection_sampling_draws_from_the_data_distribution():
