@@ -1,12 +1,12 @@
 """Mode collapse on the 2-D mixtures and stacked digits, next to the published tables.
 
-    python benchmarks/mode_collapse.py [--seeds 5] [--steps 5000] [--datasets ring grid]
+    python benchmarks/mode_collapse.py [--seeds 5] [--first-seed 0] [--steps 5000] [--datasets ring grid]
                                        [--variants gan minibatch unrolled wgan-gp sngan pacgan2 pacgan4]
                                        [--stacked-steps 3000] [--no-stacked]
 
 Every cell (dataset, variant, seed) is one `distgan train` of the dataset's preset with the
 variant's overrides, then `distgan eval --n 2500` on its final checkpoint (26 000 samples for stacked
-digits, and also `eval --drs` for gan-r1). Each finished cell is
+digits; for gan-r1 also `eval --drs`, and `eval --drs --drs-calibrate`). Each finished cell is
 saved in benchmarks/results/mode_collapse/cells/ and skipped when the script runs again, so the
 benchmark resumes where it stopped; the tables are rebuilt from all cells present. Stacked
 digits (1000 modes) then run for the two variants with the most grid modes, and the DCGAN baseline.
@@ -48,6 +48,7 @@ VARIANTS = {
 }
 PRESET = {"gan-r1": "{dataset}-gan-r1"}  # default: {dataset}-gan
 DRS_VARIANTS = ("gan-r1",)  # also measured with discriminator rejection sampling (eval --drs)
+DRS_CALIBRATE = 6000  # ... and with D first trained this many steps against the final G (--drs-calibrate)
 STACKED_N = 26_000  # samples per stacked-digits evaluation, as VEEGAN and PacGAN count the 1000 modes
 
 # (dataset, row) -> (modes, high-quality %, reverse KL); None where the paper gives no figure.
@@ -98,17 +99,25 @@ def cell(dataset: str, variant: str, seed: int, steps: int) -> dict:
             if r.returncode != 0:
                 raise RuntimeError(f"{dataset}/{variant}/seed {seed}: eval --drs failed:\n{r.stderr[-2000:]}")
             drs = json.loads(Path(f"{tmp}/drs.json").read_text())
-            result["drs"] = {
-                k: drs[k] for k in ("modes", "high_quality_pct", "reverse_kl", "drs_accept_rate", "drs_drawn")
-            }
+            keys = ("modes", "high_quality_pct", "reverse_kl", "drs_accept_rate", "drs_drawn")
+            result["drs"] = {k: drs[k] for k in keys}
+            r = run(["eval", "--ckpt", f"{tmp}/run", "--n", "2500", "--drs", "--drs-calibrate", str(DRS_CALIBRATE),
+                     "--json", f"{tmp}/cal.json", "--seed", str(seed)])  # fmt: skip
+            if r.returncode != 0:
+                raise RuntimeError(f"{dataset}/{variant}/seed {seed}: eval --drs-calibrate failed:\n{r.stderr[-2000:]}")
+            cal = json.loads(Path(f"{tmp}/cal.json").read_text())
+            result["drs_cal"] = {k: cal[k] for k in (*keys, "drs_calibrate_steps", "drs_calibrate_loss")}
         samples = None
-        drs_samples = None
+        drs_samples = cal_samples = None
         if dataset != "stacked" and seed == 0:
             r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", "--out", f"{tmp}/pts.npy"])
             samples = np.load(f"{tmp}/pts.npy").tolist() if r.returncode == 0 else None
             if variant in DRS_VARIANTS:
                 r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", "--drs", "--out", f"{tmp}/drs.npy"])
                 drs_samples = np.load(f"{tmp}/drs.npy").tolist() if r.returncode == 0 else None
+                r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", "--drs", "--drs-calibrate",
+                         str(DRS_CALIBRATE), "--out", f"{tmp}/cal.npy"])  # fmt: skip
+                cal_samples = np.load(f"{tmp}/cal.npy").tolist() if r.returncode == 0 else None
     out = {"dataset": dataset, "variant": variant, "seed": seed, "steps": steps, "train_s": train_s, **result}
     out.pop("checkpoint", None)
     CELLS.mkdir(parents=True, exist_ok=True)
@@ -117,6 +126,8 @@ def cell(dataset: str, variant: str, seed: int, steps: int) -> dict:
         (CELLS / f"{dataset}-{variant}-n{steps}-s{seed}.samples.json").write_text(json.dumps(samples))
     if drs_samples is not None:
         (CELLS / f"{dataset}-{variant}+drs-n{steps}-s{seed}.samples.json").write_text(json.dumps(drs_samples))
+    if cal_samples is not None:
+        (CELLS / f"{dataset}-{variant}+drs-cal-n{steps}-s{seed}.samples.json").write_text(json.dumps(cal_samples))
     return out
 
 
@@ -161,14 +172,16 @@ def table(done: list[dict]) -> tuple[list[dict], str]:
                          "modes": modes, "high_quality_pct": hq, "reverse_kl": kl})  # fmt: skip
             lines.append(f"| distgan {variant} | {len(got)} | {got[0]['steps']} | {fmt(*modes)} | {fmt(*hq)} "
                          f"| {fmt(*kl, digits=3)} |")  # fmt: skip
-            drs = [c["drs"] for c in got if "drs" in c]
-            if drs:
+            for key, label in (("drs", "DRS"), ("drs_cal", f"DRS, D calibrated {DRS_CALIBRATE} steps")):
+                drs = [c[key] for c in got if key in c]
+                if not drs:
+                    continue
                 modes, hq, kl = (mean_se([d[k] for d in drs]) for k in ("modes", "high_quality_pct", "reverse_kl"))
                 rate = mean_se([100 * d["drs_accept_rate"] for d in drs])
-                rows.append({"dataset": dataset, "variant": f"{variant} + DRS", "seeds": len(drs),
+                rows.append({"dataset": dataset, "variant": f"{variant} + {label}", "seeds": len(drs),
                              "steps": got[0]["steps"], "modes": modes, "high_quality_pct": hq, "reverse_kl": kl})  # fmt: skip
-                lines.append(f"| distgan {variant} + DRS (accepts {fmt(*rate)}%) | {len(drs)} | {got[0]['steps']} "
-                             f"| {fmt(*modes)} | {fmt(*hq)} | {fmt(*kl, digits=3)} |")  # fmt: skip
+                lines.append(f"| distgan {variant} + {label} (accepts {fmt(*rate)}%) | {len(drs)} | "
+                             f"{got[0]['steps']} | {fmt(*modes)} | {fmt(*hq)} | {fmt(*kl, digits=3)} |")  # fmt: skip
         for (d, name), (m, h, k) in PUBLISHED.items():
             if d == dataset:
                 lines.append(f"| {name} | | | {m} | {'' if h is None else h} | {'' if k is None else k} |")
@@ -184,7 +197,7 @@ def scatter_png(done: list[dict]) -> Path | None:
     tiles = []
     for dataset in ("ring", "grid"):
         centres, _ = builtin.mixture_spec(dataset)
-        for variant in [*VARIANTS, *(f"{v}+drs" for v in DRS_VARIANTS)]:
+        for variant in [*VARIANTS, *(f"{v}+drs{c}" for v in DRS_VARIANTS for c in ("", "-cal"))]:
             found = sorted(CELLS.glob(f"{dataset}-{variant}-n*-s0.samples.json"))
             if not found:
                 continue
@@ -210,6 +223,7 @@ def scatter_png(done: list[dict]) -> Path | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="start at this seed (split seeds over processes)")
     p.add_argument("--steps", type=int, default=5000, help="training steps per 2-D cell")
     p.add_argument("--datasets", nargs="+", default=["ring", "grid"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -223,7 +237,7 @@ def main() -> None:
     def out_of_time() -> bool:
         return args.budget_min is not None and time.time() - start > 60 * args.budget_min
 
-    for seed in range(args.seeds):  # seeds outermost: a partial run still covers every variant
+    for seed in range(args.first_seed, args.seeds):  # seeds outermost: a partial run still covers every variant
         for dataset in args.datasets:
             for variant in args.variants:
                 if out_of_time():
@@ -263,7 +277,9 @@ def main() -> None:
         "script). The gan-r1 rows use presets ring-gan-r1 / grid-gan-r1: the same G and batch, PacGAN's maxout "
         "D, R1 0.05, lr G 5e-4 / D 2e-3 decayed linearly over the second half, no EMA (ema_beta 0: the EMA copy "
         "is the live G). '+ DRS' rows: the same checkpoints through `distgan eval --drs` (discriminator "
-        "rejection sampling with the run's D), with the share of draws kept. Stacked digits: "
+        "rejection sampling with the run's D), with the share of draws kept; 'D calibrated' rows through "
+        f"`distgan eval --drs --drs-calibrate {DRS_CALIBRATE}` (a copy of D first trained {DRS_CALIBRATE} more "
+        "steps against the frozen final G, logistic loss, no R1, Adam 2e-4, weight average 0.999). Stacked digits: "
         f"stacked-digits-dcgan at 16x16; modes counted on {STACKED_N} samples, as VEEGAN and PacGAN count them, "
         "by classifying each channel with the digits MLP (held-out accuracy in the cells). Published rows are "
         "copied from the papers' tables, which trained longer and on 28x28 MNIST for the stacked rows, so they "

@@ -191,7 +191,7 @@ def _sample(args: argparse.Namespace) -> int:
     from distgan import images
 
     if args.input:
-        if args.drs:
+        if args.drs or args.drs_calibrate:
             raise UserError("--drs applies to unconditional gan/unrolled models, not to --input translation")
         return _translate(args)
     suffix = Path(args.out).suffix.lower()
@@ -234,7 +234,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be >= 2; got {args.n}")
     loaded = _load_generators(args.ckpt, args.device, args.live)
     if hasattr(loaded[2], "evaluate"):  # image-to-image: measured on held-out inputs
-        if args.drs:
+        if args.drs or args.drs_calibrate:
             raise UserError("--drs applies to unconditional gan/unrolled models, not image-to-image ones")
         return _eval_translation(args, *loaded)
     ckpt, cfg, variant, gens = loaded
