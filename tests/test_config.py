@@ -18,6 +18,16 @@ def test_presets_include_required():
     assert mlp.model.g.arch == "mlp" and mlp.variant.loss == "ns"
 
 
+@pytest.mark.parametrize("preset", config.list_presets())
+def test_every_preset_loads_and_builds_its_models(preset):
+    """Each preset validates and its variant builds (the model shapes fit the data)."""
+    from distgan import variants
+
+    cfg = config.load_config(preset)
+    variant = variants.get(cfg.variant.name)(cfg)
+    assert variant.models and all(sum(p.numel() for p in m.parameters()) > 0 for m in variant.models.values())
+
+
 def test_dotted_overrides_are_typed():
     cfg = config.load_config(None, None, ["train.steps=200", "data.batch_size=8", "train.lr_g=1e-3"])
     assert cfg.train.steps == 200 and cfg.data.batch_size == 8 and cfg.train.lr_g == pytest.approx(1e-3)

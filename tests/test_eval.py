@@ -69,3 +69,20 @@ def test_eval_with_a_torchscript_feature_network(tmp_path, digits_shards):
     assert json.loads((tmp_path / "e.json").read_text())["fid"] > 0
     r = run_cli("eval", "--ckpt", run, "--metrics", "fid", "--features", tmp_path / "nope.pt")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_stacked_digits_r1_preset_trains(tmp_path):
+    """stacked-digits-r1 (DCGAN + R1 + a faster D + lr decay) on a small set of stacked digits."""
+    from conftest import read_metrics
+
+    from distgan.data import shards
+
+    x, y, classes = builtin.stacked_digits(n=400, seed=0)
+    shards.write_arrays(x, y, classes, tmp_path / "stacked", source="test", maxcount=200, progress=False)
+    run = tmp_path / "run"
+    r = run_cli("train", "--preset", "stacked-digits-r1", *FAST, f"data.shards={tmp_path / 'stacked'}", "--out", run,
+                "train.steps=4", "train.log_every=1")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = [m for m in read_metrics(run) if "loss/d" in m]
+    assert [m["lr/factor"] for m in logged] == pytest.approx([1, 1, 1, 0.5])  # decay over the second half
+    assert all(m["loss/r1"] > 0 for m in logged)
