@@ -255,7 +255,8 @@ def main() -> None:
         ranked = sorted({c["variant"] for c in grid}, key=lambda v: -statistics.mean(
             c["modes"] for c in grid if c["variant"] == v))  # fmt: skip
         # the DCGAN baseline and the best two variants that carry over to stacked-digits-dcgan as plain
-        # overrides (not unrolled or wgan-gp: too slow here; not gan-r1: its preset is the 2-D MLP's)
+        # overrides (not unrolled or wgan-gp: too slow here; not gan-r1, whose stacked preset
+        # stacked-digits-r1 trains 12 000 steps: ask for it with --stacked-variants)
         paper = [v for v in ranked if v not in ("gan", "unrolled", "wgan-gp", *PRESET)]
         for variant in args.stacked_variants or ["gan", *paper[:2]]:
             for seed in range(args.first_seed, args.stacked_seeds):
@@ -280,7 +281,8 @@ def main() -> None:
         "LeakyReLU, Adam 1e-4, batch 100, z 2-d, EMA 0.999) with each variant's overrides (see VARIANTS in the "
         "script). The gan-r1 rows use presets ring-gan-r1 / grid-gan-r1: the same G and batch, PacGAN's maxout "
         "D, R1 0.05, lr G 5e-4 / D 2e-3 decayed linearly over the second half, no EMA (ema_beta 0: the EMA copy "
-        "is the live G). '+ DRS' rows: the same checkpoints through `distgan eval --drs` (discriminator "
+        "is the live G); on stacked digits, preset stacked-digits-r1 (the DCGAN with R1 1, lr G 2e-4 / D 4e-4 "
+        "decayed linearly over the second half). '+ DRS' rows: the same checkpoints through `distgan eval --drs` (discriminator "
         "rejection sampling with the run's D), with the share of draws kept; 'D calibrated' rows through "
         f"`distgan eval --drs --drs-calibrate {DRS_CALIBRATE}` (a copy of D first trained {DRS_CALIBRATE} more "
         "steps against the frozen final G, logistic loss, no R1, Adam 2e-4, weight average 0.999). Stacked digits: "
