@@ -91,45 +91,37 @@ def cell(dataset: str, variant: str, seed: int, steps: int) -> dict:
         if r.returncode != 0:
             raise RuntimeError(f"{dataset}/{variant}/seed {seed}: train failed:\n{r.stderr[-2000:]}")
         train_s = time.perf_counter() - start
-        r = run(["eval", "--ckpt", f"{tmp}/run", "--n", str(n_eval), "--json", f"{tmp}/eval.json", "--seed", str(seed)])
-        if r.returncode != 0:
-            raise RuntimeError(f"{dataset}/{variant}/seed {seed}: eval failed:\n{r.stderr[-2000:]}")
-        result = json.loads(Path(f"{tmp}/eval.json").read_text())
-        if variant in DRS_VARIANTS and dataset != "stacked":
-            r = run(["eval", "--ckpt", f"{tmp}/run", "--n", "2500", "--drs", "--json", f"{tmp}/drs.json",
+
+        def evaluate(n: int, *extra: str) -> dict:
+            r = run(["eval", "--ckpt", f"{tmp}/run", "--n", str(n), *extra, "--json", f"{tmp}/eval.json",
                      "--seed", str(seed)])  # fmt: skip
             if r.returncode != 0:
-                raise RuntimeError(f"{dataset}/{variant}/seed {seed}: eval --drs failed:\n{r.stderr[-2000:]}")
-            drs = json.loads(Path(f"{tmp}/drs.json").read_text())
-            keys = ("modes", "high_quality_pct", "reverse_kl", "drs_accept_rate", "drs_drawn")
-            result["drs"] = {k: drs[k] for k in keys}
-            r = run(["eval", "--ckpt", f"{tmp}/run", "--n", "2500", "--drs", "--drs-calibrate", str(DRS_CALIBRATE),
-                     "--json", f"{tmp}/cal.json", "--seed", str(seed)])  # fmt: skip
-            if r.returncode != 0:
-                raise RuntimeError(f"{dataset}/{variant}/seed {seed}: eval --drs-calibrate failed:\n{r.stderr[-2000:]}")
-            cal = json.loads(Path(f"{tmp}/cal.json").read_text())
-            result["drs_cal"] = {k: cal[k] for k in (*keys, "drs_calibrate_steps", "drs_calibrate_loss")}
-        samples = None
-        drs_samples = cal_samples = None
+                raise RuntimeError(
+                    f"{dataset}/{variant}/seed {seed}: eval {' '.join(extra)} failed:\n{r.stderr[-2000:]}"
+                )
+            return json.loads(Path(f"{tmp}/eval.json").read_text())
+
+        result = evaluate(n_eval)
+        # name in the cell and in sample files -> the extra flags of `eval` / `sample`
+        drs_modes = {"drs": ["--drs"], "drs_cal": ["--drs", "--drs-calibrate", str(DRS_CALIBRATE)]}
+        if variant not in DRS_VARIANTS or dataset == "stacked":
+            drs_modes = {}
+        keys = ("modes", "high_quality_pct", "reverse_kl", "drs_accept_rate", "drs_drawn")
+        for name, extra in drs_modes.items():
+            got = evaluate(2500, *extra)
+            result[name] = {k: got[k] for k in (*keys, *(k for k in got if k.startswith("drs_calibrate")))}
+        samples = {}  # seed 0's points for the scatter: file tag -> (N, 2) list, when `sample` succeeded
         if dataset != "stacked" and seed == 0:
-            r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", "--out", f"{tmp}/pts.npy"])
-            samples = np.load(f"{tmp}/pts.npy").tolist() if r.returncode == 0 else None
-            if variant in DRS_VARIANTS:
-                r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", "--drs", "--out", f"{tmp}/drs.npy"])
-                drs_samples = np.load(f"{tmp}/drs.npy").tolist() if r.returncode == 0 else None
-                r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", "--drs", "--drs-calibrate",
-                         str(DRS_CALIBRATE), "--out", f"{tmp}/cal.npy"])  # fmt: skip
-                cal_samples = np.load(f"{tmp}/cal.npy").tolist() if r.returncode == 0 else None
+            for tag, extra in {"": [], **{"+" + k.replace("_", "-"): v for k, v in drs_modes.items()}}.items():
+                r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", *extra, "--out", f"{tmp}/pts.npy"])
+                if r.returncode == 0:
+                    samples[tag] = np.load(f"{tmp}/pts.npy").tolist()
     out = {"dataset": dataset, "variant": variant, "seed": seed, "steps": steps, "train_s": train_s, **result}
     out.pop("checkpoint", None)
     CELLS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out) + "\n")
-    if samples is not None:
-        (CELLS / f"{dataset}-{variant}-n{steps}-s{seed}.samples.json").write_text(json.dumps(samples))
-    if drs_samples is not None:
-        (CELLS / f"{dataset}-{variant}+drs-n{steps}-s{seed}.samples.json").write_text(json.dumps(drs_samples))
-    if cal_samples is not None:
-        (CELLS / f"{dataset}-{variant}+drs-cal-n{steps}-s{seed}.samples.json").write_text(json.dumps(cal_samples))
+    for tag, points in samples.items():
+        (CELLS / f"{dataset}-{variant}{tag}-n{steps}-s{seed}.samples.json").write_text(json.dumps(points))
     return out
 
 
