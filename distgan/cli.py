@@ -37,20 +37,33 @@ def _shards(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from distgan import checkpoint, config, trainer
+    from distgan import checkpoint, config, trainer, trust
 
     out = (
         Path(args.out)
         if args.out
         else Path("runs") / (args.preset or (Path(args.config).stem if args.config else config.DEFAULT_PRESET))
     )
-    base = None
-    if args.resume and args.preset is None and args.config is None:
-        # Continue a run with its own config unless told otherwise.
+    stored = base = None
+    if args.resume:
         target = checkpoint.list_steps(out)[-1:] if args.resume == "auto" else [args.resume]
         if target:
-            base = checkpoint.load(target[0], only_models=True).meta["config"]
+            ckpt = checkpoint.load(target[0], only_models=True)
+            stored = ckpt.meta["config"]
+    if stored is not None and args.preset is None and args.config is None:
+        # Continue a run with its own config unless told otherwise; values that reach outside the
+        # process only from this command line (distgan/trust.py).
+        base, notes = trust.checkpoint_config(
+            stored,
+            given=trust.override_keys(args.overrides),
+            needed=trust.stream_keys(stored) | set(trust.FILE_KEYS),
+            trust=args.trust_checkpoint_config,
+            where=str(ckpt.path),
+        )
+        trust.say(notes)
     cfg = config.load_config(args.preset, args.config, args.overrides, base=base)
+    if stored is not None:
+        trust.say(trust.differences(stored, cfg))
     code = trainer.train(cfg, out, resume=args.resume)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is written and closed by now (checkpoints fsynced, logs closed, loader workers
@@ -70,29 +83,47 @@ DRS_HELP = (
 )
 
 
-def _load_generators(path: str, device_name: str | None, live: bool = False):
-    """(checkpoint, config, variant, {name: its EMA generator (the trained one itself with `live`) on
-    the device, in eval mode})."""
+def _load_generators(args: argparse.Namespace, need_data: bool = False):
+    """(checkpoint, config, variant, {name: its EMA generator (the trained one itself with --live) on
+    the device, in eval mode}) of --ckpt. The stored config's shard locations and files are used
+    only as distgan/trust.py allows: `need_data` says that this command reads the training shards."""
     import torch
 
-    from distgan import checkpoint, config, variants
+    from distgan import checkpoint, config, trust, variants
 
-    ckpt = checkpoint.load(path, only_models=True)
-    cfg = config.from_dict(ckpt.meta["config"])
+    ckpt = checkpoint.load(args.ckpt, only_models=True)
+    stored = ckpt.meta["config"]
+    given = trust.override_keys(args.overrides)
+    allowed = set(trust.SHARD_KEYS + trust.FILE_KEYS)
+    if given - allowed:
+        raise UserError(f"`distgan {args.command}` takes only {', '.join(sorted(allowed))} as key=value "
+                        f"(the model comes from the checkpoint); got {', '.join(sorted(given - allowed))}")  # fmt: skip
+    data, notes = trust.checkpoint_config(
+        stored,
+        given=given,
+        needed=trust.stream_keys(stored) if need_data else (),
+        trust=args.trust_checkpoint_config,
+        where=str(ckpt.path),
+    )
+    trust.say(notes)
+    cfg = config.from_dict(data)
+    if args.overrides:
+        cfg = config.load_config(None, None, args.overrides, base=config.to_dict(cfg))
+        trust.say(trust.differences(stored, cfg, sorted(given)))
     variant = variants.get(cfg.variant.name)(cfg)
-    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gens = {}
     for name in variant.ema:
-        G, key = variant.models[name], name if live else f"{name}_ema"
+        G, key = variant.models[name], name if args.live else f"{name}_ema"
         checkpoint.load_model(G, ckpt.model_state(key), f"checkpoint '{ckpt.path}' model '{key}'")
         gens[name] = G.to(device).eval()
     return ckpt, cfg, variant, gens
 
 
-def _load_generator(path: str, device_name: str | None, live: bool = False):
+def _load_generator(args: argparse.Namespace, need_data: bool = False):
     """(checkpoint, config, variant, its (first) generator on the device, in eval mode): the EMA copy,
-    or the trained G with `live`."""
-    ckpt, cfg, variant, gens = _load_generators(path, device_name, live)
+    or the trained G with --live."""
+    ckpt, cfg, variant, gens = _load_generators(args, need_data)
     return ckpt, cfg, variant, gens[variant.ema[0]]
 
 
@@ -100,7 +131,7 @@ def _translate(args: argparse.Namespace) -> int:
     """`distgan sample --input`: translate or upscale the user's images with an image-to-image model."""
     from distgan import images
 
-    ckpt, cfg, variant, gens = _load_generators(args.ckpt, args.device, args.live)
+    ckpt, cfg, variant, gens = _load_generators(args)
     if not hasattr(variant, "translate"):
         raise UserError(f"--input needs an image-to-image model (pix2pix, cyclegan, srgan); this checkpoint's "
                         f"variant is '{cfg.variant.name}'")  # fmt: skip
@@ -199,7 +230,7 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserError(f"--out must end in .png (a grid) or .npy (the raw array); got '{args.out}'")
     if args.n < 1:
         raise UserError(f"--n must be >= 1; got {args.n}")
-    ckpt, cfg, variant, G = _load_generator(args.ckpt, args.device, args.live)
+    ckpt, cfg, variant, G = _load_generator(args, need_data=bool(args.drs and args.drs_calibrate))
     labels, nrow = _sample_labels(args, cfg)
     total = len(labels) if labels is not None else args.n
     D, _ = _load_discriminator(ckpt, cfg, variant, G, args)
@@ -232,7 +263,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.n < 2:
         raise UserError(f"--n must be >= 2; got {args.n}")
-    loaded = _load_generators(args.ckpt, args.device, args.live)
+    loaded = _load_generators(args, need_data=not args.heldout)
     if hasattr(loaded[2], "evaluate"):  # image-to-image: measured on held-out inputs
         if args.drs or args.drs_calibrate:
             raise UserError("--drs applies to unconditional gan/unrolled models, not image-to-image ones")
@@ -321,6 +352,25 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drs-lr", type=float, default=2e-4, help="Adam learning rate of --drs-calibrate (default 2e-4)")
 
 
+TRUST_HELP = (
+    "take shard locations (pipe: commands, URLs, paths), files and W&B destinations from the checkpoint's "
+    "stored config instead of refusing them: only for a checkpoint whose author you trust, since a pipe: "
+    "spec runs a shell command on this machine (see docs/security.md)"
+)
+
+
+def _trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-checkpoint-config", action="store_true", help=TRUST_HELP)
+
+
+def _stored_args(p: argparse.ArgumentParser) -> None:
+    """sample/eval: where the training data and files are, since those never come from a checkpoint."""
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="the checkpoint's data.shards (or data.shards_a/_b, variant.vgg_weights), when this command "
+                   "reads them: they are never taken from the checkpoint itself")  # fmt: skip
+    _trust_arg(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distgan", description="Distributed GAN trainer.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -363,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/<preset>)")
     t.add_argument("--resume", help="'auto' (latest checkpoint in --out, if any) or a checkpoint/run path")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
+    _trust_arg(t)
     t.set_defaults(func=_train)
 
     m = sub.add_parser("sample", help="sample images from a checkpoint's EMA generator, or translate images")
@@ -386,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--drs", action="store_true", help=DRS_HELP)
     _calibrate_args(m)
     m.add_argument("--live", action="store_true", help=LIVE_HELP)
+    _stored_args(m)
     m.set_defaults(func=_sample)
 
     e = sub.add_parser("eval", help="measure a checkpoint's EMA generator (mode collapse, sample quality)")
@@ -407,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--drs", action="store_true", help=DRS_HELP + "; the report adds the acceptance rate")
     _calibrate_args(e)
     e.add_argument("--live", action="store_true", help=LIVE_HELP)
+    _stored_args(e)
     e.set_defaults(func=_eval)
 
     r = sub.add_parser("presets", help="list the presets")
@@ -419,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after options: collect the leftovers as overrides for `train`.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "train" or any(e.startswith("-") for e in extra):
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:

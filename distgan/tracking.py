@@ -12,11 +12,15 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def wandb_mode(requested: str) -> str:
@@ -46,7 +50,12 @@ class Tracker:
         if self.mode == "disabled":
             return
         id_file = Path(run_dir) / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        run_id = id_file.read_text().strip() if id_file.exists() else ""
+        if not RUN_ID.fullmatch(run_id):  # a copied or damaged run directory: start a W&B run of our own
+            if run_id:
+                print(f"warning: ignoring {id_file} ({run_id[:40]!r} is not a W&B run id); starting a new W&B run",
+                      file=sys.stderr)  # fmt: skip
+            run_id = uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         w = cfg.tracking.wandb
         init = {

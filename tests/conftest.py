@@ -45,6 +45,18 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_resumed(run_dir, step):
+    """The run in `run_dir` resumed exactly once, from a checkpoint of step `step`, and logged
+    steps after it: a resume that was silently ignored (a fresh start) fails here."""
+    lines = read_metrics(run_dir)
+    resumes = [m for m in lines if m.get("event") == "resume"]
+    assert [m["step"] for m in resumes] == [step], resumes
+    assert resumes[0]["checkpoint"].endswith(f"step-{step:08d}")
+    after = lines[lines.index(resumes[0]) + 1 :]
+    logged = [m["step"] for m in after if "step" in m and "event" not in m]
+    assert logged and min(logged) > step, logged
+
+
 # Small, fast settings for end-to-end runs.
 FAST = [
     "data.batch_size=16",

@@ -46,14 +46,51 @@ def test_stacked_digits_are_three_real_digits_and_1000_modes():
     assert len(np.unique(y)) > 990  # 5000 draws cover nearly all 1000 modes
 
 
+def test_stacked_metric_counts_1000_modes_of_real_stacked_digits_and_half_of_a_collapsed_set():
+    """The stacked-digits measure (VEEGAN/PacGAN): the digits classifier reads each channel; real
+    stacked digits cover all 1000 modes with a KL to uniform near the sampling floor (K-1)/(2N), and
+    a set holding only the modes 000-499 covers at most 500 with KL = log 2."""
+    from PIL import Image
+
+    from distgan import config, metrics
+
+    n = 20_000  # P(a mode missing from 20 000 uniform draws) = 1000 e^-20
+    x, y, _ = builtin.stacked_digits(n=n, seed=3)
+    # each channel resized as the classifier's training digits were (PIL bilinear to 16x16)
+    up = np.stack([np.stack([np.asarray(Image.fromarray(img[..., c]).resize((16, 16), Image.BILINEAR))
+                             for c in range(3)]) for img in x])  # fmt: skip
+    samples = torch.from_numpy(up).float() / 127.5 - 1
+    cfg = config.load_config("stacked-digits-r1")
+    real = metrics.compute(samples, ["stacked"], cfg, None)
+    assert real["stacked_modes"] == 1000
+    floor = 999 / (2 * n)
+    assert floor < real["stacked_kl"] < floor + 0.03, real
+    half = metrics.compute(samples[y < 500], ["stacked"], cfg, None)
+    assert 450 <= half["stacked_modes"] <= 560  # the classifier misreads a few digits into other modes
+    assert half["stacked_kl"] == pytest.approx(np.log(2), abs=0.06)
+
+
 def test_eval_reports_fid_kid_and_digit_judgement_on_a_digits_run(tmp_path, digits_shards):
     run = tmp_path / "run"
     assert run_cli("train", *FAST, "--out", run, "train.steps=2").returncode == 0  # builtin:digits
     r = run_cli("eval", "--ckpt", run, "--n", "300", "--json", tmp_path / "e.json")
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "e.json").read_text())
-    assert result["fid"] > 0 and "kid" in result and result["digits"]["generated"]["n"] == 300
+    assert "kid" in result and result["digits"]["generated"]["n"] == 300
     assert "held-out accuracy 0.9" in result["feature_space"]  # the feature classifier's, reported
+    # the same 300 samples (same seed) and the real digits, through the same cached feature MLP:
+    # the Frechet distance written out here, with scipy's sqrtm, gives the reported FID
+    from scipy import linalg
+
+    from distgan.metrics.digits import real_digits
+
+    assert run_cli("sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "x.npy").returncode == 0
+    net = fidlib.DigitFeatures(16)
+    a = net.features(torch.from_numpy(np.load(tmp_path / "x.npy")))
+    b = net.features(torch.from_numpy(real_digits(16)[0]).view(-1, 1, 16, 16))
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert result["fid"] == pytest.approx(expected, rel=1e-6) and expected > 1
     r = run_cli("eval", "--ckpt", run, "--metrics", "modes")
     assert r.returncode == 2 and "does not apply" in r.stderr
 
@@ -64,10 +101,11 @@ def test_eval_with_a_torchscript_feature_network(tmp_path, digits_shards):
     run = tmp_path / "run"
     assert run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=1").returncode == 0
     r = run_cli("eval", "--ckpt", run, "--n", "200", "--metrics", "fid", "--features", tmp_path / "features.pt",
-                "--json", tmp_path / "e.json")  # fmt: skip
+                "--json", tmp_path / "e.json", f"data.shards={digits_shards}")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "e.json").read_text())["fid"] > 0
-    r = run_cli("eval", "--ckpt", run, "--metrics", "fid", "--features", tmp_path / "nope.pt")
+    r = run_cli("eval", "--ckpt", run, "--metrics", "fid", "--features", tmp_path / "nope.pt",
+                f"data.shards={digits_shards}")  # fmt: skip
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 

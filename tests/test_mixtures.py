@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_resumed, run_cli
 
 from distgan.data import builtin, shards, stream
 from distgan.metrics.mixtures import mode_metrics
@@ -73,7 +73,8 @@ def test_grid_preset_trains_samples_and_evaluates(tmp_path):
                 "train.log_every=10", "tracking.wandb.mode=disabled", "train.sample_every=20")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "samples" / "latest.png").stat().st_size > 0
-    r = run_cli("eval", "--ckpt", run, "--n", "500", "--json", tmp_path / "eval.json")
+    data = f"data.shards={tmp_path / 'grid'}"  # never taken from the checkpoint (distgan/trust.py)
+    r = run_cli("eval", "--ckpt", run, "--n", "500", "--json", tmp_path / "eval.json", data)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["modes_total"] == 25 and result["samples"] == 500
@@ -84,7 +85,7 @@ def test_grid_preset_trains_samples_and_evaluates(tmp_path):
     r = run_cli("sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "live.npy", "--live")
     assert r.returncode == 0  # the trained G, not its EMA copy: same noise, other points
     assert not np.allclose(np.load(tmp_path / "live.npy"), np.load(tmp_path / "pts.npy"))
-    r = run_cli("eval", "--ckpt", run, "--drs")  # its D judges packs of samples
+    r = run_cli("eval", "--ckpt", run, "--drs", data)  # its D judges packs of samples
     assert r.returncode == 2 and "packs of 4" in r.stderr
 
 
@@ -103,12 +104,14 @@ def test_lr_decay_and_r1_resume_exactly(tmp_path):
         r = run_cli("train", *common, "--out", tmp_path / out, "train.steps=6", *extra)
         assert r.returncode == 0, r.stderr[-3000:]
     step = "step-00000006"
+    assert_resumed(tmp_path / "split", 3)
     assert_bitwise_equal(tmp_path / "full" / "checkpoints" / step, tmp_path / "split" / "checkpoints" / step)
     logged = {m["step"]: m for m in read_metrics(tmp_path / "full") if "loss/d" in m}
     assert [logged[s]["lr/factor"] for s in range(1, 7)] == pytest.approx([1, 1, 1, 1, 2 / 3, 1 / 3])
     assert all(logged[s]["loss/r1"] > 0 for s in range(1, 7))
     # discriminator rejection sampling with this (logistic-loss, unpacked) checkpoint's D
-    r = run_cli("eval", "--ckpt", tmp_path / "full", "--n", "300", "--drs", "--json", tmp_path / "drs.json")
+    data = f"data.shards={tmp_path / 'grid'}"
+    r = run_cli("eval", "--ckpt", tmp_path / "full", "--n", "300", "--drs", "--json", tmp_path / "drs.json", data)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "drs.json").read_text())
     assert result["samples"] == 300 and result["drs_drawn"] >= 300
@@ -119,7 +122,7 @@ def test_lr_decay_and_r1_resume_exactly(tmp_path):
     model_file = tmp_path / "full" / "checkpoints" / step / "model.safetensors"
     before = model_file.read_bytes()
     r = run_cli("eval", "--ckpt", tmp_path / "full", "--n", "300", "--drs", "--drs-calibrate", "20",
-                "--json", tmp_path / "cal.json")  # fmt: skip
+                "--json", tmp_path / "cal.json", data)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     cal = json.loads((tmp_path / "cal.json").read_text())
     assert cal["drs_calibrate_steps"] == 20 and 0 < cal["drs_calibrate_loss"] < 10 and cal["samples"] == 300

@@ -45,3 +45,8 @@ def history(path: Path) -> list[dict]:
         for r in records(path)
         if r.WhichOneof("record_type") == "history"
     ]
+
+
+def run_record(path: Path):
+    """The run's RunRecord (project, entity, run_id, config): where W&B would upload it."""
+    return next(r.run for r in records(path) if r.WhichOneof("record_type") == "run")

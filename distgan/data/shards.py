@@ -317,6 +317,21 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"manifest '{path}' cannot be read: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"manifest '{path}' is not a JSON object")
+    # Names in a manifest are files of its own folder: never a path elsewhere, a URL or a command.
+    names = manifest.get("shards") or []
+    heldout = manifest.get("heldout")
+    for name in [*(names if isinstance(names, list) else [names]), *([heldout] if heldout else [])]:
+        if not _plain_name(name):
+            raise UserError(f"manifest '{path}' names {name!r}; a manifest may only name files in its own folder")
+    return manifest
+
+
+def _plain_name(name) -> bool:
+    """A file or folder name with no path in it (no '/', '\\' or '..'), and no ':' (a URL scheme such as
+    pipe: once joined to a relative folder)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\:")

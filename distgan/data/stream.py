@@ -58,7 +58,8 @@ def resolve(spec: str, progress: bool = True, key: str = "data.shards") -> Shard
         spec = str(shards.ensure_builtin(spec.split(":", 1)[1], progress=progress))
     if _is_remote(spec):
         return ShardSource(list(braceexpand.braceexpand(spec)), None)
-    path = Path(spec).expanduser()
+    # Absolute, so that no file name joined to it can read as a URL ("pipe:..." in the current folder).
+    path = Path(spec).expanduser().absolute()
     if path.is_dir():
         manifest = shards.read_manifest(path)
         names = manifest["shards"] if manifest else sorted(p.name for p in path.glob("*.tar"))

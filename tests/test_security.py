@@ -1,0 +1,178 @@
+"""A checkpoint or run directory from someone else never runs a command, fetches, reads a file or
+chooses a W&B destination on the user's machine (distgan/trust.py, docs/security.md)."""
+
+import json
+import shutil
+
+import pytest
+from conftest import FAST, read_metrics, run_cli
+from test_train import assert_bitwise_equal
+from wandb_log import run_record
+
+from distgan import trust
+from distgan.data import shards
+
+QUIET = [o for o in FAST if not o.startswith("tracking")]
+
+
+@pytest.fixture(scope="module")
+def evil_run(tmp_path_factory, digits_shards):
+    """A run whose stored config streams its shards through `pipe:touch MARKER; cat SHARD` and logs
+    to someone else's W&B project. Made here with the command, so the marker is deleted after."""
+    root = tmp_path_factory.mktemp("evil")
+    marker = root / "PWNED"
+    shard = sorted(digits_shards.glob("*.tar"))[0]
+    run = root / "run"
+    r = run_cli("train", *QUIET, "--out", run, "train.steps=2", "train.ckpt_every=1",
+                f"data.shards=pipe:touch {marker}; cat {shard}", "tracking.wandb.mode=disabled",
+                "tracking.wandb.project=authors-project", "tracking.wandb.entity=author")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert marker.exists()  # the author's own command did run it
+    marker.unlink()
+    return run, marker
+
+
+def refused(r, key="data.shards"):
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, r.stderr
+    assert f"stores {key}='pipe:touch " in lines[0] and trust.TRUST_FLAG in lines[0]
+    assert f"'{key}=pipe:touch " in lines[0]  # how to pass it explicitly, quoted for a shell
+
+
+def test_resume_eval_and_sample_never_run_a_stored_pipe_command(tmp_path, evil_run, digits_shards):
+    run, marker = evil_run
+    ckpt = run / "checkpoints" / "step-00000001"
+    refused(run_cli("train", "--resume", ckpt, "--out", tmp_path / "victim"))
+    assert not (tmp_path / "victim").exists()  # refused before writing anything
+    refused(run_cli("eval", "--ckpt", run, "--n", "50"))
+    refused(run_cli("sample", "--ckpt", run, "--out", tmp_path / "x.png", "--drs", "--drs-calibrate", "2"))
+    # a run directory copied from the author (its config.yaml included) is just as untrusted
+    copied = tmp_path / "copied"
+    shutil.copytree(run, copied)
+    assert "pipe:touch" in (copied / "config.yaml").read_text()
+    refused(run_cli("train", "--out", copied, "--resume", "auto", "train.steps=3"))
+    # sampling needs no shards: it works, with nothing run
+    r = run_cli("sample", "--ckpt", run, "--n", "8", "--out", tmp_path / "s.npy")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not marker.exists()
+    # the user names the data: training and eval go on, saying what was not used
+    r = run_cli("train", "--resume", ckpt, "--out", tmp_path / "victim", "train.steps=2",
+                f"data.shards={digits_shards}")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "note: the checkpoint was made with data.shards='pipe:touch" in r.stderr
+    assert [m["step"] for m in read_metrics(tmp_path / "victim") if m.get("event") == "resume"] == [1]
+    r = run_cli("eval", "--ckpt", run, "--n", "50", "--metrics", "digits", f"data.shards={digits_shards}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not marker.exists()
+
+
+def test_trust_checkpoint_config_does_what_it_says(tmp_path, evil_run):
+    run, marker = evil_run
+    r = run_cli("train", "--resume", run / "checkpoints" / "step-00000001", "--out", tmp_path / "trusting",
+                "train.steps=2", trust.TRUST_FLAG)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "using the checkpoint's data.shards='pipe:touch" in r.stderr
+    assert marker.exists()  # the user asked for it
+    marker.unlink()
+
+
+def test_stored_wandb_destination_is_never_used(tmp_path, evil_run, digits_shards):
+    run, _ = evil_run
+    victim = tmp_path / "victim"
+    r = run_cli("train", "--resume", run / "checkpoints" / "step-00000001", "--out", victim, "train.steps=2",
+                f"data.shards={digits_shards}", "tracking.wandb.mode=offline")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tracking.wandb.project='authors-project'; this run uses 'distgan'" in r.stderr
+    assert "tracking.wandb.entity='author'; this run uses None" in r.stderr
+    record = run_record(next(victim.glob("wandb/offline-run-*/run-*.wandb")))
+    assert record.project == "distgan" and record.entity == ""
+    # ... unless the user passes it
+    mine = tmp_path / "mine"
+    r = run_cli("train", "--resume", run / "checkpoints" / "step-00000001", "--out", mine, "train.steps=2",
+                f"data.shards={digits_shards}", "tracking.wandb.mode=offline",
+                "tracking.wandb.project=my-project")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_record(next(mine.glob("wandb/offline-run-*/run-*.wandb"))).project == "my-project"
+
+
+def test_resuming_your_own_run_with_the_same_command_is_unchanged(tmp_path, digits_shards):
+    """No preset or config file (the form of `make demo` and launch/slurm.sbatch): the checkpoint's
+    config is the base, and every outward value comes from the command line again."""
+    common = [*FAST, f"data.shards={digits_shards}", "train.ckpt_every=1000"]
+    assert run_cli("train", *common, "--out", tmp_path / "full", "train.steps=4").returncode == 0
+    assert run_cli("train", *common, "--out", tmp_path / "split", "train.steps=2").returncode == 0
+    r = run_cli("train", *common, "--out", tmp_path / "split", "train.steps=4", "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "note:" not in r.stderr  # nothing differs, nothing to say
+    assert [m["step"] for m in read_metrics(tmp_path / "split") if m.get("event") == "resume"] == [2]
+    step = "step-00000004"
+    assert_bitwise_equal(tmp_path / "full" / "checkpoints" / step, tmp_path / "split" / "checkpoints" / step)
+
+
+def test_checkpoint_config_keeps_harmless_values_and_drops_the_rest():
+    from distgan import config
+
+    stored = config.to_dict(config.load_config("ring-gan"))
+    stored["tracking"]["wandb"].update(project="theirs", entity="them", mode="offline")
+    cfg, notes = trust.checkpoint_config(stored, given=set(), needed={"data.shards"}, trust=False, where="c")
+    assert cfg["data"]["shards"] == "builtin:ring" and not notes  # an embedded set is kept
+    assert cfg["tracking"]["wandb"] == {"mode": "offline", "project": "distgan", "entity": None, "name": None}
+    assert cfg["model"] == stored["model"] and cfg["train"] == stored["train"]
+    stored["data"]["shards"] = "https://example.invalid/{000..009}.tar"
+    stored["variant"]["vgg_weights"] = "/home/user/vgg.pth"
+    cfg, _ = trust.checkpoint_config(stored, given=set(), needed=(), trust=False, where="c")
+    assert cfg["data"]["shards"] == "" and cfg["variant"]["vgg_weights"] == ""  # not needed: dropped
+    with pytest.raises(Exception, match="stores data.shards='https://example.invalid"):
+        trust.checkpoint_config(stored, given=set(), needed={"data.shards"}, trust=False, where="c")
+    # given on the command line: no error (the override replaces it)
+    trust.checkpoint_config(stored, given={"data.shards"}, needed={"data.shards"}, trust=False, where="c")
+    cfg, notes = trust.checkpoint_config(stored, given=set(), needed={"data.shards"}, trust=True, where="c")
+    assert cfg["data"]["shards"].startswith("https://") and len(notes) == 4
+
+
+def test_sample_and_eval_take_only_data_locations_as_overrides(tmp_path, evil_run):
+    run, _ = evil_run
+    r = run_cli("sample", "--ckpt", run, "--out", tmp_path / "x.png", "model.g.width=8")
+    assert r.returncode == 2 and "takes only data.shards" in r.stderr
+
+
+def test_a_manifest_names_only_files_of_its_own_folder(tmp_path, digits_shards):
+    from distgan.data import stream
+    from distgan.errors import UserError
+
+    folder = tmp_path / "shards"
+    shutil.copytree(digits_shards, folder)
+    manifest = json.loads((folder / shards.MANIFEST).read_text())
+    good = manifest["shards"]
+    for names in (["/etc/hosts"], ["../other/shard.tar"], ["pipe:touch x"], ["a/b.tar"]):
+        (folder / shards.MANIFEST).write_text(json.dumps({**manifest, "shards": names}))
+        with pytest.raises(UserError, match="may only name files in its own folder"):
+            stream.resolve(str(folder), progress=False)
+    (folder / shards.MANIFEST).write_text(json.dumps({**manifest, "shards": good, "heldout": "/tmp"}))
+    with pytest.raises(UserError, match="names '/tmp'"):
+        stream.heldout_source(str(folder))
+    (folder / shards.MANIFEST).write_text(json.dumps({**manifest, "shards": ["/etc/hosts"]}))
+    r = run_cli("train", *FAST, f"data.shards={folder}", "--out", tmp_path / "run", "train.steps=1")
+    assert r.returncode == 2 and "may only name files in its own folder" in r.stderr, r.stderr[-2000:]
+
+
+def test_shard_file_names_never_read_as_urls(tmp_path, digits_shards):
+    """A file in the current folder named like a pipe: spec is read as a file, never run."""
+    src = sorted(digits_shards.glob("*.tar"))[0]
+    shutil.copy(src, tmp_path / "pipe:touch PWNED;.tar")
+    r = run_cli("train", *FAST, "data.shards=.", "--out", tmp_path / "run", "train.steps=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_copied_wandb_run_id_that_is_not_an_id_is_replaced(tmp_path, digits_shards):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "wandb_run_id").write_text("../../x\n")
+    r = run_cli("train", *QUIET, f"data.shards={digits_shards}", "--out", run, "train.steps=1",
+                "tracking.wandb.mode=offline")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is not a W&B run id" in r.stderr
+    new = (run / "wandb_run_id").read_text()
+    assert new != "../../x\n" and run_record(next(run.glob("wandb/offline-run-*/run-*.wandb"))).run_id == new
