@@ -252,6 +252,8 @@ def load_config(
             raise UserError(f"override '{item}' cannot be parsed: {exc}") from None
         cfg = _merge(cfg, dot, f"override {item}")
     config: Config = OmegaConf.to_object(cfg)
+    if config.train.mixed_precision == "False":  # YAML reads a bare `no` as false
+        config.train.mixed_precision = "no"
     validate(config)
     return config
 

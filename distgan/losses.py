@@ -22,26 +22,31 @@ import torch.nn.functional as F
 LOSSES = ("ns", "minimax", "hinge", "ls", "wasserstein")
 
 
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least fp32 (bf16/fp16 under mixed precision are upcast; fp64 stays fp64)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
-    real, fake = real_logits.float(), fake_logits.float()
+    real, fake = _wide(real_logits), _wide(fake_logits)
     if kind == "hinge":
         return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
     if kind == "ls":
         return 0.5 * (real - 1.0).square().mean() + 0.5 * fake.square().mean()
     if kind == "wasserstein":
         return fake.mean() - real.mean()
-    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
 
 
 def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
     if kind == "ns":
-        return F.softplus(-fake_logits.float()).mean()
+        return F.softplus(-_wide(fake_logits)).mean()
     if kind == "minimax":
-        return -F.softplus(fake_logits.float()).mean()
+        return -F.softplus(_wide(fake_logits)).mean()
     if kind in ("hinge", "wasserstein"):
-        return -fake_logits.float().mean()
+        return -_wide(fake_logits).mean()
     if kind == "ls":
-        return 0.5 * (fake_logits.float() - 1.0).square().mean()
+        return 0.5 * (_wide(fake_logits) - 1.0).square().mean()
     raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")

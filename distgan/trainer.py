@@ -170,7 +170,7 @@ def make_accelerator(cfg: config.Config, with_wandb: bool):
 
     precision = cfg.train.mixed_precision
     try:
-        return Accelerator(
+        accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             mixed_precision=None if precision == "auto" else precision,
             log_with="wandb" if with_wandb else None,
@@ -186,6 +186,16 @@ def make_accelerator(cfg: config.Config, with_wandb: bool):
         raise UserError(
             f"cannot set up Accelerate with train.mixed_precision={cfg.train.mixed_precision}: {exc}"
         ) from None
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        if accelerator.num_processes == 1:
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+        raise UserError(
+            "fp16 mixed precision needs a GPU: on the CPU Accelerate applies neither fp16 autocast nor a gradient "
+            "scaler, so the run would silently be fp32. Use train.mixed_precision=bf16 (or no) on the CPU"
+        )
+    return accelerator
 
 
 def check_compatible(ckpt: checkpoint.Checkpoint, cfg: config.Config) -> None:
@@ -281,6 +291,10 @@ def train(
         (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
     accelerator.wait_for_everyone()
     tracker = Tracker(accelerator, cfg, run_dir, config.to_dict(cfg))
+    from kernels import _backend
+
+    # which kernels spectral norm and minibatch discrimination run: Triton, or the PyTorch fallback
+    tracker.event("kernels", start, backend=_backend.auto(accelerator.device))
     try:
         code = _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data)
     finally:
@@ -581,7 +595,12 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
                 stopping = _agree_to_stop(stop.signum, device, world)
                 if step % t.log_every == 0 or step == t.steps or stopping:
                     keys = sorted(sums)
-                    means = accelerator.reduce(torch.stack([sums[k] / n_sums for k in keys]), "mean").tolist()
+                    # (no keys when every step since the last log was skipped for NaN/Inf; the same on every rank)
+                    means = (
+                        accelerator.reduce(torch.stack([sums[k] / n_sums for k in keys]), "mean").tolist()
+                        if keys
+                        else []
+                    )
                     bad = torch.tensor(sum(sum(f.skipped) for f in feeds), device=device)
                     total_skipped = int(accelerator.reduce(bad, "sum"))
                     elapsed = time.perf_counter() - last_log_time
@@ -600,6 +619,8 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
                             ),
                         }
                     )
+                    if accelerator.scaler is not None:  # fp16 (GPU): the gradient scaler's current scale
+                        logged["train/grad_scale"] = float(accelerator.scaler.get_scale())
                     tracker.log(logged, step)
                     bar.set_postfix(
                         {

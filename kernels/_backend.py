@@ -54,3 +54,8 @@ def choose(op: str, backend: str | None, t: torch.Tensor) -> str:
         )
         warnings.warn(f"kernels.{op}: Triton requested but {why}; using the PyTorch fallback", stacklevel=3)
     return "torch"
+
+
+def auto(device: torch.device | str) -> str:
+    """What backend=None picks for tensors on `device` ('triton' or 'torch'), e.g. to log it."""
+    return choose("auto", None, torch.empty(0, device=device))

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -103,7 +104,10 @@ def test_bad_samples_skipped_and_counted(tmp_path, digits_shards):
 def test_truncated_shard(tmp_path, digits_shards):
     data = (digits_shards / "digits-000000.tar").read_bytes()
     (tmp_path / "t.tar").write_bytes(data[: len(data) // 2 + 100])
-    assert_user_error(train(tmp_path, f"data.shards={tmp_path / 't.tar'}", "train.steps=30"), "shard")
+    r = train(tmp_path, f"data.shards={tmp_path / 't.tar'}", "train.steps=30")
+    # the cut sample is named, with its shard and what it lacks, and how to go on past it
+    assert_user_error(r, f"of shard '{tmp_path / 't.tar'}': no .png member (members: cls) (set data.on_error=skip")
+    assert re.search(r"error: sample '\d+' of shard", r.stderr)
 
 
 def test_channels_mismatch_with_manifest(tmp_path, digits_shards):

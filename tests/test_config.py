@@ -81,3 +81,11 @@ def test_cli_config_error_exit_code_and_no_traceback(tmp_path):
     assert not (tmp_path / "run").exists()
     r = run_cli("train", "--preset", "nope", "--out", tmp_path / "run")
     assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_bare_no_is_the_string_no_not_yaml_false():
+    """`train.mixed_precision=no` (as the docs write it) and `mixed_precision: no` in a file: YAML reads
+    both as the boolean false; the choice 'no' is meant."""
+    from distgan import config
+
+    assert config.load_config(overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"

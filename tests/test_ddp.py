@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, ROOT, read_metrics
+from conftest import FAST, ROOT, assert_resumed, read_metrics
 from safetensors import safe_open
 from test_train import assert_bitwise_equal
 
@@ -35,10 +35,17 @@ def launch_cmd(*args, processes=2):
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def launch(*args, processes=2, timeout=600):
-    return subprocess.run(
-        launch_cmd(*args, processes=processes), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=timeout
-    )
+def launch(*args, processes=2, timeout=600, env=None):
+    return subprocess.run(launch_cmd(*args, processes=processes), capture_output=True, text=True, cwd=ROOT,
+                          env={**ENV, **(env or {})}, timeout=timeout)  # fmt: skip
+
+
+# The PyTorch fallback of kernels/ that CPU users get: the interpreter off for that run.
+FALLBACK = {"TRITON_INTERPRET": "0"}
+
+
+def kernels_used(run) -> str:
+    return next(m["backend"] for m in read_metrics(run) if m.get("event") == "kernels")
 
 
 def start(*args, processes=2):
@@ -120,13 +127,15 @@ def test_two_ranks_disjoint_data_identical_params_rank0_writes(tmp_path, digits_
 
 
 def test_two_ranks_resume_is_exact(tmp_path, digits_shards):
-    common = [*FAST, f"data.shards={digits_shards}", "train.ckpt_every=1000"]
+    # one real loader worker per rank (auto gives 0 below 4 cores per process)
+    common = [*FAST, f"data.shards={digits_shards}", "train.ckpt_every=1000", "data.num_workers=1"]
     r = launch(*common, "--out", tmp_path / "full", "train.steps=6")
     assert r.returncode == 0, r.stderr[-3000:]
     r = launch(*common, "--out", tmp_path / "split", "train.steps=3")
     assert r.returncode == 0, r.stderr[-3000:]
     r = launch(*common, "--out", tmp_path / "split", "train.steps=6", "--resume", "auto")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert_resumed(tmp_path / "split", 3)
     assert_bitwise_equal(
         tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path / "split" / "checkpoints" / "step-00000006"
     )
@@ -135,29 +144,45 @@ def test_two_ranks_resume_is_exact(tmp_path, digits_shards):
 LONG = [*FAST, "train.steps=100000", "train.log_every=1", "train.ckpt_every=4"]
 
 
+def start_ranks(*args, n=2):
+    """n rank processes started directly with torch.distributed's environment, one task per rank
+    as `srun --ntasks-per-node=N` would start them: their exit codes are ours to read."""
+    port, procs = free_port(), []
+    for rank in range(n):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        out = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen([sys.executable, "-m", "distgan", "train", *map(str, args)], stdout=out, stderr=out,
+                                cwd=ROOT, env=env, text=True)  # fmt: skip
+        proc.log = out
+        procs.append(proc)
+    return procs
+
+
 def test_sigterm_to_every_rank_checkpoints_once_then_requeue_resumes(tmp_path, digits_shards):
-    """What SLURM does at preemption: SIGTERM to the launcher and every rank at once. The ranks
-    agree on a step, write one checkpoint there and exit 143; --resume auto continues from it."""
+    """What SLURM does at preemption: SIGTERM to every rank at once. The ranks agree on a step,
+    write one checkpoint there and exit 143; --resume auto continues from it."""
     run = tmp_path / "run"
-    proc = start(*LONG, f"data.shards={digits_shards}", "--out", run)
-    wait_for(run / "checkpoints" / "step-00000004", proc)
-    ranks = ranks_of(proc.pid)
-    for pid in (proc.pid, *ranks.values()):
-        os.kill(pid, signal.SIGTERM)
-    proc.wait(timeout=120)
-    log = output(proc)
-    assert log.count("stopped by signal 15") == 1, log[-3000:]  # rank 0 says it, once
+    procs = start_ranks(*LONG, f"data.shards={digits_shards}", "--out", run)
+    wait_for(run / "checkpoints" / "step-00000004", procs[0])
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        proc.wait(timeout=120)
+    logs = [output(proc) for proc in procs]
+    assert [proc.returncode for proc in procs] == [143, 143], logs[0][-3000:]
+    assert sum(log.count("stopped by signal 15") for log in logs) == 1, logs[0][-3000:]  # rank 0 says it, once
     steps = checkpoint.list_steps(run)
     stop = steps[-1]
     assert stop.name != "step-00000004"  # a new checkpoint at the step where the ranks stopped
     ckpt = checkpoint.load(stop)
     assert len(set(ckpt.meta["fingerprints"])) == 1
     assert [p.name for p in steps if p.name > "step-00000004"] == [stop.name]  # exactly one
-    # the requeued job
+    # the requeued job, under the launcher
     r = launch(*FAST, f"data.shards={digits_shards}", "--out", run, "--resume", "auto", f"train.steps={ckpt.step + 2}")
     assert r.returncode == 0, r.stderr[-3000:]
-    resumed = [m for m in read_metrics(run) if m.get("event") == "resume"]
-    assert resumed and resumed[-1]["step"] == ckpt.step
+    resumes = [m for m in read_metrics(run) if m.get("event") == "resume"]
+    assert [m["step"] for m in resumes] == [ckpt.step]
     assert checkpoint.list_steps(run)[-1].name == f"step-{ckpt.step + 2:08d}"
 
 
@@ -175,6 +200,9 @@ def test_a_dead_or_hung_rank_stops_the_others_with_a_clear_error(tmp_path, digit
         assert time.time() - t0 < 60, "rank 0 did not give up"
         time.sleep(0.1)
     waited = time.time() - t0
+    print(f"rank 0 gave up {waited:.2f} s after {how}")
+    if how == "SIGKILL":
+        assert waited < 5, waited  # the socket closes: no need to wait for dist.timeout_s
     if how == "SIGSTOP":
         assert 5 < waited < 30, waited  # dist.timeout_s=6, plus the step in flight
         os.kill(ranks[1], signal.SIGKILL)
@@ -284,21 +312,25 @@ def test_cpu_ddp_script_runs_n_ranks(tmp_path, digits_shards):
 
 
 @pytest.mark.parametrize(
-    "d",
+    "d, env",
     [
         # BatchNorm buffers updated by four D calls before backward (real, fake, x_hat, R1's real)
-        ["model.d.batchnorm=true", "variant.r1_gamma=1"],
-        ["model.d.spectral_norm=true"],  # u, v updated in place by three D calls (Triton path here)
-        ["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=8"],  # its double backward
+        (["model.d.batchnorm=true", "variant.r1_gamma=1"], {}),
+        (["model.d.spectral_norm=true"], {}),  # u, v updated in place by three D calls (Triton, interpreted)
+        (["model.d.spectral_norm=true"], FALLBACK),  # ... and on the PyTorch fallback
+        (["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=8"], {}),  # its double backward
+        (["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=8"], FALLBACK),
     ],
+    ids=["bn-r1", "sn-triton", "sn-fallback", "mbd-triton", "mbd-fallback"],
 )
-def test_gradient_penalty_under_ddp(tmp_path, digits_shards, d):
+def test_gradient_penalty_under_ddp(tmp_path, digits_shards, d, env):
     """WGAN-GP on 2 ranks: D on real, fake and x_hat (and real again for R1), then one backward
     through create_graph; the ranks stay identical."""
     run = tmp_path / "run"
     r = launch("--preset", "digits-wgan-gp", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=2",
-               "variant.n_critic=2", *d)  # fmt: skip
+               "variant.n_critic=2", *d, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    assert kernels_used(run) == ("torch" if env else "triton")
     _, meta = read(run / "checkpoints" / "step-00000002" / "state.safetensors")
     assert len(set(meta["fingerprints"])) == 1
     logged = [m for m in read_metrics(run) if "loss/gp" in m]

@@ -14,18 +14,18 @@ from conftest import FAST, read_metrics
 
 from distgan import checkpoint, config, trainer
 from distgan.data import builtin
-from distgan.errors import RunFailed
+from distgan.errors import RunFailed, UserError
 
 
-def digit_batches(nan_at: int, n: int = 8, batch: int = 16):
-    """Real digits at 16x16 in [-1, 1]; batch `nan_at` has NaN pixels (what a corrupt decode or an
+def digit_batches(nan_at: int | set[int], n: int = 8, batch: int = 16):
+    """Real digits at 16x16 in [-1, 1]; batch `nan_at` (or each of a set) has NaN pixels (what a corrupt decode or an
     fp16 overflow upstream would hand the trainer)."""
     images, labels, _ = builtin.digits()
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     x = torch.nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False)
     for i in range(n):
         img = x[i * batch : (i + 1) * batch].clone()
-        if i == nan_at:
+        if i == nan_at or (isinstance(nan_at, set) and i in nan_at):
             img[:, :, 4:8, 4:8] = float("nan")
         yield {"image": img, "label": torch.from_numpy(labels[i * batch : (i + 1) * batch])}
 
@@ -120,3 +120,64 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path):
     assert picked.step == 1
     np.testing.assert_array_equal([p.name for p in checkpoint.list_steps(tmp_path / "run")],
                                   ["step-00000001", "step-00000002"])  # fmt: skip
+
+
+def test_consecutive_nan_steps_stop_after_max_nan_skips(tmp_path):
+    """train.on_nan=skip, but 3 bad batches in a row with train.max_nan_skips=3: the third stops the run."""
+    cfg = config.load_config("digits-dcgan", overrides=[*FAST, "train.steps=8", "train.ckpt_every=2",
+                                                        "train.max_nan_skips=3"])  # fmt: skip
+    with pytest.raises(RunFailed, match=r"step 5: NaN/Inf gradients in D; stopping \(3 steps in a row "
+                       r"\(train.max_nan_skips=3\)\)"):  # fmt: skip
+        trainer.train(cfg, tmp_path / "run", data=digit_batches(nan_at={2, 3, 4}))
+    skipped = [m["step"] for m in read_metrics(tmp_path / "run") if m.get("event") == "nonfinite"]
+    assert skipped == [3, 4]  # the third is not logged: the run stopped there
+    steps = checkpoint.list_steps(tmp_path / "run")  # step 4's update was skipped, its model is fine
+    assert [p.name for p in steps] == ["step-00000002", "step-00000004"]
+    assert all(torch.isfinite(v).all() for p in steps for v in checkpoint.load(p).models.values())
+
+
+def test_a_model_holding_nan_is_never_written_over_a_good_checkpoint(tmp_path):
+    """NaN in a weight that no gradient reaches (the EMA copy, from a damaged resume): the next
+    checkpoint is refused, and the newest existing one stays as it was."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = config.load_config("digits-dcgan", overrides=[*FAST, "train.steps=2", "train.ckpt_every=1"])
+    assert trainer.train(cfg, tmp_path / "run", data=digit_batches(nan_at=-1)) == 0
+    step = tmp_path / "run" / "checkpoints" / "step-00000002" / "model.safetensors"
+    with safe_open(str(step), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    key = next(k for k in tensors if k.startswith("G_ema.") and k.endswith("weight"))
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(step), metadata=meta)
+    damaged = step.read_bytes()
+    cfg = config.load_config("digits-dcgan", overrides=[*FAST, "train.steps=4", "train.ckpt_every=1"])
+    with pytest.raises(RunFailed, match=rf"step 3: the model holds NaN/Inf values \({key}"):
+        trainer.train(cfg, tmp_path / "run", resume="auto", data=digit_batches(nan_at=-1))
+    assert [p.name for p in checkpoint.list_steps(tmp_path / "run")] == ["step-00000001", "step-00000002"]
+    assert step.read_bytes() == damaged
+
+
+def test_fp16_on_the_cpu_is_refused_not_silently_fp32(tmp_path):
+    """Accelerate runs fp16 (autocast + GradScaler) only on a GPU; on the CPU the run would be fp32
+    while saying fp16. Refused before anything is written; bf16 is the CPU's mixed precision."""
+    cfg = config.load_config("digits-dcgan", overrides=[*FAST, "train.steps=2", "train.mixed_precision=fp16"])
+    with pytest.raises(UserError, match="fp16 mixed precision needs a GPU"):
+        trainer.train(cfg, tmp_path / "run", data=digit_batches(nan_at=-1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first SIGINT only sets the flag the loop checks at the end of the step; the second raises
+    KeyboardInterrupt where the process is (the CLI exits 130)."""
+    import os
+    import signal
+
+    with trainer.StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -12,19 +12,26 @@ import torch
 import kernels
 from kernels import reference
 
-pytestmark = pytest.mark.skipif(
+# Only the Triton tests need the interpreter on a CPU; the fallback's run without it.
+needs_interpreter = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (make test sets it)"
 )
 
+# (rtol, atol as a fraction of the largest |reference| value) per dtype. The inputs are rounded to
+# the dtype before the float64 reference sees them, so what is left is fp32 accumulation and the
+# rounding of the output (bf16: 8 bits, fp16: 11 bits) and of the incoming gradient.
 TOL = {
     torch.float64: (1e-10, 1e-12),
-    torch.float32: (2e-4, 1e-5),
-    torch.bfloat16: (4e-2, 4e-2),
-    torch.float16: (1e-2, 1e-2),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1.6e-2, 8e-3),
+    torch.float16: (2e-3, 1e-3),
 }
 
 
-def make(b, o, k, dtype=torch.float32, seed=0, scale=0.3, noncontiguous=False):
+def make(b, o, k, dtype=torch.float32, seed=0, scale=None, noncontiguous=False):
+    """M with every pair term exp(-|M_i - M_j|_1) near exp(-1): entries of std 1/K make the expected
+    L1 distance over K components 2/sqrt(pi) ~ 1.1, so no term is negligible at any K."""
+    scale = 1.0 / k if scale is None else scale
     gen = torch.Generator().manual_seed(seed)
     if noncontiguous:  # (B, K, O) storage, viewed as (B, O, K): strides (O*K, 1, O)
         m = (torch.randn(b, k, o, generator=gen, dtype=torch.float64) * scale).to(dtype).transpose(1, 2)
@@ -48,8 +55,12 @@ def check(b, o, k, dtype=torch.float32, exclude_self=True, group_size=None, nonc
     (grad,) = torch.autograd.grad(out, x, g.to(dtype))
     assert grad.dtype == dtype and grad.shape == (b, o, k)
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol * max(1, b))
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol * max(1, b))
+    torch.testing.assert_close(
+        out.double(), ref, rtol=rtol, atol=atol * float(ref.detach().abs().max().clamp(min=1e-30))
+    )
+    torch.testing.assert_close(
+        grad.double(), ref_grad, rtol=rtol, atol=atol * float(ref_grad.detach().abs().max().clamp(min=1e-30))
+    )
 
 
 # Every B, O and K of the issue appears; the product is trimmed to keep the interpreter fast.
@@ -58,22 +69,26 @@ SHAPES += [(100, 100, 5), (100, 5, 16), (257, 1, 1), (257, 5, 50), (257, 1, 16),
 
 
 @pytest.mark.parametrize("b,o,k", SHAPES)
+@needs_interpreter
 def test_triton_matches_reference(b, o, k):
     check(b, o, k)
 
 
 @pytest.mark.parametrize("exclude_self", [True, False])
 @pytest.mark.parametrize("group_size", [None, 1, 4, 7, 64])
+@needs_interpreter
 def test_triton_exclude_self_and_groups(exclude_self, group_size):
     check(37, 3, 5, exclude_self=exclude_self, group_size=group_size)
 
 
 @pytest.mark.parametrize("b,o,k", [(17, 5, 5), (100, 3, 16)])
+@needs_interpreter
 def test_triton_noncontiguous_input(b, o, k):
     check(b, o, k, noncontiguous=True, group_size=5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@needs_interpreter
 def test_triton_dtypes(dtype):
     check(33, 4, 16, dtype=dtype, group_size=11)
 
@@ -97,6 +112,7 @@ def test_fallback_blocks_cover_every_pair():
     torch.testing.assert_close(gt, gf)
 
 
+@needs_interpreter
 def test_every_output_element_written():
     """Output buffers poisoned with NaN: the kernels must overwrite every element."""
     from kernels import minibatch_l1
@@ -111,7 +127,7 @@ def test_every_output_element_written():
     torch.testing.assert_close(out.double(), reference.minibatch_l1_naive(m.double(), True, 10), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
 def test_double_backward_gradient_penalty(backend):
     """A WGAN-GP style penalty through a layer with this op matches the float64 reference."""
     from distgan.models.layers import MinibatchDiscrimination
@@ -151,6 +167,7 @@ def test_double_backward_gradient_penalty(backend):
         torch.testing.assert_close(penalty(torch.float64, "torch"), want)
 
 
+@needs_interpreter
 def test_backend_choice_and_warning(monkeypatch):
     from kernels import _backend
 
