@@ -56,6 +56,18 @@ def git_rev() -> str:
         return "unknown"
 
 
+def code_hash() -> str:
+    """A hash of the code that trains and measures (distgan/ and kernels/, sources and presets):
+    results made by other code are recomputed or shown as stale, never silently reused."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted([*root.glob("distgan/**/*.py"), *root.glob("distgan/presets/*.yaml"), *root.glob("kernels/*.py")]):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def write(name: str, rows: list[dict], columns: list[str], notes: str, extra: dict | None = None) -> None:
     """Print the table and write results/<name>-<machine>.json and .md."""
     info = machine()

@@ -7,8 +7,11 @@
 Every cell (dataset, variant, seed) is one `distgan train` of the dataset's preset with the
 variant's overrides, then `distgan eval --n 2500` on its final checkpoint (26 000 samples for stacked
 digits; for gan-r1 also `eval --drs`, and `eval --drs --drs-calibrate`). Each finished cell is
-saved in benchmarks/results/mode_collapse/cells/ and skipped when the script runs again, so the
-benchmark resumes where it stopped; the tables are rebuilt from all cells present. Stacked
+saved in benchmarks/results/mode_collapse/cells/ with the git revision, a hash of the code
+(distgan/, kernels/) and the resolved config; when the script runs again it skips a cell made by
+the same code and config, so the benchmark resumes where it stopped. A cell made by other code or
+another config is recomputed (with --keep-stale: reused, and its row marked stale). The tables are
+rebuilt from all cells present, stale ones marked. Stacked
 digits (1000 modes) then run for the two variants with the most grid modes, and the DCGAN baseline.
 
 Outputs: results/mode_collapse-<machine>.{json,md} (mean +/- standard error over seeds, the
@@ -72,22 +75,34 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "distgan", *cmd], capture_output=True, text=True, cwd=ROOT)
 
 
-def cell(dataset: str, variant: str, seed: int, steps: int) -> dict:
+def cell(dataset: str, variant: str, seed: int, steps: int, keep_stale: bool = False) -> dict:
+    """One cell, from its file when that was made by this code with this config; otherwise (re)computed,
+    or with `keep_stale` reused and marked stale."""
+    from distgan import config
+
     path = CELLS / f"{dataset}-{variant}-n{steps}-s{seed}.json"
     if dataset == "stacked":  # counted on STACKED_N samples (cells counted on 2500 are not comparable)
         path = CELLS / f"{dataset}-{variant}-n{steps}-e{STACKED_N}-s{seed}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
     if dataset == "stacked":
         preset = STACKED_PRESET.get(variant, "stacked-digits-dcgan")
     else:
         preset = PRESET.get(variant, "{dataset}-gan").format(dataset=dataset)
+    overrides = [f"train.steps={steps}", f"train.seed={seed}", "tracking.wandb.mode=disabled",
+                 f"train.ckpt_every={steps}", f"train.sample_every={steps}", *VARIANTS[variant]]  # fmt: skip
+    resolved = config.to_dict(config.load_config(preset, overrides=overrides))
+    code = common.code_hash()
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("code") == code and old.get("config") == resolved:
+            return old
+        if keep_stale:
+            return {**old, "stale": True}
+        print(f"{path.name}: made by other code or another config (git {old.get('git', 'unknown')}); recomputing",
+              flush=True)  # fmt: skip
     n_eval = STACKED_N if dataset == "stacked" else 2500
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        r = run(["train", "--preset", preset, "--out", f"{tmp}/run", f"train.steps={steps}", f"train.seed={seed}",
-                 "tracking.wandb.mode=disabled", f"train.ckpt_every={steps}", f"train.sample_every={steps}",
-                 *VARIANTS[variant]])  # fmt: skip
+        r = run(["train", "--preset", preset, "--out", f"{tmp}/run", *overrides])
         if r.returncode != 0:
             raise RuntimeError(f"{dataset}/{variant}/seed {seed}: train failed:\n{r.stderr[-2000:]}")
         train_s = time.perf_counter() - start
@@ -116,7 +131,8 @@ def cell(dataset: str, variant: str, seed: int, steps: int) -> dict:
                 r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", *extra, "--out", f"{tmp}/pts.npy"])
                 if r.returncode == 0:
                     samples[tag] = np.load(f"{tmp}/pts.npy").tolist()
-    out = {"dataset": dataset, "variant": variant, "seed": seed, "steps": steps, "train_s": train_s, **result}
+    out = {"dataset": dataset, "variant": variant, "seed": seed, "steps": steps, "train_s": train_s, **result,
+           "git": common.git_rev(), "code": code, "config": resolved}  # fmt: skip
     out.pop("checkpoint", None)
     CELLS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out) + "\n")
@@ -126,7 +142,10 @@ def cell(dataset: str, variant: str, seed: int, steps: int) -> dict:
 
 
 def load_cells() -> list[dict]:
-    return [json.loads(f.read_text()) for f in sorted(CELLS.glob("*.json")) if not f.name.endswith(".samples.json")]
+    """Every cell file, each marked stale unless this code made it (its config is checked in cell())."""
+    code = common.code_hash()
+    cells = [json.loads(f.read_text()) for f in sorted(CELLS.glob("*.json")) if not f.name.endswith(".samples.json")]
+    return [{**c, "stale": c.get("code") != code} for c in cells]
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -164,7 +183,10 @@ def table(done: list[dict]) -> tuple[list[dict], str]:
             kl = mean_se([c[key_kl] for c in got])
             rows.append({"dataset": dataset, "variant": variant, "seeds": len(got), "steps": got[0]["steps"],
                          "modes": modes, "high_quality_pct": hq, "reverse_kl": kl})  # fmt: skip
-            lines.append(f"| distgan {variant} | {len(got)} | {got[0]['steps']} | {fmt(*modes)} | {fmt(*hq)} "
+            stale = sum(bool(c.get("stale")) for c in got)
+            mark = f" (stale: {stale} of {len(got)} cells made by other code)" if stale else ""
+            rows[-1]["stale_cells"] = stale
+            lines.append(f"| distgan {variant}{mark} | {len(got)} | {got[0]['steps']} | {fmt(*modes)} | {fmt(*hq)} "
                          f"| {fmt(*kl, digits=3)} |")  # fmt: skip
             for key, label in (("drs", "DRS"), ("drs_cal", f"DRS, D calibrated {DRS_CALIBRATE} steps")):
                 drs = [c[key] for c in got if key in c]
@@ -226,6 +248,9 @@ def main() -> None:
     p.add_argument("--stacked-variants", nargs="+", choices=list(VARIANTS),
                    help="stacked-digits variants (default: gan and the two best paper variants on the grid)")  # fmt: skip
     p.add_argument("--no-stacked", action="store_true")
+    p.add_argument("--keep-stale", action="store_true",
+                   help="reuse cells made by other code or another config instead of recomputing them; the "
+                   "tables mark them stale")  # fmt: skip
     p.add_argument("--budget-min", type=float, default=None, help="stop starting new cells after this many minutes")
     args = p.parse_args()
     start = time.time()
@@ -238,7 +263,7 @@ def main() -> None:
             for variant in args.variants:
                 if out_of_time():
                     break
-                c = cell(dataset, variant, seed, args.steps)
+                c = cell(dataset, variant, seed, args.steps, args.keep_stale)
                 print(f"{dataset:5s} {variant:10s} seed {seed}: modes {c['modes']:2d} "
                       f"hq {c['high_quality_pct']:5.1f}% kl {c['reverse_kl']:.3f} ({c['train_s']:.0f} s)", flush=True)  # fmt: skip
     done = load_cells()
@@ -254,7 +279,7 @@ def main() -> None:
             for seed in range(args.first_seed, args.stacked_seeds):
                 if out_of_time():
                     break
-                c = cell("stacked", variant, seed, args.stacked_steps)
+                c = cell("stacked", variant, seed, args.stacked_steps, args.keep_stale)
                 print(
                     f"stacked {variant:10s} seed {seed}: modes {c['stacked_modes']} kl {c['stacked_kl']:.3f}",
                     flush=True,
@@ -286,7 +311,7 @@ def main() -> None:
     flat = [{k: (fmt(*v, digits=3 if k == "reverse_kl" else 1) if isinstance(v, tuple) else v) for k, v in r.items()}
             for r in rows]  # fmt: skip
     common.write("mode_collapse", flat, ["dataset", "variant", "seeds", "steps", "modes", "high_quality_pct",
-                                         "reverse_kl"], notes, extra={"cells": done})  # fmt: skip
+                                         "reverse_kl", "stale_cells"], notes, extra={"cells": done})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -237,3 +237,71 @@ def load_model(module: torch.nn.Module, state: dict[str, torch.Tensor], what: st
             f"{what} does not fit the configured model ({'; '.join(parts)}): was it made with another model config?"
         )
     module.load_state_dict(state)
+
+
+# -- the run state: what each rank contributes to a checkpoint, and what it gets back ------------------
+
+
+def rank_state(rng_state: dict[str, torch.Tensor], feeds, variant_state: dict[str, torch.Tensor],
+               fingerprint_value: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One rank's part of state.safetensors: its RNG states (rng.*), every feed's resume position
+    (data.*, see data/feeds.py), the variant's per-rank tensors (variant.*, e.g. CycleGAN's image
+    pools) and the fingerprint of its models. `gather_rank_states` stacks them over ranks."""
+    local = {f"rng.{k}": v for k, v in rng_state.items()}
+    for feed in feeds:
+        local.update(feed.state())
+    local.update({f"variant.{k}": v for k, v in variant_state.items()})
+    local["fingerprint"] = torch.tensor([fingerprint_value], dtype=torch.int64)
+    return local
+
+
+def gather_rank_states(gathered: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """`rank_state` of every rank, stacked on a first axis of ranks (what accelerator.gather gives),
+    as the state tensors to save (rng.* renamed rng.rank.*) and the list of fingerprints."""
+    state = {(f"rng.rank.{k[4:]}" if k.startswith("rng.") else k): v for k, v in gathered.items()}
+    fingerprints = state.pop("fingerprint").flatten().tolist()
+    return state, fingerprints
+
+
+def run_meta(config: dict, fingerprints: list[int], variant: str, batches: int, world: int, num_workers: int) -> dict:
+    """The JSON metadata of a checkpoint, besides its step."""
+    import time
+
+    return {
+        "config": config,
+        "fingerprints": fingerprints,
+        "variant": variant,
+        "data": {"batches": batches, "world_size": world, "num_workers": num_workers},
+        "time": time.time(),
+    }
+
+
+@dataclass
+class ResumePoint:
+    """What one rank takes back from a checkpoint: the inverse of `rank_state` + `run_meta`."""
+
+    step: int
+    exact: bool  # same processes and loader workers: streams and RNG continue where they were
+    batches: int = 0  # micro-batches drawn so far (0 when not exact: the streams restart)
+    feeds: dict[str, tuple[list[int], list[int], torch.Tensor | None]] = field(default_factory=dict)
+    rng: dict[str, torch.Tensor] | None = None
+    variant: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def resume_point(ckpt: Checkpoint, rank: int, world: int, num_workers: int) -> ResumePoint:
+    """Rank `rank`'s part of `ckpt`, for a run of `world` processes with `num_workers` loader workers
+    each. With another layout the stream positions and RNG states do not map to this run's: then
+    only the step (and the models, loaded elsewhere) carry over."""
+    data = ckpt.meta["data"]
+    if data["world_size"] != world or data["num_workers"] != num_workers:
+        return ResumePoint(ckpt.step, exact=False)
+    feeds = {}
+    for key, v in ckpt.state.items():
+        if key.startswith("data.") and key.endswith(".positions"):
+            prefix = key[: -len("positions")]
+            read = ckpt.state.get(prefix + "shards_read")
+            feeds[prefix] = (v[rank].tolist(), ckpt.state[prefix + "skipped"][rank].tolist(),
+                             None if read is None else read[rank])  # fmt: skip
+    rng_state = {k.split(".", 2)[2]: v[rank] for k, v in ckpt.state.items() if k.startswith("rng.")}
+    own = {k[len("variant.") :]: v[rank] for k, v in ckpt.state.items() if k.startswith("variant.")}
+    return ResumePoint(ckpt.step, True, data["batches"], feeds, rng_state, own)

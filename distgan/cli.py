@@ -1,4 +1,4 @@
-"""`distgan` command line: shards | train | sample | eval | presets.
+"""`distgan` command line: shards | train | sample | eval | config | presets.
 
 User errors (bad config, path, shard or checkpoint) print one line and exit with status 2.
 """
@@ -230,6 +230,8 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserError(f"--out must end in .png (a grid) or .npy (the raw array); got '{args.out}'")
     if args.n < 1:
         raise UserError(f"--n must be >= 1; got {args.n}")
+    if args.zoom < 0:
+        raise UserError(f"--zoom must be >= 1 (or 0: auto); got {args.zoom}")
     ckpt, cfg, variant, G = _load_generator(args, need_data=bool(args.drs and args.drs_calibrate))
     labels, nrow = _sample_labels(args, cfg)
     total = len(labels) if labels is not None else args.n
@@ -242,7 +244,9 @@ def _sample(args: argparse.Namespace) -> int:
         mixture = (_manifest(cfg) or {}).get("mixture") or {}
         images.save_png(args.out, images.scatter(x, mixture.get("centres")))
     else:
-        images.save_png(args.out, images.make_grid(x, nrow=nrow))
+        # nearest-neighbour, so that every image is at least 64 pixels wide (16x16 digits: 4x)
+        zoom = args.zoom or max(1, -(-64 // x.shape[-1]))
+        images.save_png(args.out, images.make_grid(x, nrow=nrow, scale=zoom))
     kept = f" (discriminator rejection sampling kept {drs['accept_rate']:.1%} of {drs['drawn']} draws)" if drs else ""
     print(f"wrote {total} samples from {ckpt.path} (step {ckpt.step}) to {args.out}{kept}")
     return 0
@@ -334,6 +338,19 @@ def _sample_labels(args: argparse.Namespace, cfg):
     if not 0 <= c < k:
         raise UserError(f"--class must be in 0..{k - 1} for this model; got {c}")
     return torch.full((args.n,), c), None
+
+
+def _config(args: argparse.Namespace) -> int:
+    """Print the resolved config (preset or file, plus overrides) as YAML, or with --doc the reference."""
+    from distgan import config
+
+    if args.doc:
+        if args.preset or args.config or args.overrides:
+            raise UserError("--doc prints the reference of every key; it takes no preset, file or overrides")
+        print(config.reference_markdown(), end="")
+        return 0
+    print(config.to_yaml(config.load_config(args.preset, args.config, args.overrides)), end="")
+    return 0
 
 
 def _presets(_args: argparse.Namespace) -> int:
@@ -434,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
         "upscale (srgan, in overlapping tiles); --out is then a .png file, or a folder for a folder",
     )
     m.add_argument("--direction", choices=("ab", "ba"), default="ab", help="cyclegan: A -> B (default) or B -> A")
+    m.add_argument("--zoom", type=int, default=0,
+                   help="--out .png grids: draw each image this many times larger, nearest-neighbour (default 0: "
+                   "auto, so that each is at least 64 pixels wide)")  # fmt: skip
     m.add_argument("--drs", action="store_true", help=DRS_HELP)
     _calibrate_args(m)
     m.add_argument("--live", action="store_true", help=LIVE_HELP)
@@ -461,6 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--live", action="store_true", help=LIVE_HELP)
     _stored_args(e)
     e.set_defaults(func=_eval)
+
+    c = sub.add_parser("config", help="print the resolved config of a preset or file plus overrides, as YAML")
+    which = c.add_mutually_exclusive_group()
+    which.add_argument("--preset", help="a preset shipped with distgan (default digits-dcgan)")
+    which.add_argument("--config", help="a YAML config file")
+    c.add_argument("--doc", action="store_true", help="print the reference of every key (docs/config.md) instead")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
+    c.set_defaults(func=_config)
 
     r = sub.add_parser("presets", help="list the presets")
     r.set_defaults(func=_presets)

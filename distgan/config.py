@@ -45,35 +45,35 @@ class DataConfig:
     # Unpaired image-to-image (cyclegan): the two domains' shard sets, streamed independently
     # (same forms as data.shards); data.shards is then unused.
     shards_a: str = ""
-    shards_b: str = ""
+    shards_b: str = ""  # cyclegan: domain B's shard set (see data.shards_a)
     input_channels: int = 0  # paired data: channels of KEY.input.png (0: data.channels)
-    resolution: int = 16
-    channels: int = 1
+    resolution: int = 16  # images are resized (bilinear) to this square size
+    channels: int = 1  # 1 or 3 (points: the vector size); must match the shards
     batch_size: int = 64  # per process and per micro-batch
     # DataLoader workers per process; -1: auto (data.stream.auto_workers): on the CPU none below
     # 4 cores per process (a worker would fight the step for them), else 1; on GPUs up to 4.
     num_workers: int = -1
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
     on_error: str = "raise"  # raise: stop on a corrupt sample; skip: count and skip it
 
 
 @dataclass
 class GeneratorConfig:
-    arch: str = "dcgan"
-    z_dim: int = 64
-    width: int = 64
+    arch: str = "dcgan"  # dcgan, mlp or toy; image-to-image: unet, resnet (cyclegan) or srresnet (srgan)
+    z_dim: int = 64  # size of the latent noise z
+    width: int = 64  # base channel width (DCGAN) or hidden width (toy MLP)
     embed_dim: int = 16  # cgan: size of the label embedding concatenated to z
     blocks: int = 6  # resnet (cyclegan) and srresnet (srgan) generators: residual blocks
 
 
 @dataclass
 class DiscriminatorConfig:
-    arch: str = "dcgan"
-    width: int = 64
+    arch: str = "dcgan"  # dcgan, mlp or toy; image-to-image: patchgan or srgan
+    width: int = 64  # base channel width (DCGAN) or hidden width (toy MLP)
     # Minibatch discrimination (Salimans et al. 2016) before D's last layer, via kernels/.
     minibatch_discrimination: bool = False
-    mbd_kernels: int = 100
-    mbd_kernel_dim: int = 5
+    mbd_kernels: int = 100  # minibatch discrimination: kernels (B in the paper)
+    mbd_kernel_dim: int = 5  # minibatch discrimination: dimension of each kernel (C in the paper)
     # Spectral norm (Miyato et al. 2018) on every conv and linear layer, via kernels.spectral_norm;
     # the DCGAN discriminator then drops its BatchNorm, as SNGAN's does.
     spectral_norm: bool = False
@@ -125,38 +125,38 @@ class VariantConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
-    seed: int = 0
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
+    steps: int = 3000  # optimizer steps (each: the variant's D step(s) and one G step)
+    seed: int = 0  # seeds the models, the noise and the data stream
+    lr_g: float = 2e-4  # G's Adam learning rate
+    lr_d: float = 2e-4  # D's Adam learning rate
+    beta1: float = 0.5  # Adam beta1 of both optimizers
+    beta2: float = 0.999  # Adam beta2 of both optimizers
     # learning-rate schedule of every optimizer: none (constant), or linear: constant until
     # lr_decay_start x steps, then linearly down towards 0 at train.steps (a function of the step alone)
     lr_decay: str = "none"
-    lr_decay_start: float = 0.0
-    grad_accum: int = 1
+    lr_decay_start: float = 0.0  # fraction of train.steps after which train.lr_decay starts, in [0, 1)
+    grad_accum: int = 1  # micro-batches per step, for G and D alike
     mixed_precision: str = "auto"
     on_nan: str = "skip"
     max_nan_skips: int = 20  # consecutive skipped steps before the run stops anyway
-    ema_beta: float = 0.999
-    log_every: int = 50
-    sample_every: int = 500
-    ckpt_every: int = 1000
-    keep_last: int = 3
+    ema_beta: float = 0.999  # EMA of G's weights (with a warm-up), used for every sample; 0: the live G
+    log_every: int = 50  # steps between metric logs (metrics.jsonl, W&B)
+    sample_every: int = 500  # steps between sample grids (RUN_DIR/samples/)
+    ckpt_every: int = 1000  # steps between checkpoints (also written at the end and on SIGINT/SIGTERM)
+    keep_last: int = 3  # checkpoints kept; older ones are deleted
     n_samples: int = 100  # images in each sample grid
     # every eval_every steps (0: never) rank 0 draws eval_n samples from EMA-G and logs the metrics
     # `distgan eval` would give (eval/...), where the data has some
     eval_every: int = 0
-    eval_n: int = 2500
+    eval_n: int = 2500  # samples drawn for each train.eval_every evaluation
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "auto"
-    project: str = "distgan"
-    entity: str | None = None
-    name: str | None = None
+    mode: str = "auto"  # online, offline, disabled; auto: online with an API key, else offline
+    project: str = "distgan"  # W&B project (never taken from a checkpoint: docs/security.md)
+    entity: str | None = None  # W&B entity (team or user); null: your default
+    name: str | None = None  # W&B run name; null: the run directory's name
 
 
 @dataclass
@@ -322,6 +322,82 @@ def validate(cfg: Config) -> None:
 
     variants.check_name(cfg.variant.name)
     models.check_config(cfg)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: its comment in this file}: the comment on the field's line, else the comment lines just
+    above it. The config reference (`distgan config --doc`, docs/config.md) is made from these."""
+    import inspect
+    import io
+    import tokenize
+
+    lines, _ = inspect.getsourcelines(cls)
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for no, line in enumerate(lines, 1):
+        name = line.strip().split(":", 1)[0]
+        if name not in names or not line.startswith("    ") or line.startswith("     "):
+            continue
+        if no in comments:
+            out[name] = comments[no]
+            continue
+        above, k = [], no - 1
+        while k in comments and lines[k - 1].strip().startswith("#"):
+            above.insert(0, comments[k])
+            k -= 1
+        out[name] = " ".join(above)
+    return out
+
+
+def reference() -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, meaning) of every config key, from the dataclasses above."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        notes = _field_comments(cls)
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(defaults, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+                continue
+            key = prefix + f.name
+            meaning = notes.get(f.name, "")
+            if meaning and not meaning.endswith("."):
+                meaning += "."
+            if key in CHOICES:
+                meaning = f"{meaning} One of: {', '.join(CHOICES[key])}.".strip()
+            default = "null" if value is None else json_text(value)
+            rows.append((key, str(hints[f.name]), default, meaning))
+
+    walk(Config, "")
+    return rows
+
+
+def json_text(value: Any) -> str:
+    import json
+
+    return json.dumps(value) if not isinstance(value, str) else f'"{value}"'
+
+
+def reference_markdown() -> str:
+    """docs/config.md: the reference of every key, generated (`distgan config --doc`)."""
+    head = (
+        "# Config reference\n\n"
+        "Generated from the config dataclasses in `distgan/config.py` by `distgan config --doc`; a test fails\n"
+        "when this file and the code differ. Keys are set by a preset (`--preset NAME`), a YAML file\n"
+        "(`--config FILE`) and `key=value` overrides, in that order. `distgan config --preset NAME [key=value ...]`\n"
+        "prints the resolved config of any combination as YAML, to start a file of your own from.\n\n"
+        "| key | type | default | meaning |\n|---|---|---|---|\n"
+    )
+    body = "".join(f"| `{k}` | {t.replace('|', chr(92) + '|')} | `{d}` | {m.replace('|', chr(92) + '|')} |\n"
+                   for k, t, d, m in reference())  # fmt: skip
+    return head + body
 
 
 def get(cfg: Any, dotted: str) -> Any:

@@ -32,9 +32,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1, min_width: int = 320) -> np.ndarray:
+def make_grid(
+    images: torch.Tensor, nrow: int | None = None, pad: int = 1, min_width: int = 320, scale: int | None = None
+) -> np.ndarray:
     """Tile (N, C, H, W) images in [-1, 1] into one (H', W', C) uint8 image, upscaled (nearest)
-    by an integer factor so that tiny images (8x8, 16x16) stay visible."""
+    by an integer factor so that tiny images (8x8, 16x16) stay visible: `scale`, or the smallest
+    that makes the grid at least `min_width` pixels wide."""
     x = to_uint8(images)
     n, h, w, c = x.shape
     nrow = nrow or math.ceil(math.sqrt(n))
@@ -44,7 +47,7 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1, min_w
         r, col = divmod(i, nrow)
         top, left = pad + r * (h + pad), pad + col * (w + pad)
         grid[top : top + h, left : left + w] = x[i]
-    scale = max(1, -(-min_width // grid.shape[1]))  # ceil
+    scale = scale or max(1, -(-min_width // grid.shape[1]))  # ceil
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     return grid

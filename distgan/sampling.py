@@ -13,7 +13,7 @@ the optimal D for the final generator: it was trained against earlier generators
 and (with variant.r1_gamma) smoothed by a penalty. `calibrate` first trains a copy of D further
 against the frozen generator, on the training data, with the plain logistic loss and an average of
 its weights (the optimum for a fixed G is exactly the log ratio). On the 2-D grid this is what turns
-the rule from a small correction into one that removes the bridges between modes (README, "Mode
+the rule from a small correction into one that removes the bridges between modes (docs/results.md, "Mode
 collapse"). It is `--drs-calibrate STEPS` on `sample` and `eval`.
 
 `distgan sample --drs` and `distgan eval --drs` use it; the eval report then says how many

@@ -1,14 +1,15 @@
-"""The training loop: Accelerator, steps, EMA, logging, sampling, checkpoints, signals.
+"""The training loop: Accelerator, steps, EMA, NaN guard, signals; the periodic jobs are in jobs.py.
 
 Read top to bottom, `train()` does:
 1. decide what to resume from and check everything (config, checkpoint, shards) before it
    writes a single file, so a bad input never damages an existing run directory;
 2. build the variant's models and optimizers from one seed (identical on every rank), load the
    checkpoint into them, and prepare them all in one Accelerator;
-3. stream batches (see data/stream.py) and call `variant.train_step` once per step, with
-   `train.grad_accum` micro-batches;
-4. keep an EMA copy of G, log every `log_every`, write a sample grid every `sample_every` and
-   a checkpoint every `ckpt_every` steps, and on SIGINT/SIGTERM checkpoint and stop.
+3. `_loop`: open the data feeds (data/feeds.py) where the checkpoint left them
+   (checkpoint.resume_point), then per step draw `train.grad_accum` micro-batches, call
+   `variant.train_step`, undo a NaN step's buffer updates, average buffers, update the EMA, and
+   run what is due of the periodic jobs (jobs.periodic: log, sample grid, eval, checkpoint);
+4. on SIGINT/SIGTERM every rank stops at the same step, checkpoints and exits 128 + signal.
 The loop knows nothing about any one variant.
 """
 
@@ -18,7 +19,6 @@ import contextlib
 import copy
 import signal
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distgan import checkpoint, config, images, rng, variants
-from distgan.data import stream
+from distgan import checkpoint, config, jobs, rng, variants
+from distgan.data import feeds, stream
 from distgan.errors import RunFailed, UserError
 from distgan.tracking import Tracker
 
@@ -341,349 +341,162 @@ def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.
     return None if kind == "paired" else shape
 
 
-class _Feed:
-    """One shard stream of a run and its bookkeeping for exact resume: per logical worker, the raw
-    samples taken (`positions`) and skipped, and which shards this rank has read. Checkpoint keys
-    are data.* for the main stream and data.<name>.* for named ones (cyclegan's a, b); batch keys
-    get the suffix _<name> ("image_a")."""
-
-    def __init__(self, name: str, source, loader, logical_workers: int):
-        self.name, self.source, self.loader = name, source, loader
-        self.prefix = f"data.{name}." if name else "data."
-        self.suffix = f"_{name}" if name else ""
-        self.positions = [0] * logical_workers
-        self.skipped = [0] * logical_workers
-        self.shards_read = torch.zeros(len(source.urls) if source else 0, dtype=torch.int64)
-
-    def take(self, worker: int, device) -> dict:
-        b = next(self.loader)
-        if "pos" in b:  # the shard stream's bookkeeping, for exact resume
-            self.positions[worker], self.skipped[worker] = b["pos"], b["skipped"]
-            self.shards_read[b["shards"]] = 1
-        return {k + self.suffix: v.to(device, non_blocking=True) for k, v in b.items() if torch.is_tensor(v)}
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {
-            self.prefix + "positions": torch.tensor(self.positions, dtype=torch.int64),
-            self.prefix + "skipped": torch.tensor(self.skipped, dtype=torch.int64),
-            self.prefix + "shards_read": self.shards_read,
-        }
-
-
 def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data) -> int:
-    t = cfg.train
-    main = accelerator.is_main_process
-    device = accelerator.device
-    names = list(variant.models)
-    opt_names = list(variant.optimizers)
-    prepared = accelerator.prepare(*[variant.models[n] for n in names], *[variant.optimizers[n] for n in opt_names])
-    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-    variant.models = dict(zip(names, prepared[: len(names)]))
-    variant.optimizers = dict(zip(opt_names, prepared[len(names) :]))
-    for ema in emas.values():
-        ema.to(device)
+    """The steps: draw micro-batches, `variant.train_step`, buffers and EMA, then the periodic jobs."""
+    t, main, device = cfg.train, accelerator.is_main_process, accelerator.device
+    _prepare(accelerator, variant, emas)
     allreduces = _count_allreduces(variant.models.values())
-
+    run = jobs.Run(cfg, run_dir, accelerator, variant, emas, tracker, sources=sources, keep_feed_state=data is None,
+                   num_workers=stream.auto_workers(cfg.data.num_workers, device.type == "cuda"),
+                   fixed_noise=torch.Generator(device="cpu").manual_seed(t.seed))  # fmt: skip
     # Per-rank randomness (noise, dropout) from the same seed, restored exactly on resume.
     rng.seed_all(stream.stream_seed(t.seed, rank, 2))
-    num_workers = stream.auto_workers(cfg.data.num_workers, device.type == "cuda")
-    logical_workers = max(num_workers, 1)
-    resumed: dict[str, tuple] = {}  # feed prefix -> (positions, skipped, shards read)
-    batches_done = 0
-    start = 0
-    if ckpt is not None:
-        start = ckpt.step
-        data_meta = ckpt.meta["data"]
-        if data_meta["world_size"] == world and data_meta["num_workers"] == num_workers:
-            for key, v in ckpt.state.items():
-                if key.startswith("data.") and key.endswith(".positions"):
-                    prefix = key[: -len("positions")]
-                    resumed[prefix] = (v[rank].tolist(), ckpt.state[prefix + "skipped"][rank].tolist(),
-                                       ckpt.state.get(prefix + "shards_read", [None] * world)[rank])  # fmt: skip
-            batches_done = data_meta["batches"]
-            rng.set_state({k.split(".", 2)[2]: v[rank] for k, v in ckpt.state.items() if k.startswith("rng.")})
-            own = {k[len("variant.") :]: v[rank] for k, v in ckpt.state.items() if k.startswith("variant.")}
-            if own and hasattr(variant, "load_rank_state"):
-                variant.load_rank_state(own)
-        elif main:
-            print(
-                f"warning: checkpoint was made with {data_meta['world_size']} processes x "
-                f"{data_meta['num_workers']} workers, this run has {world} x {num_workers}: "
-                "the data stream and RNG restart, so the resume is not exact",
-                file=sys.stderr,
-            )
-        tracker.event("resume", start, checkpoint=str(ckpt.path))
-
-    feeds: list[_Feed] = []
-    if data is None:
-        for name, source in sources.items():
-            ds = stream.ShardStream(
-                source.urls,
-                batch_size=cfg.data.batch_size,
-                resolution=cfg.data.resolution,
-                channels=cfg.data.channels,
-                # each domain its own sample order, from the same seed
-                seed=t.seed if not name else stream.stream_seed(t.seed, *name.encode()),
-                rank=rank,
-                world_size=world,
-                shuffle_buffer=cfg.data.shuffle_buffer,
-                on_error=cfg.data.on_error,
-                expected_shape=expected[name],
-                points=cfg.data.kind == "points",
-                fields=variant.fields() if hasattr(variant, "fields") else None,  # paired: input + target
-            )
-            feed = _Feed(name, source, None, logical_workers)
-            if batches_done and feed.prefix in resumed:
-                feed.positions, feed.skipped, shards_read = resumed[feed.prefix]
-                if shards_read is not None and shards_read.shape == feed.shards_read.shape:
-                    feed.shards_read = shards_read.clone()
-                ds.start_positions = feed.positions
-                ds.worker_offset = batches_done % logical_workers
-            feed.loader = iter(stream.make_loader(ds, num_workers, pin_memory=device.type == "cuda"))
-            feeds.append(feed)
-    else:
-        feeds.append(_Feed("", None, iter(data), logical_workers))
-    source = next(iter(sources.values()), None)  # the main stream: its manifest drives previews and eval
-
+    resume = _resume(run, ckpt) if ckpt is not None else None
+    run.feeds = feeds.open_feeds(cfg, variant, sources, expected, rank=rank, world=world, num_workers=run.num_workers,
+                                 device=device, resume=resume, data=data)  # fmt: skip
     ctx = StepContext(accelerator, t.grad_accum, {id(o): n for n, o in variant.optimizers.items()})
-    # Buffers (BatchNorm stats and counts, spectral norm's u, v) as they were before the step, to
-    # undo what a step with NaN/Inf gradients did to them.
-    buffers = [b for m in variant.models.values() for b in accelerator.unwrap_model(m).buffers()]
-    before = [b.clone() for b in buffers]
-    nan_skips = consecutive_skips = 0
-    fixed_noise = torch.Generator(device="cpu").manual_seed(t.seed)
-    sums: dict[str, torch.Tensor] = {}
-    n_sums = 0
-    last_log_time, last_log_step = time.perf_counter(), start
-    saved_at = -1
-    step = start
-    bar = tqdm(total=t.steps, initial=start, desc="train", disable=not main, dynamic_ncols=True, mininterval=1.0)
-
-    def save(step: int) -> None:
-        nonlocal saved_at
-        local = {f"rng.{k}": v for k, v in rng.get_state().items()}
-        for feed in feeds if data is None else []:
-            local.update(feed.state())
-        if hasattr(variant, "rank_state"):  # e.g. cyclegan's image-history buffers, one per rank
-            local.update({f"variant.{k}": v for k, v in variant.rank_state().items()})
-        plain = {n: accelerator.unwrap_model(m) for n, m in variant.models.items()}
-        bad = [
-            f"{n}.{k}"
-            for n, m in {**plain, **emas}.items()
-            for k, v in m.state_dict().items()
-            if v.is_floating_point() and not bool(torch.isfinite(v).all())
-        ]
-        if bad:  # never replace a good checkpoint with a diverged state
-            raise RunFailed(
-                f"step {step}: the model holds NaN/Inf values ({', '.join(bad[:5])}); not writing a checkpoint. "
-                "The newest existing checkpoint is intact; try lower learning rates"
-            )
-        local["fingerprint"] = torch.tensor([checkpoint.fingerprint({**plain, **emas})], dtype=torch.int64)
-        gathered = {k: accelerator.gather(v.to(device)[None]).cpu() for k, v in local.items()}
-        gathered = {(f"rng.rank.{k[4:]}" if k.startswith("rng.") else k): v for k, v in gathered.items()}
-        fingerprints = gathered.pop("fingerprint").flatten().tolist()
-        if main and len(set(fingerprints)) > 1:
-            print(f"warning: step {step}: models differ across ranks (fingerprints {fingerprints})", file=sys.stderr)
-        if main:
-            meta = {
-                "config": config.to_dict(cfg),
-                "fingerprints": fingerprints,
-                "variant": cfg.variant.name,
-                "data": {"batches": batches_done, "world_size": world, "num_workers": num_workers},
-                "time": time.time(),
-            }
-            path = checkpoint.save(
-                run_dir,
-                step,
-                models={**plain, **emas},
-                optimizers=variant.optimizers,
-                state_tensors=gathered,
-                meta=meta,
-                keep_last=t.keep_last,
-            )
-            tracker.event("checkpoint", step, path=str(path))
-        accelerator.wait_for_everyone()
-        saved_at = step
-
-    centres = ((source.manifest or {}).get("mixture") or {}).get("centres") if source else None
-
-    preview_batch = None  # previews without a held-out set show the first training batch
-    heldout: list = []  # image-to-image variants: the held-out set, read once
-
-    def generators() -> dict[str, torch.nn.Module]:
-        return {n: emas.get(f"{n}_ema", accelerator.unwrap_model(m)) for n, m in variant.models.items()}
-
-    def evaluate(step: int) -> None:
-        from distgan import metrics
-
-        if hasattr(variant, "evaluate"):  # image-to-image: measured on held-out inputs
-            if main:
-                heldout[:] = heldout or [variant.heldout()]
-                if heldout[0] is not None:
-                    tracker.log(metrics.scalars(variant.evaluate(generators(), heldout[0])), step)
-            return
-        names = metrics.applicable(cfg, source.manifest if source else None)
-        if not main or not names:
-            return
-        ema = emas.get("G_ema", accelerator.unwrap_model(variant.models["G"]))
-        with torch.no_grad():
-            x = torch.cat(
-                [
-                    variant.sample(
-                        ema, min(1024, t.eval_n - i), generator=fixed_noise.manual_seed(t.seed + 1 + i)
-                    ).cpu()
-                    for i in range(0, t.eval_n, 1024)
-                ]
-            )
-        result = metrics.compute(x, names, cfg, source.manifest)
-        tracker.log(metrics.scalars(result), step)
-
-    def sample_grid(step: int) -> None:
-        if not main:
-            return
-        if hasattr(variant, "preview"):  # image-to-image: input | output | target rows
-            heldout[:] = heldout or [variant.heldout()]
-            grid = images.make_grid(*variant.preview(generators(), heldout[0] or preview_batch))
-        else:
-            ema = emas.get("G_ema", accelerator.unwrap_model(variant.models["G"]))
-            with torch.no_grad():
-                imgs = variant.sample(ema, t.n_samples, generator=fixed_noise.manual_seed(t.seed))
-            grid = images.render(imgs, centres)
-        images.save_png(run_dir / "samples" / f"step-{step:08d}.png", grid)
-        images.save_png(run_dir / "samples" / "latest.png", grid)
-        tracker.log_image("samples", grid, step)
-
+    guard = BufferGuard([accelerator.unwrap_model(m) for m in variant.models.values()])
+    log, consecutive_skips = jobs.MetricLog(run.step), 0
+    per_step = t.grad_accum * getattr(variant, "data_per_step", 1)
+    bar = tqdm(total=t.steps, initial=run.step, desc="train", disable=not main, dynamic_ncols=True, mininterval=1.0)
     try:
         with StopSignal() as stop:
-            while step < t.steps:
-                micro = []
-                for _ in range(t.grad_accum * getattr(variant, "data_per_step", 1)):
-                    mb = {}
-                    for feed in feeds:
-                        mb.update(feed.take(batches_done % logical_workers, device))
-                    batches_done += 1
-                    micro.append(mb)
-                preview_batch = preview_batch or micro[0]
-                if buffers:
-                    torch._foreach_copy_(before, buffers)
-                ctx.global_step = step
-                if t.lr_decay != "none":
-                    factor = lr_factor(t, step)
-                    for opt in variant.optimizers.values():
-                        for group in opt.param_groups:
-                            group["lr"] = group["initial_lr"] * factor
+            while run.step < t.steps:
+                micro = feeds.draw(run.feeds, per_step, run.batches_done, run.logical_workers, device)
+                run.batches_done += len(micro)
+                run.preview_batch = run.preview_batch or micro[0]
+                guard.snapshot()
+                ctx.global_step = run.step
+                factor = set_lr(variant.optimizers.values(), t, run.step)
                 metrics = variant.train_step(micro, ctx)
-                if t.lr_decay != "none":
+                if factor is not None:
                     metrics["lr/factor"] = torch.tensor(factor, device=device)
                 if ctx.nonfinite:
-                    metrics = _nonfinite_step(ctx, cfg, run_dir, step + 1, buffers, before, consecutive_skips + 1, main)
-                    tracker.event("nonfinite", step + 1, skipped=metrics.pop("skipped"))
-                    nan_skips, consecutive_skips = nan_skips + 1, consecutive_skips + 1
+                    guard.restore()
+                    metrics = _nonfinite_step(ctx, cfg, run_dir, run.step + 1, consecutive_skips + 1, main)
+                    tracker.event("nonfinite", run.step + 1, skipped=metrics.pop("skipped"))
+                    log.nan_skips, consecutive_skips = log.nan_skips + 1, consecutive_skips + 1
                 else:
                     consecutive_skips = 0
                 average_buffers([accelerator.unwrap_model(m) for m in variant.models.values()], world)
                 for name, ema in emas.items():
-                    ema_update(
-                        ema, accelerator.unwrap_model(variant.models[name[: -len("_ema")]]), ema_beta(t.ema_beta, step)
-                    )
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0) + v.detach()
-                n_sums += 1
-                step += 1
+                    live = accelerator.unwrap_model(variant.models[name[: -len("_ema")]])
+                    ema_update(ema, live, ema_beta(t.ema_beta, run.step))
+                log.add(metrics)
+                run.step += 1
                 bar.update(1)
-
                 stopping = _agree_to_stop(stop.signum, device, world)
-                if step % t.log_every == 0 or step == t.steps or stopping:
-                    keys = sorted(sums)
-                    # (no keys when every step since the last log was skipped for NaN/Inf; the same on every rank)
-                    means = (
-                        accelerator.reduce(torch.stack([sums[k] / n_sums for k in keys]), "mean").tolist()
-                        if keys
-                        else []
-                    )
-                    bad = torch.tensor(sum(sum(f.skipped) for f in feeds), device=device)
-                    total_skipped = int(accelerator.reduce(bad, "sum"))
-                    elapsed = time.perf_counter() - last_log_time
-                    rate = (step - last_log_step) / max(elapsed, 1e-9)
-                    logged = dict(zip(keys, means))
-                    logged.update(
-                        {
-                            "perf/steps_per_sec": rate,
-                            "perf/samples_per_sec": rate * cfg.data.batch_size * len(micro) * world,
-                            "data/skipped": total_skipped,
-                            "train/nan_skipped_steps": nan_skips,
-                            **(
-                                {"dist/grad_allreduces_per_step": allreduces.pop() / max(step - last_log_step, 1)}
-                                if world > 1
-                                else {}
-                            ),
-                        }
-                    )
-                    if accelerator.scaler is not None:  # fp16 (GPU): the gradient scaler's current scale
-                        logged["train/grad_scale"] = float(accelerator.scaler.get_scale())
-                    tracker.log(logged, step)
-                    bar.set_postfix(
-                        {
-                            k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.3f}"
-                            for k, v in zip(keys, means)
-                            if k.startswith("loss/")
-                        }
-                    )
-                    sums, n_sums = {}, 0
-                    last_log_time, last_log_step = time.perf_counter(), step
-                if step % t.sample_every == 0 or step == t.steps:
-                    sample_grid(step)
-                if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                    evaluate(step)
-                if step % t.ckpt_every == 0 or step == t.steps or stopping:
-                    save(step)
+                jobs.periodic(run, log, bar, stopping, len(micro), allreduces)
                 if stopping:
                     break
     except (RuntimeError, dist.DistError) as exc:
         if world == 1 or not _comm_failure(exc):
             raise
-        # The launcher SIGTERMs the survivors when it sees a rank die: finish saying why first.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        steps = checkpoint.list_steps(run_dir)
-        last = f"'{steps[-1]}' is intact" if steps else "none was written yet"
-        raise RunFailed(
-            f"rank {rank}: lost contact with the other ranks during step {step + 1} "
-            f"({str(exc).strip().splitlines()[0][:200]}). Another rank died (see the launcher's summary), "
-            f"hung for longer than dist.timeout_s={cfg.dist.timeout_s}, or the network failed. The newest "
-            f"checkpoint, {last}; continue with --resume auto once every rank can run."
-        ) from None
+        _lost_contact(exc, run)
     finally:
-        # Shut the DataLoader workers down now, also on an error: left to interpreter exit,
-        # multiprocessing would SIGTERM them, which they ignore (see stream._ignore_signals).
-        for feed in feeds:
-            stream.shutdown(feed.loader)
+        feeds.close(run.feeds)
         bar.close()
-    if saved_at != step:
-        save(step)
-    if stopping:
-        if main:
-            print(
-                f"stopped by signal {stopping} at step {step}; checkpoint written; continue with --resume auto",
-                file=sys.stderr,
-            )
-        return 128 + stopping
-    if main:
+    if run.saved_at != run.step:
+        jobs.save(run, run.step)
+    return _finish(run, stopping)
+
+
+def _prepare(accelerator, variant, emas) -> None:
+    """Wrap the variant's models (DDP) and optimizers in the Accelerator; EMA copies to the device."""
+    names, opt_names = list(variant.models), list(variant.optimizers)
+    prepared = accelerator.prepare(*[variant.models[n] for n in names], *[variant.optimizers[n] for n in opt_names])
+    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+    variant.models = dict(zip(names, prepared[: len(names)]))
+    variant.optimizers = dict(zip(opt_names, prepared[len(names) :]))
+    for ema in emas.values():
+        ema.to(accelerator.device)
+
+
+def _resume(run: jobs.Run, ckpt: checkpoint.Checkpoint) -> checkpoint.ResumePoint:
+    """This rank's RNG, stream positions and variant state from `ckpt` (models and optimizers are
+    loaded in train()); a warning when the process/worker layout differs, so it cannot be exact."""
+    point = checkpoint.resume_point(ckpt, run.rank, run.world, run.num_workers)
+    run.step = point.step
+    if point.exact:
+        run.batches_done = point.batches
+        rng.set_state(point.rng)
+        if point.variant and hasattr(run.variant, "load_rank_state"):
+            run.variant.load_rank_state(point.variant)
+    elif run.main:
+        data = ckpt.meta["data"]
         print(
-            f"done: {step} steps; samples in {run_dir / 'samples'}; checkpoints in {checkpoint.checkpoints_dir(run_dir)}"
+            f"warning: checkpoint was made with {data['world_size']} processes x {data['num_workers']} workers, "
+            f"this run has {run.world} x {run.num_workers}: the data stream and RNG restart, so the resume is "
+            "not exact",
+            file=sys.stderr,
         )
-        wandb_dir = tracker.run_dir_hint()
-        if wandb_dir and tracker.mode == "offline":
-            print(f"W&B offline run in {Path(wandb_dir).parent}; upload it with: wandb sync {Path(wandb_dir).parent}")
+    run.tracker.event("resume", point.step, checkpoint=str(ckpt.path))
+    return point
+
+
+def set_lr(optimizers, t: config.TrainConfig, step: int) -> float | None:
+    """Every optimizer's learning rates at `step` under train.lr_decay; the factor, or None without decay."""
+    if t.lr_decay == "none":
+        return None
+    factor = lr_factor(t, step)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+    return factor
+
+
+class BufferGuard:
+    """The models' buffers (BatchNorm statistics and counts, spectral norm's u, v) as they were before
+    the step, to undo what a step with NaN/Inf gradients did to them."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.buffers = [b for m in modules for b in m.buffers()]
+        self.before = [b.clone() for b in self.buffers]
+
+    def snapshot(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.before, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.before)
+
+
+def _lost_contact(exc: BaseException, run: jobs.Run) -> None:
+    # The launcher SIGTERMs the survivors when it sees a rank die: finish saying why first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    steps = checkpoint.list_steps(run.run_dir)
+    last = f"'{steps[-1]}' is intact" if steps else "none was written yet"
+    raise RunFailed(
+        f"rank {run.rank}: lost contact with the other ranks during step {run.step + 1} "
+        f"({str(exc).strip().splitlines()[0][:200]}). Another rank died (see the launcher's summary), "
+        f"hung for longer than dist.timeout_s={run.cfg.dist.timeout_s}, or the network failed. The newest "
+        f"checkpoint, {last}; continue with --resume auto once every rank can run."
+    ) from None
+
+
+def _finish(run: jobs.Run, stopping: int) -> int:
+    """Say how the run ended; the exit code (128 + signal when stopped)."""
+    if stopping:
+        if run.main:
+            print(f"stopped by signal {stopping} at step {run.step}; checkpoint written; continue with --resume auto",
+                  file=sys.stderr)  # fmt: skip
+        return 128 + stopping
+    if run.main:
+        samples, ckpts = run.run_dir / "samples", checkpoint.checkpoints_dir(run.run_dir)
+        print(f"done: {run.step} steps; samples in {samples}; checkpoints in {ckpts}")
+        wandb_dir = run.tracker.run_dir_hint()
+        if wandb_dir and run.tracker.mode == "offline":
+            where = Path(wandb_dir).parent
+            print(f"W&B offline run in {where}; upload it with: wandb sync {where}")
     return 0
 
 
-def _nonfinite_step(ctx, cfg, run_dir, step, buffers, before, consecutive, main) -> dict:
-    """After a step whose gradients were NaN/Inf (the update was skipped): undo the step's buffer
-    updates, then stop or go on as train.on_nan says. Returns the metrics to log for the step."""
+def _nonfinite_step(ctx, cfg, run_dir, step, consecutive, main) -> dict:
+    """After a step whose gradients were NaN/Inf (the update was skipped, its buffer updates undone):
+    stop or go on as train.on_nan says. Returns the metrics to log for the step."""
     what = ", ".join(ctx.nonfinite)
     ctx.nonfinite = []
-    if buffers:
-        torch._foreach_copy_(buffers, before)
     t = cfg.train
     if t.on_nan == "stop" or consecutive >= t.max_nan_skips:
         steps = checkpoint.list_steps(run_dir)

@@ -17,7 +17,22 @@ import torch
 
 from kernels import _backend, reference
 
-__all__ = ["minibatch_discrimination", "spectral_norm", "spectral_norm_all"]
+__all__ = ["minibatch_discrimination", "spectral_norm", "spectral_norm_all", "SpectralNorm"]
+
+
+class SpectralNorm(reference.SpectralNorm):
+    """The reference parametrization with the Triton dispatch: in a training forward, the fused
+    kernels of kernels/power_iteration.py where `_backend.choose` picks Triton (CUDA tensors, or
+    the interpreter), else the reference's torch ops. Its state (u, v) and keys are the reference's."""
+
+    def fused(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if torch.compiler.is_compiling() or not weight.is_contiguous():
+            return None
+        if _backend.choose("spectral_norm", self.backend, weight) != "triton":
+            return None
+        from kernels import power_iteration as fused
+
+        return reference.SNWeights.apply(functools.partial(fused.run, [self]), weight)[0]
 
 
 def minibatch_discrimination(
@@ -84,7 +99,7 @@ def spectral_norm(
     if dim is None:
         transposed = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
         dim = 1 if isinstance(module, transposed) else 0
-    sn = reference.SpectralNorm(weight, n_power_iterations, dim, eps, backend=backend)
+    sn = SpectralNorm(weight, n_power_iterations, dim, eps, backend=backend)
     parametrize.register_parametrization(module, name, sn)
     return module
 

@@ -17,7 +17,6 @@ with g = dL/do. The j = i term has sign(0) = 0, so `exclude_self` does not chang
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
@@ -246,9 +245,10 @@ class SpectralNorm(torch.nn.Module):
     `torch.nn.utils.parametrizations.spectral_norm`, so models and checkpoints move freely
     between the two. The power iteration runs in fp32 (autocast off) also for bf16/fp16 weights.
 
-    In training mode the iteration runs in the fused Triton kernels (kernels/power_iteration.py)
-    where they can run, and in two passes of torch ops otherwise; `kernels.spectral_norm_all`
-    leaves a whole module's results in `_pending` before the layers ask for them."""
+    In training mode the iteration runs in two passes of torch ops, unless `fused` gives the result
+    (kernels.SpectralNorm: the Triton kernels of kernels/power_iteration.py); `kernels.spectral_norm_all`
+    leaves a whole module's results in `_pending` before the layers ask for them. `backend` is kept
+    for that subclass (this module never reads it)."""
 
     def __init__(
         self,
@@ -303,13 +303,9 @@ class SpectralNorm(torch.nn.Module):
             return (weight.float() / sigma).to(weight.dtype)
         if pending is not None and pending[0] is weight:
             return pending[1]
-        if not torch.compiler.is_compiling() and weight.is_contiguous():
-            from kernels import _backend
-
-            if _backend.choose("spectral_norm", self.backend, weight) == "triton":
-                from kernels import power_iteration as fused
-
-                return SNWeights.apply(functools.partial(fused.run, [self]), weight)[0]
+        fused = self.fused(weight)
+        if fused is not None:
+            return fused
         # The fallback (also what torch.compile traces, without graph breaks): two passes over W,
         # the second one differentiable, so that sigma = v^T (W^T u) = u^T W v carries the
         # gradient u v^T with u, v constants, as in PyTorch.
@@ -327,6 +323,11 @@ class SpectralNorm(torch.nn.Module):
             self._v.copy_(v)
             sigma = torch.dot(v, s)
         return (weight.float() / sigma).to(weight.dtype)
+
+    def fused(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """W / sigma from a fused kernel, or None for the torch ops below. The reference has none:
+        `kernels.SpectralNorm` (kernels/__init__.py) overrides this with the Triton dispatch."""
+        return None
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value

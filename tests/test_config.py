@@ -89,3 +89,37 @@ def test_a_bare_no_is_the_string_no_not_yaml_false():
     from distgan import config
 
     assert config.load_config(overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_config_reference_in_docs_is_the_generated_one():
+    """docs/config.md is `distgan config --doc`: a key added, removed or re-documented in
+    distgan/config.py without regenerating it fails here (regenerate: distgan config --doc > docs/config.md)."""
+    import dataclasses
+    from pathlib import Path
+
+    from distgan import config
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            value = getattr(cls(), f.name)
+            yield from keys(type(value), f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+
+    rows = config.reference()
+    assert [r[0] for r in rows] == list(keys(config.Config))
+    assert all(meaning for _, _, _, meaning in rows), [r[0] for r in rows if not r[3]]  # every key explained
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert doc == config.reference_markdown()
+    assert '| `train.mixed_precision` | str | `"auto"` |' in doc and "One of: auto, no, bf16, fp16." in doc
+
+
+def test_distgan_config_prints_yaml_that_loads_back(tmp_path):
+    from distgan import config
+
+    r = run_cli("config", "--preset", "digits-sngan", "train.steps=10", "train.mixed_precision=no")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "mine.yaml").write_text(r.stdout)
+    mine = config.load_config(config_file=str(tmp_path / "mine.yaml"))
+    assert mine == config.load_config("digits-sngan", overrides=["train.steps=10", "train.mixed_precision=no"])
+    assert mine.train.steps == 10 and mine.variant.name == "sngan" and mine.train.mixed_precision == "no"
+    r = run_cli("config", "--preset", "nope")
+    assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr

@@ -85,7 +85,15 @@ def test_checkpoint_contents_sample_and_keep_last(tmp_path, digits_shards):
     run_cli("sample", "--ckpt", run, "--n", 10, "--out", tmp_path / "s3.npy", "--seed", 3)
     assert np.array_equal(x, np.load(tmp_path / "s3.npy"))  # seeded
     r = run_cli("sample", "--ckpt", run, "--n", 12, "--out", tmp_path / "grid.png")
-    assert r.returncode == 0 and (tmp_path / "grid.png").stat().st_size > 0
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    # 12 digits of 16x16 in rows of 4, 1-pixel gaps, each drawn 4x (nearest) so that it is 64 px wide
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape[:2] == (4 * (3 * 17 + 1), 4 * (4 * 17 + 1))
+    assert (grid[::4, ::4] == grid[3::4, 3::4]).all()  # nearest-neighbour: 4x4 blocks of one value
+    r = run_cli("sample", "--ckpt", run, "--n", 12, "--zoom", 1, "--out", tmp_path / "small.png")
+    assert np.asarray(Image.open(tmp_path / "small.png")).shape[:2] == (3 * 17 + 1, 4 * 17 + 1)
 
     # A finished run: --resume auto has nothing to do; a new run into it is refused.
     r = run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=6", "--resume", "auto")

@@ -10,6 +10,7 @@ from torch import nn
 
 from distgan.errors import UserError
 from distgan.models import dcgan, mlp, toy
+from distgan.models.layers import apply_spectral_norm  # noqa: F401  (models.apply_spectral_norm)
 
 FAMILIES = {"dcgan": dcgan, "mlp": mlp, "toy": toy}
 
@@ -51,15 +52,3 @@ def build_discriminator(cfg, channels: int | None = None) -> nn.Module:
     if d.spectral_norm:
         apply_spectral_norm(D)
     return D
-
-
-def apply_spectral_norm(module: nn.Module) -> nn.Module:
-    """kernels.spectral_norm on every conv and linear layer of `module`, grouped so that one forward
-    runs the power iterations of all of them in 3 Triton launches (kernels.spectral_norm_all)."""
-    import kernels
-
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-    for m in list(module.modules()):
-        if isinstance(m, (nn.Linear, *convs)):
-            kernels.spectral_norm(m)
-    return kernels.spectral_norm_all(module)

@@ -275,7 +275,7 @@ def build_discriminator(cfg, in_channels: int, norm: str = "batch") -> nn.Module
         raise UserError(f"config key 'model.d.arch' must be one of {', '.join(DISCRIMINATORS)} for variant "
                         f"'{cfg.variant.name}'; got '{d.arch}'")  # fmt: skip
     if d.spectral_norm:
-        from distgan.models import apply_spectral_norm
+        from distgan.models.layers import apply_spectral_norm
 
         apply_spectral_norm(D)
     return D

@@ -1,0 +1,208 @@
+"""The periodic jobs of a training run, and the run state they share.
+
+The loop (trainer._loop) does the steps; after each one it calls `periodic`, which runs what is due:
+log the metrics, write a sample grid, evaluate, write a checkpoint. Each job is a plain function
+of one `Run`, the state of the run that outlives a step (models, feeds, tracker, counters).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distgan import checkpoint, config, images, rng
+from distgan.errors import RunFailed
+
+
+@dataclass
+class Run:
+    cfg: config.Config
+    run_dir: Path
+    accelerator: object
+    variant: object
+    emas: dict[str, torch.nn.Module]
+    tracker: object
+    feeds: list = field(default_factory=list)
+    sources: dict = field(default_factory=dict)
+    num_workers: int = 0
+    keep_feed_state: bool = True  # False with in-memory `data`: its position is not checkpointed
+    step: int = 0
+    batches_done: int = 0  # micro-batches drawn so far (each feed's worker w delivers those = w mod workers)
+    saved_at: int = -1
+    preview_batch: dict | None = None  # previews without a held-out set show the first training batch
+    heldout: list = field(default_factory=list)  # image-to-image variants: the held-out set, read once
+    fixed_noise: torch.Generator | None = None  # sample grids and evaluations: the same noise every time
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def logical_workers(self) -> int:
+        return max(self.num_workers, 1)
+
+    def plain(self) -> dict[str, torch.nn.Module]:
+        """The trained models without their DDP wrappers."""
+        return {n: self.accelerator.unwrap_model(m) for n, m in self.variant.models.items()}
+
+    def generators(self) -> dict[str, torch.nn.Module]:
+        """Each model's EMA copy where it has one, else the model itself."""
+        return {n: self.emas.get(f"{n}_ema", m) for n, m in self.plain().items()}
+
+    def source(self):
+        """The main stream: its manifest drives previews and evaluation."""
+        return next(iter(self.sources.values()), None)
+
+
+class MetricLog:
+    """Sums a step's metrics on device (no host sync per step) until the next log, then averages
+    them over the steps and the ranks (one all-reduce) and logs them with the run's rates."""
+
+    def __init__(self, start: int):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+        self.last_time, self.last_step = time.perf_counter(), start
+        self.nan_skips = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach()
+        self.n += 1
+
+    def flush(self, run: Run, step: int, micro_batches: int, allreduces) -> dict[str, float]:
+        acc = run.accelerator
+        keys = sorted(self.sums)
+        # (no keys when every step since the last log was skipped for NaN/Inf; the same on every rank)
+        means = acc.reduce(torch.stack([self.sums[k] / self.n for k in keys]), "mean").tolist() if keys else []
+        bad = torch.tensor(sum(sum(f.skipped) for f in run.feeds), device=run.device)
+        total_skipped = int(acc.reduce(bad, "sum"))
+        rate = (step - self.last_step) / max(time.perf_counter() - self.last_time, 1e-9)
+        logged = dict(zip(keys, means))
+        logged.update(
+            {
+                "perf/steps_per_sec": rate,
+                "perf/samples_per_sec": rate * run.cfg.data.batch_size * micro_batches * run.world,
+                "data/skipped": total_skipped,
+                "train/nan_skipped_steps": self.nan_skips,
+            }
+        )
+        if run.world > 1:
+            logged["dist/grad_allreduces_per_step"] = allreduces.pop() / max(step - self.last_step, 1)
+        if acc.scaler is not None:  # fp16 (GPU): the gradient scaler's current scale
+            logged["train/grad_scale"] = float(acc.scaler.get_scale())
+        run.tracker.log(logged, step)
+        self.sums, self.n = {}, 0
+        self.last_time, self.last_step = time.perf_counter(), step
+        return {k: v for k, v in zip(keys, means) if k.startswith("loss/")}
+
+
+def periodic(run: Run, log: MetricLog, bar, stopping: int, micro_batches: int, allreduces) -> None:
+    """After step `run.step`: whatever is due of log, sample grid, evaluation and checkpoint (all of
+    them at the last step; log and checkpoint when the ranks agreed to stop)."""
+    t, step = run.cfg.train, run.step
+    last = step == t.steps
+    if step % t.log_every == 0 or last or stopping:
+        losses = log.flush(run, step, micro_batches, allreduces)
+        bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in losses.items()})
+    if step % t.sample_every == 0 or last:
+        sample_grid(run, step)
+    if t.eval_every and (step % t.eval_every == 0 or last):
+        evaluate(run, step)
+    if step % t.ckpt_every == 0 or last or stopping:
+        save(run, step)
+
+
+def save(run: Run, step: int) -> None:
+    """Checkpoint `step`: every rank contributes its RNG, feed positions and variant state (one
+    gather), rank 0 writes. Never writes a model holding NaN/Inf over the good checkpoints."""
+    plain, emas = run.plain(), run.emas
+    bad = [
+        f"{n}.{k}"
+        for n, m in {**plain, **emas}.items()
+        for k, v in m.state_dict().items()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise RunFailed(
+            f"step {step}: the model holds NaN/Inf values ({', '.join(bad[:5])}); not writing a checkpoint. "
+            "The newest existing checkpoint is intact; try lower learning rates"
+        )
+    local = checkpoint.rank_state(
+        rng.get_state(),
+        run.feeds if run.keep_feed_state else [],
+        run.variant.rank_state() if hasattr(run.variant, "rank_state") else {},  # e.g. cyclegan's image pools
+        checkpoint.fingerprint({**plain, **emas}),
+    )
+    gathered = {k: run.accelerator.gather(v.to(run.device)[None]).cpu() for k, v in local.items()}
+    state, fingerprints = checkpoint.gather_rank_states(gathered)
+    if run.main:
+        if len(set(fingerprints)) > 1:
+            print(f"warning: step {step}: models differ across ranks (fingerprints {fingerprints})", file=sys.stderr)
+        meta = checkpoint.run_meta(config.to_dict(run.cfg), fingerprints, run.cfg.variant.name, run.batches_done,
+                                   run.world, run.num_workers)  # fmt: skip
+        path = checkpoint.save(run.run_dir, step, models={**plain, **emas}, optimizers=run.variant.optimizers,
+                               state_tensors=state, meta=meta, keep_last=run.cfg.train.keep_last)  # fmt: skip
+        run.tracker.event("checkpoint", step, path=str(path))
+    run.accelerator.wait_for_everyone()
+    run.saved_at = step
+
+
+def _heldout(run: Run):
+    if not run.heldout:
+        run.heldout.append(run.variant.heldout())
+    return run.heldout[0]
+
+
+def sample_grid(run: Run, step: int) -> None:
+    """RUN_DIR/samples/step-N.png (and latest.png, and W&B): the EMA generator on fixed noise, or an
+    image-to-image model's input | output | target rows."""
+    if not run.main:
+        return
+    t = run.cfg.train
+    if hasattr(run.variant, "preview"):
+        grid = images.make_grid(*run.variant.preview(run.generators(), _heldout(run) or run.preview_batch))
+    else:
+        source = run.source()
+        centres = ((source.manifest or {}).get("mixture") or {}).get("centres") if source else None
+        with torch.no_grad():
+            imgs = run.variant.sample(run.generators()["G"], t.n_samples, generator=run.fixed_noise.manual_seed(t.seed))
+        grid = images.render(imgs, centres)
+    images.save_png(run.run_dir / "samples" / f"step-{step:08d}.png", grid)
+    images.save_png(run.run_dir / "samples" / "latest.png", grid)
+    run.tracker.log_image("samples", grid, step)
+
+
+def evaluate(run: Run, step: int) -> None:
+    """The metrics `distgan eval` would give, logged as eval/... (rank 0, where the data has some)."""
+    from distgan import metrics
+
+    if hasattr(run.variant, "evaluate"):  # image-to-image: measured on held-out inputs
+        if run.main and _heldout(run) is not None:
+            run.tracker.log(metrics.scalars(run.variant.evaluate(run.generators(), _heldout(run))), step)
+        return
+    source = run.source()
+    names = metrics.applicable(run.cfg, source.manifest if source else None)
+    if not run.main or not names:
+        return
+    t, G = run.cfg.train, run.generators()["G"]
+    with torch.no_grad():
+        chunks = [run.variant.sample(G, min(1024, t.eval_n - i), generator=run.fixed_noise.manual_seed(t.seed + 1 + i))
+                  for i in range(0, t.eval_n, 1024)]  # fmt: skip
+    result = metrics.compute(torch.cat([c.cpu() for c in chunks]), names, run.cfg, source.manifest)
+    run.tracker.log(metrics.scalars(result), step)
