@@ -4,7 +4,7 @@ Trains the given preset (default: the default preset) with `distgan train`, draw
 from the EMA generator with `distgan sample`, and judges them with a classifier trained on the
 real digits (distgan/metrics/digits.py). Held-out real digits give the reference row.
 
-    python benchmarks/digits_quality.py [--preset digits-dcgan] [--run EXISTING_RUN_DIR] [key=value ...]
+    python benchmarks/digits_quality.py [--preset digits-dcgan] [--run EXISTING_RUN_DIR] [--name NAME] [key=value ...]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--preset", default="digits-dcgan")
     p.add_argument("--run", help="judge this run's latest checkpoint instead of training one")
     p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--name", default="digits_quality", help="results/<name>-<machine>.{json,md} (to keep several)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +77,7 @@ def main() -> None:
         f"resized to the training resolution, held-out accuracy {accuracy:.3f}. Histograms count confident predictions only."
     )
     common.write(
-        "digits_quality", rows, list(rows[0]), notes, extra={"train_seconds": seconds, "classifier_accuracy": accuracy}
+        args.name, rows, list(rows[0]), notes, extra={"train_seconds": seconds, "classifier_accuracy": accuracy}
     )
 
 

@@ -171,9 +171,14 @@ def _heldout(run: Run):
 
 def sample_grid(run: Run, step: int) -> None:
     """RUN_DIR/samples/step-N.png (and latest.png, and W&B): the EMA generator on fixed noise, or an
-    image-to-image model's input | output | target rows."""
+    image-to-image model's input | output | target rows. Leaves the training RNG as it was."""
     if not run.main:
         return
+    with rng.preserved():  # reading the held-out set draws from the global RNG
+        _sample_grid(run, step)
+
+
+def _sample_grid(run: Run, step: int) -> None:
     t = run.cfg.train
     if hasattr(run.variant, "preview"):
         grid = images.make_grid(*run.variant.preview(run.generators(), _heldout(run) or run.preview_batch))
@@ -189,7 +194,13 @@ def sample_grid(run: Run, step: int) -> None:
 
 
 def evaluate(run: Run, step: int) -> None:
-    """The metrics `distgan eval` would give, logged as eval/... (rank 0, where the data has some)."""
+    """The metrics `distgan eval` would give, logged as eval/... (rank 0, where the data has some).
+    Leaves the training RNG as it was."""
+    with rng.preserved():
+        _evaluate(run, step)
+
+
+def _evaluate(run: Run, step: int) -> None:
     from distgan import metrics
 
     if hasattr(run.variant, "evaluate"):  # image-to-image: measured on held-out inputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -38,3 +39,15 @@ def set_state(state: dict[str, torch.Tensor]) -> None:
     np.random.set_state(("MT19937", np.array(npv[2:], dtype=np.uint32), npv[0], npv[1], state["numpy_gauss"].item()))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).cpu())
+
+
+@contextlib.contextmanager
+def preserved():
+    """Run a block without changing any RNG of this process (Python, numpy, torch, CUDA): sample
+    grids and evaluations run on rank 0 only, and at steps a resumed run does not share, so they
+    must not move the training RNG (else a resume is not exact)."""
+    state = get_state()
+    try:
+        yield
+    finally:
+        set_state(state)
