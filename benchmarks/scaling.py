@@ -195,6 +195,8 @@ def main() -> None:
         return
     common.RESULTS.mkdir(exist_ok=True)
     text = estimate()
+    command = " ".join([sys.executable.split("/")[-1], *sys.argv])
+    text += f"\nWritten at git {common.git_rev()} by `{command}`. Nothing on this page was measured.\n"
     (common.RESULTS / "scaling-estimate.md").write_text(text)
     print(text)
     if args.estimate:

@@ -15,6 +15,7 @@ written for people to read and never read back.
 
 from __future__ import annotations
 
+import copy
 import shlex
 import sys
 from collections.abc import Iterable
@@ -53,12 +54,8 @@ def _default(dotted: str):
 def harmless(key: str, value) -> bool:
     """Whether a stored value of `key` reaches nothing outside the process: no value, the
     default, or one of distgan's embedded data sets (`builtin:NAME` with a known NAME)."""
-    if key == "tracking.wandb.mode":
-        return value in (
-            "auto",
-            "offline",
-            "disabled",
-        )  # where to log comes from project/entity; these upload nothing new
+    if key == "tracking.wandb.mode":  # where a run goes is project/entity; these modes upload nothing new
+        return value in ("auto", "offline", "disabled")
     if key in TRACKING_KEYS:
         return value == _default(key)
     if not value:
@@ -83,7 +80,7 @@ def checkpoint_config(
     (shard keys and files to ""), and a key in `needed` that the user did not set in `given`
     stops the command with a line that shows the stored value and how to pass it. With
     `trust`, stored values are kept. Returns (config dict, notes to print)."""
-    cfg = _copy(stored)
+    cfg = copy.deepcopy(stored)
     notes = []
     for key in OUTWARD:
         value = _get(stored, key)
@@ -119,10 +116,6 @@ def differences(stored: dict, cfg, keys: Iterable[str] = OUTWARD) -> list[str]:
 def say(lines: Iterable[str]) -> None:
     for line in lines:
         print(line if line.startswith("note:") else f"note: {line}", file=sys.stderr)
-
-
-def _copy(tree):
-    return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
 def stream_keys(stored: dict) -> set[str]:
