@@ -199,6 +199,24 @@ def _read(path: Path) -> tuple[dict, dict]:
     return metadata, tensors
 
 
+def read_meta(path: str | Path) -> tuple[Path, dict]:
+    """(step folder, its JSON metadata) without reading any tensor: what a command needs to decide
+    its config before the trainer loads the checkpoint whole."""
+    folder = resolve(path)
+    file = folder / "model.safetensors"
+    if not file.is_file():
+        raise UserError(f"checkpoint file '{file}' is missing")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get("distgan")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint file '{file}' is unreadable (truncated or corrupt?): {exc}") from None
+    try:
+        return folder, json.loads(raw)
+    except (TypeError, json.JSONDecodeError):
+        raise UserError(f"'{file}' is not a distgan checkpoint (no 'distgan' metadata)") from None
+
+
 def load(path: str | Path, only_models: bool = False) -> Checkpoint:
     """Open a step folder (or a run directory's latest) and read it whole, checking every file."""
     folder = resolve(path)

@@ -47,9 +47,9 @@ def _train(args: argparse.Namespace) -> int:
     stored = base = None
     if args.resume:
         target = checkpoint.list_steps(out)[-1:] if args.resume == "auto" else [args.resume]
-        if target:
-            ckpt = checkpoint.load(target[0], only_models=True)
-            stored = ckpt.meta["config"]
+        if target:  # its metadata only: the trainer reads the checkpoint whole
+            folder, meta = checkpoint.read_meta(target[0])
+            stored = meta["config"]
     if stored is not None and args.preset is None and args.config is None:
         # Continue a run with its own config unless told otherwise; values that reach outside the
         # process only from this command line (distgan/trust.py).
@@ -58,7 +58,7 @@ def _train(args: argparse.Namespace) -> int:
             given=trust.override_keys(args.overrides),
             needed=trust.stream_keys(stored) | set(trust.FILE_KEYS),
             trust=args.trust_checkpoint_config,
-            where=str(ckpt.path),
+            where=str(folder),
         )
         trust.say(notes)
     cfg = config.load_config(args.preset, args.config, args.overrides, base=base)
@@ -106,10 +106,11 @@ def _load_generators(args: argparse.Namespace, need_data: bool = False):
         where=str(ckpt.path),
     )
     trust.say(notes)
-    cfg = config.from_dict(data)
     if args.overrides:
-        cfg = config.load_config(None, None, args.overrides, base=config.to_dict(cfg))
+        cfg = config.load_config(None, None, args.overrides, base=data)
         trust.say(trust.differences(stored, cfg, sorted(given)))
+    else:
+        cfg = config.from_dict(data)
     variant = variants.get(cfg.variant.name)(cfg)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gens = {}

@@ -187,10 +187,7 @@ def make_accelerator(cfg: config.Config, with_wandb: bool):
             f"cannot set up Accelerate with train.mixed_precision={cfg.train.mixed_precision}: {exc}"
         ) from None
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        if accelerator.num_processes == 1:
-            from accelerate.state import AcceleratorState
-
-            AcceleratorState._reset_state(reset_partial_state=True)
+        _release(accelerator.num_processes)
         raise UserError(
             "fp16 mixed precision needs a GPU: on the CPU Accelerate applies neither fp16 autocast nor a gradient "
             "scaler, so the run would silently be fp32. Use train.mixed_precision=bf16 (or no) on the CPU"
@@ -299,11 +296,16 @@ def train(
         code = _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data)
     finally:
         tracker.close()
-        if world == 1:  # let a later train() in this process build a fresh Accelerator
-            from accelerate.state import AcceleratorState
-
-            AcceleratorState._reset_state(reset_partial_state=True)
+        _release(world)
     return code
+
+
+def _release(world: int) -> None:
+    """Let a later train() in this process build a fresh Accelerator (single-process runs only)."""
+    if world == 1:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.shards") -> tuple[int, int, int] | None:
