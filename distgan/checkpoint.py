@@ -312,7 +312,9 @@ def resume_point(ckpt: Checkpoint, rank: int, world: int, num_workers: int) -> R
     only the step (and the models, loaded elsewhere) carry over."""
     data = ckpt.meta["data"]
     if data["world_size"] != world or data["num_workers"] != num_workers:
-        return ResumePoint(ckpt.step, exact=False)
+        # variant.shared.* tensors are the same on every rank (e.g. ADA's p): they carry over anyway
+        shared = {k[len("variant.") :]: v[0] for k, v in ckpt.state.items() if k.startswith("variant.shared.")}
+        return ResumePoint(ckpt.step, exact=False, variant=shared)
     feeds = {}
     for key, v in ckpt.state.items():
         if key.startswith("data.") and key.endswith(".positions"):

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from distgan import augment
 from distgan.errors import UserError
 
 DEFAULT_PRESET = "digits-dcgan"
@@ -55,6 +56,13 @@ class DataConfig:
     num_workers: int = -1
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
     on_error: str = "raise"  # raise: stop on a corrupt sample; skip: count and skip it
+    # DiffAugment (Zhao et al. 2020) of every image D sees in training, real and fake: a comma-separated
+    # list of color, translation, cutout (distgan/augment.py); empty: none
+    augment: str = ""
+    # probability of each augmentation op per image, in [0, 1]; auto: ADA's adaptive p (Karras et al.
+    # 2020), from 0, raised while E[sign D(real)] > data.augment_target; logged as augment/p
+    augment_p: str = "1.0"
+    augment_target: float = 0.6  # data.augment_p=auto: the target of E[sign D(real)]
 
 
 @dataclass
@@ -306,6 +314,23 @@ def validate(cfg: Config) -> None:
     for key in ("gan_weight", "l1_weight", "cycle_weight", "identity_weight", "adv_weight", "vgg_weight", "r1_gamma"):
         if getattr(cfg.variant, key) < 0:
             raise UserError(f"config key 'variant.{key}' must be >= 0, got {getattr(cfg.variant, key)}")
+    augment.parse(cfg.data.augment)
+    if cfg.data.augment_p != "auto":
+        try:
+            p = float(cfg.data.augment_p)
+        except ValueError:
+            p = -1.0
+        if not 0.0 <= p <= 1.0:
+            raise UserError(
+                f"config key 'data.augment_p' must be a probability in [0, 1] or auto; got '{cfg.data.augment_p}'"
+            )
+    if not 0.0 < cfg.data.augment_target < 1.0:
+        raise UserError(f"config key 'data.augment_target' must be in (0, 1); got {cfg.data.augment_target}")
+    if cfg.data.augment and (cfg.variant.name in ("pix2pix", "cyclegan", "srgan") or cfg.data.kind != "images"):
+        raise UserError(
+            "config key 'data.augment' applies to image GANs (gan, wgan, wgan-gp, sngan, cgan, "
+            f"unrolled); leave it empty for variant '{cfg.variant.name}' on data.kind={cfg.data.kind}"
+        )
     if cfg.variant.r1_gamma > 0 and cfg.variant.name in ("pix2pix", "cyclegan", "srgan"):
         raise UserError(f"config key 'variant.r1_gamma' is not used by variant '{cfg.variant.name}'; leave it at 0")
     if cfg.model.d.maxout < 0 or cfg.model.d.maxout == 1:

@@ -422,9 +422,9 @@ def _resume(run: jobs.Run, ckpt: checkpoint.Checkpoint) -> checkpoint.ResumePoin
     if point.exact:
         run.batches_done = point.batches
         rng.set_state(point.rng)
-        if point.variant and hasattr(run.variant, "load_rank_state"):
-            run.variant.load_rank_state(point.variant)
-    elif run.main:
+    if point.variant and hasattr(run.variant, "load_rank_state"):
+        run.variant.load_rank_state(point.variant)  # not exact: only its variant.shared.* part
+    if not point.exact and run.main:
         data = ckpt.meta["data"]
         print(
             f"warning: checkpoint was made with {data['world_size']} processes x {data['num_workers']} workers, "

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, ROOT, assert_resumed, read_metrics
+from conftest import FAST, ROOT, assert_resumed, read_metrics, run_cli
 from safetensors import safe_open
 from test_train import assert_bitwise_equal
 
@@ -347,3 +347,23 @@ def test_unrolled_gan_under_ddp(tmp_path, digits_shards):
     assert r.returncode == 0, r.stderr[-3000:]
     _, meta = read(run / "checkpoints" / "step-00000002" / "state.safetensors")
     assert len(set(meta["fingerprints"])) == 1
+
+
+def test_two_ranks_share_one_adaptive_p_and_one_process_keeps_it(tmp_path, digits_shards):
+    """ADA's p comes from r_t summed over both ranks, so it is one number everywhere; a resume with
+    another number of processes (not exact) still continues with it."""
+    common = [*FAST, f"data.shards={digits_shards}", "data.augment=translation", "data.augment_p=auto",
+              "data.augment_target=0.2", "train.log_every=1", "train.ckpt_every=1000"]  # fmt: skip
+    run = tmp_path / "run"
+    r = launch(*common, "--out", run, "train.steps=8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    state, meta = read(run / "checkpoints" / "step-00000008" / "state.safetensors")
+    assert meta["fingerprints"][0] == meta["fingerprints"][1]
+    p = state["variant.shared.augment_p"]
+    assert p.shape == (2, 1) and p[0, 0] == p[1, 0] and p[0, 0] > 0
+    logged = [m["augment/p"] for m in read_metrics(run) if "augment/p" in m]
+    assert logged[-1] == pytest.approx(p[0, 0].item())
+    r = run_cli("train", *common, "--out", run, "train.steps=9", "--resume", "auto", env=ENV)
+    assert r.returncode == 0 and "not exact" in r.stderr, r.stderr[-3000:]
+    after = [m for m in read_metrics(run) if m.get("step") == 9 and "augment/p" in m]
+    assert after[0]["augment/p"] == pytest.approx(p[0, 0].item())  # step 9 moves nothing (every 4 steps)

@@ -18,7 +18,8 @@ def test_saved_run_state_restores_every_ranks_part(tmp_path):
         main.restore([10 * rank + w for w in range(workers)], [rank, 0, 1], torch.tensor([1, rank, 0, 1, 0]))
         domain = Feed("a", ShardSource(["a0.tar", "a1.tar"], None), None, workers)
         domain.restore([7, 8, 9 + rank], [0, 0, 0], torch.tensor([rank, 1]))
-        pool = {"pool.images": torch.full((2, 3), float(rank)), "pool.count": torch.tensor([rank + 1])}
+        pool = {"pool.images": torch.full((2, 3), float(rank)), "pool.count": torch.tensor([rank + 1]),
+                "shared.strength": torch.tensor([0.25], dtype=torch.float64)}  # fmt: skip
         parts.append(checkpoint.rank_state(rng.get_state(), [main, domain], pool, fingerprint_value=1234))
         feeds_of.append((main, domain))
     gathered = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}  # what accelerator.gather gives
@@ -45,7 +46,8 @@ def test_saved_run_state_restores_every_ranks_part(tmp_path):
         want = torch.rand(4)
         rng.set_state(point.rng)
         assert torch.equal(torch.rand(4), want)
-    # another process or worker layout: only the step carries over
-    for other in ((1, workers), (world, 1)):
-        point = checkpoint.resume_point(ckpt, 0, *other)
+    # another process or worker layout: only the step and the variant's shared.* state carry over
+    for other in ((1, workers), (world, 1), (3, workers)):
+        point = checkpoint.resume_point(ckpt, min(other[0] - 1, 2), *other)
         assert not point.exact and point.step == 5 and point.batches == 0 and point.feeds == {}
+        assert point.variant.keys() == {"shared.strength"} and point.variant["shared.strength"].tolist() == [0.25]

@@ -47,7 +47,7 @@ class CGAN(GAN):
         return G(z, y)
 
     def discriminate(self, D, x, y):
-        return D(x, y)
+        return D(self.augmented(x), y)
 
     @torch.no_grad()
     def sample(self, G, n, generator=None, labels=None):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from distgan import losses, models
+from distgan import augment, losses, models
 from distgan.errors import UserError
 
 
@@ -42,6 +42,11 @@ class GAN:
         self.n_critic = cfg.variant.n_critic
         self.data_per_step = self.n_critic  # each D step takes its own real batch
         self.pack = cfg.variant.pack
+        self.augment = augment.parse(cfg.data.augment)
+        self.ada = None  # data.augment_p=auto: ADA's adaptive strength, else a fixed probability
+        if self.augment and cfg.data.augment_p == "auto":
+            self.ada = augment.Adaptive(cfg.data.augment_target)
+        self.augment_p = 1.0 if cfg.data.augment_p == "auto" else float(cfg.data.augment_p)
         if cfg.data.batch_size % self.pack:
             raise UserError(f"data.batch_size={cfg.data.batch_size} must be a multiple of variant.pack={self.pack}")
         G, D = self.build(cfg)
@@ -65,9 +70,15 @@ class GAN:
         return G(z)
 
     def discriminate(self, D, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """D's logits in training: after data.augment (DiffAugment, on real and fake alike) and packing."""
+        x = self.augmented(x)
         if self.pack > 1:  # (B, C, H, W) -> (B / m, m C, H, W): m consecutive samples per D input
             x = x.reshape(x.size(0) // self.pack, self.pack * x.size(1), *x.shape[2:])
         return D(x)
+
+    def augmented(self, x: torch.Tensor) -> torch.Tensor:
+        """x through data.augment at the current strength (the identity without augmentation)."""
+        return augment.apply(self.augment, x, self.ada.p if self.ada is not None else self.augment_p)
 
     def optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -98,6 +109,8 @@ class GAN:
             with torch.no_grad():
                 fake = self.generate(G, self.noise(real.size(0), device), y_fake)
             real_logits, fake_logits = self.discriminate(D, real, y_real), self.discriminate(D, fake, y_fake)
+            if self.ada is not None:
+                self.ada.observe(real_logits, real.size(0))
             loss = losses.d_loss(self.loss, real_logits, fake_logits)
             for name, term in self.d_penalty(lambda x, y=y_real: self.discriminate(D, x, y), real, fake).items():
                 loss = loss + term
@@ -117,7 +130,18 @@ class GAN:
             self.d_step(batches[i * per : (i + 1) * per], ctx, stats)
 
         self.g_step(batches[:per], ctx, stats)
+        if self.ada is not None:
+            self.ada.update(ctx.global_step + 1, lambda t: ctx.accelerator.reduce(t, reduction="sum"))
+            stats["augment/p"] = torch.tensor(self.ada.p, device=device)
         return stats
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """Per-rank tensors for checkpoints: ADA's strength (the same on every rank) and partial sums."""
+        return self.ada.state() if self.ada is not None else {}
+
+    def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.ada is not None and "shared.augment_p" in state:
+            self.ada.load_state(state, next(self.models["D"].parameters()).device)
 
     def g_step(self, batches: list[dict], ctx, stats: dict) -> None:
         G, D, opt_g = self.models["G"], self.models["D"], self.optimizers["G"]

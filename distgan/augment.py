@@ -1,0 +1,152 @@
+"""Differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020, "Differentiable
+Augmentation for Data-Efficient GAN Training").
+
+Every image D sees in training, real or fake, in D's step and in G's, goes through the same random
+family of transforms, each image with its own draw. The transforms are differentiable in the image,
+so G's gradient flows through them, and because D only ever judges augmented images, G is pushed to
+produce images whose *augmented* distribution matches the augmented data: for these transforms that
+is the data distribution itself, while D can no longer memorise a small training set.
+
+`data.augment` names the policy, a comma-separated list applied in this order:
+
+- `color`: brightness x + U(-0.5, 0.5); saturation (RGB only) (x - mean_c) * U(0, 2) + mean_c;
+  contrast (x - mean) * U(0.5, 1.5) + mean (mean over channels and pixels), each per image;
+- `translation`: an integer shift in [-r, r] pixels along each axis, r = round(resolution / 8),
+  the uncovered border filled with -1 (the black of images in [-1, 1]; the paper pads with 0,
+  which for our dark-background digits would paint a grey frame D could learn to look for);
+- `cutout`: a square of half the resolution, at a uniformly random centre, set to 0.
+
+The random draws come from the device's default generator, which the trainer seeds per rank and
+stores in every checkpoint, so a resumed run augments exactly as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distgan.errors import UserError
+
+OPS = ("color", "translation", "cutout")
+
+
+def parse(policy: str) -> tuple[str, ...]:
+    """The ops of a policy string ('' or 'none': no augmentation), validated."""
+    if policy.strip().lower() in ("", "none"):
+        return ()
+    ops = tuple(p.strip() for p in policy.split(","))
+    bad = [p for p in ops if p not in OPS]
+    if bad or len(set(ops)) != len(ops):
+        raise UserError(
+            f"config key 'data.augment' is a comma-separated list of {', '.join(OPS)} (each at most once), "
+            f"or empty; got '{policy}'"
+        )
+    return ops
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    return torch.rand(x.size(0), 1, 1, 1, dtype=x.dtype, device=x.device)
+
+
+def color(x: torch.Tensor, params: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """params: per-image U(0, 1) draws (brightness, saturation, contrast), each (N, 1, 1, 1)."""
+    b, s, c = params if params is not None else (_uniform(x), _uniform(x), _uniform(x))
+    x = x + (b - 0.5)
+    if x.size(1) == 3:
+        mean = x.mean(dim=1, keepdim=True)
+        x = (x - mean) * (s * 2) + mean
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (c + 0.5) + mean
+
+
+def translation(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """params: per-image integer shifts (dy, dx), each (N,) in [-r, r], r = round(size / 8):
+    out[i, j] = x[i - dy, j - dx], -1 where that falls outside."""
+    n, _, h, w = x.shape
+    sh, sw = int(h / 8 + 0.5), int(w / 8 + 0.5)
+    if params is None:
+        params = (torch.randint(-sh, sh + 1, (n,), device=x.device), torch.randint(-sw, sw + 1, (n,), device=x.device))
+    dy, dx = (p.to(x.device).view(n, 1) for p in params)
+    padded = torch.nn.functional.pad(x, (sw, sw, sh, sh), value=-1.0)
+    rows = torch.arange(h, device=x.device)[None, :] + sh - dy  # (n, h)
+    cols = torch.arange(w, device=x.device)[None, :] + sw - dx
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def cutout(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """params: per-image centres (cy, cx), each (N,): the square of side k = round(size / 2) with top
+    left corner (cy - k // 2, cx - k // 2) is set to 0 (clipped at the border)."""
+    n, _, h, w = x.shape
+    kh, kw = int(h / 2 + 0.5), int(w / 2 + 0.5)
+    if params is None:
+        params = (
+            torch.randint(0, h + (1 - kh % 2), (n,), device=x.device),
+            torch.randint(0, w + (1 - kw % 2), (n,), device=x.device),
+        )
+    cy, cx = (p.to(x.device).view(n, 1) for p in params)
+    ys = torch.arange(h, device=x.device)[None, :] - (cy - kh // 2)
+    xs = torch.arange(w, device=x.device)[None, :] - (cx - kw // 2)
+    inside = ((ys >= 0) & (ys < kh))[:, :, None] & ((xs >= 0) & (xs < kw))[:, None, :]  # (n, h, w)
+    return x * (~inside)[:, None].to(x.dtype)
+
+
+FUNCTIONS = {"color": color, "translation": translation, "cutout": cutout}
+
+
+def apply(ops: tuple[str, ...], x: torch.Tensor, p: float = 1.0) -> torch.Tensor:
+    """x (N, C, H, W) through the policy's ops, each image with its own random draw; with p < 1 each
+    op is applied to each image with probability p (ADA's strength), and p = 0 is the identity."""
+    for op in ops:
+        if p >= 1.0:
+            x = FUNCTIONS[op](x)
+        elif p > 0.0:
+            keep = torch.rand(x.size(0), 1, 1, 1, device=x.device) >= p
+            x = torch.where(keep, x, FUNCTIONS[op](x))
+    return x
+
+
+class Adaptive:
+    """ADA's augmentation strength (Karras et al. 2020, "Training Generative Adversarial Networks
+    with Limited Data", section 3): p starts at 0; every `interval` steps the overfitting heuristic
+    r_t = E[sign D(x_real)] over those steps' real logits, on every rank, moves p by
+    sign(r_t - target) * (real images D saw in those steps, all ranks) / (kimg * 1000), clamped to
+    [0, 1]: p can go from 0 to 1 in `kimg` thousand real images (the paper's 500k).
+
+    The sums stay on the device between updates (no host sync per step); every `interval` steps
+    they are summed over ranks and read once, so p is the same number on every rank. `state()` /
+    `load_state()` carry p and the partial sums in checkpoints.
+    """
+
+    def __init__(self, target: float, interval: int = 4, kimg: float = 500.0):
+        self.target, self.interval, self.kimg = target, interval, kimg
+        self.p = 0.0
+        self.r_t = float("nan")  # the last heuristic value (logged)
+        self.sums: torch.Tensor | None = None  # (sum of sign D(x_real), logits, real images) since the last update
+
+    def observe(self, real_logits: torch.Tensor, images: int) -> None:
+        d = torch.nan_to_num(real_logits.detach().float())  # a skipped NaN step counts as sign 0
+        add = torch.stack(
+            [torch.sign(d).sum(), *torch.tensor([d.numel(), images], dtype=torch.float32, device=d.device)]
+        )
+        self.sums = add if self.sums is None else self.sums + add
+
+    def update(self, steps_done: int, reduce=None) -> None:
+        """After a step: every `interval` steps, p moves so as to keep r_t at the target.
+        `reduce` sums a tensor over ranks (None: a single process)."""
+        if steps_done % self.interval or self.sums is None:
+            return
+        total = (reduce(self.sums) if reduce is not None else self.sums).tolist()
+        self.r_t = total[0] / max(total[1], 1.0)
+        step = total[2] / (self.kimg * 1000)
+        self.p = min(max(self.p + (step if self.r_t > self.target else -step), 0.0), 1.0)
+        self.sums = None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        sums = self.sums.cpu() if self.sums is not None else torch.zeros(3)
+        return {"shared.augment_p": torch.tensor([self.p], dtype=torch.float64), "augment_sums": sums.double()}
+
+    def load_state(self, state: dict[str, torch.Tensor], device) -> None:
+        self.p = float(state["shared.augment_p"][0])
+        sums = state.get("augment_sums")
+        self.sums = sums.to(device=device, dtype=torch.float32) if sums is not None and float(sums[1]) > 0 else None

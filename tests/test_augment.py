@@ -1,0 +1,179 @@
+"""DiffAugment (distgan/augment.py): each op against its definition for a fixed draw, gradients,
+the identity cases, and a training run with augmentation that resumes exactly."""
+
+import pytest
+import torch
+from conftest import FAST, assert_resumed, read_metrics, run_cli
+from test_train import assert_bitwise_equal
+
+from distgan import augment, checkpoint
+from distgan.errors import UserError
+
+
+def images(n=4, c=1, h=8, w=8, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, c, h, w, generator=g, dtype=dtype) * 2 - 1
+
+
+def test_translation_matches_its_definition():
+    x = images(n=4, h=16, w=8)  # shifts up to round(16/8) = 2 rows and round(8/8) = 1 column
+    dy, dx = torch.tensor([-2, 0, 1, 2]), torch.tensor([1, -1, 0, 1])
+    out = augment.translation(x, (dy, dx))
+    want = torch.full_like(x, -1.0)
+    for n in range(4):
+        for i in range(16):
+            for j in range(8):
+                si, sj = i - int(dy[n]), j - int(dx[n])
+                if 0 <= si < 16 and 0 <= sj < 8:
+                    want[n, :, i, j] = x[n, :, si, sj]
+    assert torch.equal(out, want)
+
+
+def test_random_translation_stays_within_an_eighth():
+    x = images(n=64, h=16, w=16)
+    out = augment.translation(x)
+    found = set()
+    for n in range(64):
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                if torch.equal(
+                    out[n : n + 1], augment.translation(x[n : n + 1], (torch.tensor([dy]), torch.tensor([dx])))
+                ):
+                    found.add((dy, dx))
+                    break
+            else:
+                continue
+            break
+        else:
+            raise AssertionError(f"image {n} is no shift of at most 2 pixels of its input")
+    assert len(found) > 5  # the shifts vary from image to image
+
+
+def test_cutout_matches_its_definition():
+    x = images(n=3, c=3, h=8, w=8)
+    cy, cx = torch.tensor([0, 4, 7]), torch.tensor([3, 4, 8])  # side 4: corner at (c - 2)
+    out = augment.cutout(x, (cy, cx))
+    want = x.clone()
+    for n in range(3):
+        for i in range(8):
+            for j in range(8):
+                if int(cy[n]) - 2 <= i < int(cy[n]) + 2 and int(cx[n]) - 2 <= j < int(cx[n]) + 2:
+                    want[n, :, i, j] = 0
+    assert torch.equal(out, want)
+    assert (augment.cutout(images(n=200)) == 0).any(dim=1).flatten(1).sum(1).le(16).all()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_color_matches_its_definition(channels):
+    x = images(n=2, c=channels)
+    b, s, c = (torch.tensor([0.1, 0.9], dtype=x.dtype).view(2, 1, 1, 1) for _ in range(3))
+    out = augment.color(x, (b, s, c))
+    for n in range(2):
+        y = x[n] + (b[n] - 0.5)
+        if channels == 3:
+            y = (y - y.mean(0)) * (2 * s[n]) + y.mean(0)
+        y = (y - y.mean()) * (c[n] + 0.5) + y.mean()
+        assert torch.allclose(out[n], y, rtol=0, atol=1e-12)
+
+
+def test_ops_are_differentiable():
+    x = images(n=2, c=3, h=8, w=8).requires_grad_(True)
+    params = {
+        "color": tuple(torch.tensor([0.3, 0.7], dtype=x.dtype).view(2, 1, 1, 1) for _ in range(3)),
+        "translation": (torch.tensor([1, -1]), torch.tensor([0, 1])),
+        "cutout": (torch.tensor([2, 5]), torch.tensor([6, 1])),
+    }
+    for op, fn in augment.FUNCTIONS.items():
+        assert torch.autograd.gradcheck(lambda t, fn=fn, op=op: fn(t, params[op]), (x,)), op
+    ops = augment.parse("color,translation,cutout")
+    augment.apply(ops, x).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_identity_cases_and_probability():
+    x = images(n=500, h=16, w=16, dtype=torch.float32)
+    assert augment.apply((), x) is x
+    assert torch.equal(augment.apply(augment.parse("color,translation,cutout"), x, p=0.0), x)
+    torch.manual_seed(0)
+    out = augment.apply(augment.parse("cutout"), x, p=0.25)
+    changed = (out != x).flatten(1).any(1).float().mean().item()
+    assert 0.18 < changed < 0.32, changed  # about a quarter of the images, each cut or not
+
+
+@pytest.mark.parametrize("policy", ["crop", "color,color", "color translation"])
+def test_bad_policy_is_refused(policy):
+    with pytest.raises(UserError, match="data.augment"):
+        augment.parse(policy)
+
+
+def test_training_with_augmentation_resumes_exactly(tmp_path, digits_shards):
+    common = [*FAST, f"data.shards={digits_shards}", "data.augment=color,translation,cutout", "train.ckpt_every=1000"]
+    r = run_cli("train", *common, "--out", tmp_path / "full", "train.steps=6")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", *common, "--out", tmp_path / "split", "train.steps=3")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", *common, "--out", tmp_path / "split", "train.steps=6", "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert_bitwise_equal(
+        tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path / "split" / "checkpoints" / "step-00000006"
+    )
+    assert_resumed(tmp_path / "split", 3)
+    # augmentation changes training: the same run without it ends elsewhere
+    r = run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", tmp_path / "plain", "train.steps=6")
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(AssertionError):
+        assert_bitwise_equal(
+            tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path / "plain" / "checkpoints" / "step-00000006"
+        )
+
+
+def test_augmentation_is_refused_where_unused(tmp_path):
+    r = run_cli("config", "--preset", "edges2photos-pix2pix", "data.augment=translation")
+    assert r.returncode == 2 and "data.augment" in r.stderr, r.stderr
+
+
+def test_adaptive_p_moves_toward_its_target_and_carries_its_state():
+    ada = augment.Adaptive(target=0.6, interval=4, kimg=1.0)  # 1000 real images from p = 0 to 1
+    for step in range(1, 9):  # D calls every real image real: r_t = 1 > 0.6, p rises
+        ada.observe(torch.tensor([2.0, 1.0, 3.0, 0.5]), images=25)
+        ada.update(step)
+        assert ada.p == pytest.approx(0.1 * (step // 4))  # 4 steps x 25 images / 1000, every 4 steps
+    assert ada.r_t == 1.0
+    ada.observe(torch.tensor([1.0, -1.0, -2.0, float("nan")]), images=25)  # a partial interval, then saved
+    copy = augment.Adaptive(target=0.6, interval=4, kimg=1.0)
+    copy.load_state(ada.state(), "cpu")
+    for a in (ada, copy):
+        for step in range(10, 13):
+            a.observe(torch.tensor([-1.0, -1.0, -1.0, 1.0]), images=25)
+            a.update(step)
+    assert ada.p == copy.p == pytest.approx(0.1)  # r_t = (-1 - 6) / 16 < 0.6: p fell back by 0.1
+    for _ in range(40):  # never below 0
+        ada.observe(torch.tensor([-1.0]), images=100)
+        ada.update(4)
+    assert ada.p == 0.0
+
+
+def test_adaptive_p_sums_over_ranks():
+    ada = augment.Adaptive(target=0.6, interval=1, kimg=1.0)
+    ada.observe(torch.tensor([1.0, 1.0]), images=2)  # this rank alone: r_t = 1
+    ada.update(1, reduce=lambda t: t + torch.tensor([-2.0, 2.0, 2.0]))  # the other rank: two -1 logits
+    assert ada.r_t == 0.0 and ada.p == 0.0  # (2 - 2) / 4 = 0 < 0.6: p stays at 0
+
+
+def test_training_with_adaptive_p_resumes_exactly_and_saves_p(tmp_path, digits_shards):
+    common = [*FAST, f"data.shards={digits_shards}", "data.augment=translation,cutout", "data.augment_p=auto", "data.augment_target=0.2",
+              "train.ckpt_every=1000", "train.log_every=1"]  # fmt: skip
+    r = run_cli("train", *common, "--out", tmp_path / "full", "train.steps=10")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", *common, "--out", tmp_path / "split", "train.steps=6")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", *common, "--out", tmp_path / "split", "train.steps=10", "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    full, split = (tmp_path / d / "checkpoints" / "step-00000010" for d in ("full", "split"))
+    assert_bitwise_equal(full, split)
+    assert_resumed(tmp_path / "split", 6)
+    ps = [m["augment/p"] for m in read_metrics(tmp_path / "full") if "augment/p" in m]
+    assert len(ps) == 10 and ps[0] == 0.0 and all(p >= 0 for p in ps)
+    assert len(set(ps[i] for i in range(0, 10, 4))) > 1  # p moved (every 4 steps, by 16 * 4 / 500k)
+    state = checkpoint.load(full).state
+    assert state["variant.shared.augment_p"][0, 0].item() == pytest.approx(ps[-1])
