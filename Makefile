@@ -1,4 +1,4 @@
-# Quick start: `make demo` trains the default GAN on the embedded digits; `make test` runs the tests.
+# Quick start: `make demo` trains a class-conditional DCGAN on the embedded digits; `make test` runs the tests.
 # Both create ./.venv first. Override PYTHON=python3.11 or TORCH=... as needed.
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +20,7 @@ $(BIN)/distgan: pyproject.toml
 venv: $(BIN)/distgan
 
 demo: venv
-	$(BIN)/distgan train --out runs/demo --resume auto
+	$(BIN)/distgan train --preset digits-cgan --out runs/demo --resume auto
 	$(BIN)/distgan sample --ckpt runs/demo --n 100 --out runs/demo/final-samples.png
 
 test: venv

@@ -1,10 +1,12 @@
-"""Does the default `distgan train` learn recognisable digits of all ten classes, and how fast?
+"""Does `make demo` learn recognisable digits of all ten classes, and how fast?
 
-Trains the given preset (default: the default preset) with `distgan train`, draws 1000 samples
-from the EMA generator with `distgan sample`, and judges them with a classifier trained on the
-real digits (distgan/metrics/digits.py). Held-out real digits give the reference row.
+Trains the given preset (default: digits-cgan, the preset of `make demo`) with `distgan train`, draws 1000 samples
+from the EMA generator with `distgan sample` (a class-conditional model: `--class all`, 100 of
+each class), and judges them with a classifier trained on the real digits
+(distgan/metrics/digits.py). Held-out real digits give the reference row. For a conditional model
+it also reports how many samples the classifier gives confidently to the class they were drawn for.
 
-    python benchmarks/digits_quality.py [--preset digits-dcgan] [--run EXISTING_RUN_DIR] [--name NAME] [key=value ...]
+    python benchmarks/digits_quality.py [--preset digits-cgan] [--run EXISTING_RUN_DIR] [--name NAME] [key=value ...]
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from distgan import checkpoint  # noqa: E402
+from distgan import images as images_module  # noqa: E402
 from distgan.metrics import digits  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="digits-dcgan")
+    p.add_argument("--preset", default="digits-cgan", help="default: the preset of `make demo`")
     p.add_argument("--run", help="judge this run's latest checkpoint instead of training one")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--name", default="digits_quality", help="results/<name>-<machine>.{json,md} (to keep several)")
@@ -52,11 +56,20 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run(cmd, check=True)
             seconds = time.perf_counter() - start
+        classes = checkpoint.read_meta(run)[1]["config"]["model"]["num_classes"]
+        per_class = ["--class", "all", "--n", str(args.n // classes)] if classes else ["--n", str(args.n)]
         subprocess.run(
-            [sys.executable, "-m", "distgan", "sample", "--ckpt", run, "--n", str(args.n), "--out", f"{tmp}/s.npy"],
-            check=True,
+            [sys.executable, "-m", "distgan", "sample", "--ckpt", run, *per_class, "--out", f"{tmp}/s.npy"], check=True
         )
-        result = digits.evaluate(torch.from_numpy(np.load(f"{tmp}/s.npy")))
+        images = torch.from_numpy(np.load(f"{tmp}/s.npy"))
+        grid = common.RESULTS / f"{args.name}-{common.machine_tag()}.png"  # 100 of the judged samples, 4x larger
+        order = torch.arange(100) if not classes else torch.arange(10)[:, None] * (args.n // 10) + torch.arange(10)
+        images_module.save_png(grid, images_module.make_grid(images[order.flatten()], nrow=10, scale=4))
+        result = digits.evaluate(images)
+        if classes:  # `--class all` draws the classes in order, n // classes each
+            wanted = np.arange(classes).repeat(args.n // classes)
+            probs = digits.fit_classifier(images.shape[-1])[0].predict_proba(digits.to_features(images))
+            result["generated"]["requested_class"] = float(((probs.argmax(1) == wanted) & (probs.max(1) >= 0.9)).mean())
     rows = []
     for name, r in (("generated (EMA G)", result["generated"]), ("real held-out", result["real_heldout"])):
         rows.append(
@@ -68,6 +81,7 @@ def main() -> None:
                 "classes covered": r["classes_covered"],
                 "smallest class share": r["min_class_fraction"],
                 "class histogram": r["class_histogram"],
+                "confidently the requested class": r.get("requested_class", "n/a"),
             }
         )
     accuracy = result["real_heldout"]["accuracy"]

@@ -97,7 +97,7 @@ def test_stored_wandb_destination_is_never_used(tmp_path, evil_run, digits_shard
 
 
 def test_resuming_your_own_run_with_the_same_command_is_unchanged(tmp_path, digits_shards):
-    """No preset or config file (the form of `make demo` and launch/slurm.sbatch): the checkpoint's
+    """No preset or config file (the form of launch/slurm.sbatch): the checkpoint's
     config is the base, and every outward value comes from the command line again."""
     common = [*FAST, f"data.shards={digits_shards}", "train.ckpt_every=1000"]
     assert run_cli("train", *common, "--out", tmp_path / "full", "train.steps=4").returncode == 0
