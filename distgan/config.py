@@ -67,16 +67,23 @@ class DataConfig:
 
 @dataclass
 class GeneratorConfig:
-    arch: str = "dcgan"  # dcgan, mlp or toy; image-to-image: unet, resnet (cyclegan) or srresnet (srgan)
+    # dcgan, resnet (BigGAN-style, 32-256 px), mlp or toy; image-to-image: unet, resnet (cyclegan's)
+    # or srresnet (srgan)
+    arch: str = "dcgan"
     z_dim: int = 64  # size of the latent noise z
-    width: int = 64  # base channel width (DCGAN) or hidden width (toy MLP)
-    embed_dim: int = 16  # cgan: size of the label embedding concatenated to z
+    width: int = 64  # base channel width (DCGAN, resnet: times BigGAN's multipliers) or hidden width (MLP)
+    # cgan: size of the label embedding (concatenated to z; resnet: the shared embedding of its conditional BNs)
+    embed_dim: int = 16
+    spectral_norm: bool = False  # spectral norm on every conv and linear layer of G (BigGAN), via kernels/
+    hierarchical: bool = False  # resnet cgan: z split into one chunk per block, each fed to its BNs (BigGAN)
+    attention: int = 0  # resnet: SAGAN self-attention after the block of this resolution; 0: none
+    batchnorm: bool = True  # resnet: BatchNorm in G; false: no normalisation (R3GAN), zero-init residual branches
     blocks: int = 6  # resnet (cyclegan) and srresnet (srgan) generators: residual blocks
 
 
 @dataclass
 class DiscriminatorConfig:
-    arch: str = "dcgan"  # dcgan, mlp or toy; image-to-image: patchgan or srgan
+    arch: str = "dcgan"  # dcgan, resnet (BigGAN-style, 32-256 px), mlp or toy; image-to-image: patchgan or srgan
     width: int = 64  # base channel width (DCGAN) or hidden width (toy MLP)
     # Minibatch discrimination (Salimans et al. 2016) before D's last layer, via kernels/.
     minibatch_discrimination: bool = False
@@ -90,6 +97,7 @@ class DiscriminatorConfig:
     # cgan: projection (Miyato & Koyama 2018) or concat (the label as an extra input channel)
     conditioning: str = "projection"
     maxout: int = 0  # toy D (2-D mixtures): maxout units of this many pieces (PacGAN's D: 5); 0: LeakyReLU
+    attention: int = 0  # resnet: SAGAN self-attention after the block of this resolution; 0: none
     layers: int = 3  # patchgan: strided conv layers (3: the 70x70 PatchGAN of pix2pix/CycleGAN)
 
 
@@ -106,13 +114,20 @@ class VariantConfig:
     # pix2pix, cyclegan, srgan
     name: str = "gan"
     # ns: non-saturating BCE (the seed's); minimax: the saturating original; hinge; ls (LSGAN);
-    # wasserstein (the wgan variants' critic loss)
+    # wasserstein (the wgan variants' critic loss); rpgan (relativistic pairing, R3GAN's)
     loss: str = "ns"
     n_critic: int = 1  # D (critic) steps per G step, each on its own real batch
     clip: float = 0.01  # wgan: critic weights are clamped to [-clip, clip] after each step
     gp_weight: float = 10.0  # wgan-gp: lambda of the gradient penalty
     # R1 (Mescheder et al. 2018): D's loss gets r1_gamma / 2 * E_real |grad_x D(x)|^2; 0 = off. Any loss.
     r1_gamma: float = 0.0
+    r2_gamma: float = 0.0  # R2: D's loss gets r2_gamma / 2 * E_fake |grad_x D(G(z))|^2 (R3GAN uses R1 + R2); 0 = off
+    # LeCam (Tseng et al. 2021): D's loss gets lecam_weight * (E|D(x) - a_F|^2 + E|D(G(z)) - a_R|^2), with
+    # a_R, a_F EMAs (variant.lecam_decay) of D's mean real/fake outputs, kept in checkpoints; 0 = off
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.99  # LeCam: decay of the EMAs a_R, a_F of D's mean outputs
+    # BigGAN's orthogonal regularisation of G: ortho_reg * sum_W ||W W^T * (1 - I)||_F^2 in G's loss; 0 = off
+    ortho_reg: float = 0.0
     pack: int = 1  # PacGAN (Lin et al. 2018): D judges `pack` samples at once, stacked as channels
     unroll_steps: int = 5  # unrolled: D steps unrolled for G's loss (Metz et al. 2017)
     unroll_grad: bool = True  # unrolled: gradients flow through the unrolled steps (the paper's full version)
@@ -311,7 +326,18 @@ def validate(cfg: Config) -> None:
         )
     if cfg.variant.scale not in (2, 4):
         raise UserError(f"config key 'variant.scale' must be 2 or 4, got {cfg.variant.scale}")
-    for key in ("gan_weight", "l1_weight", "cycle_weight", "identity_weight", "adv_weight", "vgg_weight", "r1_gamma"):
+    for key in (
+        "gan_weight",
+        "l1_weight",
+        "cycle_weight",
+        "identity_weight",
+        "adv_weight",
+        "vgg_weight",
+        "r1_gamma",
+        "r2_gamma",
+        "lecam_weight",
+        "ortho_reg",
+    ):
         if getattr(cfg.variant, key) < 0:
             raise UserError(f"config key 'variant.{key}' must be >= 0, got {getattr(cfg.variant, key)}")
     augment.parse(cfg.data.augment)
@@ -331,6 +357,11 @@ def validate(cfg: Config) -> None:
             "config key 'data.augment' applies to image GANs (gan, wgan, wgan-gp, sngan, cgan, "
             f"unrolled); leave it empty for variant '{cfg.variant.name}' on data.kind={cfg.data.kind}"
         )
+    if not 0.0 <= cfg.variant.lecam_decay < 1.0:
+        raise UserError(f"config key 'variant.lecam_decay' must be in [0, 1); got {cfg.variant.lecam_decay}")
+    for key in ("r2_gamma", "lecam_weight", "ortho_reg"):
+        if getattr(cfg.variant, key) > 0 and cfg.variant.name in ("pix2pix", "cyclegan", "srgan"):
+            raise UserError(f"config key 'variant.{key}' is not used by variant '{cfg.variant.name}'; leave it at 0")
     if cfg.variant.r1_gamma > 0 and cfg.variant.name in ("pix2pix", "cyclegan", "srgan"):
         raise UserError(f"config key 'variant.r1_gamma' is not used by variant '{cfg.variant.name}'; leave it at 0")
     if cfg.model.d.maxout < 0 or cfg.model.d.maxout == 1:

@@ -43,7 +43,7 @@ def test_yaml_file_and_override_order(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"preset": "nope"}, "available presets: cyclegan-digits-thin2thick, digits-cgan, digits-dcgan"),
+        ({"preset": "nope"}, "available presets: cyclegan-digits-thin2thick, digits-biggan, digits-cgan"),
         ({"overrides": ["train.stepz=3"]}, "unknown config key 'train.stepz'"),
         ({"overrides": ["train.stepz=3"]}, "valid keys in 'train': steps, seed"),
         ({"overrides": ["bogus.x=3"]}, "unknown config key 'bogus"),

@@ -9,10 +9,10 @@ from __future__ import annotations
 from torch import nn
 
 from distgan.errors import UserError
-from distgan.models import dcgan, mlp, toy
+from distgan.models import dcgan, mlp, resnet, toy
 from distgan.models.layers import apply_spectral_norm  # noqa: F401  (models.apply_spectral_norm)
 
-FAMILIES = {"dcgan": dcgan, "mlp": mlp, "toy": toy}
+FAMILIES = {"dcgan": dcgan, "mlp": mlp, "resnet": resnet, "toy": toy}
 
 
 def _family(arch: str, key: str):
@@ -22,30 +22,46 @@ def _family(arch: str, key: str):
 
 
 def check_config(cfg) -> None:
-    from distgan.models import image2image
-
+    if cfg.variant.name in ("pix2pix", "cyclegan", "srgan"):
+        return  # the image-to-image variants build (and check) their models themselves
     for key, arch in (("model.g.arch", cfg.model.g.arch), ("model.d.arch", cfg.model.d.arch)):
-        if arch in image2image.GENERATORS + image2image.DISCRIMINATORS:
-            continue  # the image-to-image variants build (and check) these themselves
         _family(arch, key).check_resolution(cfg.data.resolution, key)
+    g, d = cfg.model.g, cfg.model.d
+    for key, value, arch in (("model.g.attention", g.attention, g.arch), ("model.d.attention", d.attention, d.arch),
+                             ("model.g.hierarchical", g.hierarchical, g.arch)):  # fmt: skip
+        if value and arch != "resnet":
+            raise UserError(f"config key '{key}' applies to the resnet models; got arch '{arch}'")
+    if d.arch == "resnet" and d.minibatch_discrimination:
+        raise UserError("model.d.minibatch_discrimination is not built into the resnet D (use arch dcgan or toy)")
 
 
-def build_generator(cfg, z_dim: int | None = None) -> nn.Module:
-    """G from the config; `z_dim` overrides model.g.z_dim (a conditional G's input is z + embedding)."""
+def build_generator(cfg, z_dim: int | None = None, num_classes: int = 0) -> nn.Module:
+    """G from the config; `z_dim` overrides model.g.z_dim (a conditional G's input is z + embedding).
+    `num_classes` > 0 (resnet only): G(z, y) with class-conditional BatchNorm."""
     g = cfg.model.g
     family = _family(g.arch, "model.g.arch")
-    return family.Generator(
-        z_dim=z_dim or g.z_dim, channels=cfg.data.channels, resolution=cfg.data.resolution, width=g.width
+    kwargs = {}
+    if g.arch == "resnet":
+        kwargs = {"num_classes": num_classes, "embed_dim": g.embed_dim, "hierarchical": g.hierarchical,
+                  "attention": g.attention, "normalize": g.batchnorm}  # fmt: skip
+    G = family.Generator(
+        z_dim=z_dim or g.z_dim, channels=cfg.data.channels, resolution=cfg.data.resolution, width=g.width, **kwargs
     )
+    if g.spectral_norm:
+        apply_spectral_norm(G)
+    return G
 
 
-def build_discriminator(cfg, channels: int | None = None) -> nn.Module:
-    """D from the config; `channels` overrides data.channels (packed or label-concatenated inputs)."""
+def build_discriminator(cfg, channels: int | None = None, num_classes: int = 0) -> nn.Module:
+    """D from the config; `channels` overrides data.channels (packed or label-concatenated inputs).
+    `num_classes` > 0 (resnet only): D(x, y) with its projection term."""
     d = cfg.model.d
     family = _family(d.arch, "model.d.arch")
     mbd = (d.mbd_kernels, d.mbd_kernel_dim) if d.minibatch_discrimination else None
     batchnorm = (not d.spectral_norm) if d.batchnorm is None else d.batchnorm
     kwargs = {"batchnorm": batchnorm} if d.arch == "dcgan" else {"maxout": d.maxout} if d.arch == "toy" else {}
+    if d.arch == "resnet":
+        kwargs = {"num_classes": num_classes, "attention": d.attention}
     D = family.Discriminator(
         channels=channels or cfg.data.channels, resolution=cfg.data.resolution, width=d.width, minibatch=mbd, **kwargs
     )

@@ -28,10 +28,17 @@ class CGAN(GAN):
 
     def build(self, cfg):
         g, d = cfg.model.g, cfg.model.d
-        G = conditional.ConditionalGenerator(
-            models.build_generator(cfg, z_dim=g.z_dim + g.embed_dim), self.num_classes, g.embed_dim
-        )
-        if d.conditioning == "concat":
+        if g.arch == "resnet":  # class-conditional BatchNorm inside
+            G = models.build_generator(cfg, num_classes=self.num_classes)
+        else:
+            G = conditional.ConditionalGenerator(
+                models.build_generator(cfg, z_dim=g.z_dim + g.embed_dim), self.num_classes, g.embed_dim
+            )
+        if d.arch == "resnet":
+            if d.conditioning != "projection":
+                raise UserError("the resnet D is conditioned by projection only; set model.d.conditioning=projection")
+            D = models.build_discriminator(cfg, num_classes=self.num_classes)
+        elif d.conditioning == "concat":
             base = models.build_discriminator(cfg, channels=cfg.data.channels + 1)
             D = conditional.ConcatDiscriminator(base, self.num_classes, cfg.data.resolution)
         else:

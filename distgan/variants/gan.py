@@ -17,6 +17,7 @@ import torch
 
 from distgan import augment, losses, models
 from distgan.errors import UserError
+from distgan.models import resnet
 
 
 def r1_penalty(D, real: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,7 @@ class GAN:
         self.data_per_step = self.n_critic  # each D step takes its own real batch
         self.pack = cfg.variant.pack
         self.augment = augment.parse(cfg.data.augment)
+        self.lecam_ema: torch.Tensor | None = None  # LeCam: EMAs of D's mean (real, fake) outputs
         self.ada = None  # data.augment_p=auto: ADA's adaptive strength, else a fixed probability
         if self.augment and cfg.data.augment_p == "auto":
             self.ada = augment.Adaptive(cfg.data.augment_target)
@@ -90,10 +92,26 @@ class GAN:
         return torch.randn(n, self.z_dim, device=device)
 
     def d_penalty(self, D, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra terms of D's loss (named, weighted): the R1 penalty when variant.r1_gamma > 0.
+        """Extra terms of D's loss (named, weighted): the R1 penalty on reals when variant.r1_gamma > 0
+        and R2, the same on fakes, when variant.r2_gamma > 0 (R3GAN uses both).
         `D` is a function of images alone (labels, packing already bound)."""
-        gamma = self.cfg.variant.r1_gamma
-        return {"loss/r1": gamma / 2 * r1_penalty(D, real)} if gamma > 0 else {}
+        v, terms = self.cfg.variant, {}
+        if v.r1_gamma > 0:
+            terms["loss/r1"] = v.r1_gamma / 2 * r1_penalty(D, real)
+        if v.r2_gamma > 0:
+            terms["loss/r2"] = v.r2_gamma / 2 * r1_penalty(D, fake)
+        return terms
+
+    def lecam_term(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        """variant.lecam_weight * LeCam's regulariser, then the EMAs of D's mean outputs move on
+        (on the device: no host sync; per rank, in the checkpoint's rank state)."""
+        v = self.cfg.variant
+        real, fake = real_logits.detach().float().mean(), fake_logits.detach().float().mean()
+        if self.lecam_ema is None:
+            self.lecam_ema = torch.zeros(2, device=real.device)
+        term = v.lecam_weight * losses.lecam(real_logits, fake_logits, self.lecam_ema[0], self.lecam_ema[1])
+        self.lecam_ema = torch.lerp(torch.stack([real, fake]), self.lecam_ema, v.lecam_decay)
+        return term
 
     def after_d_step(self, D: torch.nn.Module) -> None:
         """Called after each D optimizer step (WGAN clips the weights here)."""
@@ -112,6 +130,10 @@ class GAN:
             if self.ada is not None:
                 self.ada.observe(real_logits, real.size(0))
             loss = losses.d_loss(self.loss, real_logits, fake_logits)
+            if self.cfg.variant.lecam_weight > 0:
+                term = self.lecam_term(real_logits, fake_logits)
+                loss = loss + term
+                stats["loss/lecam"] = stats.get("loss/lecam", 0) + term.detach() * share
             for name, term in self.d_penalty(lambda x, y=y_real: self.discriminate(D, x, y), real, fake).items():
                 loss = loss + term
                 stats[name] = stats.get(name, 0) + term.detach() * share
@@ -136,12 +158,21 @@ class GAN:
         return stats
 
     def rank_state(self) -> dict[str, torch.Tensor]:
-        """Per-rank tensors for checkpoints: ADA's strength (the same on every rank) and partial sums."""
-        return self.ada.state() if self.ada is not None else {}
+        """Per-rank tensors for checkpoints: ADA's strength (the same on every rank) and partial sums,
+        LeCam's EMAs of D's outputs."""
+        state = self.ada.state() if self.ada is not None else {}
+        if self.cfg.variant.lecam_weight > 0:
+            ema = self.lecam_ema.cpu() if self.lecam_ema is not None else torch.full((2,), float("nan"))
+            state["lecam_ema"] = ema
+        return state
 
     def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        device = next(self.models["D"].parameters()).device
         if self.ada is not None and "shared.augment_p" in state:
-            self.ada.load_state(state, next(self.models["D"].parameters()).device)
+            self.ada.load_state(state, device)
+        if self.cfg.variant.lecam_weight > 0 and "lecam_ema" in state:
+            ema = state["lecam_ema"].to(device=device, dtype=torch.float32)
+            self.lecam_ema = None if torch.isnan(ema).any() else ema
 
     def g_step(self, batches: list[dict], ctx, stats: dict) -> None:
         G, D, opt_g = self.models["G"], self.models["D"], self.optimizers["G"]
@@ -152,9 +183,18 @@ class GAN:
                 n = mb["image"].size(0)
                 y = self.labels(n, device)
                 fake = self.generate(G, self.noise(n, device), y)
-                loss = losses.g_loss(self.loss, self.discriminate(self.g_critic(d_plain, mb), fake, y))
-                ctx.backward(loss)
+                critic = self.g_critic(d_plain, mb)
+                real_logits = None
+                if self.loss in losses.NEEDS_REAL:  # rpgan pairs each fake with a real
+                    with torch.no_grad():
+                        real_logits = self.discriminate(critic, mb["image"], mb["label"])
+                loss = losses.g_loss(self.loss, self.discriminate(critic, fake, y), real_logits)
                 stats["loss/g"] += loss.detach() / len(batches)
+                if self.cfg.variant.ortho_reg > 0:  # per micro-batch; backward's 1/accum makes it one in all
+                    term = self.cfg.variant.ortho_reg * resnet.orthogonal_penalty(ctx.unwrap(G))
+                    loss = loss + term
+                    stats["loss/ortho"] = stats.get("loss/ortho", 0) + term.detach() / len(batches)
+                ctx.backward(loss)
         ctx.step(opt_g)
 
     def g_critic(self, d_plain, mb: dict):
