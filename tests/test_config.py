@@ -47,7 +47,7 @@ def test_yaml_file_and_override_order(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"preset": "nope"}, "available presets: cyclegan-digits-thin2thick, digits-biggan, digits-cgan"),
+        ({"preset": "nope"}, "available presets: biggan-128, cyclegan-digits-thin2thick, digits-biggan"),
         ({"overrides": ["train.stepz=3"]}, "unknown config key 'train.stepz'"),
         ({"overrides": ["train.stepz=3"]}, "valid keys in 'train': steps, seed"),
         ({"overrides": ["bogus.x=3"]}, "unknown config key 'bogus"),
