@@ -106,18 +106,21 @@ def test_bad_policy_is_refused(policy):
         augment.parse(policy)
 
 
+def split_run_resumes_exactly(tmp_path, common, total, at):
+    """Train `total` steps in one run and in two (`at`, then --resume auto): the final checkpoints
+    are bitwise equal and the second run resumed from step `at`. Returns the full run's last step."""
+    for out, steps, more in (("full", total, []), ("split", at, []), ("split", total, ["--resume", "auto"])):
+        r = run_cli("train", *common, "--out", tmp_path / out, f"train.steps={steps}", *more)
+        assert r.returncode == 0, r.stderr
+    full, split = (tmp_path / d / "checkpoints" / f"step-{total:08d}" for d in ("full", "split"))
+    assert_bitwise_equal(full, split)
+    assert_resumed(tmp_path / "split", at)
+    return full
+
+
 def test_training_with_augmentation_resumes_exactly(tmp_path, digits_shards):
     common = [*FAST, f"data.shards={digits_shards}", "data.augment=color,translation,cutout", "train.ckpt_every=1000"]
-    r = run_cli("train", *common, "--out", tmp_path / "full", "train.steps=6")
-    assert r.returncode == 0, r.stderr
-    r = run_cli("train", *common, "--out", tmp_path / "split", "train.steps=3")
-    assert r.returncode == 0, r.stderr
-    r = run_cli("train", *common, "--out", tmp_path / "split", "train.steps=6", "--resume", "auto")
-    assert r.returncode == 0, r.stderr
-    assert_bitwise_equal(
-        tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path / "split" / "checkpoints" / "step-00000006"
-    )
-    assert_resumed(tmp_path / "split", 3)
+    split_run_resumes_exactly(tmp_path, common, total=6, at=3)
     # augmentation changes training: the same run without it ends elsewhere
     r = run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", tmp_path / "plain", "train.steps=6")
     assert r.returncode == 0, r.stderr
@@ -163,15 +166,7 @@ def test_adaptive_p_sums_over_ranks():
 def test_training_with_adaptive_p_resumes_exactly_and_saves_p(tmp_path, digits_shards):
     common = [*FAST, f"data.shards={digits_shards}", "data.augment=translation,cutout", "data.augment_p=auto", "data.augment_target=0.2",
               "train.ckpt_every=1000", "train.log_every=1"]  # fmt: skip
-    r = run_cli("train", *common, "--out", tmp_path / "full", "train.steps=10")
-    assert r.returncode == 0, r.stderr
-    r = run_cli("train", *common, "--out", tmp_path / "split", "train.steps=6")
-    assert r.returncode == 0, r.stderr
-    r = run_cli("train", *common, "--out", tmp_path / "split", "train.steps=10", "--resume", "auto")
-    assert r.returncode == 0, r.stderr
-    full, split = (tmp_path / d / "checkpoints" / "step-00000010" for d in ("full", "split"))
-    assert_bitwise_equal(full, split)
-    assert_resumed(tmp_path / "split", 6)
+    full = split_run_resumes_exactly(tmp_path, common, total=10, at=6)
     ps = [m["augment/p"] for m in read_metrics(tmp_path / "full") if "augment/p" in m]
     assert len(ps) == 10 and ps[0] == 0.0 and all(p >= 0 for p in ps)
     assert len(set(ps[i] for i in range(0, 10, 4))) > 1  # p moved (every 4 steps, by 16 * 4 / 500k)
