@@ -152,6 +152,41 @@ def save(
     return final
 
 
+def keep_copy(run_dir: Path, step: int, name: str, info: dict) -> Path:
+    """RUN_DIR/checkpoints/<name>/: the files of step `step` (hard links where the file system has
+    them, else copies) and `info` as best.json, replacing the previous copy in one rename. The
+    keep-last pruning of step folders does not touch it."""
+    folder = checkpoints_dir(run_dir)
+    source, final = folder / f"step-{step:08d}", folder / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{name}-", dir=folder))
+    try:
+        for f in FILES:
+            try:
+                os.link(source / f, tmp / f)
+            except OSError:
+                shutil.copy2(source / f, tmp / f)
+        (tmp / "best.json").write_text(json.dumps(info) + "\n")
+        if final.exists():
+            os.rename(final, tempfile.mkdtemp(prefix=".del-", dir=folder) + "/old")
+        os.rename(tmp, final)
+        _fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for stale in folder.iterdir():
+        if stale.name.startswith(".del-"):
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def read_best(run_dir: Path, name: str) -> dict | None:
+    """The best.json of RUN_DIR/checkpoints/<name>/, if there is one."""
+    try:
+        return json.loads((checkpoints_dir(run_dir) / name / "best.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the renames in `folder` durable (a power cut after this keeps them)."""
     fd = os.open(folder, os.O_RDONLY)

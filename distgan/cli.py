@@ -1,4 +1,4 @@
-"""`distgan` command line: shards | train | sample | eval | config | presets.
+"""`distgan` command line: shards | train | sample | eval | stats | config | presets.
 
 User errors (bad config, path, shard or checkpoint) print one line and exit with status 2.
 """
@@ -265,9 +265,23 @@ def _manifest(cfg) -> dict | None:
 def _eval(args: argparse.Namespace) -> int:
 
     from distgan import metrics
+    from distgan.metrics import inception
 
+    inception_file = inception.resolve_path(args.inception)
+    if args.n is None:
+        args.n = 50_000 if inception_file else 2500  # fid50k with the standard network
     if args.n < 2:
         raise UserError(f"--n must be >= 2; got {args.n}")
+    if args.ref and not inception_file:
+        raise UserError("--ref holds Inception statistics; give the network too. " + inception.missing_message())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    main_rank = True
+    if world > 1:  # under `accelerate launch`: the standard metrics' work is split over the ranks
+        import torch
+        from accelerate import Accelerator
+
+        acc = Accelerator(cpu=not torch.cuda.is_available())
+        args.device, main_rank = str(acc.device), acc.is_main_process
     loaded = _load_generators(args, need_data=not args.heldout)
     if hasattr(loaded[2], "evaluate"):  # image-to-image: measured on held-out inputs
         if args.drs or args.drs_calibrate:
@@ -276,16 +290,100 @@ def _eval(args: argparse.Namespace) -> int:
     ckpt, cfg, variant, gens = loaded
     G = gens[variant.ema[0]]
     manifest = _manifest(cfg)
-    usable = metrics.applicable(cfg, manifest, args.features)
+    usable = metrics.applicable(cfg, manifest, args.features, inception=bool(inception_file))
     names = args.metrics.split(",") if args.metrics else usable
     metrics.check(names, usable, cfg)
-    D, calibrated = _load_discriminator(ckpt, cfg, variant, G, args)
-    x, drs = _draw(variant, G, args.n, args.seed, D=D)
-    result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "n": args.n, **calibrated}
-    if drs:
-        result.update({f"drs_{k}": v for k, v in drs.items()})
-    result.update(metrics.compute(x, names, cfg, manifest, args.features))
-    return _report(result, args.json)
+    if inception_file and (args.drs or args.drs_calibrate) and set(names) & set(metrics.STANDARD):
+        raise UserError("--drs with the Inception metrics is not supported; measure --drs samples with the other "
+                        "metrics, or the plain generator with --inception")  # fmt: skip
+    result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "n": args.n}
+    standard = [m for m in names if m in metrics.STANDARD] if inception_file else []
+    if standard:
+        result.update(_standard_metrics(args, cfg, variant, G, inception_file, standard, world))
+    elif not args.features and {"fid", "kid"} & set(names):
+        result["inception"] = "not given, so fid/kid are in the digits features below. " + inception.missing_message()
+        print(f"distgan eval: note: {result['inception']}", file=sys.stderr)
+    rest = [m for m in names if m not in standard]
+    if rest and main_rank:
+        D, calibrated = _load_discriminator(ckpt, cfg, variant, G, args)
+        x, drs = _draw(variant, G, args.n, args.seed, D=D)
+        result.update(calibrated)
+        if drs:
+            result.update({f"drs_{k}": v for k, v in drs.items()})
+        result.update(metrics.compute(x, rest, cfg, manifest, args.features))
+    return _report(result, args.json) if main_rank else 0
+
+
+def _standard_metrics(args, cfg, variant, G, inception_file: str, names: list[str], world: int) -> dict:
+    """FID/KID/IS/precision-recall on Inception features (distgan.metrics.standard), every rank taking
+    its share of the chunks."""
+    from tqdm import tqdm
+
+    from distgan.metrics import inception, standard
+
+    if args.chunk < 1:
+        raise UserError(f"--chunk must be >= 1; got {args.chunk}")
+    split = standard.Split.current(chunk=args.chunk)
+    net = inception.FeatureNet(inception_file, device=next(G.parameters()).device)
+    if args.ref:
+        ref, origin = standard.RefStats.load(args.ref), f"--ref {args.ref}"
+    else:
+        ref, origin = standard.reference_stats(cfg.data.shards, resolution=cfg.data.resolution,
+                                               channels=cfg.data.channels, net=net, split=split,
+                                               limit=args.ref_n)  # fmt: skip
+
+    def sample(k, generator):
+        return variant.sample(G, k, generator=generator)
+
+    with tqdm(total=args.n, desc="generated features", unit="img", disable=split.rank != 0) as bar:
+        feats, outputs = standard.generated_features(sample, args.n, net, split, seed=args.seed, bar=bar,
+                                                     outputs="is" in names)  # fmt: skip
+    out = {
+        "feature_space": net.describe(),
+        "reference": f"{ref.meta.get('shards', '?')}: {ref.n or '?'} real images ({origin})",
+        "n_ref": ref.n,
+        "computed": f"{split.describe()}; preprocessing as {net.kind}",
+    }
+    out.update(standard.compute(feats, outputs, ref, names, probabilities=net.probabilities))
+    return out
+
+
+def _stats(args: argparse.Namespace) -> int:
+    """`distgan stats`: a shard set's Inception reference statistics, cached (and written to --out)."""
+    import shutil
+
+    import torch
+
+    from distgan.data import stream
+    from distgan.metrics import inception, standard
+
+    path = inception.resolve_path(args.inception)
+    if not path:
+        raise UserError(inception.missing_message())
+    if args.n < 0 or args.chunk < 1:
+        raise UserError(f"--n must be >= 0 (0: all) and --chunk >= 1; got {args.n} and {args.chunk}")
+    resolution, channels = args.resolution, args.channels
+    shape = (stream.resolve(args.shards, progress=False, key="--shards").manifest or {}).get("image_shape")
+    if resolution is None or channels is None:
+        if not shape:
+            raise UserError("--resolution and --channels are needed for shards without a manifest.json "
+                            "(use the training run's data.resolution and data.channels)")  # fmt: skip
+        resolution = resolution or int(shape[0])
+        channels = channels or int(shape[2] if len(shape) > 2 else 1)
+    net = inception.FeatureNet(path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stats, origin = standard.reference_stats(args.shards, resolution=resolution, channels=channels, net=net,
+                                             split=standard.Split(chunk=args.chunk), limit=args.n,
+                                             key="--shards")  # fmt: skip
+    print(f"reference statistics of {stats.n} images of {args.shards} at {resolution}x{resolution}x{channels}, "
+          f"{net.describe()}: {origin}")  # fmt: skip
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if origin.startswith(("cached ", "computed, cached in ")):
+            shutil.copyfile(origin.split(" ")[-1], args.out)
+        else:
+            stats.save(args.out)
+        print(f"wrote {args.out}")
+    return 0
 
 
 def _eval_translation(args: argparse.Namespace, ckpt, cfg, variant, gens) -> int:
@@ -471,7 +569,28 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{k}: {v}" for k, v in METRICS.items()).replace("%", "%%"),  # argparse formats help
     )
     e.add_argument("--features", help="a TorchScript feature network (N,C,H,W in [-1,1] -> N,D) for fid/kid")
-    e.add_argument("--n", type=int, default=2500, help="samples to draw (default 2500, as in PacGAN)")
+    e.add_argument("--inception", metavar="FILE",
+                   help="the standard Inception-v3 weights for fid/kid/is/pr, as published: NVIDIA's "
+                   "inception-2015-12-05.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: "
+                   "$DISTGAN_INCEPTION); see docs/evaluation.md")  # fmt: skip
+    e.add_argument("--ref", metavar="STATS.npz",
+                   help="with --inception: reference statistics from `distgan stats` or pytorch-fid (mu, sigma) "
+                   "instead of the run's shards")  # fmt: skip
+    e.add_argument(
+        "--ref-n",
+        type=int,
+        default=0,
+        help="with --inception: real images of the shards in the reference statistics (default 0: all)",
+    )
+    e.add_argument("--chunk", type=int, default=250,
+                   help="with --inception: images per unit of work; each chunk draws its noise from its own seed, "
+                   "so results do not depend on the number of ranks (default 250)")  # fmt: skip
+    e.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="samples to draw (default 50000 with --inception, as fid50k; else 2500, as in PacGAN)",
+    )
     e.add_argument("--json", help="also write the results to this JSON file")
     e.add_argument("--heldout", help="image-to-image models: held-out shards to measure on (default: the "
                    "training shards' own held-out set, which the builtin sets have)")  # fmt: skip
@@ -482,6 +601,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--live", action="store_true", help=LIVE_HELP)
     _stored_args(e)
     e.set_defaults(func=_eval)
+
+    st = sub.add_parser("stats", help="Inception reference statistics of a shard set (for eval --ref), cached")
+    st.add_argument("--shards", required=True, help="the shard set: a folder, brace pattern or URL (as data.shards)")
+    st.add_argument("--inception", metavar="FILE", help="the Inception weights file (default: $DISTGAN_INCEPTION)")
+    st.add_argument("--resolution", type=int, help="decode at this size, as the run's data.resolution "
+                    "(default: the manifest's image size)")  # fmt: skip
+    st.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3, as data.channels (default: the manifest's)")
+    st.add_argument("--n", type=int, default=0, help="the first N images (default 0: all)")
+    st.add_argument("--chunk", type=int, default=250, help="images per batch of work (default 250)")
+    st.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    st.add_argument("--out", help="also write the statistics here (.npz: mu, sigma, features, n, meta)")
+    st.set_defaults(func=_stats)
 
     c = sub.add_parser("config", help="print the resolved config of a preset or file plus overrides, as YAML")
     which = c.add_mutually_exclusive_group()

@@ -172,6 +172,14 @@ class TrainConfig:
     # `distgan eval` would give (eval/...), where the data has some
     eval_every: int = 0
     eval_n: int = 2500  # samples drawn for each train.eval_every evaluation
+    # the Inception weights file (NVIDIA's inception-2015-12-05.pt or pytorch-fid's .pth) for the
+    # standard fid/kid/is/pr in each evaluation, the work split over the ranks (docs/evaluation.md);
+    # "": only the built-in metrics. Never taken from a checkpoint
+    eval_inception: str = ""
+    eval_ref: str = ""  # with eval_inception: reference statistics (`distgan stats`) instead of the shards'
+    # "fid": also keep the checkpoint with the lowest eval/fid so far, in RUN/checkpoints/best-fid/
+    # (beside the last keep_last); needs eval_every and a fid (Inception, or the digits features)
+    keep_best: str = ""
 
 
 @dataclass
@@ -370,6 +378,14 @@ def validate(cfg: Config) -> None:
         raise UserError("config keys 'variant.pool_size', 'variant.crop' and 'variant.pretrain_steps' must be >= 0")
     if cfg.train.eval_every < 0:
         raise UserError(f"config key 'train.eval_every' must be >= 0 (0: never); got {cfg.train.eval_every}")
+    if cfg.train.keep_best not in ("", "fid"):
+        raise UserError(f"config key 'train.keep_best' must be '' (off) or 'fid'; got '{cfg.train.keep_best}'")
+    if cfg.train.keep_best and not cfg.train.eval_every:
+        raise UserError("config key 'train.keep_best=fid' needs evaluations: set train.eval_every too")
+    if cfg.train.eval_ref and not cfg.train.eval_inception:
+        raise UserError("config key 'train.eval_ref' holds Inception statistics: set train.eval_inception too")
+    if cfg.train.eval_n < 2:
+        raise UserError(f"config key 'train.eval_n' must be >= 2; got {cfg.train.eval_n}")
     if not 0.0 <= cfg.train.lr_decay_start < 1.0:
         raise UserError(f"config key 'train.lr_decay_start' must be in [0, 1), got {cfg.train.lr_decay_start}")
     if not 0.0 <= cfg.train.ema_beta < 1.0:

@@ -36,6 +36,8 @@ class Run:
     preview_batch: dict | None = None  # previews without a held-out set show the first training batch
     heldout: list = field(default_factory=list)  # image-to-image variants: the held-out set, read once
     fixed_noise: torch.Generator | None = None  # sample grids and evaluations: the same noise every time
+    standard: dict = field(default_factory=dict)  # train.eval_inception: the network and reference, loaded once
+    best_fid: float = float("inf")  # train.keep_best=fid: the lowest eval/fid so far (RUN/checkpoints/best-fid)
 
     @property
     def main(self) -> bool:
@@ -122,10 +124,13 @@ def periodic(run: Run, log: MetricLog, bar, stopping: int, micro_batches: int, a
         bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in losses.items()})
     if step % t.sample_every == 0 or last:
         sample_grid(run, step)
+    improved = False
     if t.eval_every and (step % t.eval_every == 0 or last):
-        evaluate(run, step)
-    if step % t.ckpt_every == 0 or last or stopping:
+        improved = evaluate(run, step)
+    if step % t.ckpt_every == 0 or last or stopping or improved:
         save(run, step)
+    if improved:
+        keep_best(run, step)
 
 
 def save(run: Run, step: int) -> None:
@@ -193,27 +198,86 @@ def _sample_grid(run: Run, step: int) -> None:
     run.tracker.log_image("samples", grid, step)
 
 
-def evaluate(run: Run, step: int) -> None:
-    """The metrics `distgan eval` would give, logged as eval/... (rank 0, where the data has some).
-    Leaves the training RNG as it was."""
+def evaluate(run: Run, step: int) -> bool:
+    """The metrics `distgan eval` would give, logged as eval/... (where the data has some): the
+    standard ones on every rank's share of the samples with train.eval_inception, the rest on rank 0.
+    Leaves the training RNG as it was. True when train.keep_best=fid and eval/fid improved (the same
+    answer on every rank)."""
     with rng.preserved():
-        _evaluate(run, step)
+        result = _evaluate(run, step)
+    if not run.cfg.train.keep_best:
+        return False
+    fid = result.get("fid") if run.main else None
+    if run.world > 1:  # rank 0 decides (it holds every metric); every rank writes the checkpoint
+        from accelerate.utils import broadcast_object_list
+
+        fid = broadcast_object_list([fid], from_process=0)[0]
+    if fid is None:
+        raise RunFailed(f"step {step}: train.keep_best=fid, but no fid applies to this run's data; set "
+                        "train.eval_inception (docs/evaluation.md) or leave train.keep_best empty")  # fmt: skip
+    if fid < run.best_fid:
+        run.best_fid = fid
+        return True
+    return False
 
 
-def _evaluate(run: Run, step: int) -> None:
+def _evaluate(run: Run, step: int) -> dict:
     from distgan import metrics
 
     if hasattr(run.variant, "evaluate"):  # image-to-image: measured on held-out inputs
+        result = {}
         if run.main and _heldout(run) is not None:
-            run.tracker.log(metrics.scalars(run.variant.evaluate(run.generators(), _heldout(run))), step)
-        return
-    source = run.source()
-    names = metrics.applicable(run.cfg, source.manifest if source else None)
-    if not run.main or not names:
-        return
+            result = run.variant.evaluate(run.generators(), _heldout(run))
+            run.tracker.log(metrics.scalars(result), step)
+        return result
     t, G = run.cfg.train, run.generators()["G"]
-    with torch.no_grad():
-        chunks = [run.variant.sample(G, min(1024, t.eval_n - i), generator=run.fixed_noise.manual_seed(t.seed + 1 + i))
-                  for i in range(0, t.eval_n, 1024)]  # fmt: skip
-    result = metrics.compute(torch.cat([c.cpu() for c in chunks]), names, run.cfg, source.manifest)
-    run.tracker.log(metrics.scalars(result), step)
+    source = run.source()
+    manifest = source.manifest if source else None
+    names = metrics.applicable(run.cfg, manifest, inception=bool(t.eval_inception))
+    result = {}
+    standard = [m for m in names if m in metrics.STANDARD] if t.eval_inception else []
+    if standard:
+        result.update(_standard(run, G, standard))
+    rest = [m for m in names if m not in standard]
+    if run.main and rest:
+        with torch.no_grad():
+            chunks = [run.variant.sample(G, min(1024, t.eval_n - i), generator=run.fixed_noise.manual_seed(t.seed + 1 + i))
+                      for i in range(0, t.eval_n, 1024)]  # fmt: skip
+        result.update(metrics.compute(torch.cat([c.cpu() for c in chunks]), rest, run.cfg, manifest))
+    if run.main and result:
+        run.tracker.log(metrics.scalars(result), step)
+    return result
+
+
+def _standard(run: Run, G, names: list[str]) -> dict:
+    """FID/KID/IS/precision-recall on the Inception features of train.eval_n samples, split over the ranks."""
+    from distgan.metrics import inception, standard
+
+    t = run.cfg.train
+    split = standard.Split(run.rank, run.world)
+    if not run.standard:
+        path = inception.resolve_path(t.eval_inception)
+        net = inception.FeatureNet(path, device=run.device)
+        if t.eval_ref:
+            ref = standard.RefStats.load(t.eval_ref)
+        else:
+            ref, origin = standard.reference_stats(run.cfg.data.shards, resolution=run.cfg.data.resolution,
+                                                   channels=run.cfg.data.channels, net=net, split=split)  # fmt: skip
+            if run.main:
+                print(f"eval: reference statistics: {origin}", file=sys.stderr)
+        run.standard.update(net=net, ref=ref)
+    net, ref = run.standard["net"], run.standard["ref"]
+
+    def sample(k, generator):
+        return run.variant.sample(G, k, generator=generator)
+
+    feats, outputs = standard.generated_features(sample, t.eval_n, net, split, seed=t.seed + 1, outputs="is" in names)
+    return standard.compute(feats, outputs, ref, names, probabilities=net.probabilities)
+
+
+def keep_best(run: Run, step: int) -> None:
+    """RUN/checkpoints/best-fid/: step `step`'s checkpoint (just written), hard-linked, with best.json."""
+    if run.main:
+        folder = checkpoint.keep_copy(run.run_dir, step, "best-fid", {"step": step, "fid": run.best_fid})
+        run.tracker.event("best", step, fid=run.best_fid, path=str(folder))
+    run.accelerator.wait_for_everyone()

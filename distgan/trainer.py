@@ -432,6 +432,9 @@ def _resume(run: jobs.Run, ckpt: checkpoint.Checkpoint) -> checkpoint.ResumePoin
             "not exact",
             file=sys.stderr,
         )
+    best = checkpoint.read_best(run.run_dir, "best-fid") if run.cfg.train.keep_best == "fid" else None
+    if best is not None:
+        run.best_fid = float(best["fid"])
     run.tracker.event("resume", point.step, checkpoint=str(ckpt.path))
     return point
 

@@ -24,19 +24,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_cmd(*args, processes=2):
+def launch_cmd(*args, processes=2, command="train"):
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "-m", "distgan", "train", *map(str, args),
+        "--main_process_port", str(free_port()), "-m", "distgan", command, *map(str, args),
     ]  # fmt: skip
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def launch(*args, processes=2, timeout=600, env=None):
-    return subprocess.run(launch_cmd(*args, processes=processes), capture_output=True, text=True, cwd=ROOT,
+def launch(*args, processes=2, timeout=600, env=None, command="train"):
+    return subprocess.run(launch_cmd(*args, processes=processes, command=command), capture_output=True, text=True, cwd=ROOT,
                           env={**ENV, **(env or {})}, timeout=timeout)  # fmt: skip
 
 

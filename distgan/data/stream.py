@@ -307,27 +307,50 @@ def shutdown(loader_iter) -> None:
         stop()
 
 
+def _each_decoded(source: ShardSource, ds: ShardStream):
+    """Every sample of `source`'s shards once, in order, decoded by `ds` (undecodable ones as ds.on_error says)."""
+    from webdataset.tariterators import tarfile_samples
+
+    ds._skipped = 0
+    for sample in tarfile_samples(iter([{"url": u} for u in source.urls])):
+        decoded = ds._decode(sample)
+        if decoded is not None:
+            yield decoded
+
+
 def read_all(source: ShardSource, *, resolution: int, channels: int, fields=None, limit: int | None = None,
              progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
     """Every sample of `source`'s shards once, in order (held-out sets, classifier training data):
     {field: (N, C, H, W) in [-1, 1], "label": (N,)}; at most `limit` samples."""
     from tqdm import tqdm
-    from webdataset.tariterators import tarfile_samples
 
     ds = ShardStream(source.urls, batch_size=1, resolution=resolution, channels=channels, seed=0, fields=fields)
-    ds._skipped = 0
     items = []
-    samples = tarfile_samples(iter([{"url": u} for u in source.urls]))
-    for sample in tqdm(samples, desc="read", disable=not progress, total=limit):
-        decoded = ds._decode(sample)
-        if decoded is not None:
-            items.append(decoded)
+    for decoded in tqdm(_each_decoded(source, ds), desc="read", disable=not progress, total=limit):
+        items.append(decoded)
         if limit and len(items) >= limit:
             break
     if not items:
         raise UserError(f"no readable samples in {source.urls[0]}{' ...' if len(source.urls) > 1 else ''}")
     out = ds._batch(items, len(items))
     return {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+
+def iter_all(source: ShardSource, *, resolution: int, channels: int, batch: int, limit: int = 0):
+    """The images of `source`'s shards, each once, in order, as (<= batch, C, H, W) tensors in [-1, 1]
+    (reference statistics: a pass over a set too big to hold); the first `limit` when > 0."""
+    ds = ShardStream(source.urls, batch_size=batch, resolution=resolution, channels=channels, seed=0)
+    items, total = [], 0
+    for decoded in _each_decoded(source, ds):
+        items.append(decoded)
+        total += 1
+        if len(items) == batch or total == limit:
+            yield ds._batch(items, total)["image"]
+            items = []
+        if total == limit:
+            return
+    if items:
+        yield ds._batch(items, total)["image"]
 
 
 def heldout_source(spec: str, key: str = "data.shards") -> ShardSource | None:

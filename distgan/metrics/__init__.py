@@ -16,24 +16,31 @@ METRICS = {
     "modes": "2-D mixtures: modes captured, % high quality, reverse KL (PacGAN's definitions)",
     "digits": "digits: a classifier of the real digits judges the samples (confident fraction, classes "
     "covered), next to held-out real digits",
-    "fid": "FID against the real data, in a digits classifier's feature space (or --features FILE's)",
-    "kid": "KID (unbiased, cubic kernel), in the same feature space as fid",
+    "fid": "FID against the real data: on Inception-v3 features with --inception (the standard FID), else in "
+    "a digits classifier's feature space (or --features FILE's)",
+    "kid": "KID (unbiased, cubic kernel, 100 subsets of 1000 with --inception), in the same feature space as fid",
+    "is": "Inception Score (10 splits), with --inception",
+    "pr": "improved precision and recall (Kynkaanniemi et al., k=3) on the Inception features, with --inception",
     "stacked": "stacked digits: each channel classified, modes covered of 1000, KL to uniform",
 }
+STANDARD = ("fid", "kid", "is", "pr")  # what the Inception network gives (distgan.metrics.standard)
 
 
-def applicable(cfg, manifest: dict | None, features: str | None = None) -> list[str]:
+def applicable(cfg, manifest: dict | None, features: str | None = None, inception: bool = False) -> list[str]:
     manifest = manifest or {}
     source = manifest.get("source", "")
     if manifest.get("mixture"):
         return ["modes"]
     if cfg.data.kind != "images":
         return []
+    own = []
     if source == "builtin:stacked-digits":
-        return ["stacked"] + (["fid", "kid"] if features else [])
-    if source == "builtin:digits" and cfg.data.channels == 1:
-        return ["digits", "fid", "kid"]
-    return ["fid", "kid"] if features else []
+        own = ["stacked"]
+    elif source == "builtin:digits" and cfg.data.channels == 1:
+        own = ["digits"]
+    if inception:
+        return own + list(STANDARD)
+    return own + (["fid", "kid"] if features or own == ["digits"] else [])
 
 
 def check(names: list[str], usable: list[str], cfg) -> None:
@@ -41,15 +48,17 @@ def check(names: list[str], usable: list[str], cfg) -> None:
         if m not in METRICS:
             raise UserError(f"unknown metric '{m}'; available: {', '.join(METRICS)}")
         if m not in usable:
+            hint = " (is and pr need --inception FILE)" if m in STANDARD and cfg.data.kind == "images" else ""
             raise UserError(
-                f"metric '{m}' does not apply to this run's data ({cfg.data.shards}); what applies: "
-                f"{', '.join(usable) or 'nothing built in (give --features FILE for FID/KID)'}"
+                f"metric '{m}' does not apply to this run's data ({cfg.data.shards}){hint}; what applies: "
+                f"{', '.join(usable) or 'nothing built in (give --inception FILE)'}"
             )
     if not names:
+        from distgan.metrics.inception import missing_message
+
         raise UserError(
-            f"no metric applies to {cfg.data.shards}: the built-in ones cover the 2-D mixtures, the embedded "
-            "digits and stacked digits; for other images give a TorchScript feature network with --features "
-            "FILE (Inception weights cannot be downloaded here)"
+            f"no built-in metric applies to {cfg.data.shards} (they cover the 2-D mixtures, the embedded digits and "
+            f"stacked digits): {missing_message()}"
         )
 
 
