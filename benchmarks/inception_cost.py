@@ -68,7 +68,7 @@ def main() -> None:
     rows.append({"what": "moments (mean, covariance) of 50k features", "n": 50_000,
                  "seconds": timed(lambda: scores.moments(a.astype(np.float64)))})  # fmt: skip
     mu, sigma = scores.moments(a.astype(np.float64))
-    rows.append({"what": "FID (sqrtm of 2048x2048)", "n": 50_000,
+    rows.append({"what": "FID (2048-d, two symmetric eigen-decompositions)", "n": 50_000,
                  "seconds": timed(lambda: scores.frechet_distance(mu, sigma, ref.mu, ref.sigma))})  # fmt: skip
     rows.append({"what": "KID, 100 subsets of 1000", "n": 50_000,
                  "seconds": timed(lambda: scores.kid_subsets(a, b, 100, 1000))})  # fmt: skip

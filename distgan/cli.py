@@ -16,7 +16,8 @@ from distgan.errors import RunFailed, UserError, user_message
 def _shards(args: argparse.Namespace) -> int:
     from distgan.data import shards
 
-    kw = dict(maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite)
+    kw = dict(maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite, fmt=args.format,
+              quality=args.quality)  # fmt: skip
     if args.prefix:
         kw["prefix"] = args.prefix
     if args.builtin:
@@ -208,7 +209,8 @@ def _load_discriminator(ckpt, cfg, variant, G, args: argparse.Namespace):
     source = stream.resolve(cfg.data.shards)
     ds = stream.ShardStream(source.urls, batch_size=cfg.data.batch_size, resolution=cfg.data.resolution,
                             channels=cfg.data.channels, seed=args.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                            on_error=cfg.data.on_error, points=cfg.data.kind == "points")  # fmt: skip
+                            on_error=cfg.data.on_error, points=cfg.data.kind == "points",
+                            **stream.stream_options(cfg))  # fmt: skip
     real = (batch["image"] for batch in stream.make_loader(ds, num_workers=0))
     gen = torch.Generator().manual_seed(args.seed + 1)  # not the sampling seed: fresh draws
     with tqdm(total=args.drs_calibrate, desc="calibrate D") as bar:
@@ -319,6 +321,7 @@ def _standard_metrics(args, cfg, variant, G, inception_file: str, names: list[st
     its share of the chunks."""
     from tqdm import tqdm
 
+    from distgan.data import stream
     from distgan.metrics import inception, standard
 
     if args.chunk < 1:
@@ -330,7 +333,7 @@ def _standard_metrics(args, cfg, variant, G, inception_file: str, names: list[st
     else:
         ref, origin = standard.reference_stats(cfg.data.shards, resolution=cfg.data.resolution,
                                                channels=cfg.data.channels, net=net, split=split,
-                                               limit=args.ref_n)  # fmt: skip
+                                               limit=args.ref_n, options=stream.stream_options(cfg))  # fmt: skip
 
     def sample(k, generator):
         return variant.sample(G, k, generator=generator)
@@ -398,6 +401,7 @@ def _eval_translation(args: argparse.Namespace, ckpt, cfg, variant, gens) -> int
             raise UserError("--heldout takes one shard set; cyclegan's held-out sets come from its two domains")
         src = stream.resolve(args.heldout, progress=False, key="--heldout")
         heldout = stream.read_all(src, resolution=cfg.data.resolution, channels=cfg.data.channels,
+                                  options=stream.stream_options(cfg),
                                   fields=variant.fields())  # fmt: skip
     else:
         heldout = variant.heldout()
@@ -519,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resize", type=int, help="--images, --pairs: center-crop and resize every image to N x N")
     s.add_argument("--rgb", action="store_true", help="--images, --pairs (targets): store RGB instead of grayscale")
     s.add_argument("--input-rgb", action="store_true", help="--pairs: store the inputs as RGB too")
+    s.add_argument(
+        "--format",
+        choices=("png", "jpg", "webp"),
+        default="png",
+        help="image encoding: png (lossless, the default), jpg or webp (lossy, 5-10x smaller for photos)",
+    )
+    s.add_argument("--quality", type=int, default=95, help="--format jpg/webp: quality 1..100 (default 95)")
     s.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     s.set_defaults(func=_shards)
 

@@ -24,6 +24,8 @@ DEFAULT_PRESET = "digits-dcgan"
 # Config keys that take one of a fixed set of strings.
 CHOICES = {
     "data.on_error": ("raise", "skip"),
+    "data.crop": ("center", "random", "none"),
+    "data.cache": ("auto", "ram", "off"),
     "data.kind": ("images", "points", "paired"),
     "variant.pixel_loss": ("l1", "mse"),
     # auto: what `accelerate launch` was given (--mixed_precision or its config file), else no
@@ -56,6 +58,21 @@ class DataConfig:
     num_workers: int = -1
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
     on_error: str = "raise"  # raise: stop on a corrupt sample; skip: count and skip it
+    # the image member of each sample: "" takes the first present of png, jpg, jpeg, webp, ppm, bmp,
+    # tif, tiff (paired data: input.EXT and target.EXT); or name one extension
+    image_key: str = ""
+    # the label: "" takes KEY.cls, else KEY.label (text or int); or cls, label, json:FIELD (a field of
+    # KEY.json, as img2dataset writes). No label is fine for unconditional variants
+    label_key: str = ""
+    # images that are not square: center (crop the centred square), random (a square at a place
+    # drawn per sample, reproducible on resume), none (no crop: the whole image squeezed to the square;
+    # images smaller than data.resolution are refused). Then resized, PIL bilinear, to data.resolution
+    crop: str = "center"
+    # keep decoded samples in RAM after a shard's first read (uint8, at data.resolution), so later
+    # reads skip tar and decode; the stream (order, positions, resume) is exactly the uncached one.
+    # auto: for the embedded builtin: sets; ram: always; off. Not with data.crop=random
+    cache: str = "auto"
+    cache_bytes: float = 4e9  # data.cache: bytes per rank (split over its workers); shards beyond it are re-read
     # DiffAugment (Zhao et al. 2020) of every image D sees in training, real and fake: a comma-separated
     # list of color, translation, cutout (distgan/augment.py); empty: none
     augment: str = ""
@@ -278,7 +295,18 @@ def load_config(
         if "=" not in item or item.startswith("="):
             raise UserError(f"override '{item}' is not of the form key=value (e.g. train.steps=200)")
         try:
-            dot = OmegaConf.from_dotlist([item])
+            key, value = item.split("=", 1)
+            kind = _key_type(key)
+            if kind in (str, str | None):
+                # Taken literally: YAML would read webdataset's brace list {a.tar,b.tar} as a mapping
+                # (and `no` as false); a quoted value loses its quotes, null is None where allowed.
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]
+                literal = None if kind is not str and value in ("null", "~") else value
+                dot = OmegaConf.create()
+                OmegaConf.update(dot, key, literal, force_add=True)
+            else:
+                dot = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as exc:
             raise UserError(f"override '{item}' cannot be parsed: {exc}") from None
         cfg = _merge(cfg, dot, f"override {item}")
@@ -287,6 +315,22 @@ def load_config(
         config.train.mixed_precision = "no"
     validate(config)
     return config
+
+
+def _key_type(dotted: str):
+    """The schema type of a dotted key (None when there is no such key: the merge reports it)."""
+    import dataclasses
+    import typing
+
+    kind = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(kind):
+            return None
+        hints = typing.get_type_hints(kind)
+        if part not in hints:
+            return None
+        kind = hints[part]
+    return kind
 
 
 def validate(cfg: Config) -> None:
@@ -378,6 +422,21 @@ def validate(cfg: Config) -> None:
         raise UserError("config keys 'variant.pool_size', 'variant.crop' and 'variant.pretrain_steps' must be >= 0")
     if cfg.train.eval_every < 0:
         raise UserError(f"config key 'train.eval_every' must be >= 0 (0: never); got {cfg.train.eval_every}")
+    from distgan.data.stream import IMAGE_EXTS
+
+    if cfg.data.image_key.lstrip(".") not in ("", *IMAGE_EXTS):
+        raise UserError(f"config key 'data.image_key' must be '' (the first present) or one of {', '.join(IMAGE_EXTS)}; "
+                        f"got '{cfg.data.image_key}'")  # fmt: skip
+    if cfg.data.cache == "ram" and cfg.data.crop == "random":
+        raise UserError("config key 'data.cache=ram' keeps decoded crops, so it cannot combine with data.crop=random; "
+                        "use data.crop=center or data.cache=off")  # fmt: skip
+    if cfg.data.cache_bytes < 0:
+        raise UserError(f"config key 'data.cache_bytes' must be >= 0; got {cfg.data.cache_bytes}")
+    lk = cfg.data.label_key
+    if lk not in ("", "cls", "label") and not (lk.startswith("json:") and len(lk) > 5):
+        raise UserError(
+            f"config key 'data.label_key' must be '' (cls, else label), cls, label or json:FIELD; got '{lk}'"
+        )
     if cfg.train.keep_best not in ("", "fid"):
         raise UserError(f"config key 'train.keep_best' must be '' (off) or 'fid'; got '{cfg.train.keep_best}'")
     if cfg.train.keep_best and not cfg.train.eval_every:

@@ -251,6 +251,7 @@ def _evaluate(run: Run, step: int) -> dict:
 
 def _standard(run: Run, G, names: list[str]) -> dict:
     """FID/KID/IS/precision-recall on the Inception features of train.eval_n samples, split over the ranks."""
+    from distgan.data import stream
     from distgan.metrics import inception, standard
 
     t = run.cfg.train
@@ -262,7 +263,8 @@ def _standard(run: Run, G, names: list[str]) -> dict:
             ref = standard.RefStats.load(t.eval_ref)
         else:
             ref, origin = standard.reference_stats(run.cfg.data.shards, resolution=run.cfg.data.resolution,
-                                                   channels=run.cfg.data.channels, net=net, split=split)  # fmt: skip
+                                                   channels=run.cfg.data.channels, net=net, split=split,
+                                                   options=stream.stream_options(run.cfg))  # fmt: skip
             if run.main:
                 print(f"eval: reference statistics: {origin}", file=sys.stderr)
         run.standard.update(net=net, ref=ref)

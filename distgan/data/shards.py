@@ -26,11 +26,21 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 MANIFEST = "manifest.json"
 
 
+FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}  # --format: member extension -> PIL format
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """(H, W, C) uint8 -> PNG bytes (grayscale for C=1)."""
+    return encode_image(image, "png")
+
+
+def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """(H, W, C) uint8 -> PNG (lossless), JPEG (4:2:0 chroma at the default quality, as PIL writes)
+    or WebP (lossy) bytes; grayscale for C=1."""
     arr = image[..., 0] if image.shape[-1] == 1 else image
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
+    kw = {} if fmt == "png" else {"quality": quality}
+    Image.fromarray(arr).save(buf, format=FORMATS[fmt], **kw)
     return buf.getvalue()
 
 
@@ -174,10 +184,18 @@ def write_shards(
     overwrite: bool = False,
     progress: bool = True,
     extra_manifest: dict | None = None,
+    fmt: str = "png",
+    quality: int = 95,
 ) -> dict:
     """Write `samples` ((H, W, C) uint8 images, or (D,) float32 points; label or None; extra json)
-    as shards: KEY.png (images) or KEY.npy (points), KEY.cls, KEY.json. Returns the manifest."""
+    as shards: KEY.png (or KEY.jpg / KEY.webp with `fmt`) or KEY.npy (points), KEY.cls, KEY.json.
+    Returns the manifest."""
     import webdataset as wds
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
+    if not 1 <= quality <= 100:
+        raise UserError(f"--quality must be in 1..100; got {quality}")
 
     out = Path(out_dir)
     if out.exists() and any(out.glob("*.tar")) or (out / MANIFEST).exists():
@@ -209,13 +227,14 @@ def write_shards(
                     )
                 sample = {"__key__": f"{n:08d}", "json": {"index": n, **extra}}
                 if pair is not None:
-                    sample["input.png"], sample["target.png"] = encode_png(pair["input"]), encode_png(image)
+                    sample[f"input.{fmt}"] = encode_image(pair["input"], fmt, quality)
+                    sample[f"target.{fmt}"] = encode_image(image, fmt, quality)
                 elif image.ndim == 1:
                     buf = io.BytesIO()
                     np.save(buf, image.astype(np.float32))
                     sample["npy"] = buf.getvalue()
                 else:
-                    sample["png"] = encode_png(image)
+                    sample[fmt] = encode_image(image, fmt, quality)
                 if label is not None:
                     sample["cls"] = int(label)
                 sink.write(sample)
@@ -232,7 +251,8 @@ def write_shards(
     manifest = {
         "count": n,
         "kind": "paired" if input_shape else "points" if len(shape) == 1 else "images",
-        "image_shape": list(shape),  # H, W, C of the stored PNGs (paired: the targets); (D,) for points
+        "image_shape": list(shape),  # H, W, C of the stored images (paired: the targets); (D,) for points
+        **({"format": fmt, "quality": quality} if fmt != "png" else {}),
         **({"input_shape": list(input_shape)} if input_shape else {}),
         "classes": classes,
         "num_classes": len(classes),

@@ -8,7 +8,11 @@ Each (rank, worker) pair reads an endless, deterministic stream:
 2. resampled: shards are drawn with replacement from that subset by a RNG seeded from
    (train.seed, rank, worker), so the stream never ends and every rank runs the same steps;
 3. webdataset's tar reader groups members into samples, and a seeded shuffle buffer mixes them;
-4. decode (PNG -> float CHW in [-1, 1], resized to data.resolution) and batch in the worker.
+4. decode and batch in the worker: the image member is found by extension (`IMAGE_EXTS`, or
+   data.image_key), the label in `cls`, `label` or a JSON field (data.label_key); the image is
+   cropped to a square (data.crop), resized to data.resolution with PIL's bilinear filter
+   (antialiased when shrinking; JPEGs first shrunk in the decoder by DCT scaling when the target is
+   at most half their size), converted to data.channels, and scaled to float CHW in [-1, 1].
 
 Every batch carries `pos`, the number of raw samples its worker has taken from the shuffle
 buffer. A checkpoint stores that per worker; on resume each worker rebuilds the same stream and
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 import random
 import signal
@@ -39,6 +44,32 @@ class ShardSource:
 
     urls: list[str]
     manifest: dict | None
+
+
+# Image members by extension, in the order a sample's first present one is taken (webdataset's own
+# image extensions); data.image_key names one instead.
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")
+CROPS = ("center", "random", "none")
+
+
+def stream_options(cfg) -> dict:
+    """The ShardStream keywords that come from data.*: how members, labels and crops are read."""
+    d = cfg.data
+    return {"image_key": d.image_key, "label_key": d.label_key, "crop": d.crop}
+
+
+def cache_budget(cfg, spec: str) -> int:
+    """Bytes of decoded samples the training stream of shard set `spec` keeps in RAM per rank:
+    data.cache_bytes with data.cache=ram, or with auto for the embedded sets; 0 for none."""
+    d = cfg.data
+    on = d.cache == "ram" or d.cache == "auto" and spec.startswith("builtin:")
+    return int(d.cache_bytes) if on and d.crop != "random" else 0
+
+
+def _member_base(member: str) -> str:
+    """A field's member as the variants name it ("png", "target.png") -> the part before the image
+    extension ("", "target")."""
+    return member.rsplit(".", 1)[0] if "." in member else ""
 
 
 def _is_remote(spec: str) -> bool:
@@ -115,16 +146,32 @@ class ShardStream(IterableDataset):
         expected_shape: tuple[int, int, int] | None = None,
         points: bool = False,
         fields: dict[str, tuple[str, int]] | None = None,
+        image_key: str = "",
+        label_key: str = "",
+        crop: str = "center",
+        draft: bool = True,
+        num_classes: int = 0,
+        cache_bytes: int = 0,
     ):
         self.urls = list(urls)
         # Batch key -> (tar member suffix, channels) of the images each sample holds; paired data
         # (pix2pix) is {"image": ("target.png", C), "input": ("input.png", C_in)}.
         self.fields = fields or {"image": ("png", channels)}
+        self.image_key = image_key.lstrip(".")  # "": the first of IMAGE_EXTS present
+        self.label_key = label_key  # "": cls, else label; or cls, label, json:FIELD
+        self.crop = crop
+        self.draft = draft  # JPEG: DCT-domain downscaling in the decoder when it is at least 2x
+        self.num_classes = num_classes  # > 0: a conditional variant: every sample needs a label below it
+        # data.cache=ram: decoded samples kept per shard, up to this many bytes per (rank, worker)
+        self.cache_bytes = cache_bytes if crop != "random" else 0
+        self._capture: list | None = None
+        self._tar_errors = 0
         self.points = points  # (D,) float points in KEY.npy instead of images in KEY.png
         self.batch_size = batch_size
         self.resolution = resolution
         self.channels = channels
         self.seed = seed
+        self._worker = 0
         self.rank = rank
         self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer
@@ -138,24 +185,72 @@ class ShardStream(IterableDataset):
 
     # -- errors ---------------------------------------------------------------------------
     def _fail(self, what: str, url: str, key: str | None = None) -> None:
+        if self._capture is not None:  # decoding into the RAM cache: the failure is replayed when consumed
+            self._capture.append((what, url, key))
+            return
         where = f"sample '{key}' of shard '{url}'" if key else f"shard '{url}'"
         if self.on_error == "raise":
             raise UserError(f"{where}: {what} (set data.on_error=skip to skip and count such samples)")
         self._skipped += 1
 
     def _tar_error(self, exn: Exception) -> bool:
+        self._tar_errors += 1
         url = next((a for a in exn.args if isinstance(a, str) and ("/" in a or ":" in a)), "?")
         self._fail(f"unreadable tar data ({type(exn).__name__}: {exn.args[0] if exn.args else ''})", url)
         return True  # skip: go on with the next shard
 
     # -- decoding -------------------------------------------------------------------------
     def _label(self, sample: dict, url: str, key: str) -> int | None:
-        label = sample.get("cls")
+        """The sample's class: -1 when it has none (fine for unconditional variants)."""
+        lk = self.label_key
+        if lk.startswith("json:"):
+            raw, field_name = sample.get("json"), lk[5:]
+            if raw is None:
+                if self.num_classes:
+                    self._fail("no .json member for data.label_key, which a conditional variant needs", url, key)
+                    return None
+                return -1
+            try:
+                label = json.loads(raw)[field_name]
+            except (ValueError, KeyError, TypeError) as exc:
+                self._fail(f"no label field '{field_name}' in its .json ({type(exc).__name__}: {exc})", url, key)
+                return None
+        else:
+            label = next((sample[k] for k in ((lk,) if lk else ("cls", "label")) if sample.get(k) is not None), None)
+            if label is None:
+                if self.num_classes:
+                    self._fail(f"no label ({lk or 'cls or label'} member), which a conditional variant needs", url, key)
+                    return None
+                return -1
         try:
-            return int(label) if label is not None else -1
-        except ValueError:
+            if isinstance(label, bool) or isinstance(label, float) and not label.is_integer():
+                raise ValueError
+            value = int(label.strip() if isinstance(label, (bytes, str)) else label)
+        except (ValueError, TypeError):
             self._fail(f"label {label!r} is not an integer", url, key)
             return None
+        if value < 0 or self.num_classes and value >= self.num_classes:
+            bound = f" (model.num_classes={self.num_classes})" if self.num_classes else ""
+            self._fail(f"label {value} is out of range{bound}", url, key)
+            return None
+        return value
+
+    def _wanted(self) -> set[str]:
+        """The member suffixes a sample is read for; the rest are skipped unread."""
+        labels = {"json"} if self.label_key.startswith("json:") else {self.label_key or "cls", "label"}
+        if self.points:
+            return {"npy", *labels}
+        exts = (self.image_key,) if self.image_key else IMAGE_EXTS
+        images = {f"{b}.{e}" if b else e for b in (_member_base(m) for m, _ in self.fields.values()) for e in exts}
+        return images | labels
+
+    def _image_member(self, sample: dict, member: str) -> str | None:
+        base = _member_base(member)
+        for ext in (self.image_key,) if self.image_key else IMAGE_EXTS:
+            name = f"{base}.{ext}" if base else ext
+            if name in sample:
+                return name
+        return None
 
     def _decode_point(self, sample: dict, url: str, key: str) -> tuple[np.ndarray, int, int] | None:
         data = sample.get("npy")
@@ -174,39 +269,76 @@ class ShardStream(IterableDataset):
         label = self._label(sample, url, key)
         return None if label is None else (arr.astype(np.float32), label, self._shard_index.get(url, -1))
 
-    def _decode_image(self, data: bytes | None, member: str, channels: int, url: str, key: str, sample: dict):
-        if data is None:
-            self._fail(f"no .{member} member (members: {', '.join(k for k in sample if not k.startswith('__'))})",
+    def _decode_image(self, sample: dict, member: str, channels: int, url: str, key: str, pos: int = 0):
+        found = self._image_member(sample, member)
+        base = _member_base(member)
+        if found is None:
+            looked = self.image_key or "/".join(IMAGE_EXTS)
+            name = f"{base}.{looked}" if base else looked
+            self._fail(f"no .{name} member (members: {', '.join(k for k in sample if not k.startswith('__'))})",
                        url, key)  # fmt: skip
             return None
+        what = "image" if not base else f"image .{found}"
+        mode = "RGB" if channels == 3 else "L"
+        r = self.resolution
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(sample[found])) as img:
+                stored = img.size  # (W, H) as stored, before any DCT scaling
+                side = min(stored)
+                if self.draft and img.format == "JPEG" and side >= 2 * r:
+                    # libjpeg decodes at 1/2, 1/4 or 1/8 scale, keeping the short side >= the target
+                    img.draft(mode, (-(-stored[0] * r // side), -(-stored[1] * r // side)))
                 img.load()
-                if img.mode in ("P", "LA", "RGBA", "I;16", "I") or (img.mode == "L") != (channels == 1):
-                    img = img.convert("RGB" if channels == 3 else "L")
+                if img.mode != mode:
+                    img = img.convert(mode)
+                img = self._crop(img, stored, url, key, pos, what)
+                if img is None:
+                    return None
+                if img.size != (r, r):
+                    img = img.resize((r, r), Image.BILINEAR)
                 arr = np.asarray(img)
         except Exception as exc:
-            self._fail(f"corrupt image{'' if member == 'png' else ' .' + member} ({exc})", url, key)
+            self._fail(f"corrupt {what} ({found}: {exc})", url, key)
             return None
-        shape = arr.shape if arr.ndim == 3 else (*arr.shape, 1)
-        expected = self.expected_shape if member == "png" else None
-        if shape[2] != channels or (expected and shape != expected):
-            what = "image" if member == "png" else f"image .{member}"
-            self._fail(f"{what} shape {shape} (H, W, C), expected {expected or f'(H, W, {channels})'}", url, key)
+        expected = self.expected_shape if not base else None
+        if expected and (stored[1], stored[0]) != expected[:2]:
+            self._fail(f"{what} of size {stored[1]}x{stored[0]} (H x W), the manifest says {expected[0]}x{expected[1]}",
+                       url, key)  # fmt: skip
             return None
-        if shape[:2] != (self.resolution, self.resolution):
-            img = Image.fromarray(arr.reshape(shape)[..., 0] if channels == 1 else arr, "L" if channels == 1 else "RGB")
-            arr = np.asarray(img.resize((self.resolution, self.resolution), Image.BILINEAR))
-        return arr.reshape(self.resolution, self.resolution, channels)
+        return arr.reshape(r, r, channels)
 
-    def _decode(self, sample: dict) -> tuple[dict[str, np.ndarray], int, int] | None:
+    def _crop(self, img, stored: tuple[int, int], url: str, key: str, pos: int, what: str):
+        """The square to resize: centred, or at a place drawn from (seed, rank, position) so that a
+        resumed stream crops the same; none: the whole image, which must not be smaller than the target."""
+        w, h = img.size
+        if self.crop == "none":
+            if min(stored) < self.resolution:
+                self._fail(f"{what} of {stored[0]}x{stored[1]} is smaller than data.resolution={self.resolution} "
+                           "(data.crop=none does not upscale)", url, key)  # fmt: skip
+                return None
+            return img
+        side = min(w, h)
+        if w == h:
+            return img
+        if self.crop == "random":
+            rng = random.Random(stream_seed(self.seed, self.rank, self._worker, pos, 3))
+            left, top = rng.randint(0, w - side), rng.randint(0, h - side)
+        else:
+            left, top = (w - side) // 2, (h - side) // 2
+        return img.crop((left, top, left + side, top + side))
+
+    def _decode(self, sample: dict, pos: int = 0) -> tuple[dict[str, np.ndarray], int, int] | None:
+        if "__cached__" in sample:  # from the RAM cache: decoded when its shard was first read
+            for failure in sample["__failures__"]:
+                self._fail(*failure)
+            return sample["__cached__"]
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
         if self.points:
             decoded = self._decode_point(sample, url, key)
             return None if decoded is None else ({"image": decoded[0]}, decoded[1], decoded[2])
         arrays = {}
         for name, (member, channels) in self.fields.items():
-            arr = self._decode_image(sample.get(member), member, channels, url, key, sample)
+            arr = self._decode_image(sample, member, channels, url, key, pos)
             if arr is None:
                 return None
             arrays[name] = arr
@@ -237,6 +369,7 @@ class ShardStream(IterableDataset):
         shard_rng = random.Random(stream_seed(self.seed, self.rank, worker, 0))
         shuffle_rng = random.Random(stream_seed(self.seed, self.rank, worker, 1))
         self._skipped = 0
+        self._worker = worker
         draws_without_sample = [0]
 
         def shard_urls():
@@ -252,21 +385,58 @@ class ShardStream(IterableDataset):
                 yield sample
 
         # Members the trainer does not use (.json metadata ...) are skipped unread.
-        wanted = {"npy", "cls"} if self.points else {"cls", *(m for m, _ in self.fields.values())}
+        wanted = self._wanted()
 
         def select(name: str) -> bool:  # KEY.png, KEY.cls, KEY.input.png ...: the part after the key
             base = name.rsplit("/", 1)[-1]
             return base.split(".", 1)[-1] in wanted
 
-        members = tarfile_samples(shard_urls(), handler=self._tar_error, select_files=select)
-        raw = counted(members)
+        self._tar_errors = 0
+        cache: dict[str, list[dict]] = {}
+        budget = [self.cache_bytes // max(num_workers, 1)]
+
+        def cached(sample: dict) -> dict:
+            self._capture = []
+            try:
+                decoded = self._decode(sample)
+            finally:
+                failures, self._capture = self._capture, None
+            return {"__key__": sample.get("__key__"), "__url__": sample.get("__url__"), "__cached__": decoded,
+                    "__failures__": failures}  # fmt: skip
+
+        def shard_samples():
+            # One shard at a time, so that a shard read whole can be kept (data.cache=ram) and later
+            # replayed in the same order: the shuffle, positions and resume see the same raw stream.
+            for src in shard_urls():
+                url = src["url"]
+                if url in cache:
+                    yield from cache[url]
+                    continue
+                keep = [] if budget[0] > 0 else None
+                errors = self._tar_errors
+                for sample in tarfile_samples(iter([src]), handler=self._tar_error, select_files=select):
+                    if keep is None:
+                        yield sample
+                        continue
+                    entry = cached(sample)
+                    keep.append(entry)
+                    yield entry
+                if keep is not None and self._tar_errors == errors:  # a shard with read errors is re-read
+                    size = sum(a.nbytes for e in keep if e["__cached__"] for a in e["__cached__"][0].values())
+                    if size <= budget[0]:
+                        cache[url] = keep
+                        budget[0] -= size
+                    else:
+                        budget[0] = 0  # full: the rest is read from the shards every time
+
+        raw = counted(shard_samples())
         raw = _shuffle(raw, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)
         skip = self.start_positions[worker] if self.start_positions else 0
         pos = 0
         items = []
         for sample in itertools.islice(raw, skip, None) if skip else raw:
             pos += 1
-            decoded = self._decode(sample)
+            decoded = self._decode(sample, skip + pos)
             if decoded is None:
                 continue
             items.append(decoded)
@@ -318,13 +488,22 @@ def _each_decoded(source: ShardSource, ds: ShardStream):
             yield decoded
 
 
+def _fixed(options: dict | None) -> dict:
+    """stream_options for a pass that must not depend on the seed: a random crop becomes a centred one."""
+    options = dict(options or {})
+    if options.get("crop") == "random":
+        options["crop"] = "center"
+    return options
+
+
 def read_all(source: ShardSource, *, resolution: int, channels: int, fields=None, limit: int | None = None,
-             progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+             progress: bool = False, options: dict | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Every sample of `source`'s shards once, in order (held-out sets, classifier training data):
-    {field: (N, C, H, W) in [-1, 1], "label": (N,)}; at most `limit` samples."""
+    {field: (N, C, H, W) in [-1, 1], "label": (N,)}; at most `limit` samples. `options`: stream_options."""
     from tqdm import tqdm
 
-    ds = ShardStream(source.urls, batch_size=1, resolution=resolution, channels=channels, seed=0, fields=fields)
+    ds = ShardStream(source.urls, batch_size=1, resolution=resolution, channels=channels, seed=0, fields=fields,
+                     **_fixed(options))  # fmt: skip
     items = []
     for decoded in tqdm(_each_decoded(source, ds), desc="read", disable=not progress, total=limit):
         items.append(decoded)
@@ -336,10 +515,12 @@ def read_all(source: ShardSource, *, resolution: int, channels: int, fields=None
     return {k: v for k, v in out.items() if torch.is_tensor(v)}
 
 
-def iter_all(source: ShardSource, *, resolution: int, channels: int, batch: int, limit: int = 0):
+def iter_all(source: ShardSource, *, resolution: int, channels: int, batch: int, limit: int = 0,
+             options: dict | None = None):  # fmt: skip
     """The images of `source`'s shards, each once, in order, as (<= batch, C, H, W) tensors in [-1, 1]
     (reference statistics: a pass over a set too big to hold); the first `limit` when > 0."""
-    ds = ShardStream(source.urls, batch_size=batch, resolution=resolution, channels=channels, seed=0)
+    ds = ShardStream(source.urls, batch_size=batch, resolution=resolution, channels=channels, seed=0,
+                     **_fixed(options))  # fmt: skip
     items, total = [], 0
     for decoded in _each_decoded(source, ds):
         items.append(decoded)

@@ -42,7 +42,8 @@ class DomainClassifier:
         if path.is_file():
             net.load_state_dict(load_file(str(path)))
             return cls(net)
-        x = [stream.read_all(s, resolution=cfg.data.resolution, channels=cfg.data.channels, limit=5000)["image"]
+        x = [stream.read_all(s, resolution=cfg.data.resolution, channels=cfg.data.channels, limit=5000,
+                                   options=stream.stream_options(cfg))["image"]
              for s in sources]  # fmt: skip
         data = torch.cat(x)
         labels = torch.cat([torch.zeros(len(x[0]), dtype=torch.long), torch.ones(len(x[1]), dtype=torch.long)])

@@ -99,12 +99,13 @@ def generated_features(sample, n: int, net, split: Split, seed: int = 0, batch: 
 
 
 def real_features(source, *, resolution: int, channels: int, net, split: Split, limit: int = 0, batch: int = 50,
-                  bar=None):  # fmt: skip
+                  bar=None, options: dict | None = None):  # fmt: skip
     """Features of the shard set's images, each once, in shard order (the first `limit` when > 0)."""
     from distgan.data.stream import iter_all
 
     local = []
-    for c, x in enumerate(iter_all(source, resolution=resolution, channels=channels, batch=split.chunk, limit=limit)):
+    images = iter_all(source, resolution=resolution, channels=channels, batch=split.chunk, limit=limit, options=options)
+    for c, x in enumerate(images):
         if split.mine(c):
             local.append((c, *_features(net, x, batch, False)))
         if bar is not None:
@@ -196,15 +197,18 @@ def shards_digest(urls: list[str]) -> str | None:
     return h.hexdigest()
 
 
-def cache_path(shards: str, net_digest: str, resolution: int, channels: int, limit: int) -> Path:
+def cache_path(shards: str, net_digest: str, resolution: int, channels: int, limit: int,
+               options: dict | None = None) -> Path:  # fmt: skip
     from distgan.data.shards import cache_root
+    from distgan.data.stream import _fixed
 
-    key = json.dumps([STATS_VERSION, shards, net_digest, resolution, channels, limit])
+    key = json.dumps([STATS_VERSION, shards, net_digest, resolution, channels, limit, sorted(_fixed(options).items())])
     return cache_root() / "stats" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
 
 
 def reference_stats(spec: str, *, resolution: int, channels: int, net, split: Split, limit: int = 0,
-                    progress: bool = True, key: str = "data.shards") -> tuple[RefStats, str]:  # fmt: skip
+                    progress: bool = True, key: str = "data.shards",
+                    options: dict | None = None) -> tuple[RefStats, str]:  # fmt: skip
     """The statistics of shard set `spec`'s images, from the cache when they are there; also says
     where they came from ("cached FILE", "computed, cached in FILE", "computed (remote shards: not cached)")."""
     from tqdm import tqdm
@@ -219,14 +223,14 @@ def reference_stats(spec: str, *, resolution: int, channels: int, net, split: Sp
         box = [digest]
         dist.broadcast_object_list(box, src=0)
         digest = box[0]
-    path = cache_path(digest, net.digest, resolution, channels, limit) if digest else None
+    path = cache_path(digest, net.digest, resolution, channels, limit, options) if digest else None
     if path is not None and path.is_file():
         return RefStats.load(path), f"cached {path}"
     total = (source.manifest or {}).get("count")
     total = min(total, limit) if total and limit else (total or limit or None)
     with tqdm(total=total, desc="reference features", unit="img", disable=not progress or split.rank != 0) as bar:
         feats, _ = real_features(source, resolution=resolution, channels=channels, net=net, split=split,
-                                 limit=limit, bar=bar)  # fmt: skip
+                                 limit=limit, bar=bar, options=options)  # fmt: skip
     meta = {"shards": spec, "shards_sha256": digest, "inception": net.describe(), "inception_sha256": net.digest,
             "resolution": resolution, "channels": channels, "limit": limit}  # fmt: skip
     stats = RefStats.of(feats, meta)

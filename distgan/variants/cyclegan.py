@@ -154,7 +154,8 @@ class CycleGAN(Translation):
             if src is None:
                 return None
             out[f"image_{k}"] = stream.read_all(src, resolution=self.cfg.data.resolution,
-                                                channels=self.cfg.data.channels)["image"]  # fmt: skip
+                                                channels=self.cfg.data.channels,
+                                                options=stream.stream_options(self.cfg))["image"]  # fmt: skip
         return out
 
     def preview(self, gens, batch):

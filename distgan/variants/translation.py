@@ -66,7 +66,7 @@ class Translation:
         if src is None:
             return None
         return stream.read_all(src, resolution=self.cfg.data.resolution, channels=self.cfg.data.channels,
-                               fields=self.fields())  # fmt: skip
+                               fields=self.fields(), options=stream.stream_options(self.cfg))  # fmt: skip
 
     def fields(self):
         return None
