@@ -50,7 +50,7 @@ class DataConfig:
     shards_a: str = ""
     shards_b: str = ""  # cyclegan: domain B's shard set (see data.shards_a)
     input_channels: int = 0  # paired data: channels of KEY.input.png (0: data.channels)
-    resolution: int = 16  # images are resized (bilinear) to this square size
+    resolution: int = 16  # images are cropped to a square (data.crop) and resized (PIL bilinear) to this size
     channels: int = 1  # 1 or 3 (points: the vector size); must match the shards
     batch_size: int = 64  # per process and per micro-batch
     # DataLoader workers per process; -1: auto (data.stream.auto_workers): on the CPU none below
