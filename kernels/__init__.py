@@ -26,8 +26,8 @@ class SpectralNorm(reference.SpectralNorm):
     the interpreter), else the reference's torch ops. Its state (u, v) and keys are the reference's."""
 
     def fused(self, weight: torch.Tensor) -> torch.Tensor | None:
-        if torch.compiler.is_compiling() or not weight.is_contiguous():
-            return None
+        if torch.compiler.is_compiling() or not weight.is_contiguous() or weight.dtype == torch.float64:
+            return None  # (fp64: the fallback iterates in fp64; the kernels accumulate in fp32)
         if _backend.choose("spectral_norm", self.backend, weight) != "triton":
             return None
         from kernels import power_iteration as fused
@@ -89,6 +89,8 @@ def spectral_norm(
     forward without grad; eval uses the stored vectors. Conv weights are viewed as out x rest; `dim`
     defaults to 1 for ConvTranspose and 0 otherwise. The iteration runs in fp32 (also under
     autocast and for bf16/fp16 weights), reads W twice and takes sigma from the second pass.
+    float64 weights iterate in float64, with the PyTorch ops on either backend (as PyTorch's
+    parametrization does, so gradcheck holds). Complex weights raise TypeError: the iteration is real.
     `backend` as for `minibatch_discrimination`. Returns the module.
     """
     from torch.nn.utils import parametrize

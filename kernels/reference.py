@@ -203,6 +203,12 @@ def _fp32(weight: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def iteration_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the power iteration runs in: float64 for float64 weights (as PyTorch's does, so
+    gradcheck holds), float32 for float32, bf16 and fp16 ones."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
 def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x / x.norm().clamp_min(eps)
 
@@ -243,7 +249,8 @@ class SNWeights(torch.autograd.Function):
 class SpectralNorm(torch.nn.Module):
     """A parametrization with the semantics and state-dict keys (`_u`, `_v`) of
     `torch.nn.utils.parametrizations.spectral_norm`, so models and checkpoints move freely
-    between the two. The power iteration runs in fp32 (autocast off) also for bf16/fp16 weights.
+    between the two. The power iteration runs in fp32 (autocast off) also for bf16/fp16 weights, and
+    in fp64 for fp64 weights; complex weights are refused.
 
     In training mode the iteration runs in two passes of torch ops, unless `fused` gives the result
     (kernels.SpectralNorm: the Triton kernels of kernels/power_iteration.py); `kernels.spectral_norm_all`
@@ -259,6 +266,13 @@ class SpectralNorm(torch.nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
+        if weight.is_complex():
+            raise TypeError(
+                f"kernels.spectral_norm does not support complex weights ({weight.dtype}): its power iteration is "
+                "real. Use torch.nn.utils.parametrizations.spectral_norm, which iterates with conjugate transposes"
+            )
+        if not weight.is_floating_point():
+            raise TypeError(f"kernels.spectral_norm needs a floating-point weight; got {weight.dtype}")
         ndim = weight.ndim
         if not -ndim <= dim < ndim:
             raise IndexError(f"dim {dim} out of range for a weight with {ndim} dimensions")
@@ -283,10 +297,11 @@ class SpectralNorm(torch.nn.Module):
 
     @torch.no_grad()
     def power_iteration(self, weight: torch.Tensor, iterations: int) -> None:
-        """`iterations` steps in fp32, updating the stored u, v in place."""
+        """`iterations` steps in iteration_dtype (fp32, or fp64 for fp64 weights), updating the stored u, v in place."""
+        dt = iteration_dtype(weight)
         with _fp32(weight):
-            w = self.matrix(weight).float()
-            v = self._v.float()
+            w = self.matrix(weight).to(dt)
+            v = self._v.to(dt)
             for _ in range(iterations):
                 u = _normalize(torch.mv(w, v), self.eps)
                 v = _normalize(torch.mv(w.t(), u), self.eps)
@@ -297,10 +312,11 @@ class SpectralNorm(torch.nn.Module):
         if weight.ndim == 1:
             return torch.nn.functional.normalize(weight, dim=0, eps=self.eps)
         pending, self._pending = self._pending, None
+        dt = iteration_dtype(weight)
         if not self.training:
             with _fp32(weight):
-                sigma = torch.dot(self._u.float(), torch.mv(self.matrix(weight).float(), self._v.float()))
-            return (weight.float() / sigma).to(weight.dtype)
+                sigma = torch.dot(self._u.to(dt), torch.mv(self.matrix(weight).to(dt), self._v.to(dt)))
+            return (weight.to(dt) / sigma).to(weight.dtype)
         if pending is not None and pending[0] is weight:
             return pending[1]
         fused = self.fused(weight)
@@ -310,9 +326,9 @@ class SpectralNorm(torch.nn.Module):
         # the second one differentiable, so that sigma = v^T (W^T u) = u^T W v carries the
         # gradient u v^T with u, v constants, as in PyTorch.
         with _fp32(weight):
-            mat = self.matrix(weight).float()
+            mat = self.matrix(weight).to(dt)
             with torch.no_grad():
-                v = self._v.float()
+                v = self._v.to(dt)
                 for i in range(self.n_power_iterations):
                     u = _normalize(torch.mv(mat, v), self.eps)
                     if i + 1 < self.n_power_iterations:
@@ -322,7 +338,7 @@ class SpectralNorm(torch.nn.Module):
             self._u.copy_(u)
             self._v.copy_(v)
             sigma = torch.dot(v, s)
-        return (weight.float() / sigma).to(weight.dtype)
+        return (weight.to(dt) / sigma).to(weight.dtype)
 
     def fused(self, weight: torch.Tensor) -> torch.Tensor | None:
         """W / sigma from a fused kernel, or None for the torch ops below. The reference has none:

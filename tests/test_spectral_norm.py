@@ -221,3 +221,50 @@ def test_torch_compile_has_no_graph_breaks(group):
     compiled = torch.compile(D, backend="aot_eager")
     torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(D[0].parametrizations.weight[0]._u, ref[0].parametrizations.weight[0]._u)
+
+
+# -- the dtype contract of a drop-in (cases of PyTorch's test/nn/test_parametrization.py) ------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["3x5", "conv", "convT"])
+def test_float64_weights_iterate_in_float64_and_pass_gradcheck(kind, backend):
+    """PyTorch's test_new_spectral_norm gradchecks the parametrized layer in float64; a float32
+    iteration fails it."""
+    m = kernels.spectral_norm(layer(kind).double(), backend=backend)
+    pu = m.parametrizations.weight[0]
+    assert pu._u.dtype == pu._v.dtype == torch.float64
+    x = inputs(kind, torch.float64).requires_grad_(True)
+    m.eval()  # the stored vectors fixed: W / sigma(W) is then a function gradcheck can differentiate
+    assert torch.autograd.gradcheck(lambda inp: m(inp), (x,), eps=1e-6, atol=1e-5)
+    # training forwards: u, v and the output equal PyTorch's to float64 precision
+    theirs = parametrizations.spectral_norm(layer(kind).double(), dim=1 if kind == "convT" else None)
+    theirs.load_state_dict(m.state_dict())
+    m.train()
+    for _ in range(3):
+        torch.testing.assert_close(m(x), theirs(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pu._u, theirs.parametrizations.weight[0]._u, rtol=1e-12, atol=1e-12)
+    # sigma of the normalised weight is 1 (test_new_spectral_norm_value), from an SVD in float64
+    with torch.no_grad():
+        pu.power_iteration(m.parametrizations.weight.original, 3000)
+    m.eval()
+    assert torch.linalg.matrix_norm(reference_matrix(m, kind), ord=2).item() == pytest.approx(1.0, abs=1e-9)
+
+
+def reference_matrix(m, kind):
+    w = m.weight.detach()
+    return (w.transpose(0, 1) if kind == "convT" else w).flatten(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_weights_are_refused_with_a_clear_error(dtype):
+    with pytest.raises(TypeError, match="does not support complex weights .* conjugate transposes"):
+        kernels.spectral_norm(nn.Linear(4, 3).to(dtype))
+    with pytest.raises(TypeError, match="floating-point"):
+        kernels.spectral_norm(_int_module())
+
+
+def _int_module():
+    m = nn.Module()
+    m.weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int64), requires_grad=False)
+    return m
