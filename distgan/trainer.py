@@ -266,6 +266,7 @@ def train(
             with accelerator.local_main_process_first():
                 sources[name] = stream.resolve(spec, progress=accelerator.is_local_main_process, key=key)
             expected[name] = _check_manifest(sources[name].manifest, cfg, key)
+        _check_keep_best(cfg, sources)
 
     # 2. Models, optimizers, EMA: one seed, identical on every rank.
     rng.seed_all(t.seed)
@@ -306,6 +307,21 @@ def _release(world: int) -> None:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _check_keep_best(cfg: config.Config, sources: dict) -> None:
+    """train.keep_best=fid needs a fid in the evaluations: refused before the first step, not at the first eval."""
+    if cfg.train.keep_best != "fid":
+        return
+    from distgan import metrics
+
+    source = next(iter(sources.values()), None)
+    names = metrics.applicable(cfg, source.manifest if source else None, inception=bool(cfg.train.eval_inception))
+    if hasattr(variants.get(cfg.variant.name), "evaluate") or "fid" not in names:
+        raise UserError(
+            f"train.keep_best=fid, but no fid applies to this run ({cfg.variant.name} on {cfg.data.shards}); set "
+            "train.eval_inception=FILE (docs/evaluation.md) or leave train.keep_best empty"
+        )
 
 
 def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.shards") -> tuple[int, int, int] | None:

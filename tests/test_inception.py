@@ -389,3 +389,7 @@ def test_training_evaluations_log_the_standard_metrics_and_keep_the_best_fid_che
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("train", *FAST, "--out", tmp_path / "r2", "train.keep_best=fid")
     assert r.returncode == 2 and "needs evaluations" in r.stderr
+    r = run_cli(
+        "train", "--preset", "grid-gan-r1", "--out", tmp_path / "r3", "train.keep_best=fid", "train.eval_every=5"
+    )
+    assert r.returncode == 2 and "no fid applies to this run" in r.stderr  # before the first step
