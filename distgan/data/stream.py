@@ -49,7 +49,6 @@ class ShardSource:
 # Image members by extension, in the order a sample's first present one is taken (webdataset's own
 # image extensions); data.image_key names one instead.
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")
-CROPS = ("center", "random", "none")
 
 
 def stream_options(cfg) -> dict:
