@@ -284,7 +284,8 @@ def _eval(args: argparse.Namespace) -> int:
 
         acc = Accelerator(cpu=not torch.cuda.is_available())
         args.device, main_rank = str(acc.device), acc.is_main_process
-    loaded = _load_generators(args, need_data=not args.heldout)
+    # the training shards are read for the reference statistics, unless --ref gives them
+    loaded = _load_generators(args, need_data=not args.heldout and not args.ref)
     if hasattr(loaded[2], "evaluate"):  # image-to-image: measured on held-out inputs
         if args.drs or args.drs_calibrate:
             raise UserError("--drs applies to unconditional gan/unrolled models, not image-to-image ones")
