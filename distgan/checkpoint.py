@@ -135,10 +135,7 @@ def save(
         for f in FILES:  # make the bytes durable before the rename publishes them
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # out of the way in one rename, never half-deleted under its step name
-            os.rename(final, tempfile.mkdtemp(prefix=".del-", dir=folder) + "/old")
-        os.rename(tmp, final)
-        _fsync_dir(folder)
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -166,10 +163,7 @@ def keep_copy(run_dir: Path, step: int, name: str, info: dict) -> Path:
             except OSError:
                 shutil.copy2(source / f, tmp / f)
         (tmp / "best.json").write_text(json.dumps(info) + "\n")
-        if final.exists():
-            os.rename(final, tempfile.mkdtemp(prefix=".del-", dir=folder) + "/old")
-        os.rename(tmp, final)
-        _fsync_dir(folder)
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -185,6 +179,16 @@ def read_best(run_dir: Path, name: str) -> dict | None:
         return json.loads((checkpoints_dir(run_dir) / name / "best.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished folder `tmp` to `final`, moving an existing `final` out of the way in one
+    rename first (never half-deleted under its name), and make the renames durable."""
+    folder = final.parent
+    if final.exists():
+        os.rename(final, tempfile.mkdtemp(prefix=".del-", dir=folder) + "/old")
+    os.rename(tmp, final)
+    _fsync_dir(folder)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -335,27 +335,19 @@ def _standard_metrics(args, cfg, variant, G, inception_file: str, names: list[st
         ref, origin = standard.reference_stats(cfg.data.shards, resolution=cfg.data.resolution,
                                                channels=cfg.data.channels, net=net, split=split,
                                                limit=args.ref_n, options=stream.stream_options(cfg))  # fmt: skip
-
-    def sample(k, generator):
-        return variant.sample(G, k, generator=generator)
-
-    with tqdm(total=args.n, desc="generated features", unit="img", disable=split.rank != 0) as bar:
-        feats, outputs = standard.generated_features(sample, args.n, net, split, seed=args.seed, bar=bar,
-                                                     outputs="is" in names)  # fmt: skip
     out = {
         "feature_space": net.describe(),
         "reference": f"{ref.meta.get('shards', '?')}: {ref.n or '?'} real images ({origin})",
         "n_ref": ref.n,
         "computed": f"{split.describe()}; preprocessing as {net.kind}",
     }
-    out.update(standard.compute(feats, outputs, ref, names, probabilities=net.probabilities))
+    with tqdm(total=args.n, desc="generated features", unit="img", disable=split.rank != 0) as bar:
+        out.update(standard.measure(variant, G, args.n, net, ref, split, names, seed=args.seed, bar=bar))
     return out
 
 
 def _stats(args: argparse.Namespace) -> int:
     """`distgan stats`: a shard set's Inception reference statistics, cached (and written to --out)."""
-    import shutil
-
     import torch
 
     from distgan.data import stream
@@ -381,11 +373,7 @@ def _stats(args: argparse.Namespace) -> int:
     print(f"reference statistics of {stats.n} images of {args.shards} at {resolution}x{resolution}x{channels}, "
           f"{net.describe()}: {origin}")  # fmt: skip
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        if origin.startswith(("cached ", "computed, cached in ")):
-            shutil.copyfile(origin.split(" ")[-1], args.out)
-        else:
-            stats.save(args.out)
+        stats.save(args.out)
         print(f"wrote {args.out}")
     return 0
 

@@ -268,13 +268,8 @@ def _standard(run: Run, G, names: list[str]) -> dict:
             if run.main:
                 print(f"eval: reference statistics: {origin}", file=sys.stderr)
         run.standard.update(net=net, ref=ref)
-    net, ref = run.standard["net"], run.standard["ref"]
-
-    def sample(k, generator):
-        return run.variant.sample(G, k, generator=generator)
-
-    feats, outputs = standard.generated_features(sample, t.eval_n, net, split, seed=t.seed + 1, outputs="is" in names)
-    return standard.compute(feats, outputs, ref, names, probabilities=net.probabilities)
+    return standard.measure(run.variant, G, t.eval_n, run.standard["net"], run.standard["ref"], split, names,
+                            seed=t.seed + 1)  # fmt: skip
 
 
 def keep_best(run: Run, step: int) -> None:

@@ -244,28 +244,29 @@ def test_training_with_the_cache_equals_training_without(tmp_path, small_digits)
     assert r.returncode == 2 and "cannot combine with data.crop=random" in r.stderr
 
 
+def _read_every_shard_then_move_them(ds, urls):
+    """An iterator over `ds` that has drawn from every shard once; the shard files are then moved away."""
+    it = iter(ds)
+    seen = set()
+    while len(seen) < len(urls):
+        seen.update(next(it)["shards"])
+    for u in urls:
+        u.rename(u.with_suffix(".moved"))
+    return it
+
+
 def test_the_ram_cache_serves_shards_without_reading_them_again(tmp_path, small_digits):
     """After every shard was read once, the files are moved away: the cached stream goes on."""
     ds = stream.ShardStream([str(u) for u in small_digits], batch_size=8, resolution=16, channels=1, seed=0,
                             shuffle_buffer=1, on_error="skip", cache_bytes=10**9)  # fmt: skip
-    it = iter(ds)
-    seen = set()
-    while len(seen) < len(small_digits):
-        seen.update(next(it)["shards"])
-    for u in small_digits:
-        u.rename(u.with_suffix(".moved"))
+    it = _read_every_shard_then_move_them(ds, small_digits)
     for _ in range(30):
         assert next(it)["image"].shape == (8, 1, 16, 16)
     # over budget nothing is kept: the same stream without files cannot go on
     for u in small_digits:
         u.with_suffix(".moved").rename(u)
     ds.cache_bytes = 100
-    it = iter(ds)
-    seen = set()
-    while len(seen) < len(small_digits):
-        seen.update(next(it)["shards"])
-    for u in small_digits:
-        u.rename(u.with_suffix(".moved"))
+    it = _read_every_shard_then_move_them(ds, small_digits)
     with pytest.raises(UserError):
         for _ in range(30):
             next(it)

@@ -62,7 +62,7 @@ def cache_budget(cfg, spec: str) -> int:
     data.cache_bytes with data.cache=ram, or with auto for the embedded sets; 0 for none."""
     d = cfg.data
     on = d.cache == "ram" or d.cache == "auto" and spec.startswith("builtin:")
-    return int(d.cache_bytes) if on and d.crop != "random" else 0
+    return int(d.cache_bytes) if on else 0  # (ShardStream keeps nothing with a random crop)
 
 
 def _member_base(member: str) -> str:

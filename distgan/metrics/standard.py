@@ -244,6 +244,17 @@ def reference_stats(spec: str, *, resolution: int, channels: int, net, split: Sp
 # -- the report ---------------------------------------------------------------------------------
 
 
+def measure(variant, G, n: int, net, ref: RefStats, split: Split, names, seed: int = 0, bar=None) -> dict:
+    """The metrics `names` of n samples of `variant.sample(G, ...)` against `ref`: each rank draws
+    and featurises its chunks, every rank gets the result."""
+
+    def sample(k, generator):
+        return variant.sample(G, k, generator=generator)
+
+    feats, outputs = generated_features(sample, n, net, split, seed=seed, bar=bar, outputs="is" in names)
+    return compute(feats, outputs, ref, names, probabilities=net.probabilities)
+
+
 def compute(fake: np.ndarray, outputs: np.ndarray, ref: RefStats, names, probabilities: bool) -> dict:
     """The metrics `names` (of distgan.metrics.STANDARD) of generated features against the reference;
     what cannot be computed is said under "missing"."""
