@@ -33,6 +33,8 @@ CHOICES = {
     # skip: a step whose gradients are NaN/Inf is not applied (stop after train.max_nan_skips in a row)
     "train.on_nan": ("skip", "stop"),
     "train.lr_decay": ("none", "linear"),
+    # spectral-norm layers: weight (use W / sigma) or output (Linear/Conv: op(x, W) / sigma, never writing W / sigma)
+    "train.sn_scale": ("weight", "output"),
     "model.d.conditioning": ("projection", "concat"),
     "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),  # auto: offline without an API key
 }
@@ -197,6 +199,17 @@ class TrainConfig:
     # "fid": also keep the checkpoint with the lowest eval/fid so far, in RUN/checkpoints/best-fid/
     # (beside the last keep_last); needs eval_every and a fid (Inception, or the digits features)
     keep_best: str = ""
+    # torch.compile the models (Inductor): faster steps on a GPU after a compile of a minute or more
+    compile: bool = False
+    # under train.compile: spectral norm and minibatch discrimination run as distgan's custom ops (the
+    # Triton kernels on CUDA, one opaque call each); false: Inductor fuses their PyTorch ops itself
+    compile_kernels: bool = True
+    tf32: bool = True  # CUDA: TF32 matmuls and convolutions (Ampere and newer); no effect on the CPU
+    channels_last: bool = False  # conv models and image batches in channels_last memory format
+    sn_scale: str = "weight"  # see CHOICES; both give the same function and gradients
+    # with several ranks: steps between the agreement on a stop signal (SIGINT/SIGTERM), one small
+    # all-reduce read on the host; also at every log and checkpoint step
+    stop_check_every: int = 10
 
 
 @dataclass
@@ -347,6 +360,7 @@ def validate(cfg: Config) -> None:
         "train.keep_last": cfg.train.keep_last,
         "train.n_samples": cfg.train.n_samples,
         "train.max_nan_skips": cfg.train.max_nan_skips,
+        "train.stop_check_every": cfg.train.stop_check_every,
         "train.eval_n": cfg.train.eval_n,
         "dist.timeout_s": cfg.dist.timeout_s,
         "model.g.z_dim": cfg.model.g.z_dim,

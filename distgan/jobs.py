@@ -74,24 +74,74 @@ class Run:
 
 class MetricLog:
     """Sums a step's metrics on device (no host sync per step) until the next log, then averages
-    them over the steps and the ranks (one all-reduce) and logs them with the run's rates."""
+    them over the steps and the ranks (one all-reduce) and logs them with the run's rates.
+
+    It also keeps each step's NaN/Inf flags (StepContext.step decides on the device) until the next
+    log or checkpoint step, where `resolve_nonfinite` reads them all at once and applies
+    train.on_nan: a skipped step's metrics never enter the averages."""
 
     def __init__(self, start: int):
         self.sums: dict[str, torch.Tensor] = {}
         self.n = 0
+        self.skipped = 0  # steps since the last log whose updates were undone
         self.last_time, self.last_step = time.perf_counter(), start
         self.nan_skips = 0
+        self.consecutive = 0
+        self.pending: list[tuple[int, list[str], torch.Tensor]] = []  # (step, optimizer names, device flags)
 
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+    def add(self, metrics: dict[str, torch.Tensor], step: int, nonfinite=None) -> None:
+        bad = None
+        if nonfinite is not None:
+            names, flags = nonfinite
+            self.pending.append((step, names, flags))
+            bad = flags.any()
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach()
+            v = v.detach()
+            if bad is not None:
+                v = torch.where(bad, torch.zeros_like(v), v)
+            self.sums[k] = self.sums.get(k, 0) + v
         self.n += 1
+
+    def resolve_nonfinite(self, run: Run) -> None:
+        """Read the pending NaN/Inf flags (one host read) and apply train.on_nan to each flagged step in
+        order: a warning and a `nonfinite` event, or RunFailed (train.on_nan=stop, or
+        train.max_nan_skips in a row). Those steps' updates and buffer updates were already undone."""
+        if not self.pending:
+            return
+        flags = torch.cat([f.reshape(-1) for _, _, f in self.pending]).tolist()
+        t, i = run.cfg.train, 0
+        for step, names, _ in self.pending:
+            what = ", ".join(n for n, bad in zip(names, flags[i : i + len(names)]) if bad)
+            i += len(names)
+            if not what:
+                self.consecutive = 0
+                continue
+            self.consecutive += 1
+            if t.on_nan == "stop" or self.consecutive >= t.max_nan_skips:
+                self.pending = []
+                steps = checkpoint.list_steps(run.run_dir)
+                last = f"the newest checkpoint, '{steps[-1]}', is intact" if steps else "no checkpoint was written yet"
+                why = ("train.on_nan=stop" if t.on_nan == "stop"
+                       else f"{self.consecutive} steps in a row (train.max_nan_skips={t.max_nan_skips})")  # fmt: skip
+                raise RunFailed(
+                    f"step {step}: NaN/Inf gradients in {what}; stopping ({why}). Nothing was saved from this "
+                    f"state; {last}. Try lower learning rates, train.mixed_precision=bf16 instead of fp16, or a "
+                    "spectral-norm discriminator (model.d.spectral_norm=true)"
+                )
+            self.nan_skips += 1
+            self.skipped += 1
+            if run.main:
+                print(f"warning: step {step}: NaN/Inf gradients in {what}; update skipped (train.on_nan=skip)",
+                      file=sys.stderr)  # fmt: skip
+            run.tracker.event("nonfinite", step, skipped=what)
+        self.pending = []
 
     def flush(self, run: Run, step: int, micro_batches: int, allreduces) -> dict[str, float]:
         acc = run.accelerator
-        keys = sorted(self.sums)
+        good = self.n - self.skipped
         # (no keys when every step since the last log was skipped for NaN/Inf; the same on every rank)
-        means = acc.reduce(torch.stack([self.sums[k] / self.n for k in keys]), "mean").tolist() if keys else []
+        keys = sorted(self.sums) if good > 0 else []
+        means = acc.reduce(torch.stack([self.sums[k] / good for k in keys]), "mean").tolist() if keys else []
         bad = torch.tensor(sum(sum(f.skipped) for f in run.feeds), device=run.device)
         total_skipped = int(acc.reduce(bad, "sum"))
         rate = (step - self.last_step) / max(time.perf_counter() - self.last_time, 1e-9)
@@ -109,7 +159,7 @@ class MetricLog:
         if acc.scaler is not None:  # fp16 (GPU): the gradient scaler's current scale
             logged["train/grad_scale"] = float(acc.scaler.get_scale())
         run.tracker.log(logged, step)
-        self.sums, self.n = {}, 0
+        self.sums, self.n, self.skipped = {}, 0, 0
         self.last_time, self.last_step = time.perf_counter(), step
         return {k: v for k, v in zip(keys, means) if k.startswith("loss/")}
 
@@ -119,13 +169,17 @@ def periodic(run: Run, log: MetricLog, bar, stopping: int, micro_batches: int, a
     them at the last step; log and checkpoint when the ranks agreed to stop)."""
     t, step = run.cfg.train, run.step
     last = step == t.steps
-    if step % t.log_every == 0 or last or stopping:
+    log_due = step % t.log_every == 0 or last or stopping
+    eval_due = t.eval_every and (step % t.eval_every == 0 or last)
+    if log_due or eval_due or step % t.ckpt_every == 0 or last or stopping:
+        log.resolve_nonfinite(run)  # before anything is logged or saved: may stop the run (train.on_nan)
+    if log_due:
         losses = log.flush(run, step, micro_batches, allreduces)
         bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in losses.items()})
     if step % t.sample_every == 0 or last:
         sample_grid(run, step)
     improved = False
-    if t.eval_every and (step % t.eval_every == 0 or last):
+    if eval_due:
         improved = evaluate(run, step)
     if step % t.ckpt_every == 0 or last or stopping or improved:
         save(run, step)

@@ -39,7 +39,8 @@ class StepContext:
         self.accelerator = accelerator
         self.accum = accum
         self.optimizer_names = optimizer_names or {}
-        self.nonfinite: list[str] = []  # optimizers whose update this step skipped (NaN/Inf gradients)
+        # (optimizer name, device flag: its update was undone for NaN/Inf gradients), this step
+        self.nonfinite: list[tuple[str, torch.Tensor]] = []
         self.global_step = 0  # steps done before this one (srgan's pre-training phase reads it)
 
     def micro(self, model: torch.nn.Module | tuple[torch.nn.Module, ...], batches: list[dict]):
@@ -57,20 +58,47 @@ class StepContext:
         """Backward of one micro-batch's loss, scaled so the accumulated gradient is the mean."""
         self.accelerator.backward(loss / self.accum)
 
-    def step(self, optimizer) -> bool:
-        """optimizer.step(), unless a gradient is NaN or Inf: then the update is skipped, recorded in
-        `nonfinite`, and the trainer applies train.on_nan. Gradients are all-reduced by then, so every
-        rank decides the same. With fp16, the gradient scaler makes this decision itself (an
-        overflow there is routine: it lowers the scale and skips the step). Returns whether it stepped."""
+    def step(self, optimizer) -> None:
+        """optimizer.step(), unless a gradient is NaN or Inf: then the update is undone, decided on the
+        device without a host sync. The step runs, and the parameters and optimizer state take their
+        previous values back where the gradients were not finite (torch.where); the flag goes into
+        `nonfinite`, which the trainer reads at the next log or checkpoint step (train.on_nan).
+        Gradients are all-reduced by then, so every rank decides the same. With fp16, the gradient
+        scaler makes this decision itself (an overflow there is routine: it lowers the scale and
+        skips the step), and reads it on the host as it always does."""
+        name = self.optimizer_names.get(id(optimizer), "optimizer")
         if self.accelerator.scaler is not None:
             optimizer.step()
-            return not optimizer.step_was_skipped
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-            self.nonfinite.append(self.optimizer_names.get(id(optimizer), "optimizer"))
-            return False
+            self.nonfinite.append((name, torch.tensor(bool(optimizer.step_was_skipped))))
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+        params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            optimizer.step()
+            return
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()
+        before = [p.detach().clone() for p in params]
+        state_before = {
+            (i, k): v.clone() for i, p in enumerate(params) for k, v in inner.state.get(p, {}).items()
+            if isinstance(v, torch.Tensor)
+        }  # fmt: skip
         optimizer.step()
-        return True
+        with torch.no_grad():
+            for i, (p, old) in enumerate(zip(params, before)):
+                p.copy_(torch.where(bad, old, p))
+                for k, v in inner.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor):  # state made by this very step goes back to zeros
+                        old_v = state_before.get((i, k))
+                        v.copy_(torch.where(bad, old_v if old_v is not None else torch.zeros_like(v), v))
+        self.nonfinite.append((name, bad))
+
+    def pop_nonfinite(self) -> tuple[list[str], torch.Tensor] | None:
+        """(optimizer names, their NaN/Inf flags as one device tensor) of this step, or None."""
+        if not self.nonfinite:
+            return None
+        names, flags = zip(*self.nonfinite)
+        self.nonfinite = []
+        return list(names), torch.stack([f.to(flags[0].device) for f in flags])
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model)
@@ -283,6 +311,7 @@ def train(
     for opt in variant.optimizers.values():
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])  # the base of train.lr_decay
+    gpu_settings(cfg, accelerator.device, variant.models.values())
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -299,6 +328,39 @@ def train(
         tracker.close()
         _release(world)
     return code
+
+
+def gpu_settings(cfg: config.Config, device: torch.device, models) -> None:
+    """train.tf32, train.channels_last and train.compile, applied to the models in place (their
+    state-dict keys do not change, so checkpoints are the same with and without them)."""
+    t = cfg.train
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = t.tf32
+        torch.backends.cudnn.allow_tf32 = t.tf32
+    if t.channels_last:
+        for m in models:
+            m.to(memory_format=torch.channels_last)
+            for sub in m.modules():  # the spectral-norm kernels read W in its standard layout
+                for plist in getattr(sub, "parametrizations", {}).values():
+                    plist.original.data = plist.original.data.contiguous()
+    if t.compile:
+        v = cfg.variant
+        if v.r1_gamma > 0 or v.r2_gamma > 0 or v.name in ("wgan-gp", "unrolled"):
+            raise UserError(
+                f"train.compile=true cannot train {v.name} with gradient penalties or unrolled D steps "
+                f"(variant.r1_gamma={v.r1_gamma}, variant.r2_gamma={v.r2_gamma}): they differentiate D's "
+                "gradients again, which torch.compile does not support; set train.compile=false"
+            )
+        from kernels import _backend
+
+        _backend.compile_ops = t.compile_kernels
+        for m in models:
+            m.compile()
+
+
+def channels_last(batch: dict) -> dict:
+    """train.channels_last: the batch's image tensors (N, C, H, W) in channels_last memory format."""
+    return {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
 
 
 def _release(world: int) -> None:
@@ -374,13 +436,15 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
                                  device=device, resume=resume, data=data)  # fmt: skip
     ctx = StepContext(accelerator, t.grad_accum, {id(o): n for n, o in variant.optimizers.items()})
     guard = BufferGuard([accelerator.unwrap_model(m) for m in variant.models.values()])
-    log, consecutive_skips = jobs.MetricLog(run.step), 0
+    log = jobs.MetricLog(run.step)
     per_step = t.grad_accum * getattr(variant, "data_per_step", 1)
     bar = tqdm(total=t.steps, initial=run.step, desc="train", disable=not main, dynamic_ncols=True, mininterval=1.0)
     try:
         with StopSignal() as stop:
             while run.step < t.steps:
                 micro = feeds.draw(run.feeds, per_step, run.batches_done, run.logical_workers, device)
+                if t.channels_last:
+                    micro = [channels_last(mb) for mb in micro]
                 run.batches_done += len(micro)
                 run.preview_batch = run.preview_batch or micro[0]
                 guard.snapshot()
@@ -389,21 +453,20 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
                 metrics = variant.train_step(micro, ctx)
                 if factor is not None:
                     metrics["lr/factor"] = torch.tensor(factor, device=device)
-                if ctx.nonfinite:
-                    guard.restore()
-                    metrics = _nonfinite_step(ctx, cfg, run_dir, run.step + 1, consecutive_skips + 1, main)
-                    tracker.event("nonfinite", run.step + 1, skipped=metrics.pop("skipped"))
-                    log.nan_skips, consecutive_skips = log.nan_skips + 1, consecutive_skips + 1
-                else:
-                    consecutive_skips = 0
+                nonfinite = ctx.pop_nonfinite()
+                if nonfinite is not None:  # undo the buffer updates of a NaN/Inf step, on the device
+                    guard.restore_where(nonfinite[1].any())
+                log.add(metrics, run.step + 1, nonfinite)
                 average_buffers([accelerator.unwrap_model(m) for m in variant.models.values()], world)
                 for name, ema in emas.items():
                     live = accelerator.unwrap_model(variant.models[name[: -len("_ema")]])
                     ema_update(ema, live, ema_beta(t.ema_beta, run.step))
-                log.add(metrics)
                 run.step += 1
                 bar.update(1)
-                stopping = _agree_to_stop(stop.signum, device, world)
+                # with several ranks, agreeing on a stop is a host read: every train.stop_check_every
+                # steps and at log and checkpoint steps, not every step
+                due = any(run.step % n == 0 for n in (t.stop_check_every, t.log_every, t.ckpt_every))
+                stopping = _agree_to_stop(stop.signum, device, world) if due or world == 1 else 0
                 jobs.periodic(run, log, bar, stopping, len(micro), allreduces)
                 if stopping:
                     break
@@ -478,9 +541,11 @@ class BufferGuard:
         if self.buffers:
             torch._foreach_copy_(self.before, self.buffers)
 
-    def restore(self) -> None:
-        if self.buffers:
-            torch._foreach_copy_(self.buffers, self.before)
+    @torch.no_grad()
+    def restore_where(self, bad: torch.Tensor) -> None:
+        """Each buffer as it was before the step where the device flag `bad` is set (no host sync)."""
+        for b, old in zip(self.buffers, self.before):
+            b.copy_(torch.where(bad, old, b))
 
 
 def _lost_contact(exc: BaseException, run: jobs.Run) -> None:
@@ -511,30 +576,6 @@ def _finish(run: jobs.Run, stopping: int) -> int:
             where = Path(wandb_dir).parent
             print(f"W&B offline run in {where}; upload it with: wandb sync {where}")
     return 0
-
-
-def _nonfinite_step(ctx, cfg, run_dir, step, consecutive, main) -> dict:
-    """After a step whose gradients were NaN/Inf (the update was skipped, its buffer updates undone):
-    stop or go on as train.on_nan says. Returns the metrics to log for the step."""
-    what = ", ".join(ctx.nonfinite)
-    ctx.nonfinite = []
-    t = cfg.train
-    if t.on_nan == "stop" or consecutive >= t.max_nan_skips:
-        steps = checkpoint.list_steps(run_dir)
-        last = f"the newest checkpoint, '{steps[-1]}', is intact" if steps else "no checkpoint was written yet"
-        why = (
-            "train.on_nan=stop"
-            if t.on_nan == "stop"
-            else f"{consecutive} steps in a row (train.max_nan_skips={t.max_nan_skips})"
-        )
-        raise RunFailed(
-            f"step {step}: NaN/Inf gradients in {what}; stopping ({why}). Nothing was saved from this "
-            f"state; {last}. Try lower learning rates, train.mixed_precision=bf16 instead of fp16, or a "
-            "spectral-norm discriminator (model.d.spectral_norm=true)"
-        )
-    if main:
-        print(f"warning: step {step}: NaN/Inf gradients in {what}; update skipped (train.on_nan=skip)", file=sys.stderr)
-    return {"skipped": what}
 
 
 class _Counter:

@@ -5,17 +5,18 @@ Imports torch and triton, never distgan, so it is usable on its own.
 - `minibatch_discrimination(m, ...)`: minibatch discrimination's pairwise L1 similarity sums.
 - `spectral_norm(module, ...)`: a drop-in for torch.nn.utils.parametrizations.spectral_norm whose
   power iteration runs in fused Triton kernels (two passes over W, fp32).
-- `spectral_norm_all(module)`: one grouped power iteration (3 launches) for every spectral-normed
+- `spectral_norm_all(module)`: one grouped power iteration (4 launches) for every spectral-normed
   layer of a module per forward.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
-from kernels import _backend, reference
+from kernels import _backend, ops, reference
 
 __all__ = ["minibatch_discrimination", "spectral_norm", "spectral_norm_all", "SpectralNorm"]
 
@@ -25,14 +26,19 @@ class SpectralNorm(reference.SpectralNorm):
     kernels of kernels/power_iteration.py where `_backend.choose` picks Triton (CUDA tensors, or
     the interpreter), else the reference's torch ops. Its state (u, v) and keys are the reference's."""
 
-    def fused(self, weight: torch.Tensor) -> torch.Tensor | None:
-        if torch.compiler.is_compiling() or not weight.is_contiguous() or weight.dtype == torch.float64:
+    def fused(self, weight: torch.Tensor, write_w: bool = True) -> torch.Tensor | None:
+        if torch.compiler.is_compiling():
+            if not _backend.compile_ops or weight.dtype == torch.float64:
+                return None  # Inductor traces and fuses the fallback's torch ops
+            return ops.spectral_norm(self, weight, write_w)
+        if not weight.is_contiguous() or weight.dtype == torch.float64:
             return None  # (fp64: the fallback iterates in fp64; the kernels accumulate in fp32)
         if _backend.choose("spectral_norm", self.backend, weight) != "triton":
             return None
         from kernels import power_iteration as fused
 
-        return reference.SNWeights.apply(functools.partial(fused.run, [self]), weight)[0]
+        function = reference.SNWeights if write_w else reference.SNSigma
+        return function.apply(functools.partial(fused.run, [self], write_w=write_w), weight)[0]
 
 
 def minibatch_discrimination(
@@ -66,6 +72,8 @@ def minibatch_discrimination(
         raise TypeError(f"m must be a floating-point tensor; got {m.dtype}")
     if group_size is not None and group_size < 1:
         raise ValueError(f"group_size must be >= 1 or None; got {group_size}")
+    if torch.compiler.is_compiling() and _backend.compile_ops and backend != "torch" and m.dtype != torch.float64:
+        return ops.minibatch_discrimination(m, exclude_self, group_size)
     if _backend.choose("minibatch_discrimination", backend, m) == "triton" and m.dtype != torch.float64:
         from kernels.minibatch_l1 import MinibatchL1Triton
 
@@ -81,6 +89,7 @@ def spectral_norm(
     dim: int | None = None,
     *,
     backend: str | None = None,
+    scale: str = "weight",
 ) -> torch.nn.Module:
     """Spectrally normalise `module.<name>`, with the semantics of PyTorch's parametrization.
 
@@ -91,7 +100,14 @@ def spectral_norm(
     autocast and for bf16/fp16 weights), reads W twice and takes sigma from the second pass.
     float64 weights iterate in float64, with the PyTorch ops on either backend (as PyTorch's
     parametrization does, so gradcheck holds). Complex weights raise TypeError: the iteration is real.
-    `backend` as for `minibatch_discrimination`. Returns the module.
+    `backend` as for `minibatch_discrimination`.
+
+    `scale="output"` (Linear and Conv1d/2d/3d, name "weight"): the layer computes op(x, W) / sigma + b
+    instead of op(x, W / sigma) + b. That is the same function and, with sigma differentiable in W
+    (`reference.SNSigma`), the same gradient, but W / sigma is never written: on the Triton path the
+    power iteration reads W twice and writes nothing of its size (two passes over W instead of four).
+    The parametrization, its state-dict keys and `module.weight` (W / sigma) are unchanged.
+    Returns the module.
     """
     from torch.nn.utils import parametrize
 
@@ -101,14 +117,44 @@ def spectral_norm(
     if dim is None:
         transposed = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
         dim = 1 if isinstance(module, transposed) else 0
+    if scale not in ("weight", "output"):
+        raise ValueError(f"scale must be 'weight' or 'output'; got {scale!r}")
+    if scale == "output" and (name != "weight" or not isinstance(module, _OUTPUT_SCALED)):
+        raise ValueError(
+            f"scale='output' applies to the weight of Linear and Conv1d/2d/3d layers (1/sigma moves to their "
+            f"output exactly); got {type(module).__name__}.{name}: use scale='weight'"
+        )
     sn = SpectralNorm(weight, n_power_iterations, dim, eps, backend=backend)
+    sn.scale = scale
     parametrize.register_parametrization(module, name, sn)
+    if scale == "output":
+        module.forward = types.MethodType(_output_scaled_forward, module)
     return module
+
+
+_OUTPUT_SCALED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def _output_scaled_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """op(x, W) / sigma + b for a layer of `spectral_norm(..., scale="output")`."""
+    plist = self.parametrizations.weight
+    weight = plist.original
+    sigma = plist[0].sigma(weight)
+    if isinstance(self, torch.nn.Linear):
+        y = torch.nn.functional.linear(x, weight)
+    else:
+        y = self._conv_forward(x, weight, None)
+    y = y / sigma.to(y.dtype)
+    if self.bias is None:
+        return y
+    if isinstance(self, torch.nn.Linear):
+        return y + self.bias
+    return y + self.bias.view(-1, *([1] * len(self.kernel_size)))  # over the spatial dims
 
 
 def spectral_norm_all(module: torch.nn.Module) -> torch.nn.Module:
     """Run the power iteration of every `kernels.spectral_norm` layer inside `module` as one group:
-    3 Triton launches per training forward of `module` however many layers it has (instead of 3 per
+    4 Triton launches per training forward of `module` however many layers it has (instead of 4 per
     layer). Layers are grouped by device, dtypes and n_power_iterations, so a module whose layers all
     agree gets one group. Each layer's result is handed to it when it reads its weight; a layer that
     reads its weight twice in one forward runs its own iteration the second time, as PyTorch's would.
@@ -144,17 +190,20 @@ def _group_before(module: torch.nn.Module, args) -> None:
             continue
         if _backend.choose("spectral_norm", sn.backend, w) != "triton":
             continue
-        key = (w.device, w.dtype, sn._u.dtype, sn.n_power_iterations, sn.eps)
+        key = (w.device, w.dtype, sn._u.dtype, sn.n_power_iterations, sn.eps, sn.scale)
         groups.setdefault(key, []).append((sn, w))
     if not groups:
         return
     from kernels import power_iteration as fused
 
-    for members in groups.values():
+    for key, members in groups.items():
         layers, weights = [m[0] for m in members], [m[1] for m in members]
-        outs = reference.SNWeights.apply(functools.partial(fused.run, layers), *weights)
+        if key[-1] == "output":  # these layers divide their outputs by sigma: W / sigma is not written
+            outs = reference.SNSigma.apply(functools.partial(fused.run, layers, write_w=False), *weights)
+        else:
+            outs = reference.SNWeights.apply(functools.partial(fused.run, layers), *weights)
         for sn, w, out in zip(layers, weights, outs):
-            sn._pending = (w, out)
+            sn._pending = (w, out, "sigma" if key[-1] == "output" else "weight")
 
 
 def _group_after(module: torch.nn.Module, args, output) -> None:

@@ -1,13 +1,21 @@
 """Spectral norm's power iteration as fused Triton kernels, for one layer or many at once.
 
 The math is in `kernels/reference.py` (spectral norm section). For a group of L layers (one, or
-every spectral-normed layer of a module), one training forward is three launches whatever L is:
+every spectral-normed layer of a module), one training forward is four launches whatever L is:
 
-1. `_wv_kernel`:    t = W v                                   (pass 1 over W, per row block)
-2. `_wtu_kernel`:   u = t / |t|,  s = W^T u, |s_block|^2       (pass 2 over W, per column block;
-                    the column-block 0 program stores u)
-3. `_scale_kernel`: sigma = |s|^2 / max(|s|, eps) from the partial sums in a fixed order,
-                    v = s / max(|s|, eps) (block 0 stores it), W_sn = W / sigma (per element block)
+1. `_wv_kernel`:     t = W v                                  (pass 1 over W, a program per BM1 rows)
+2. `_wtu_kernel`:    p[c] = W[chunk c]^T t[chunk c]           (pass 2 over W, a program per block of BN2
+                     columns and chunk of CHUNK rows: partial sums, no atomics)
+3. `_reduce_kernel`: |t|, s = (sum_c p[c]) / |t| in chunk order, |s_block|^2  (per BN3 columns; the
+                     block-0 program stores u = t / |t|)
+4. `_scale_kernel`:  sigma = |s|^2 / max(|s|, eps) from the partial sums in a fixed order,
+                     v = s / max(|s|, eps) (block 0 stores it), W_sn = W / sigma (per element block),
+                     or, with `write_w=False` (1/sigma applied to the layer's output), sigma and v only
+
+Splitting pass 2 over row chunks keeps the whole chip busy on large layers: a 4096 x 4096 weight runs
+1024 programs in pass 1 and 1024 in pass 2 (an H100/H200 has 132 SMs), where one program per column
+block gave 32. The tiles are small enough for 4+ programs per SM by registers
+(benchmarks/results/kernel_resources-*.md).
 
 Each program finds its layer in a table of per-layer records (pointers as int64 addresses, sizes,
 offsets), like Triton's grouped-GEMM tutorial, so layers of any shapes share a launch. W is read in
@@ -16,7 +24,7 @@ element (r, c) at (c // Q) * M * Q + r * Q + c % Q, so ConvTranspose (dim=1) nee
 
 No atomics: every sum runs in a fixed order, so the same W gives bitwise the same u, v and sigma
 on every rank of a DDP job (the buffers never need broadcasting). All arithmetic is fp32 whatever
-the dtype of W and of the buffers. n_power_iterations > 1 repeats launches 1-3 (3 without W_sn).
+the dtype of W and of the buffers. n_power_iterations > 1 repeats launches 1-4 (4 without W_sn).
 """
 
 from __future__ import annotations
@@ -29,9 +37,14 @@ from kernels import reference
 
 # fields of a layer's record in the int64 table
 # (w, u, v addresses; rows M, columns N, inner size Q; offsets into t, s, partial sums and output; number
-# of partial sums; numel)
-FIELDS = 12
-BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_P = 32, 128, 1024, 64
+# of partial sums; numel; offset into the pass-2 chunk sums, pass-2 column blocks, row chunks)
+FIELDS = 15
+# pass 1: rows x columns per tile; pass 2: tile and rows per chunk; pass 3: columns; pass 4: elements
+BLOCK_M1, BLOCK_N1 = 4, 256
+BLOCK_M2, BLOCK_N2, CHUNK = 32, 64, 256
+BLOCK_N3, BLOCK_E, BLOCK_P = 256, 1024, 64
+# the tiles above at their Triton num_warps
+WARPS = 4
 
 
 @triton.jit
@@ -80,33 +93,53 @@ def _wv_kernel(table, prog, t_buf, w_proto, v_proto, F: tl.constexpr, SIMPLE: tl
 
 
 @triton.jit
-def _wtu_kernel(table, prog, t_buf, s_buf, parts, w_proto, u_proto, eps, F: tl.constexpr, SIMPLE: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
-    """u = t / max(|t|, eps); s[cols] = W[:, cols]^T u; parts[block] = |s[cols]|^2."""
+def _wtu_kernel(table, prog, t_buf, p_buf, w_proto, F: tl.constexpr, SIMPLE: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr):  # fmt: skip
+    """p[chunk, cols] = W[chunk rows, cols]^T t[chunk rows] for this program's (column block, chunk)."""
     rec, blk, _ = _record(table, prog, tl.program_id(0), F)
     w, M, N, Q, t_off = _matrix(rec, w_proto)
-    u = tl.load(rec + 1).to(tl.pointer_type(u_proto.dtype.element_ty))
-    s_off, part_off = tl.load(rec + 7), tl.load(rec + 8)
-    sq = tl.zeros([BM], dtype=tl.float32)
-    for r0 in range(0, M, BM):
-        rows = r0 + tl.arange(0, BM)
+    p_off, n_cb = tl.load(rec + 12), tl.load(rec + 13)
+    chunk, cb = blk // n_cb, blk % n_cb
+    cols = cb * BN + tl.arange(0, BN)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for r0 in range(0, CH, BM):
+        rows = chunk * CH + r0 + tl.arange(0, BM)
+        tt = tl.load(t_buf + t_off + rows, mask=rows < M, other=0.0)
+        acc += _w_tile(w, rows, cols, M, N, Q, SIMPLE) * tt[:, None]
+    tl.store(p_buf + p_off + chunk * N + cols, tl.sum(acc, axis=0), mask=cols < N)
+
+
+@triton.jit
+def _reduce_kernel(table, prog, t_buf, p_buf, s_buf, parts, u_proto, eps, F: tl.constexpr, BN: tl.constexpr):
+    """u = t / max(|t|, eps) (block 0 stores it); s[cols] = sum over chunks of p[chunk, cols] / |t|, in
+    chunk order; parts[block] = |s[cols]|^2."""
+    rec, blk, _ = _record(table, prog, tl.program_id(0), F)
+    M, N, t_off, s_off, part_off = (
+        tl.load(rec + 3),
+        tl.load(rec + 4),
+        tl.load(rec + 6),
+        tl.load(rec + 7),
+        tl.load(rec + 8),
+    )
+    p_off, n_chunks = tl.load(rec + 12), tl.load(rec + 14)
+    sq = tl.zeros([BN], dtype=tl.float32)
+    for r0 in range(0, M, BN):
+        rows = r0 + tl.arange(0, BN)
         tt = tl.load(t_buf + t_off + rows, mask=rows < M, other=0.0)
         sq += tt * tt
     inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq, axis=0)), eps)
     cols = blk * BN + tl.arange(0, BN)
     cmask = cols < N
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for r0 in range(0, M, BM):
-        rows = r0 + tl.arange(0, BM)
-        tt = tl.load(t_buf + t_off + rows, mask=rows < M, other=0.0)
-        acc += _w_tile(w, rows, cols, M, N, Q, SIMPLE) * tt[:, None]
-    s = tl.sum(acc, axis=0) * inv
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for c in range(0, n_chunks):
+        acc += tl.load(p_buf + p_off + c * N + cols, mask=cmask, other=0.0)
+    s = acc * inv
     tl.store(s_buf + s_off + cols, s, mask=cmask)
-    s = tl.where(cmask, s, 0.0)
     tl.store(parts + part_off + blk, tl.sum(s * s, axis=0))
     if blk == 0:
-        for r0 in range(0, M, BM):
-            rows = r0 + tl.arange(0, BM)
+        u = tl.load(rec + 1).to(tl.pointer_type(u_proto.dtype.element_ty))
+        for r0 in range(0, M, BN):
+            rows = r0 + tl.arange(0, BN)
             tt = tl.load(t_buf + t_off + rows, mask=rows < M, other=0.0)
             tl.store(u + rows, (tt * inv).to(u_proto.dtype.element_ty), mask=rows < M)
 
@@ -146,14 +179,29 @@ def _programs(counts: list[int], device) -> torch.Tensor:
     return torch.tensor(pairs, dtype=torch.int32).reshape(-1).to(device, non_blocking=True)
 
 
+def layer_geometry(M: int, N: int) -> dict[str, int]:
+    """Programs per pass for one (M x N) matrix view, and the pass-2 split: what the launch grids of
+    one layer hold (the benchmark's occupancy arithmetic reads it too)."""
+    n_cb, n_chunks = triton.cdiv(N, BLOCK_N2), triton.cdiv(M, CHUNK)
+    return {
+        "pass1": triton.cdiv(M, BLOCK_M1),
+        "pass2": n_cb * n_chunks,
+        "pass3": triton.cdiv(N, BLOCK_N3),
+        "pass4": triton.cdiv(M * N, BLOCK_E),
+        "col_blocks": n_cb,
+        "chunks": n_chunks,
+    }
+
+
 class _Plan:
     """The tables for one group of layers, rebuilt only when a pointer or shape changes."""
 
     def __init__(self, weights, layers):
         device = weights[0].device
         self.shapes = []
-        rec, t_off, s_off, part_off, out_off = [], 0, 0, 0, 0
+        rec, t_off, s_off, part_off, out_off, p_off = [], 0, 0, 0, 0, 0
         self.simple = True
+        geos = []
         for w, sn in zip(weights, layers):
             M = w.shape[sn.dim]
             N = w.numel() // M
@@ -161,18 +209,19 @@ class _Plan:
             for d in w.shape[sn.dim + 1 :]:
                 Q *= d
             self.simple &= Q == N
-            n_parts = triton.cdiv(N, BLOCK_N)
-            rec.append([w.data_ptr(), sn._u.data_ptr(), sn._v.data_ptr(),
-                        M, N, Q, t_off, s_off, part_off, out_off, n_parts, w.numel()])  # fmt: skip
+            geo = layer_geometry(M, N)
+            geos.append(geo)
+            n_parts = geo["pass3"]
+            rec.append([w.data_ptr(), sn._u.data_ptr(), sn._v.data_ptr(), M, N, Q, t_off, s_off, part_off, out_off,
+                        n_parts, w.numel(), p_off, geo["col_blocks"], geo["chunks"]])  # fmt: skip
             self.shapes.append((M, N, t_off, s_off, out_off))
             t_off, s_off, part_off, out_off = t_off + M, s_off + N, part_off + n_parts, out_off + w.numel()
-        self.sizes = (t_off, s_off, part_off, out_off)
+            p_off += geo["chunks"] * N
+        self.sizes = (t_off, s_off, part_off, out_off, p_off)
         self.table = torch.tensor(rec, dtype=torch.int64).to(device, non_blocking=True)
-        self.prog_rows = _programs([triton.cdiv(m, BLOCK_M) for m, *_ in self.shapes], device)
-        self.prog_cols = _programs([triton.cdiv(n, BLOCK_N) for _, n, *_ in self.shapes], device)
-        self.prog_one = _programs([1] * len(weights), device)
-        self.prog_elems = _programs([triton.cdiv(w.numel(), BLOCK_E) for w in weights], device)
-        self.grids = tuple(len(p) // 2 for p in (self.prog_rows, self.prog_cols, self.prog_one, self.prog_elems))
+        self.progs = {k: _programs([g[k] for g in geos], device) for k in ("pass1", "pass2", "pass3", "pass4")}
+        self.progs["one"] = _programs([1] * len(weights), device)
+        self.grids = {k: len(p) // 2 for k, p in self.progs.items()}
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -184,10 +233,11 @@ def _key(weights, layers) -> tuple:
     )
 
 
-def run(layers: list[reference.SpectralNorm], weights) -> tuple[list[torch.Tensor], list[tuple]]:
+def run(layers: list[reference.SpectralNorm], weights, write_w: bool = True) -> tuple[list[torch.Tensor], list[tuple]]:
     """One training-mode step of every layer in `layers` (same device, weight dtype, buffer dtype and
     n_power_iterations): updates their u, v buffers and returns (W_sn per layer, saved per layer)
-    in the form `reference.SNWeights` expects."""
+    in the form `reference.SNWeights` expects; with `write_w=False`, sigma per layer (0-d fp32) instead
+    of W_sn, for `reference.SNSigma` (W_sn is never written: the layer scales its output by 1/sigma)."""
     w0, sn0 = weights[0], layers[0]
     key = _key(weights, layers)
     plan = _plans.get(key)
@@ -195,25 +245,28 @@ def run(layers: list[reference.SpectralNorm], weights) -> tuple[list[torch.Tenso
         if len(_plans) > 64:
             _plans.clear()
         plan = _plans[key] = _Plan(weights, layers)
-    t_size, s_size, n_parts, out_size = plan.sizes
-    out_buf = torch.empty(out_size, device=w0.device, dtype=w0.dtype)
+    t_size, s_size, n_parts, out_size, p_size = plan.sizes
+    out_buf = torch.empty(out_size if write_w else 0, device=w0.device, dtype=w0.dtype)
     t_buf = torch.empty(t_size, device=w0.device, dtype=torch.float32)
     s_buf = torch.empty(s_size, device=w0.device, dtype=torch.float32)
+    p_buf = torch.empty(p_size, device=w0.device, dtype=torch.float32)
     parts = torch.empty(n_parts, device=w0.device, dtype=torch.float32)
     sigma = torch.empty(len(weights), device=w0.device, dtype=torch.float32)
-    g_rows, g_cols, g_one, g_elems = plan.grids
+    progs, grids = plan.progs, plan.grids
     u0, v0 = sn0._u, sn0._v
     for it in range(sn0.n_power_iterations):
-        last = it == sn0.n_power_iterations - 1
-        _wv_kernel[(g_rows,)](plan.table, plan.prog_rows, t_buf, w0, v0, F=FIELDS, SIMPLE=plan.simple,
-                              BM=BLOCK_M, BN=BLOCK_N)  # fmt: skip
-        _wtu_kernel[(g_cols,)](plan.table, plan.prog_cols, t_buf, s_buf, parts, w0, u0, sn0.eps, F=FIELDS,
-                               SIMPLE=plan.simple, BM=BLOCK_M, BN=BLOCK_N)  # fmt: skip
-        prog, grid = (plan.prog_elems, g_elems) if last else (plan.prog_one, g_one)
-        _scale_kernel[(grid,)](plan.table, prog, s_buf, parts, sigma, out_buf, w0, v0, sn0.eps, F=FIELDS, WRITE_W=last,
-                               BE=BLOCK_E, BP=BLOCK_P)  # fmt: skip
+        last = write_w and it == sn0.n_power_iterations - 1
+        _wv_kernel[(grids["pass1"],)](plan.table, progs["pass1"], t_buf, w0, v0, F=FIELDS, SIMPLE=plan.simple,
+                                      BM=BLOCK_M1, BN=BLOCK_N1, num_warps=WARPS)  # fmt: skip
+        _wtu_kernel[(grids["pass2"],)](plan.table, progs["pass2"], t_buf, p_buf, w0, F=FIELDS, SIMPLE=plan.simple,
+                                       BM=BLOCK_M2, BN=BLOCK_N2, CH=CHUNK, num_warps=WARPS)  # fmt: skip
+        _reduce_kernel[(grids["pass3"],)](plan.table, progs["pass3"], t_buf, p_buf, s_buf, parts, u0, sn0.eps,
+                                          F=FIELDS, BN=BLOCK_N3, num_warps=WARPS)  # fmt: skip
+        which = "pass4" if last else "one"
+        _scale_kernel[(grids[which],)](plan.table, progs[which], s_buf, parts, sigma, out_buf, w0, v0, sn0.eps,
+                                       F=FIELDS, WRITE_W=last, BE=BLOCK_E, BP=BLOCK_P, num_warps=WARPS)  # fmt: skip
     outs, saved = [], []
     for i, ((M, N, t_off, s_off, out_off), sn, w) in enumerate(zip(plan.shapes, layers, weights)):
-        outs.append(out_buf[out_off : out_off + w.numel()].view(w.shape))
+        outs.append(out_buf[out_off : out_off + w.numel()].view(w.shape) if write_w else sigma[i])
         saved.append((t_buf[t_off : t_off + M], s_buf[s_off : s_off + N], sigma[i], sn.dim, sn.eps))
     return outs, saved

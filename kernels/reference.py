@@ -246,6 +246,34 @@ class SNWeights(torch.autograd.Function):
         return tuple(out)
 
 
+class SNSigma(torch.autograd.Function):
+    """sigma[i] = u_i^T W[i] v_i for one or many layers, as a function of W[i] with u_i, v_i constants:
+    d sigma / dW = u v^T. For layers that scale their output by 1/sigma instead of using W / sigma
+    (`kernels.spectral_norm(..., scale="output")`): autograd through conv(x, W) / sigma then gives
+    exactly the gradient of conv(x, W / sigma). `compute(weights)` is `SNWeights`' with sigma per layer
+    (0-d fp32) in place of W_sn."""
+
+    @staticmethod
+    def forward(ctx, compute, *weights):
+        sigmas, saved = compute(weights)
+        ctx.meta = [(dim, eps, w.shape, w.dtype) for (_, _, _, dim, eps), w in zip(saved, weights)]
+        ctx.save_for_backward(*(x for t, s, _, _, _ in saved for x in (t, s)))
+        return tuple(sigmas)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        out = [None]
+        for i, (g, (dim, eps, shape, dtype)) in enumerate(zip(grads, ctx.meta)):
+            if g is None or not ctx.needs_input_grad[1 + i]:
+                out.append(None)
+                continue
+            t, s = tensors[2 * i : 2 * i + 2]
+            u, v = _normalize(t, eps), _normalize(s, eps)
+            out.append(_from_matrix(g.float() * torch.outer(u, v), shape, dim).to(dtype))
+        return tuple(out)
+
+
 class SpectralNorm(torch.nn.Module):
     """A parametrization with the semantics and state-dict keys (`_u`, `_v`) of
     `torch.nn.utils.parametrizations.spectral_norm`, so models and checkpoints move freely
@@ -282,7 +310,9 @@ class SpectralNorm(torch.nn.Module):
         self.eps = eps
         self.n_power_iterations = n_power_iterations
         self.backend = backend
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.scale = "weight"  # or "output": the layer divides its output by sigma (kernels.spectral_norm)
+        # a grouped result (kernels.spectral_norm_all) for this forward: (W, W_sn or sigma, "weight" or "sigma")
+        self._pending: tuple[torch.Tensor, torch.Tensor, str] | None = None
         if ndim > 1:
             mat = sn_matrix(weight, self.dim)
             u = torch.nn.functional.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=eps)
@@ -314,17 +344,38 @@ class SpectralNorm(torch.nn.Module):
         pending, self._pending = self._pending, None
         dt = iteration_dtype(weight)
         if not self.training:
-            with _fp32(weight):
-                sigma = torch.dot(self._u.to(dt), torch.mv(self.matrix(weight).to(dt), self._v.to(dt)))
-            return (weight.to(dt) / sigma).to(weight.dtype)
-        if pending is not None and pending[0] is weight:
+            return (weight.to(dt) / self._stored_sigma(weight)).to(weight.dtype)
+        if pending is not None and pending[0] is weight and pending[2] == "weight":
             return pending[1]
         fused = self.fused(weight)
         if fused is not None:
             return fused
+        return (weight.to(dt) / self._sigma_fallback(weight)).to(weight.dtype)
+
+    def sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """sigma (0-d, in iteration_dtype) as a differentiable function of `weight` with u, v constants,
+        after this forward's power iteration in training mode (from the stored vectors in eval): what a
+        layer with `scale="output"` divides its output by, so that W / sigma is never written."""
+        pending, self._pending = self._pending, None
+        if not self.training:
+            return self._stored_sigma(weight)
+        if pending is not None and pending[0] is weight and pending[2] == "sigma":
+            return pending[1]
+        fused = self.fused(weight, write_w=False)
+        if fused is not None:
+            return fused
+        return self._sigma_fallback(weight)
+
+    def _stored_sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        dt = iteration_dtype(weight)
+        with _fp32(weight):
+            return torch.dot(self._u.to(dt), torch.mv(self.matrix(weight).to(dt), self._v.to(dt)))
+
+    def _sigma_fallback(self, weight: torch.Tensor) -> torch.Tensor:
         # The fallback (also what torch.compile traces, without graph breaks): two passes over W,
         # the second one differentiable, so that sigma = v^T (W^T u) = u^T W v carries the
         # gradient u v^T with u, v constants, as in PyTorch.
+        dt = iteration_dtype(weight)
         with _fp32(weight):
             mat = self.matrix(weight).to(dt)
             with torch.no_grad():
@@ -337,12 +388,12 @@ class SpectralNorm(torch.nn.Module):
             v = _normalize(s.detach(), self.eps)
             self._u.copy_(u)
             self._v.copy_(v)
-            sigma = torch.dot(v, s)
-        return (weight.to(dt) / sigma).to(weight.dtype)
+            return torch.dot(v, s)
 
-    def fused(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """W / sigma from a fused kernel, or None for the torch ops below. The reference has none:
-        `kernels.SpectralNorm` (kernels/__init__.py) overrides this with the Triton dispatch."""
+    def fused(self, weight: torch.Tensor, write_w: bool = True) -> torch.Tensor | None:
+        """W / sigma (or sigma, with write_w=False) from a fused kernel, or None for the torch ops.
+        The reference has none: `kernels.SpectralNorm` (kernels/__init__.py) overrides this with the
+        Triton dispatch."""
         return None
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:

@@ -175,11 +175,11 @@ def d_step(D, real, fake):
     return loss
 
 
-def test_grouped_equals_per_layer_in_three_launches(monkeypatch):
+def test_grouped_equals_per_layer_in_four_launches(monkeypatch):
     from kernels import power_iteration
 
     counters = {}
-    for name in ("_wv_kernel", "_wtu_kernel", "_scale_kernel"):
+    for name in ("_wv_kernel", "_wtu_kernel", "_reduce_kernel", "_scale_kernel"):
         counters[name] = CountLaunches(getattr(power_iteration, name))
         monkeypatch.setattr(power_iteration, name, counters[name])
     per_layer = discriminator()
@@ -192,10 +192,10 @@ def test_grouped_equals_per_layer_in_three_launches(monkeypatch):
     calls = lambda: sum(c.calls for c in counters.values())  # noqa: E731
     before = calls()
     d_step(grouped, real, fake)
-    assert calls() - before == 2 * 3  # two forwards, 3 launches each, for the 5 layers
+    assert calls() - before == 2 * 4  # two forwards, 4 launches each, for the 5 layers
     before = calls()
     d_step(per_layer, real, fake)
-    assert calls() - before == 2 * 3 * 5
+    assert calls() - before == 2 * 4 * 5
     d_step(theirs, real, fake)
 
     for name, a in per_layer.state_dict().items():
@@ -209,8 +209,15 @@ def test_grouped_equals_per_layer_in_three_launches(monkeypatch):
     torch.testing.assert_close(grouped(real), per_layer.eval()(real), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("ops", [True, False])
 @pytest.mark.parametrize("group", [False, True])
-def test_torch_compile_has_no_graph_breaks(group):
+def test_torch_compile_has_no_graph_breaks(group, ops, monkeypatch):
+    """Compiled, with the custom ops (kernels/ops.py: the Triton kernels, one opaque op per layer) or
+    with the traced fallback for Inductor (compile_ops=False): one graph, no breaks, and the eager
+    outputs, gradients and u, v."""
+    from kernels import _backend
+
+    monkeypatch.setattr(_backend, "compile_ops", ops)
     D = discriminator()
     if group:
         kernels.spectral_norm_all(D)
@@ -218,8 +225,15 @@ def test_torch_compile_has_no_graph_breaks(group):
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     explained = torch._dynamo.explain(copy.deepcopy(D))(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+    called = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("distgan.spectral_norm" in c for c in called) == (5 if ops else 0), called
     compiled = torch.compile(D, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-6)
+    y1, y2 = compiled(x), ref(x)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    for a, b in zip(D.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(D[0].parametrizations.weight[0]._u, ref[0].parametrizations.weight[0]._u)
 
 
@@ -268,3 +282,91 @@ def _int_module():
     m = nn.Module()
     m.weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int64), requires_grad=False)
     return m
+
+
+# -- scale="output": 1/sigma on the layer's output, W / sigma never written ---------------------------
+
+
+@pytest.mark.parametrize("kind", ["3x5", "513x257", "conv"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_scale_is_the_same_layer(kind, backend):
+    """op(x, W) / sigma + b against op(x, W / sigma) + b: outputs, u, v and the gradients of W, b and x,
+    in training and in eval; the state dicts keep the same keys."""
+    base = layer(kind)
+    ref = kernels.spectral_norm(copy.deepcopy(base), backend=backend)
+    out = kernels.spectral_norm(copy.deepcopy(base), backend=backend, scale="output")
+    out.load_state_dict(ref.state_dict())  # the same u, v to start from
+    for mode in ("train", "eval"):
+        getattr(ref, mode)(), getattr(out, mode)()
+        x1 = inputs(kind, torch.float32).requires_grad_(True)
+        x2 = x1.detach().clone().requires_grad_(True)
+        y1, y2 = ref(x1), out(x2)
+        y1.square().sum().backward()
+        y2.square().sum().backward()
+        torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-6)
+        for a, b in zip(ref.state_dict().values(), out.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        for a, b in ((ref.parametrizations.weight.original.grad, out.parametrizations.weight.original.grad),
+                     (ref.bias.grad, out.bias.grad), (x1.grad, x2.grad)):  # fmt: skip
+            scale = max(a.abs().max().item(), 1.0)
+            torch.testing.assert_close(b / scale, a / scale, rtol=1e-5, atol=1e-6)
+        for p in (*ref.parameters(), *out.parameters()):
+            p.grad = None
+
+
+def test_output_scale_grouped_writes_no_weight(monkeypatch):
+    """Grouped, scale="output": 4 launches per forward, the last one a program per layer (sigma and v:
+    no W / sigma), and the same u, v, outputs and gradients as scale="weight", bitwise per layer vs grouped."""
+    from kernels import power_iteration
+
+    grids = []
+    original = power_iteration._scale_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid[0])
+            return original[grid]
+
+    monkeypatch.setattr(power_iteration, "_scale_kernel", Spy())
+
+    def d(scale):
+        torch.manual_seed(0)
+        convs = [nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2), nn.Conv2d(8, 4, 3)]
+        net = nn.Sequential(*(kernels.spectral_norm(c, backend="triton", scale=scale) for c in convs),
+                            nn.Flatten(), kernels.spectral_norm(nn.Linear(4 * 2 * 2, 1), backend="triton", scale=scale))  # fmt: skip
+        return kernels.spectral_norm_all(net)
+
+    ref, grouped, per_layer = d("weight"), d("output"), d("output")
+    grouped.load_state_dict(ref.state_dict())
+    per_layer.load_state_dict(ref.state_dict())
+    per_layer._distgan_sn_owners = []  # each layer runs its own iteration
+    real = torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(5))
+    fake = real.flip(0)
+    d_step(ref, real, fake)
+    grids.clear()
+    d_step(grouped, real, fake)
+    assert grids == [1 * 4, 1 * 4]  # a program per layer, twice: sigma and v only
+    d_step(per_layer, real, fake)
+    for (name, a), b, c in zip(
+        ref.state_dict().items(), grouped.state_dict().values(), per_layer.state_dict().values()
+    ):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert torch.equal(b, c), name
+    for a, b, c in zip(ref.parameters(), grouped.parameters(), per_layer.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+        assert torch.equal(b.grad, c.grad)
+
+
+def test_output_scale_is_refused_where_it_is_not_exact():
+    with pytest.raises(ValueError, match="scale='output' applies to the weight of Linear and Conv"):
+        kernels.spectral_norm(nn.ConvTranspose2d(4, 3, 3), scale="output")
+    with pytest.raises(ValueError, match="scale must be"):
+        kernels.spectral_norm(nn.Linear(3, 3), scale="input")
+
+
+def test_large_layers_fill_the_chip():
+    """Every pass over a 4096 x 4096 weight runs at least 4 x 132 programs (an H100/H200's SMs)."""
+    from kernels import power_iteration
+
+    geo = power_iteration.layer_geometry(4096, 4096)
+    assert geo["pass1"] >= 4 * 132 and geo["pass2"] >= 4 * 132 and geo["pass4"] >= 4 * 132, geo

@@ -48,7 +48,7 @@ def build_generator(cfg, z_dim: int | None = None, num_classes: int = 0) -> nn.M
         z_dim=z_dim or g.z_dim, channels=cfg.data.channels, resolution=cfg.data.resolution, width=g.width, **kwargs
     )
     if g.spectral_norm:
-        apply_spectral_norm(G)
+        apply_spectral_norm(G, cfg.train.sn_scale)
     return G
 
 
@@ -66,5 +66,5 @@ def build_discriminator(cfg, channels: int | None = None, num_classes: int = 0) 
         channels=channels or cfg.data.channels, resolution=cfg.data.resolution, width=d.width, minibatch=mbd, **kwargs
     )
     if d.spectral_norm:
-        apply_spectral_norm(D)
+        apply_spectral_norm(D, cfg.train.sn_scale)
     return D

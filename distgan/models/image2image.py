@@ -277,5 +277,5 @@ def build_discriminator(cfg, in_channels: int, norm: str = "batch") -> nn.Module
     if d.spectral_norm:
         from distgan.models.layers import apply_spectral_norm
 
-        apply_spectral_norm(D)
+        apply_spectral_norm(D, cfg.train.sn_scale)
     return D

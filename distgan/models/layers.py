@@ -57,11 +57,16 @@ def discriminator_head(features: int, minibatch: tuple[int, int] | None) -> nn.M
     return nn.Sequential(layer, nn.Linear(layer.out_features, 1))
 
 
-def apply_spectral_norm(module: nn.Module) -> nn.Module:
+def apply_spectral_norm(module: nn.Module, scale: str = "weight") -> nn.Module:
     """kernels.spectral_norm on every conv and linear layer of `module`, grouped so that one forward
-    runs the power iterations of all of them in 3 Triton launches (kernels.spectral_norm_all)."""
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    runs the power iterations of all of them in 4 Triton launches (kernels.spectral_norm_all).
+    `scale="output"` (train.sn_scale): Linear and Conv layers divide their outputs by sigma instead
+    of using W / sigma (transposed convolutions keep W / sigma)."""
+    direct = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     for m in list(module.modules()):
-        if isinstance(m, (nn.Linear, *convs)):
+        if isinstance(m, direct):
+            kernels.spectral_norm(m, scale=scale)
+        elif isinstance(m, transposed):
             kernels.spectral_norm(m)
     return kernels.spectral_norm_all(module)

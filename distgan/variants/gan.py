@@ -19,6 +19,10 @@ from distgan import augment, losses, models
 from distgan.errors import UserError
 from distgan.models import resnet
 
+# Optimizer state (Adam's step count) on the GPU: a step whose gradients are NaN/Inf is undone there
+# with torch.where, without a host sync (trainer.StepContext.step). The CPU keeps PyTorch's default.
+CAPTURABLE = torch.cuda.is_available()
+
 
 def r1_penalty(D, real: torch.Tensor) -> torch.Tensor:
     """E |grad_x D(x)|^2 over D's inputs x (real data), differentiable in D's parameters
@@ -84,7 +88,7 @@ class GAN:
 
     def optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return torch.optim.Adam(model.parameters(), lr=lr, betas=(t.beta1, t.beta2))
+        return torch.optim.Adam(model.parameters(), lr=lr, betas=(t.beta1, t.beta2), capturable=CAPTURABLE)
 
     def noise(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         if generator is not None:  # a fixed generator (sample grids) lives on its own device

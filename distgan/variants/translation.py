@@ -15,6 +15,7 @@ import torch
 
 from distgan import losses
 from distgan.errors import UserError
+from distgan.variants.gan import CAPTURABLE
 
 
 class Translation:
@@ -34,7 +35,7 @@ class Translation:
 
     def optimizer(self, params, lr: float) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return torch.optim.Adam(params, lr=lr, betas=(t.beta1, t.beta2))
+        return torch.optim.Adam(params, lr=lr, betas=(t.beta1, t.beta2), capturable=CAPTURABLE)
 
     def sample(self, G, n, generator=None, labels=None):
         raise UserError(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from distgan.errors import UserError
-from distgan.variants.gan import GAN
+from distgan.variants.gan import CAPTURABLE, GAN
 
 
 class WGAN(GAN):
@@ -27,7 +27,7 @@ class WGAN(GAN):
         super().__init__(cfg)
 
     def optimizer(self, model, lr):
-        return torch.optim.RMSprop(model.parameters(), lr=lr)
+        return torch.optim.RMSprop(model.parameters(), lr=lr, capturable=CAPTURABLE)
 
     @torch.no_grad()
     def after_d_step(self, D):

@@ -1,0 +1,109 @@
+"""The training step written for a GPU: no host syncs between log steps, torch.compile, TF32 and
+channels_last, and benchmarks/gpu_suite.sh's CPU dry run."""
+
+import sys
+
+import pytest
+import torch
+from conftest import FAST, ROOT
+
+from distgan import config, jobs, trainer
+from distgan.data import feeds
+
+READS = ("item", "__bool__", "tolist", "numpy", "cpu", "__float__", "__int__", "__index__")
+
+
+def test_steps_read_no_tensor_on_the_host_between_log_steps(tmp_path, monkeypatch):
+    """12 steps, log_every=10, from the real digit shards: every host read of a tensor value inside the
+    loop (Tensor.item, __bool__, tolist, numpy, cpu, float/int) happens in the periodic jobs of step 10
+    (the log) or of the last step, none in the steps themselves (NaN guard and stop flag included)."""
+    cfg = config.load_config("digits-dcgan", overrides=[*FAST, "train.steps=12", "train.log_every=10",
+                                                        "train.ckpt_every=1000", "train.sample_every=1000"])  # fmt: skip
+    where = {"phase": "setup", "steps": 0}
+    reads: list[tuple[str, int, str]] = []
+
+    def counting(name, original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            # Adam reads its step count, a CPU tensor on the CPU; on CUDA distgan builds Adam with
+            # capturable=True, which keeps it on the GPU and reads nothing (variants.gan.CAPTURABLE)
+            if caller.co_name != "_get_value" or "torch/optim" not in caller.co_filename:
+                reads.append((where["phase"], where["steps"] + 1, name, caller.co_filename, caller.co_name))
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    draw, periodic = feeds.draw, jobs.periodic
+
+    def drawing(*args, **kwargs):
+        where["phase"] = "step"  # the loop has begun
+        return draw(*args, **kwargs)
+
+    def jobs_after(run, *args, **kwargs):
+        where["phase"] = "periodic"
+        try:
+            return periodic(run, *args, **kwargs)
+        finally:
+            where["phase"], where["steps"] = "step", run.step
+
+    monkeypatch.setattr(feeds, "draw", drawing)
+    monkeypatch.setattr(jobs, "periodic", jobs_after)
+    assert trainer.train(cfg, tmp_path / "run") == 0
+    in_steps = [r for r in reads if r[0] == "step" and r[1] <= 12]
+    assert in_steps == [], in_steps[:20]
+    periodic_steps = sorted({r[1] for r in reads if r[0] == "periodic"})
+    assert periodic_steps == [10, 12], periodic_steps  # the log step, and the last (log, grid, checkpoint)
+    assert any(r[2] == "tolist" for r in reads if r[0] == "periodic" and r[1] == 10)
+
+
+COMPILED = [*FAST, "model.g.width=8", "model.d.width=8", "train.ckpt_every=1000", "train.log_every=1"]
+
+
+def _final_models(run):
+    from distgan import checkpoint
+
+    ckpt = checkpoint.load(checkpoint.list_steps(run)[-1])
+    return {f"{n}.{k}": v for n in ("G", "D") for k, v in ckpt.model_state(n).items()}
+
+
+@pytest.mark.parametrize("kernels_op", [True, False])
+def test_compiled_training_matches_eager_and_resumes_exactly(tmp_path, kernels_op):
+    """digits-sngan (spectral norm on every D layer) with train.compile=true, its SN layers as
+    distgan's custom op or traced for Inductor (train.compile_kernels): 5 steps within tolerance of
+    eager; 3 steps then a resume to 5 equal, bitwise, to 5 steps in one go."""
+    extra = [f"train.compile_kernels={str(kernels_op).lower()}"]
+    runs = {}
+    for name, compiled, plan in (("eager", False, [5]), ("compiled", True, [5]), ("split", True, [3, 5])):
+        for steps in plan:
+            cfg = config.load_config("digits-sngan", overrides=[*COMPILED, *extra, f"train.steps={steps}",
+                                                                 f"train.compile={str(compiled).lower()}"])  # fmt: skip
+            assert trainer.train(cfg, tmp_path / name, resume="auto" if steps != plan[0] else None) == 0
+        runs[name] = _final_models(tmp_path / name)
+    for k, v in runs["eager"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(runs["compiled"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+        assert torch.equal(runs["split"][k], runs["compiled"][k]), k
+
+
+def test_compile_is_refused_with_gradient_penalties():
+    from distgan.errors import UserError
+
+    cfg = config.load_config("digits-dcgan", overrides=[*FAST, "train.compile=true", "variant.r1_gamma=1"])
+    with pytest.raises(UserError, match="train.compile=true cannot train gan with gradient penalties"):
+        trainer.train(cfg, ROOT / "runs" / "never-written")
+    assert not (ROOT / "runs" / "never-written").exists()
+
+
+def test_channels_last_trains_like_contiguous(tmp_path):
+    """train.channels_last: the same function in another memory layout (SN weights stay contiguous,
+    so the kernels still read them): 4 steps within float tolerance of the default layout."""
+    out = {}
+    for flag in ("false", "true"):
+        cfg = config.load_config("digits-sngan", overrides=[*COMPILED, "train.steps=4", f"train.channels_last={flag}"])
+        assert trainer.train(cfg, tmp_path / flag) == 0
+        out[flag] = _final_models(tmp_path / flag)
+    for k, v in out["false"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(out["true"][k], v, rtol=1e-3, atol=1e-4, msg=k)
