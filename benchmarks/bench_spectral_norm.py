@@ -12,14 +12,25 @@ Implementations:
 - torch+compile:   the same under torch.compile (Inductor);
 - torch+cudagraph: the same captured in a CUDA graph and replayed (forward under no_grad; GPU only);
 - ours-fallback:   kernels.spectral_norm(backend="torch"), two passes over W in torch ops;
-- ours-triton:     kernels.spectral_norm per layer (3 Triton launches each; GPU only);
-- ours-grouped:    plus kernels.spectral_norm_all(D): 3 launches for all layers (GPU only).
+- ours-fallback-out: the same with scale="output" (1/sigma on the layers' outputs, no W/sigma);
+- ours-triton:     kernels.spectral_norm per layer (4 Triton launches each; GPU only);
+- ours-grouped:    plus kernels.spectral_norm_all(D): 4 launches for all layers (GPU only);
+- ours-grouped-out: grouped with scale="output" (GPU only);
+- ours+compile-ops: ours (grouped, auto backend) under torch.compile with the kernels as custom ops;
+- ours+compile-inductor: the same with the fallback's torch ops traced for Inductor to fuse.
+
+The roofline part (--roofline-sizes) times the power iteration alone on one N x N fp32 linear layer
+(a training-mode read of its weight, or of sigma for scale="output") against the bytes each variant
+moves over W: the floor is two reads (t = W v, s = W^T u); scale="weight" adds a read and a write
+(W/sigma); PyTorch's parametrization a third read for sigma on top. Each variant's floor is its bytes
+at the measured read bandwidth; the plot (PNG) draws time against N^2 with the floors dashed.
 
 Columns: ms per forward (median), SN ms = ms - ms(none), launches per forward (GPU: CUDA kernels
 counted with torch.profiler), and for linear4096 the floor: two fp32 passes over W at the
 bandwidth measured by reading a W-sized buffer.
 
     python benchmarks/bench_spectral_norm.py [--workloads dcgan sngan linear4096] [--repeats 20]
+        [--roofline-sizes 256 512 1024 2048 4096]
 """
 
 from __future__ import annotations
@@ -40,8 +51,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-IMPLS = ("none", "torch", "torch+compile", "torch+cudagraph", "ours-fallback", "ours-triton", "ours-grouped")
-GPU_ONLY = ("torch+cudagraph", "ours-triton", "ours-grouped")
+IMPLS = (
+    "none",
+    "torch",
+    "torch+compile",
+    "torch+cudagraph",
+    "ours-fallback",
+    "ours-fallback-out",
+    "ours-triton",
+    "ours-grouped",
+    "ours-grouped-out",
+    "ours+compile-ops",
+    "ours+compile-inductor",
+)
+GPU_ONLY = ("torch+cudagraph", "ours-triton", "ours-grouped", "ours-grouped-out")
 
 
 class ResBlock(nn.Module):
@@ -104,6 +127,7 @@ def sn_layers(D: nn.Module):
 def build(impl: str, base: nn.Module, x: torch.Tensor):
     """A callable running one training-mode forward of D with `impl`'s spectral norm."""
     import kernels
+    from kernels import _backend
 
     D = copy.deepcopy(base)
     if impl != "none":
@@ -111,11 +135,15 @@ def build(impl: str, base: nn.Module, x: torch.Tensor):
             if impl.startswith("torch"):
                 nn.utils.parametrizations.spectral_norm(m, dim=1 if isinstance(m, nn.ConvTranspose2d) else None)
             else:
-                kernels.spectral_norm(m, backend="torch" if impl == "ours-fallback" else "triton")
-        if impl == "ours-grouped":
+                backend = {"ours-fallback": "torch", "ours-fallback-out": "torch"}.get(impl.split("+")[0])
+                backend = backend or (None if "+compile" in impl else "triton")
+                out = impl.endswith("-out") and not isinstance(m, nn.ConvTranspose2d)
+                kernels.spectral_norm(m, backend=backend, scale="output" if out else "weight")
+        if impl.startswith("ours-grouped") or impl.startswith("ours+compile"):
             kernels.spectral_norm_all(D)
     D = D.to(x.device).train()
-    if impl == "torch+compile":
+    if "+compile" in impl:
+        _backend.compile_ops = impl.endswith("-ops")
         D = torch.compile(D)
     if impl == "torch+cudagraph":
         static_x = x.clone()
@@ -171,11 +199,50 @@ def read_bandwidth(numel: int, device: str) -> float:
     return numel * 4 / (ms / 1000)
 
 
+# passes over W (reads + writes of N^2 elements) per training-mode power iteration
+PASSES = {"floor (2 reads)": 2, "ours scale=output": 2, "ours scale=weight": 4, "torch parametrization": 5}
+
+
+def roofline(sizes: list[int], repeats: int, bandwidth: float, device: str) -> list[dict]:
+    """The power iteration alone on N x N fp32 linear layers: measured ms against bytes / bandwidth."""
+    import kernels
+    from kernels import power_iteration
+
+    rows = []
+    for n in sizes:
+        torch.manual_seed(0)
+        base = nn.Linear(n, n).to(device)
+        w_bytes = n * n * 4
+        layers = {
+            "ours scale=weight": kernels.spectral_norm(copy.deepcopy(base)),
+            "ours scale=output": kernels.spectral_norm(copy.deepcopy(base), scale="output"),
+            "torch parametrization": nn.utils.parametrizations.spectral_norm(copy.deepcopy(base)),
+        }
+        geo = power_iteration.layer_geometry(n, n)
+        for name, layer in layers.items():
+            plist = layer.parametrizations.weight
+            if name == "ours scale=output":
+                fn = lambda p=plist: p[0].sigma(p.original)  # noqa: E731
+            else:
+                fn = lambda m=layer: m.weight  # noqa: E731
+            with torch.no_grad():
+                ms = time_ms(fn, repeats)
+            floor = 1000 * PASSES[name] * w_bytes / bandwidth
+            rows.append({"N": n, "variant": name, "MB moved": PASSES[name] * w_bytes / 1e6, "ms": ms,
+                         "model ms": floor, "ms / model": ms / floor, "floor ms (2 reads)": 1000 * 2 * w_bytes / bandwidth,
+                         "programs pass1/2/3/4": "/".join(str(geo[k]) for k in ("pass1", "pass2", "pass3", "pass4"))})  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workloads", nargs="+", default=["dcgan", "sngan", "linear4096"])
     p.add_argument("--impls", nargs="+", default=list(IMPLS))
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--roofline-sizes", nargs="*", type=int, default=None,
+                   help="N of the N x N layers of the roofline part (default: 256..4096, 256..16384 on a GPU)")  # fmt: skip
+    p.add_argument("--name", default="bench_spectral_norm")
     args = p.parse_args()
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
@@ -221,7 +288,31 @@ def main() -> None:
     )
     columns = ["workload", "params (M)", "SN layers", "batch", "impl", "ms", "SN ms", "launches"]
     columns += ["floor ms", "SN / floor", "note"]
-    common.write("bench_spectral_norm", rows, columns, notes, extra={"read_bandwidth_Bps": bandwidth})
+    common.write(args.name, rows, columns, notes, extra={"read_bandwidth_Bps": bandwidth})
+    sizes = args.roofline_sizes
+    if sizes is None:
+        sizes = [256, 512, 1024, 2048, 4096] + ([8192, 16384] if gpu else [])
+    if not sizes:
+        return
+    roof = roofline(sizes, args.repeats, bandwidth, device)
+    backend = "Triton kernels" if gpu else "the PyTorch fallback (no GPU)"
+    roof_notes = (
+        f"The power iteration alone (one training-mode forward of the parametrization) on an N x N fp32 linear "
+        f"layer, ours through {backend}. model ms: the variant's passes over W (reads + writes, {PASSES}) at the "
+        f"measured read bandwidth ({bandwidth / 1e9:.1f} GB/s); ms / model near 1 means bandwidth-bound. "
+        "programs: the Triton launch grid of each of our 4 passes for this layer (an H100/H200 has 132 SMs)."
+    )
+    roof_columns = ["N", "variant", "MB moved", "ms", "model ms", "ms / model", "floor ms (2 reads)",
+                    "programs pass1/2/3/4"]  # fmt: skip
+    common.write(args.name + "_roofline", roof, roof_columns, roof_notes, extra={"read_bandwidth_Bps": bandwidth})
+    series = {}
+    for r in roof:
+        series.setdefault(r["variant"] + " (measured)", []).append((r["N"] ** 2, r["ms"]))
+        series.setdefault(r["variant"] + " model floor", []).append((r["N"] ** 2, r["model ms"]))
+    png = common.RESULTS / f"{args.name}_roofline-{common.machine_tag()}.png"
+    common.loglog_png(png, series, "elements of W (N^2)", "ms per power iteration",
+                      f"spectral norm vs its roofline on {common.machine()['device']}")  # fmt: skip
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

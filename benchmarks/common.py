@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where results go; DISTGAN_BENCH_RESULTS redirects them (gpu_suite.sh --dry-run in the tests)
+RESULTS = Path(os.environ.get("DISTGAN_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict:
@@ -98,3 +99,60 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+def loglog_png(path: Path, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str) -> None:
+    """A log-log line plot (one line per series, dashed where the name says 'floor'), drawn with
+    Pillow: the benchmarks need no plotting library."""
+    from PIL import Image, ImageDraw
+
+    points = [p for pts in series.values() for p in pts if p[0] > 0 and p[1] > 0]
+    if not points:
+        return
+    import math
+
+    W, H, left, right, top, bottom = 900, 560, 80, 220, 40, 60
+    xs, ys = [math.log10(p[0]) for p in points], [math.log10(p[1]) for p in points]
+    x0, x1 = math.floor(min(xs)), math.ceil(max(xs))
+    y0, y1 = math.floor(min(ys)), math.ceil(max(ys))
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+
+    def at(x, y):
+        return (left + (math.log10(x) - x0) / (x1 - x0) * (W - left - right),
+                H - bottom - (math.log10(y) - y0) / (y1 - y0) * (H - top - bottom))  # fmt: skip
+
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
+    for e in range(x0, x1 + 1):
+        x, _ = at(10**e, 10**y0)
+        d.line([x, top, x, H - bottom], fill=(225, 225, 225))
+        d.text((x - 12, H - bottom + 6), f"1e{e}", fill=(0, 0, 0))
+    for e in range(y0, y1 + 1):
+        _, y = at(10**x0, 10**e)
+        d.line([left, y, W - right, y], fill=(225, 225, 225))
+        d.text((left - 40, y - 6), f"1e{e}", fill=(0, 0, 0))
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
+               (140, 86, 75), (127, 127, 127)]  # fmt: skip
+    for i, (name, pts) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        pts = sorted(p for p in pts if p[0] > 0 and p[1] > 0)
+        coords = [at(*p) for p in pts]
+        if "floor" in name:  # dashed
+            for a, b in zip(coords, coords[1:]):
+                for k in range(0, 10, 2):
+                    d.line([a[0] + (b[0] - a[0]) * k / 10, a[1] + (b[1] - a[1]) * k / 10,
+                            a[0] + (b[0] - a[0]) * (k + 1) / 10, a[1] + (b[1] - a[1]) * (k + 1) / 10],
+                           fill=colour, width=2)  # fmt: skip
+        else:
+            if len(coords) > 1:
+                d.line(coords, fill=colour, width=2)
+            for x, y in coords:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        d.line([W - right + 12, top + 14 + 18 * i, W - right + 36, top + 14 + 18 * i], fill=colour, width=3)
+        d.text((W - right + 42, top + 8 + 18 * i), name, fill=(0, 0, 0))
+    d.text((left, 12), title, fill=(0, 0, 0))
+    d.text(((W - right + left) // 2 - 40, H - 30), xlabel, fill=(0, 0, 0))
+    d.text((6, top - 24), ylabel, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)

@@ -33,7 +33,6 @@ CHOICES = {
     # skip: a step whose gradients are NaN/Inf is not applied (stop after train.max_nan_skips in a row)
     "train.on_nan": ("skip", "stop"),
     "train.lr_decay": ("none", "linear"),
-    # spectral-norm layers: weight (use W / sigma) or output (Linear/Conv: op(x, W) / sigma, never writing W / sigma)
     "train.sn_scale": ("weight", "output"),
     "model.d.conditioning": ("projection", "concat"),
     "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),  # auto: offline without an API key
@@ -206,7 +205,9 @@ class TrainConfig:
     compile_kernels: bool = True
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions (Ampere and newer); no effect on the CPU
     channels_last: bool = False  # conv models and image batches in channels_last memory format
-    sn_scale: str = "weight"  # see CHOICES; both give the same function and gradients
+    # spectral-norm layers use W / sigma (weight), or Linear and Conv layers compute op(x, W) / sigma
+    # (output: W / sigma is never written, half the memory traffic); the same function and gradients
+    sn_scale: str = "weight"
     # with several ranks: steps between the agreement on a stop signal (SIGINT/SIGTERM), one small
     # all-reduce read on the host; also at every log and checkpoint step
     stop_check_every: int = 10

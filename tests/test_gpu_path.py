@@ -107,3 +107,26 @@ def test_channels_last_trains_like_contiguous(tmp_path):
     for k, v in out["false"].items():
         if v.is_floating_point():
             torch.testing.assert_close(out["true"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    """benchmarks/gpu_suite.sh --dry-run: every step of the GPU suite on the CPU at toy sizes, writing
+    its tables (and the roofline plot) where DISTGAN_BENCH_RESULTS says."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "DISTGAN_BENCH_RESULTS": str(tmp_path)}
+    r = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = {p.name for p in tmp_path.iterdir()}
+    for stem in ("gpu_check", "bench_minibatch_l1", "bench_spectral_norm", "bench_spectral_norm_roofline", "gpu_steps"):
+        assert f"{stem}-cpu{os.cpu_count()}.json" in names, names
+    assert any(n.endswith(".png") for n in names)
+    checks = json.loads((tmp_path / f"gpu_check-cpu{os.cpu_count()}.json").read_text())["rows"]
+    assert {c["check"] for c in checks} >= {"minibatch_l1", "spectral_norm weight", "spectral_norm output"}
+    assert all(c["ok"] for c in checks)
+    steps = json.loads((tmp_path / f"gpu_steps-cpu{os.cpu_count()}.json").read_text())["rows"]
+    assert [s["mode"] for s in steps] == ["eager", "compile", "compile, inductor SN"]
+    assert all(s["steps/s"] > 0 for s in steps)

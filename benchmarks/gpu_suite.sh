@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One-shot GPU suite, for a machine with one GPU (about 8 minutes on an H100/H200):
+#   1. every Triton kernel against its float64 reference on CUDA, forward and backward (gpu_check.py);
+#   2. bench_minibatch_l1.py;
+#   3. bench_spectral_norm.py (profiler launch counts, the custom ops vs Inductor under compile, the
+#      roofline table and its PNG);
+#   4. trainer steps/s of digits-dcgan, digits-sngan and photos-biggan-64, compile off and on (gpu_steps.py).
+# Everything lands in benchmarks/results/*-gpu-<name>.{json,md,png} (DISTGAN_BENCH_RESULTS overrides).
+#
+#   bash benchmarks/gpu_suite.sh            the real suite (needs CUDA)
+#   bash benchmarks/gpu_suite.sh --dry-run  the same code paths at toy sizes on the CPU (the tests run it)
+#
+# PYTHON defaults to .venv/bin/python when it exists, else python3. The distgan trainer needs
+# webdataset and wandb importable besides torch, triton and accelerate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+DRY=()
+if [ "${1:-}" = "--dry-run" ]; then
+  DRY=(--dry-run)
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+elif ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "gpu_suite.sh: no CUDA device; use --dry-run to exercise it on the CPU" >&2
+  exit 2
+fi
+export PYTHONUNBUFFERED=1
+status=0
+step() { echo "== $*" >&2; local t0=$SECONDS; "$@" || status=1; echo "== $(( SECONDS - t0 )) s" >&2; }
+
+step "$PYTHON" benchmarks/gpu_check.py "${DRY[@]}"
+if [ ${#DRY[@]} -gt 0 ]; then
+  # the interpreter would time nothing meaningful: the fallback and chunked paths only, at toy sizes
+  unset TRITON_INTERPRET
+  step "$PYTHON" benchmarks/bench_minibatch_l1.py --sizes 64 --repeats 1 --impls chunked
+  step "$PYTHON" benchmarks/bench_spectral_norm.py --workloads dcgan --repeats 2 --roofline-sizes 128 256 \
+    --impls none torch ours-fallback ours-fallback-out
+  step "$PYTHON" benchmarks/gpu_steps.py --dry-run --presets digits-sngan
+else
+  step "$PYTHON" benchmarks/bench_minibatch_l1.py --sizes 256 1024 4096 --repeats 5 --timeout 240
+  step "$PYTHON" benchmarks/bench_spectral_norm.py --repeats 20
+  step "$PYTHON" benchmarks/gpu_steps.py --steps 300
+fi
+exit $status
