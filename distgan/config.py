@@ -379,6 +379,13 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config key '{key}' must be >= 1, got {value}")
+    v = cfg.variant
+    if cfg.train.compile and (v.r1_gamma > 0 or v.r2_gamma > 0 or v.name in ("wgan-gp", "unrolled")):
+        raise UserError(
+            f"train.compile=true cannot train {v.name} with gradient penalties or unrolled D steps "
+            f"(variant.r1_gamma={v.r1_gamma}, variant.r2_gamma={v.r2_gamma}): they differentiate D's "
+            "gradients again, which torch.compile does not support; set train.compile=false"
+        )
     for key, choices in CHOICES.items():
         value = get(cfg, key)
         if value not in choices:

@@ -343,14 +343,7 @@ def gpu_settings(cfg: config.Config, device: torch.device, models) -> None:
             for sub in m.modules():  # the spectral-norm kernels read W in its standard layout
                 for plist in getattr(sub, "parametrizations", {}).values():
                     plist.original.data = plist.original.data.contiguous()
-    if t.compile:
-        v = cfg.variant
-        if v.r1_gamma > 0 or v.r2_gamma > 0 or v.name in ("wgan-gp", "unrolled"):
-            raise UserError(
-                f"train.compile=true cannot train {v.name} with gradient penalties or unrolled D steps "
-                f"(variant.r1_gamma={v.r1_gamma}, variant.r2_gamma={v.r2_gamma}): they differentiate D's "
-                "gradients again, which torch.compile does not support; set train.compile=false"
-            )
+    if t.compile:  # (config.validate refuses the variants torch.compile cannot train)
         from kernels import _backend
 
         _backend.compile_ops = t.compile_kernels

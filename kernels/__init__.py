@@ -72,8 +72,10 @@ def minibatch_discrimination(
         raise TypeError(f"m must be a floating-point tensor; got {m.dtype}")
     if group_size is not None and group_size < 1:
         raise ValueError(f"group_size must be >= 1 or None; got {group_size}")
-    if torch.compiler.is_compiling() and _backend.compile_ops and backend != "torch" and m.dtype != torch.float64:
-        return ops.minibatch_discrimination(m, exclude_self, group_size)
+    if torch.compiler.is_compiling():  # one custom op, or the fallback's torch ops for Inductor to fuse
+        if _backend.compile_ops and backend != "torch" and m.dtype != torch.float64:
+            return ops.minibatch_discrimination(m, exclude_self, group_size)
+        return reference.minibatch_l1(m, exclude_self, group_size, memory_budget)
     if _backend.choose("minibatch_discrimination", backend, m) == "triton" and m.dtype != torch.float64:
         from kernels.minibatch_l1 import MinibatchL1Triton
 

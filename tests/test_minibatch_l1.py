@@ -221,3 +221,30 @@ def test_fallback_memory_stays_within_budget():
     assert r.returncode == 0, r.stderr
     grown, outputs = map(int, r.stdout.split())
     assert grown - outputs <= reference.DEFAULT_MEMORY_BUDGET, (grown, outputs)
+
+
+@pytest.mark.parametrize("ops", [True, False])
+def test_torch_compile_calls_the_custom_op_without_graph_breaks(ops, monkeypatch):
+    """Under torch.compile, minibatch discrimination is one `distgan::minibatch_l1` op (its backward
+    the registered `distgan::minibatch_l1_backward`), or the traced fallback with compile_ops off:
+    one graph, no breaks, and eager's output and gradients."""
+    from kernels import _backend
+
+    monkeypatch.setattr(_backend, "compile_ops", ops)
+    g = torch.Generator().manual_seed(7)
+    m = torch.randn(12, 4, 5, generator=g)
+
+    def f(x):
+        return kernels.minibatch_discrimination(x, group_size=6)
+
+    explained = torch._dynamo.explain(f)(m)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    called = [str(n.target) for gr in explained.graphs for n in gr.graph.nodes if n.op == "call_function"]
+    assert sum("distgan.minibatch_l1" in c for c in called) == (1 if ops else 0), called
+    x1, x2 = m.clone().requires_grad_(True), m.clone().requires_grad_(True)
+    y1, y2 = torch.compile(f, backend="aot_eager")(x1), f(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    w = torch.randn(y1.shape, generator=g)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
