@@ -94,11 +94,16 @@ def cutout(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None = N
 FUNCTIONS = {"color": color, "translation": translation, "cutout": cutout}
 
 
-def apply(ops: tuple[str, ...], x: torch.Tensor, p: float = 1.0) -> torch.Tensor:
+def apply(ops: tuple[str, ...], x: torch.Tensor, p: float | torch.Tensor = 1.0) -> torch.Tensor:
     """x (N, C, H, W) through the policy's ops, each image with its own random draw; with p < 1 each
-    op is applied to each image with probability p (ADA's strength), and p = 0 is the identity."""
+    op is applied to each image with probability p (ADA's strength), and p = 0 is the identity.
+    A tensor p (ADA's, on the device) is never read on the host: every op is drawn and kept where
+    rand >= p, which is the identity at p = 0 too."""
     for op in ops:
-        if p >= 1.0:
+        if isinstance(p, torch.Tensor):
+            keep = torch.rand(x.size(0), 1, 1, 1, device=x.device) >= p
+            x = torch.where(keep, x, FUNCTIONS[op](x))
+        elif p >= 1.0:
             x = FUNCTIONS[op](x)
         elif p > 0.0:
             keep = torch.rand(x.size(0), 1, 1, 1, device=x.device) >= p
@@ -113,40 +118,39 @@ class Adaptive:
     sign(r_t - target) * (real images D saw in those steps, all ranks) / (kimg * 1000), clamped to
     [0, 1]: p can go from 0 to 1 in `kimg` thousand real images (the paper's 500k).
 
-    The sums stay on the device between updates (no host sync per step); every `interval` steps
-    they are summed over ranks and read once, so p is the same number on every rank. `state()` /
-    `load_state()` carry p and the partial sums in checkpoints.
+    p, r_t and the sums stay on the device: every `interval` steps the sums are added up over ranks
+    (an all-reduce, no host read), so p is the same number on every rank without the host ever
+    reading it in a step. `state()` / `load_state()` carry p and the partial sums in checkpoints.
     """
 
     def __init__(self, target: float, interval: int = 4, kimg: float = 500.0):
         self.target, self.interval, self.kimg = target, interval, kimg
-        self.p = 0.0
-        self.r_t = float("nan")  # the last heuristic value (logged)
+        self.p = torch.zeros((), dtype=torch.float64)  # moves to the logits' device at the first observe
+        self.r_t = torch.tensor(float("nan"))  # the last heuristic value (logged)
         self.sums: torch.Tensor | None = None  # (sum of sign D(x_real), logits, real images) since the last update
 
     def observe(self, real_logits: torch.Tensor, images: int) -> None:
         d = torch.nan_to_num(real_logits.detach().float())  # a skipped NaN step counts as sign 0
-        add = torch.stack(
-            [torch.sign(d).sum(), *torch.tensor([d.numel(), images], dtype=torch.float32, device=d.device)]
-        )
+        add = torch.stack([torch.sign(d).sum(), d.new_full((), d.numel()), d.new_full((), images)])
         self.sums = add if self.sums is None else self.sums + add
+        self.p = self.p.to(d.device)
 
     def update(self, steps_done: int, reduce=None) -> None:
         """After a step: every `interval` steps, p moves so as to keep r_t at the target.
         `reduce` sums a tensor over ranks (None: a single process)."""
         if steps_done % self.interval or self.sums is None:
             return
-        total = (reduce(self.sums) if reduce is not None else self.sums).tolist()
-        self.r_t = total[0] / max(total[1], 1.0)
-        step = total[2] / (self.kimg * 1000)
-        self.p = min(max(self.p + (step if self.r_t > self.target else -step), 0.0), 1.0)
+        total = reduce(self.sums) if reduce is not None else self.sums
+        self.r_t = total[0] / total[1].clamp_min(1.0)
+        step = total[2].double() / (self.kimg * 1000)
+        self.p = (self.p + torch.where(self.r_t > self.target, step, -step)).clamp(0.0, 1.0)
         self.sums = None
 
     def state(self) -> dict[str, torch.Tensor]:
         sums = self.sums.cpu() if self.sums is not None else torch.zeros(3)
-        return {"shared.augment_p": torch.tensor([self.p], dtype=torch.float64), "augment_sums": sums.double()}
+        return {"shared.augment_p": self.p.reshape(1).double().cpu(), "augment_sums": sums.double()}
 
     def load_state(self, state: dict[str, torch.Tensor], device) -> None:
-        self.p = float(state["shared.augment_p"][0])
+        self.p = state["shared.augment_p"][0].to(device=device, dtype=torch.float64)
         sums = state.get("augment_sums")
         self.sums = sums.to(device=device, dtype=torch.float32) if sums is not None and float(sums[1]) > 0 else None

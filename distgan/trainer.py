@@ -445,7 +445,7 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
                 factor = set_lr(variant.optimizers.values(), t, run.step)
                 metrics = variant.train_step(micro, ctx)
                 if factor is not None:
-                    metrics["lr/factor"] = torch.tensor(factor, device=device)
+                    metrics["lr/factor"] = torch.full((), factor, device=device)  # a fill: no H2D copy
                 nonfinite = ctx.pop_nonfinite()
                 if nonfinite is not None:  # undo the buffer updates of a NaN/Inf step, on the device
                     guard.restore_where(nonfinite[1].any())

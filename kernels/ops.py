@@ -21,16 +21,27 @@ import torch
 from kernels import _backend, reference
 
 
+# per (u, v) buffer pair: the vectors the kernels update in the op's place, so that the launch plan
+# (kernels/power_iteration.py caches it by pointers) is built once, not rebuilt on every call
+_scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _sn_impl(weight, u, v, n_power_iterations, eps, dim, write_w):
     if _backend.choose("spectral_norm", None, weight) == "triton" and weight.dtype != torch.float64:
         from kernels import power_iteration
 
-        u, v = u.clone(), v.clone()  # the kernels update these; the caller copies them into the buffers
-        layer = types.SimpleNamespace(_u=u, _v=v, dim=dim, eps=eps, n_power_iterations=n_power_iterations)
+        key = (u.data_ptr(), v.data_ptr(), u.shape, v.shape, u.dtype, u.device)
+        if key not in _scratch:
+            if len(_scratch) > 256:
+                _scratch.clear()
+            _scratch[key] = (torch.empty_like(u), torch.empty_like(v))
+        u2, v2 = _scratch[key]
+        v2.copy_(v)  # the op is functional: the buffers themselves are copied back by the caller
+        layer = types.SimpleNamespace(_u=u2, _v=v2, dim=dim, eps=eps, n_power_iterations=n_power_iterations)
         outs, saved = power_iteration.run([layer], [weight], write_w=write_w)
         t, s, sigma = saved[0][:3]
         out = outs[0] if write_w else weight.new_empty(0)
-        return out, t.clone(), s.clone(), sigma.clone(), u, v
+        return out, t.clone(), s.clone(), sigma.clone(), u2.clone(), v2.clone()
     dt = reference.iteration_dtype(weight)
     with torch.no_grad():
         mat = reference.sn_matrix(weight, dim).to(dt)

@@ -140,8 +140,8 @@ def test_adaptive_p_moves_toward_its_target_and_carries_its_state():
     for step in range(1, 9):  # D calls every real image real: r_t = 1 > 0.6, p rises
         ada.observe(torch.tensor([2.0, 1.0, 3.0, 0.5]), images=25)
         ada.update(step)
-        assert ada.p == pytest.approx(0.1 * (step // 4))  # 4 steps x 25 images / 1000, every 4 steps
-    assert ada.r_t == 1.0
+        assert float(ada.p) == pytest.approx(0.1 * (step // 4))  # 4 steps x 25 images / 1000, every 4 steps
+    assert float(ada.r_t) == 1.0
     ada.observe(torch.tensor([1.0, -1.0, -2.0, float("nan")]), images=25)  # a partial interval, then saved
     copy = augment.Adaptive(target=0.6, interval=4, kimg=1.0)
     copy.load_state(ada.state(), "cpu")
@@ -149,18 +149,18 @@ def test_adaptive_p_moves_toward_its_target_and_carries_its_state():
         for step in range(10, 13):
             a.observe(torch.tensor([-1.0, -1.0, -1.0, 1.0]), images=25)
             a.update(step)
-    assert ada.p == copy.p == pytest.approx(0.1)  # r_t = (-1 - 6) / 16 < 0.6: p fell back by 0.1
+    assert float(ada.p) == float(copy.p) == pytest.approx(0.1)  # r_t = (-1 - 6) / 16 < 0.6: p fell back by 0.1
     for _ in range(40):  # never below 0
         ada.observe(torch.tensor([-1.0]), images=100)
         ada.update(4)
-    assert ada.p == 0.0
+    assert float(ada.p) == 0.0
 
 
 def test_adaptive_p_sums_over_ranks():
     ada = augment.Adaptive(target=0.6, interval=1, kimg=1.0)
     ada.observe(torch.tensor([1.0, 1.0]), images=2)  # this rank alone: r_t = 1
     ada.update(1, reduce=lambda t: t + torch.tensor([-2.0, 2.0, 2.0]))  # the other rank: two -1 logits
-    assert ada.r_t == 0.0 and ada.p == 0.0  # (2 - 2) / 4 = 0 < 0.6: p stays at 0
+    assert float(ada.r_t) == 0.0 and float(ada.p) == 0.0  # (2 - 2) / 4 = 0 < 0.6: p stays at 0
 
 
 def test_training_with_adaptive_p_resumes_exactly_and_saves_p(tmp_path, digits_shards):

@@ -13,12 +13,15 @@ from distgan.data import feeds
 READS = ("item", "__bool__", "tolist", "numpy", "cpu", "__float__", "__int__", "__index__")
 
 
-def test_steps_read_no_tensor_on_the_host_between_log_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["data.augment=translation,cutout", "data.augment_p=auto",
+                                         "train.lr_decay=linear", "model.d.spectral_norm=true"]])  # fmt: skip
+def test_steps_read_no_tensor_on_the_host_between_log_steps(tmp_path, monkeypatch, extra):
     """12 steps, log_every=10, from the real digit shards: every host read of a tensor value inside the
     loop (Tensor.item, __bool__, tolist, numpy, cpu, float/int) happens in the periodic jobs of step 10
-    (the log) or of the last step, none in the steps themselves (NaN guard and stop flag included)."""
+    (the log) or of the last step, none in the steps themselves (NaN guard and stop flag included;
+    also with ADA's adaptive p, a learning-rate schedule and spectral norm)."""
     cfg = config.load_config("digits-dcgan", overrides=[*FAST, "train.steps=12", "train.log_every=10",
-                                                        "train.ckpt_every=1000", "train.sample_every=1000"])  # fmt: skip
+                                                        "train.ckpt_every=1000", "train.sample_every=1000", *extra])  # fmt: skip
     where = {"phase": "setup", "steps": 0}
     reads: list[tuple[str, int, str]] = []
 

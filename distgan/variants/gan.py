@@ -158,7 +158,7 @@ class GAN:
         self.g_step(batches[:per], ctx, stats)
         if self.ada is not None:
             self.ada.update(ctx.global_step + 1, lambda t: ctx.accelerator.reduce(t, reduction="sum"))
-            stats["augment/p"] = torch.tensor(self.ada.p, device=device)
+            stats["augment/p"] = self.ada.p.to(device, torch.float32)
         return stats
 
     def rank_state(self) -> dict[str, torch.Tensor]:

@@ -82,7 +82,7 @@ class SRGAN(Translation):
         device = batches[0]["image"].device
         keys = ("loss/pixel", "loss/g", "loss/d", "loss/vgg", "d/real", "d/fake")
         stats = {k: torch.zeros((), device=device) for k in keys}
-        stats["train/adversarial_phase"] = torch.tensor(float(adversarial), device=device)
+        stats["train/adversarial_phase"] = torch.full((), float(adversarial), device=device)
         n = len(batches)
         pairs = []
         for mb in batches:
