@@ -20,7 +20,6 @@ import torch
 
 from kernels import _backend, reference
 
-
 # per (u, v) buffer pair: the vectors the kernels update in the op's place, so that the launch plan
 # (kernels/power_iteration.py caches it by pointers) is built once, not rebuilt on every call
 _scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
