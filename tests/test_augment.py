@@ -118,6 +118,7 @@ def split_run_resumes_exactly(tmp_path, common, total, at):
     return full
 
 
+@pytest.mark.slow  # 15 s; the adaptive-p resume test below runs the same ops and resumes bitwise
 def test_training_with_augmentation_resumes_exactly(tmp_path, digits_shards):
     common = [*FAST, f"data.shards={digits_shards}", "data.augment=color,translation,cutout", "train.ckpt_every=1000"]
     split_run_resumes_exactly(tmp_path, common, total=6, at=3)

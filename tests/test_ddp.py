@@ -236,7 +236,9 @@ def test_grad_accum_equals_bigger_batch_without_extra_allreduces(tmp_path, digit
     assert counts["accum"] == counts["big"] and counts["big"][0] >= 2  # >= one bucket each for D and G
 
 
-@pytest.mark.parametrize("count", [3, 1])  # 3 shards over 2 ranks x 2 workers; 1 shard, fewer than workers
+@pytest.mark.parametrize(
+    "count", [3, pytest.param(1, marks=pytest.mark.slow)]
+)  # 3 shards over 2 ranks x 2 workers; 1 shard, fewer than workers
 def test_uneven_shards_neither_hang_nor_crash(tmp_path, count):
     from distgan.data import shards
 
@@ -250,7 +252,7 @@ def test_uneven_shards_neither_hang_nor_crash(tmp_path, count):
     assert len(ckpt.meta["fingerprints"]) == 2 and len(set(ckpt.meta["fingerprints"])) == 1
 
 
-@pytest.mark.parametrize("scheme", ["http", "pipe"])
+@pytest.mark.parametrize("scheme", ["http", pytest.param("pipe", marks=pytest.mark.slow)])
 def test_two_ranks_stream_remote_shards(tmp_path, digits_shards, scheme):
     import functools
     import http.server
@@ -317,9 +319,11 @@ def test_cpu_ddp_script_runs_n_ranks(tmp_path, digits_shards):
         # BatchNorm buffers updated by four D calls before backward (real, fake, x_hat, R1's real)
         (["model.d.batchnorm=true", "variant.r1_gamma=1"], {}),
         (["model.d.spectral_norm=true"], {}),  # u, v updated in place by three D calls (Triton, interpreted)
-        (["model.d.spectral_norm=true"], FALLBACK),  # ... and on the PyTorch fallback
+        pytest.param(["model.d.spectral_norm=true"], FALLBACK, marks=pytest.mark.slow),  # ... PyTorch fallback
         (["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=8"], {}),  # its double backward
-        (["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=8"], FALLBACK),
+        pytest.param(
+            ["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=8"], FALLBACK, marks=pytest.mark.slow
+        ),
     ],
     ids=["bn-r1", "sn-triton", "sn-fallback", "mbd-triton", "mbd-fallback"],
 )

@@ -95,6 +95,7 @@ def test_eval_reports_fid_kid_and_digit_judgement_on_a_digits_run(tmp_path, digi
     assert r.returncode == 2 and "does not apply" in r.stderr
 
 
+@pytest.mark.slow  # 12 s; TorchScript feature networks: tests/test_inception.py in `make test`
 def test_eval_with_a_torchscript_feature_network(tmp_path, digits_shards):
     net = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 16)))
     torch.jit.save(net, str(tmp_path / "features.pt"))

@@ -232,6 +232,7 @@ def test_the_ram_cache_gives_bitwise_the_uncached_batches_across_workers_ranks_a
     assert bad, "the corrupt sample was drawn"
 
 
+@pytest.mark.slow  # 10 s; the cached stream gives bitwise the uncached batches (tested above)
 def test_training_with_the_cache_equals_training_without(tmp_path, small_digits):
     from test_train import assert_bitwise_equal
 

@@ -295,7 +295,10 @@ def test_bad_image2image_configs_say_what_to_fix(preset, bad, match):
 
 
 # -- training through the trainer -------------------------------------------------------------
-@pytest.mark.parametrize("preset", list(TINY))
+# photos-srgan-x4 (34 s) in `make test-all`: pix2pix and cyclegan keep the path in `make test`
+@pytest.mark.parametrize(
+    "preset", [pytest.param(p, marks=pytest.mark.slow) if p == "photos-srgan-x4" else p for p in TINY]
+)
 def test_presets_train_resume_exactly_and_evaluate(tmp_path, preset):
     common = [*TINY[preset], *QUIET, "train.ckpt_every=1000"]
     # evaluation in the uninterrupted run only: it must not disturb training either
@@ -328,6 +331,7 @@ def test_cyclegan_pools_are_saved_per_rank(tmp_path):
     assert state["data.a.positions"].shape == state["data.b.positions"].shape == (1, 1)
 
 
+@pytest.mark.slow  # 16 s; 2-rank bitwise resume: tests/test_ddp.py in `make test`
 def test_cyclegan_under_two_rank_ddp_resumes_bitwise(tmp_path):
     run = tmp_path / "run"
     common = ["--preset", "cyclegan-digits-thin2thick", *TINY["cyclegan-digits-thin2thick"], *QUIET,

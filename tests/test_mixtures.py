@@ -89,6 +89,7 @@ def test_grid_preset_trains_samples_and_evaluates(tmp_path):
     assert r.returncode == 2 and "packs of 4" in r.stderr
 
 
+@pytest.mark.slow  # 17 s; resume is exact in test_train/test_resnet, lr decay is a function of the step
 def test_lr_decay_and_r1_resume_exactly(tmp_path):
     """A linearly decaying learning rate (a function of the step) and the R1 penalty: resuming at
     step 3 gives step 6 bitwise, and the logged factor follows (steps - step) / (steps - start)."""

@@ -141,7 +141,12 @@ RESUME = [
 ]
 
 
-@pytest.mark.parametrize("preset, extra", RESUME, ids=[p for p, _ in RESUME])
+# stacked-digits-r3gan (17 s) in `make test-all`: the same recipe as digits-r3gan on another data set
+@pytest.mark.parametrize(
+    "preset, extra",
+    [pytest.param(p, e, marks=pytest.mark.slow) if p.startswith("stacked") else (p, e) for p, e in RESUME],
+    ids=[p for p, _ in RESUME],
+)
 def test_new_presets_resume_exactly(tmp_path, preset, extra):
     common = ["--preset", preset, *FAST[3:], *extra, "train.ckpt_every=3", "train.log_every=1", "train.steps=6"]
     # (learning-rate schedules depend on train.steps: the second run resumes from the full run's step 3)
@@ -157,6 +162,7 @@ def test_new_presets_resume_exactly(tmp_path, preset, extra):
         assert all("loss/lecam" in m for m in logged)
 
 
+@pytest.mark.slow  # 8 s; `sample --class` is tested on cgan in test_variants
 def test_biggan_samples_by_class(tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", "--preset", "digits-biggan", *FAST[3:], *TINY, "--out", run, "train.steps=2", env=FALLBACK)

@@ -174,6 +174,7 @@ def test_default_command_builds_the_digits_cache(tmp_path):
     assert os.path.exists(tmp_path / "run" / "checkpoints" / "step-00000002" / "model.safetensors")
 
 
+@pytest.mark.slow  # 11 s; tests/test_ddp.py checks the same equality on 2 ranks
 def test_grad_accum_equals_bigger_batch(tmp_path, digits_shards):
     """accum=2 x batch 16 takes the same samples and noise as accum=1 x batch 32 (MLP: no BatchNorm),
     so after 2 steps G, D and both Adam states agree to float tolerance."""
