@@ -48,8 +48,9 @@ VARIANTS = {
     "pacgan2": ["variant.pack=2"],
     "pacgan4": ["variant.pack=4"],
     "gan-r1": [],  # the ring-gan-r1 / grid-gan-r1 presets: maxout D, R1, TTUR, lr decay, no EMA
+    "r3gan": [],  # grid-r3gan: the same MLPs with RpGAN + R1 + R2 (R3GAN's recipe), no DRS
 }
-PRESET = {"gan-r1": "{dataset}-gan-r1"}  # default: {dataset}-gan
+PRESET = {"gan-r1": "{dataset}-gan-r1", "r3gan": "{dataset}-r3gan"}  # default: {dataset}-gan
 STACKED_PRESET = {"gan-r1": "stacked-digits-r1"}  # default: stacked-digits-dcgan
 DRS_VARIANTS = ("gan-r1",)  # also measured with discriminator rejection sampling (eval --drs)
 DRS_CALIBRATE = 6000  # ... and with D first trained this many steps against the final G (--drs-calibrate)
