@@ -65,11 +65,10 @@ class StepContext:
         `nonfinite`, which the trainer reads at the next log or checkpoint step (train.on_nan).
         Gradients are all-reduced by then, so every rank decides the same. With fp16, the gradient
         scaler makes this decision itself (an overflow there is routine: it lowers the scale and
-        skips the step), and reads it on the host as it always does."""
+        skips the step, reading its flag on the host as GradScaler always does)."""
         name = self.optimizer_names.get(id(optimizer), "optimizer")
-        if self.accelerator.scaler is not None:
+        if self.accelerator.scaler is not None:  # its own skip is routine (the scale drops): not a NaN step
             optimizer.step()
-            self.nonfinite.append((name, torch.tensor(bool(optimizer.step_was_skipped))))
             return
         inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
         params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
