@@ -99,13 +99,11 @@ def apply(ops: tuple[str, ...], x: torch.Tensor, p: float | torch.Tensor = 1.0) 
     op is applied to each image with probability p (ADA's strength), and p = 0 is the identity.
     A tensor p (ADA's, on the device) is never read on the host: every op is drawn and kept where
     rand >= p, which is the identity at p = 0 too."""
+    on_device = isinstance(p, torch.Tensor)
     for op in ops:
-        if isinstance(p, torch.Tensor):
-            keep = torch.rand(x.size(0), 1, 1, 1, device=x.device) >= p
-            x = torch.where(keep, x, FUNCTIONS[op](x))
-        elif p >= 1.0:
+        if not on_device and p >= 1.0:
             x = FUNCTIONS[op](x)
-        elif p > 0.0:
+        elif on_device or p > 0.0:
             keep = torch.rand(x.size(0), 1, 1, 1, device=x.device) >= p
             x = torch.where(keep, x, FUNCTIONS[op](x))
     return x

@@ -171,7 +171,8 @@ def periodic(run: Run, log: MetricLog, bar, stopping: int, micro_batches: int, a
     last = step == t.steps
     log_due = step % t.log_every == 0 or last or stopping
     eval_due = t.eval_every and (step % t.eval_every == 0 or last)
-    if log_due or eval_due or step % t.ckpt_every == 0 or last or stopping:
+    save_due = step % t.ckpt_every == 0 or last or stopping
+    if log_due or eval_due or save_due:
         log.resolve_nonfinite(run)  # before anything is logged or saved: may stop the run (train.on_nan)
     if log_due:
         losses = log.flush(run, step, micro_batches, allreduces)
@@ -181,7 +182,7 @@ def periodic(run: Run, log: MetricLog, bar, stopping: int, micro_batches: int, a
     improved = False
     if eval_due:
         improved = evaluate(run, step)
-    if step % t.ckpt_every == 0 or last or stopping or improved:
+    if save_due or improved:
         save(run, step)
     if improved:
         keep_best(run, step)

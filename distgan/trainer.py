@@ -66,7 +66,6 @@ class StepContext:
         Gradients are all-reduced by then, so every rank decides the same. With fp16, the gradient
         scaler makes this decision itself (an overflow there is routine: it lowers the scale and
         skips the step, reading its flag on the host as GradScaler always does)."""
-        name = self.optimizer_names.get(id(optimizer), "optimizer")
         if self.accelerator.scaler is not None:  # its own skip is routine (the scale drops): not a NaN step
             optimizer.step()
             return
@@ -89,7 +88,7 @@ class StepContext:
                     if isinstance(v, torch.Tensor):  # state made by this very step goes back to zeros
                         old_v = state_before.get((i, k))
                         v.copy_(torch.where(bad, old_v if old_v is not None else torch.zeros_like(v), v))
-        self.nonfinite.append((name, bad))
+        self.nonfinite.append((self.optimizer_names.get(id(optimizer), "optimizer"), bad))
 
     def pop_nonfinite(self) -> tuple[list[str], torch.Tensor] | None:
         """(optimizer names, their NaN/Inf flags as one device tensor) of this step, or None."""

@@ -44,12 +44,9 @@ def _sn_impl(weight, u, v, n_power_iterations, eps, dim, write_w):
     dt = reference.iteration_dtype(weight)
     with torch.no_grad():
         mat = reference.sn_matrix(weight, dim).to(dt)
-        vv = v.to(dt)
-        for _ in range(n_power_iterations):
-            t = torch.mv(mat, vv)
-            uu = t / t.norm().clamp_min(eps)
-            s = torch.mv(mat.t(), uu)
-            vv = s / s.norm().clamp_min(eps)
+        t, uu = reference.power_vectors(mat, v.to(dt), n_power_iterations, eps)
+        s = torch.mv(mat.t(), uu)
+        vv = s / s.norm().clamp_min(eps)
         sigma = torch.dot(vv, s)
         out = (weight.to(dt) / sigma).to(weight.dtype) if write_w else weight.new_empty(0)
     return out, t.float(), s.float(), sigma.float(), uu.to(u.dtype), vv.to(v.dtype)
@@ -82,15 +79,9 @@ def _sn_setup(ctx, inputs, output):
 
 def _sn_backward(ctx, g_out, g_t, g_s, g_sigma, g_u, g_v):
     weight, t, s, sigma = ctx.saved_tensors
-    u, v = t / t.norm().clamp_min(ctx.eps), s / s.norm().clamp_min(ctx.eps)
-    uv = reference._from_matrix(torch.outer(u, v), weight.shape, ctx.dim)
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    if ctx.write_w and g_out is not None:
-        gf = g_out.float()
-        dw = gf / sigma - ((gf * weight.float()).sum() / (sigma * sigma)) * uv
-    if g_sigma is not None:
-        dw = dw + g_sigma.float() * uv
-    return dw.to(weight.dtype), None, None, None, None, None, None
+    g_out = g_out if ctx.write_w else None
+    dw = reference.sn_grad(weight, t, s, sigma, ctx.dim, ctx.eps, g_out=g_out, g_sigma=g_sigma)
+    return dw, None, None, None, None, None, None
 
 
 spectral_norm_op.register_autograd(_sn_backward, setup_context=_sn_setup)

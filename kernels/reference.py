@@ -213,6 +213,52 @@ def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x / x.norm().clamp_min(eps)
 
 
+def sn_grad(w, t, s, sigma, dim, eps, g_out=None, g_sigma=None) -> torch.Tensor:
+    """dL/dW (in W's dtype) of W_sn = W / sigma and/or of sigma itself, with sigma = u^T W v as a
+    function of W and u = t/|t|, v = s/|s| constants: d sigma/dW = u v^T, so
+    dL/dW = G/sigma - (<G, W>/sigma^2) u v^T + g_sigma u v^T for G = dL/dW_sn."""
+    uv = _from_matrix(torch.outer(_normalize(t, eps), _normalize(s, eps)), w.shape, dim)
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    if g_out is not None:
+        gf = g_out.float()
+        dw = gf / sigma - ((gf * w.float()).sum() / (sigma * sigma)) * uv
+    if g_sigma is not None:
+        dw = dw + g_sigma.float() * uv
+    return dw.to(w.dtype)
+
+
+@torch.no_grad()
+def power_vectors(mat: torch.Tensor, v: torch.Tensor, n: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """n power iterations on the matrix `mat` from v, without grad: (t = W v, u = t/|t|) of the last
+    one (s = W^T u is left to the caller, which may want it differentiable)."""
+    for i in range(n):
+        t = torch.mv(mat, v)
+        u = _normalize(t, eps)
+        if i + 1 < n:
+            v = _normalize(torch.mv(mat.t(), u), eps)
+    return t, u
+
+
+def _sn_save(ctx, weights, saved) -> None:
+    ctx.meta = [(dim, eps) for _, _, _, dim, eps in saved]
+    ctx.save_for_backward(*weights, *(x for t, s, sigma, _, _ in saved for x in (t, s, sigma)))
+
+
+def _sn_backward(ctx, grads, kind: str) -> tuple:
+    """The weights' gradients from the outputs' (`kind`: "g_out" for W_sn, "g_sigma" for sigma)."""
+    n = len(ctx.meta)
+    tensors = ctx.saved_tensors
+    weights, rest = tensors[:n], tensors[n:]
+    out = [None]
+    for i, (g, w, (dim, eps)) in enumerate(zip(grads, weights, ctx.meta)):
+        if g is None or not ctx.needs_input_grad[1 + i]:
+            out.append(None)
+            continue
+        t, s, sigma = rest[3 * i : 3 * i + 3]
+        out.append(sn_grad(w, t, s, sigma, dim, eps, **{kind: g}))
+    return tuple(out)
+
+
 class SNWeights(torch.autograd.Function):
     """W_sn[i] = W[i] / sigma[i] for one or many layers, sigma[i] = u_i^T W[i] v_i as a function of
     W[i] with u_i, v_i constants (PyTorch's gradient). `compute(weights)` runs the power iteration
@@ -223,27 +269,12 @@ class SNWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, compute, *weights):
         outs, saved = compute(weights)
-        ctx.meta = [(dim, eps) for _, _, _, dim, eps in saved]
-        ctx.save_for_backward(*weights, *(x for t, s, sigma, _, _ in saved for x in (t, s, sigma)))
+        _sn_save(ctx, weights, saved)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        n = len(ctx.meta)
-        tensors = ctx.saved_tensors
-        weights, rest = tensors[:n], tensors[n:]
-        out = [None]
-        for i, (g, w, (dim, eps)) in enumerate(zip(grads, weights, ctx.meta)):
-            if g is None or not ctx.needs_input_grad[1 + i]:
-                out.append(None)
-                continue
-            t, s, sigma = rest[3 * i : 3 * i + 3]
-            u, v = _normalize(t, eps), _normalize(s, eps)
-            gf = g.float()
-            coef = (gf * w.float()).sum() / (sigma * sigma)
-            dw = gf / sigma - coef * _from_matrix(torch.outer(u, v), w.shape, dim)
-            out.append(dw.to(w.dtype))
-        return tuple(out)
+        return _sn_backward(ctx, grads, "g_out")
 
 
 class SNSigma(torch.autograd.Function):
@@ -256,22 +287,12 @@ class SNSigma(torch.autograd.Function):
     @staticmethod
     def forward(ctx, compute, *weights):
         sigmas, saved = compute(weights)
-        ctx.meta = [(dim, eps, w.shape, w.dtype) for (_, _, _, dim, eps), w in zip(saved, weights)]
-        ctx.save_for_backward(*(x for t, s, _, _, _ in saved for x in (t, s)))
+        _sn_save(ctx, weights, saved)
         return tuple(sigmas)
 
     @staticmethod
     def backward(ctx, *grads):
-        tensors = ctx.saved_tensors
-        out = [None]
-        for i, (g, (dim, eps, shape, dtype)) in enumerate(zip(grads, ctx.meta)):
-            if g is None or not ctx.needs_input_grad[1 + i]:
-                out.append(None)
-                continue
-            t, s = tensors[2 * i : 2 * i + 2]
-            u, v = _normalize(t, eps), _normalize(s, eps)
-            out.append(_from_matrix(g.float() * torch.outer(u, v), shape, dim).to(dtype))
-        return tuple(out)
+        return _sn_backward(ctx, grads, "g_sigma")
 
 
 class SpectralNorm(torch.nn.Module):
@@ -378,12 +399,7 @@ class SpectralNorm(torch.nn.Module):
         dt = iteration_dtype(weight)
         with _fp32(weight):
             mat = self.matrix(weight).to(dt)
-            with torch.no_grad():
-                v = self._v.to(dt)
-                for i in range(self.n_power_iterations):
-                    u = _normalize(torch.mv(mat, v), self.eps)
-                    if i + 1 < self.n_power_iterations:
-                        v = _normalize(torch.mv(mat.t(), u), self.eps)
+            _, u = power_vectors(mat, self._v.to(dt), self.n_power_iterations, self.eps)
             s = torch.mv(mat.t(), u)
             v = _normalize(s.detach(), self.eps)
             self._u.copy_(u)
