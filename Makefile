@@ -24,10 +24,10 @@ demo: venv
 	$(BIN)/distgan sample --ckpt runs/demo --n 100 --out runs/demo/final-samples.png
 
 test: venv
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test-all: venv
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m ""
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n auto --dist loadfile -m ""
 
 lint: venv
 	$(BIN)/ruff check distgan kernels tests benchmarks

@@ -6,6 +6,13 @@ each class), and judges them with a classifier trained on the real digits
 (distgan/metrics/digits.py). Held-out real digits give the reference row. For a conditional model
 it also reports how many samples the classifier gives confidently to the class they were drawn for.
 
+FID in the digits features (the hidden layer of distgan.metrics.fid.DigitFeatures, the feature space of
+`distgan eval`): the held-out quarter of the real digits (the classifier's test split, 450) against the
+other three quarters (the "training digits", 1347) is the reference; generated samples are measured against
+the same 1347 in disjoint subsets of the same size as the held-out set (stratified by class for a
+conditional model, as the held-out split is), so both FIDs carry the same small-sample bias. The generator
+trained on all 1797 digits, held-out ones included.
+
     python benchmarks/digits_quality.py [--preset digits-cgan] [--run EXISTING_RUN_DIR] [--name NAME] [key=value ...]
 """
 
@@ -32,7 +39,7 @@ from distgan.metrics import digits  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="digits-cgan", help="default: the preset of `make demo`")
-    p.add_argument("--run", help="judge this run's latest checkpoint instead of training one")
+    p.add_argument("--run", help="judge this run's latest checkpoint (or this step folder) instead of training one")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--name", default="digits_quality", help="results/<name>-<machine>.{json,md} (to keep several)")
     p.add_argument("overrides", nargs="*")
@@ -56,7 +63,8 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run(cmd, check=True)
             seconds = time.perf_counter() - start
-        classes = checkpoint.read_meta(run)[1]["config"]["model"]["num_classes"]
+        folder, meta = checkpoint.read_meta(run)
+        classes = meta["config"]["model"]["num_classes"]
         per_class = ["--class", "all", "--n", str(args.n // classes)] if classes else ["--n", str(args.n)]
         subprocess.run(
             [sys.executable, "-m", "distgan", "sample", "--ckpt", run, *per_class, "--out", f"{tmp}/s.npy"], check=True
@@ -66,6 +74,7 @@ def main() -> None:
         order = torch.arange(100) if not classes else torch.arange(10)[:, None] * (args.n // 10) + torch.arange(10)
         images_module.save_png(grid, images_module.make_grid(images[order.flatten()], nrow=10, scale=4))
         result = digits.evaluate(images)
+        result["fid"] = digit_fids(images, classes, args.n)
         if classes:  # `--class all` draws the classes in order, n // classes each
             wanted = np.arange(classes).repeat(args.n // classes)
             probs = digits.fit_classifier(images.shape[-1])[0].predict_proba(digits.to_features(images))
@@ -84,15 +93,56 @@ def main() -> None:
                 "confidently the requested class": r.get("requested_class", "n/a"),
             }
         )
+    fids = result["fid"]
+    for row, value in zip(rows, (fids["generated_mean"], fids["real_heldout"])):
+        row["digits FID vs training digits"] = value
     accuracy = result["real_heldout"]["accuracy"]
     wall = f"{seconds:.0f} s" if seconds else "n/a (existing run)"
+    source = f"Run {args.run}" if args.run else f"Preset {args.preset} {' '.join(args.overrides)}".rstrip()
     notes = (
-        f"Preset {args.preset} {' '.join(args.overrides)}; training wall time {wall}. Classifier: logistic regression on the real digits "
-        f"resized to the training resolution, held-out accuracy {accuracy:.3f}. Histograms count confident predictions only."
+        f"{source}; checkpoint {folder.name}; training wall time {wall}. Classifier: logistic regression on the real digits "
+        f"resized to the training resolution, held-out accuracy {accuracy:.3f}. Histograms count confident predictions only. "
+        f"Digits FID: {len(fids['generated'])} disjoint subsets of {fids['subset']} generated images "
+        f"({', '.join(f'{v:.2f}' for v in fids['generated'])}; mean in the table) and the {fids['subset']} held-out real "
+        f"digits, each against the {fids['training_digits']} training digits; ratio generated/real "
+        f"{fids['generated_mean'] / fids['real_heldout']:.2f}."
     )
     common.write(
-        args.name, rows, list(rows[0]), notes, extra={"train_seconds": seconds, "classifier_accuracy": accuracy}
+        args.name,
+        rows,
+        list(rows[0]),
+        notes,
+        extra={"train_seconds": seconds, "classifier_accuracy": accuracy, "fid": fids},
     )
+
+
+def digit_fids(images: torch.Tensor, classes: int, n: int) -> dict:
+    """Digits-feature FID of held-out real digits and of same-sized subsets of `images`, all against
+    the training digits (see the module docstring)."""
+    from sklearn.model_selection import train_test_split
+
+    from distgan.metrics import fid as fidlib
+
+    r = images.shape[-1]
+    x, y = digits.real_digits(r)
+    x_train, x_test, _, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    net = fidlib.DigitFeatures(r)
+    train_feats = net.features(torch.from_numpy(x_train).view(-1, 1, r, r))
+    real = fidlib.fid(net.features(torch.from_numpy(x_test).view(-1, 1, r, r)), train_feats)
+    size = len(x_test)
+    if classes:  # `--class all`: n // classes of each class in order; take the held-out split's class counts
+        per = n // classes
+        counts = np.bincount(y_test, minlength=classes)
+        subsets = []
+        for k in range(per // counts.max()):
+            subsets.append(np.concatenate([c * per + k * counts.max() + np.arange(counts[c]) for c in range(classes)]))
+    else:
+        subsets = [np.arange(k * size, (k + 1) * size) for k in range(len(images) // size)]
+    if not subsets:
+        raise SystemExit(f"--n {n} is too few for an FID subset of {size}")
+    gen = [fidlib.fid(net.features(images[idx]), train_feats) for idx in subsets]
+    return {"real_heldout": real, "generated": gen, "generated_mean": float(np.mean(gen)), "subset": size,
+            "training_digits": len(x_train)}  # fmt: skip
 
 
 if __name__ == "__main__":
