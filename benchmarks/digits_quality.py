@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--run", help="judge this run's latest checkpoint (or this step folder) instead of training one")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--name", default="digits_quality", help="results/<name>-<machine>.{json,md} (to keep several)")
+    p.add_argument("--about", default="", help="with --run: how that run was trained, for the notes")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +99,7 @@ def main() -> None:
         row["digits FID vs training digits"] = value
     accuracy = result["real_heldout"]["accuracy"]
     wall = f"{seconds:.0f} s" if seconds else "n/a (existing run)"
-    source = f"Run {args.run}" if args.run else f"Preset {args.preset} {' '.join(args.overrides)}".rstrip()
+    source = f"Run {args.run} ({args.about or 'no description'})" if args.run else f"Preset {args.preset} {' '.join(args.overrides)}".rstrip()
     notes = (
         f"{source}; checkpoint {folder.name}; training wall time {wall}. Classifier: logistic regression on the real digits "
         f"resized to the training resolution, held-out accuracy {accuracy:.3f}. Histograms count confident predictions only. "
