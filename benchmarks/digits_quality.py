@@ -99,7 +99,11 @@ def main() -> None:
         row["digits FID vs training digits"] = value
     accuracy = result["real_heldout"]["accuracy"]
     wall = f"{seconds:.0f} s" if seconds else "n/a (existing run)"
-    source = f"Run {args.run} ({args.about or 'no description'})" if args.run else f"Preset {args.preset} {' '.join(args.overrides)}".rstrip()
+    source = (
+        f"Run {args.run} ({args.about or 'no description'})"
+        if args.run
+        else f"Preset {args.preset} {' '.join(args.overrides)}".rstrip()
+    )
     notes = (
         f"{source}; checkpoint {folder.name}; training wall time {wall}. Classifier: logistic regression on the real digits "
         f"resized to the training resolution, held-out accuracy {accuracy:.3f}. Histograms count confident predictions only. "
