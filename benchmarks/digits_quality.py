@@ -124,13 +124,10 @@ def main() -> None:
 def digit_fids(images: torch.Tensor, classes: int, n: int) -> dict:
     """Digits-feature FID of held-out real digits and of same-sized subsets of `images`, all against
     the training digits (see the module docstring)."""
-    from sklearn.model_selection import train_test_split
-
     from distgan.metrics import fid as fidlib
 
     r = images.shape[-1]
-    x, y = digits.real_digits(r)
-    x_train, x_test, _, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    x_train, x_test, _, y_test = digits.split(r)
     net = fidlib.DigitFeatures(r)
     train_feats = net.features(torch.from_numpy(x_train).view(-1, 1, r, r))
     real = fidlib.fid(net.features(torch.from_numpy(x_test).view(-1, 1, r, r)), train_feats)

@@ -260,18 +260,6 @@ def _valid_keys(path: str) -> list[str]:
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
-def _is_section(dotted: str) -> bool:
-    """Whether the schema has a section (not a value) at `dotted`."""
-    node: Any = Config
-    for part in dotted.split("."):
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
-        if part not in fields:
-            return False
-        node = fields[part].type
-        node = globals().get(node, node) if isinstance(node, str) else node
-    return dataclasses.is_dataclass(node)
-
-
 def _explain(exc: OmegaConfBaseException, source: str) -> UserError:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
@@ -321,7 +309,7 @@ def load_config(
         if "=" not in item or item.startswith("="):
             raise UserError(f"override '{item}' is not of the form key=value (e.g. train.steps=200)")
         key, value = item.split("=", 1)
-        if _is_section(key):  # e.g. tracking.wandb=disabled
+        if dataclasses.is_dataclass(_key_type(key)):  # a section, e.g. tracking.wandb=disabled
             raise UserError(f"override '{item}': '{key}' is a section, not a value; set one of its keys "
                             f"({key}.KEY=VALUE): {', '.join(_valid_keys(key))}")  # fmt: skip
         try:

@@ -26,12 +26,19 @@ def real_digits(resolution: int) -> tuple[np.ndarray, np.ndarray]:
     return out.reshape(len(x), -1).astype(np.float32) / 127.5 - 1.0, y
 
 
-def fit_classifier(resolution: int, seed: int = 0):
-    from sklearn.linear_model import LogisticRegression
+def split(resolution: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, x_test, y_train, y_test): the real digits (as `real_digits`) split 3:1, stratified by
+    class; the judges (this classifier and metrics.fid.DigitFeatures) train on the first part."""
     from sklearn.model_selection import train_test_split
 
     x, y = real_digits(resolution)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    return train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+
+
+def fit_classifier(resolution: int, seed: int = 0):
+    from sklearn.linear_model import LogisticRegression
+
+    x_train, x_test, y_train, y_test = split(resolution, seed)
     clf = LogisticRegression(C=1.0, max_iter=5000).fit(x_train, y_train)
     return clf, x_test, y_test
 

@@ -151,13 +151,11 @@ class DigitFeatures:
 
     @staticmethod
     def _train(resolution: int, seed: int, path: Path) -> None:
-        from sklearn.model_selection import train_test_split
         from sklearn.neural_network import MLPClassifier
 
-        from distgan.metrics.digits import real_digits
+        from distgan.metrics.digits import split
 
-        x, y = real_digits(resolution)
-        x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+        x_tr, x_te, y_tr, y_te = split(resolution, seed)
         clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=seed).fit(x_tr, y_tr)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
