@@ -95,8 +95,14 @@ def main() -> None:
             }
         )
     fids = result["fid"]
-    for row, value in zip(rows, (fids["generated_mean"], fids["real_heldout"])):
+    for row, value, prec, rec in zip(
+        rows,
+        (fids["generated_mean"], fids["real_heldout"]),
+        (fids["precision"], fids["real_precision"]),
+        (fids["recall"], fids["real_recall"]),
+    ):
         row["digits FID vs training digits"] = value
+        row["precision / recall (k=3)"] = f"{prec:.3f} / {rec:.3f}"
     accuracy = result["real_heldout"]["accuracy"]
     wall = f"{seconds:.0f} s" if seconds else "n/a (existing run)"
     source = (
@@ -110,7 +116,9 @@ def main() -> None:
         f"Digits FID: {len(fids['generated'])} disjoint subsets of {fids['subset']} generated images "
         f"({', '.join(f'{v:.2f}' for v in fids['generated'])}; mean in the table) and the {fids['subset']} held-out real "
         f"digits, each against the {fids['training_digits']} training digits; ratio generated/real "
-        f"{fids['generated_mean'] / fids['real_heldout']:.2f}."
+        f"{fids['generated_mean'] / fids['real_heldout']:.2f}. Precision / recall: Kynkaenniemi et al. (2019), k=3, in the "
+        f"same features and subsets against the training digits (mean over subsets): precision, how many samples lie "
+        f"on the real manifold; recall, how much of it the samples cover."
     )
     common.write(
         args.name,
@@ -130,7 +138,8 @@ def digit_fids(images: torch.Tensor, classes: int, n: int) -> dict:
     x_train, x_test, _, y_test = digits.split(r)
     net = fidlib.DigitFeatures(r)
     train_feats = net.features(torch.from_numpy(x_train).view(-1, 1, r, r))
-    real = fidlib.fid(net.features(torch.from_numpy(x_test).view(-1, 1, r, r)), train_feats)
+    test_feats = net.features(torch.from_numpy(x_test).view(-1, 1, r, r))
+    real = fidlib.fid(test_feats, train_feats)
     size = len(x_test)
     if classes:  # `--class all`: n // classes of each class in order; take the held-out split's class counts
         per = n // classes
@@ -143,8 +152,12 @@ def digit_fids(images: torch.Tensor, classes: int, n: int) -> dict:
     if not subsets:
         raise SystemExit(f"--n {n} is too few for an FID subset of {size}")
     gen = [fidlib.fid(net.features(images[idx]), train_feats) for idx in subsets]
+    # Precision and recall (Kynkaenniemi et al. 2019, k=3) in the same features and subsets: which half of FID is it?
+    pr = np.array([fidlib.precision_recall(train_feats, net.features(images[idx])) for idx in subsets])
+    real_pr = fidlib.precision_recall(train_feats, test_feats)
     return {"real_heldout": real, "generated": gen, "generated_mean": float(np.mean(gen)), "subset": size,
-            "training_digits": len(x_train)}  # fmt: skip
+            "training_digits": len(x_train), "precision": float(pr[:, 0].mean()), "recall": float(pr[:, 1].mean()),
+            "real_precision": real_pr[0], "real_recall": real_pr[1]}  # fmt: skip
 
 
 if __name__ == "__main__":
