@@ -69,6 +69,42 @@ def test_labels_change_g_and_the_projection_term_is_the_inner_product():
     assert (D(x, y1) - D(x, y2))[1] == 0  # same label, same logit
 
 
+def test_minibatch_discrimination_in_the_resnet_d_sees_the_batch_and_leaves_the_projection():
+    torch.manual_seed(0)
+    D = resnet.Discriminator(1, 32, width=2, num_classes=10, minibatch=(8, 3))
+    plain = resnet.Discriminator(1, 32, width=2, num_classes=10)
+    assert D.linear.in_features == plain.linear.in_features + 8
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        D.mbd.T.mul_(0.1)  # distances small enough that exp(-L1) is not 0 for every pair
+        out = D(x, y)
+        x2 = x.clone()
+        x2[3] = x2[0]  # sample 3 becomes a duplicate of sample 0: samples 0 and 1 see a different batch
+        out2 = D(x2, y)
+    assert out.shape == (4,)
+    assert not torch.allclose(out[1], out2[1])  # sample 1 itself is unchanged, its batch is not
+    # the projection term is <embed(y), h> still: label changes move the logit by exactly that
+    y2 = torch.tensor([5, 1, 2, 3])
+    with torch.no_grad():
+        h = x
+        for block in D.blocks:
+            h = block(h)
+        h = F.relu(h).sum(dim=(2, 3))
+        delta = D(x, y) - D(x, y2)
+    assert torch.allclose(delta[0], ((D.embed.weight[0] - D.embed.weight[5]) * h[0]).sum(), atol=1e-4)
+    assert torch.equal(delta[1:], torch.zeros(3))
+
+
+def test_resnet_d_with_minibatch_discrimination_builds_from_the_config_and_backpropagates():
+    cfg = config.load_config("digits-biggan", None, [*TINY, "model.d.minibatch_discrimination=true",
+                                                     "model.d.mbd_kernels=4", "model.d.mbd_kernel_dim=3"])  # fmt: skip
+    v = variants.get(cfg.variant.name)(cfg)
+    D = v.models["D"]
+    assert D.mbd is not None and D.mbd.num_kernels == 4
+    D(torch.randn(8, 1, 32, 32), torch.arange(8)).sum().backward()
+    assert D.mbd.T.grad is not None and D.mbd.T.grad.abs().sum() > 0
+
+
 def count_layers(module):
     layers = [m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     normed = [m for m in layers if hasattr(m, "parametrizations") and "weight" in m.parametrizations]

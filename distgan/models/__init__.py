@@ -31,8 +31,6 @@ def check_config(cfg) -> None:
                              ("model.g.hierarchical", g.hierarchical, g.arch)):  # fmt: skip
         if value and arch != "resnet":
             raise UserError(f"config key '{key}' applies to the resnet models; got arch '{arch}'")
-    if d.arch == "resnet" and d.minibatch_discrimination:
-        raise UserError("model.d.minibatch_discrimination is not built into the resnet D (use arch dcgan or toy)")
 
 
 def build_generator(cfg, z_dim: int | None = None, num_classes: int = 0) -> nn.Module:

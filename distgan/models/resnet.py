@@ -11,8 +11,10 @@ chunk concatenated to the embedding (BigGAN's hierarchical latent). Unconditiona
 
 D: down-blocks (ReLU -> conv3 -> ReLU -> conv3 -> avg-pool 2, shortcut conv1 -> avg-pool 2; the
 first block starts without the ReLU and pools before its shortcut conv, as in the papers), ReLU,
-a sum over the positions, a linear logit, and with `num_classes > 0` the projection term
-<embed(y), h> (Miyato & Koyama 2018).
+a sum over the positions h, a linear logit, and with `num_classes > 0` the projection term
+<embed(y), h> (Miyato & Koyama 2018). With `minibatch=(kernels, dim)` the logit's linear layer
+sees h and its minibatch-discrimination features (Salimans et al. 2016, kernels/ on the pairwise
+L1), so D can tell a batch of near-duplicates from a varied one; the projection term keeps h.
 
 Channel widths are `width` times BigGAN's multipliers for the resolution (32: the SNGAN/BigGAN
 CIFAR layout, 4 x width throughout, D's last two blocks without pooling; 64-256: the ImageNet
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distgan.errors import UserError
+from distgan.models.layers import MinibatchDiscrimination
 
 # resolution -> (G's per-block output multipliers from 4x4 up, D's per-block output multipliers,
 # D's per-block downsampling). G's first map has the first multiplier's width as well.
@@ -207,7 +210,7 @@ class Discriminator(nn.Module):
     def __init__(
         self, channels: int, resolution: int, width: int = 64, minibatch=None, num_classes: int = 0, attention: int = 0
     ):
-        super().__init__()  # (minibatch discrimination is refused for this D by models.check_config)
+        super().__init__()
         check_resolution(resolution, "model.d.arch")
         _, mults, downs = LAYOUTS[resolution]
         self.blocks = nn.ModuleList()
@@ -221,7 +224,10 @@ class Discriminator(nn.Module):
         if attention and not len(self.attn):
             raise UserError(f"model.d.attention={attention} is not a block resolution of this D")
         self.features = cin
-        self.linear = nn.Linear(cin, 1)
+        # minibatch discrimination (num_kernels, kernel_dim) on the pooled features, before the logit; the
+        # projection term keeps the pooled features alone
+        self.mbd = MinibatchDiscrimination(cin, *minibatch) if minibatch else None
+        self.linear = nn.Linear(self.mbd.out_features if self.mbd else cin, 1)
         self.embed = nn.Embedding(num_classes, cin) if num_classes else None
         init_weights(self)
 
@@ -232,7 +238,7 @@ class Discriminator(nn.Module):
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)
         h = F.relu(h).sum(dim=(2, 3))
-        out = self.linear(h).flatten()
+        out = self.linear(self.mbd(h) if self.mbd is not None else h).flatten()
         if self.embed is not None:
             if y is None:
                 raise ValueError("a conditional resnet D needs the labels y")
