@@ -151,9 +151,10 @@ def digit_fids(images: torch.Tensor, classes: int, n: int) -> dict:
         subsets = [np.arange(k * size, (k + 1) * size) for k in range(len(images) // size)]
     if not subsets:
         raise SystemExit(f"--n {n} is too few for an FID subset of {size}")
-    gen = [fidlib.fid(net.features(images[idx]), train_feats) for idx in subsets]
+    feats = [net.features(images[idx]) for idx in subsets]
+    gen = [fidlib.fid(f, train_feats) for f in feats]
     # Precision and recall (Kynkaenniemi et al. 2019, k=3) in the same features and subsets: which half of FID is it?
-    pr = np.array([fidlib.precision_recall(train_feats, net.features(images[idx])) for idx in subsets])
+    pr = np.array([fidlib.precision_recall(train_feats, f) for f in feats])
     real_pr = fidlib.precision_recall(train_feats, test_feats)
     return {"real_heldout": real, "generated": gen, "generated_mean": float(np.mean(gen)), "subset": size,
             "training_digits": len(x_train), "precision": float(pr[:, 0].mean()), "recall": float(pr[:, 1].mean()),

@@ -49,6 +49,14 @@ def test_bad_resolution_and_hierarchical_split_are_refused():
         config.load_config("digits-dcgan", None, ["model.g.attention=8"])
 
 
+def pooled(D, x):
+    """The resnet D's pooled features h (what its projection term multiplies)."""
+    h = x
+    for block in D.blocks:
+        h = block(h)
+    return F.relu(h).sum(dim=(2, 3))
+
+
 def test_labels_change_g_and_the_projection_term_is_the_inner_product():
     torch.manual_seed(0)
     G = resnet.Generator(16, 1, 32, width=2, num_classes=10, embed_dim=4).eval()
@@ -60,10 +68,7 @@ def test_labels_change_g_and_the_projection_term_is_the_inner_product():
     assert not torch.allclose(a, b)
     x = torch.randn(3, 1, 32, 32)
     y1, y2 = torch.tensor([0, 4, 9]), torch.tensor([3, 4, 1])
-    h = x
-    for block in D.blocks:
-        h = block(h)
-    h = F.relu(h).sum(dim=(2, 3))
+    h = pooled(D, x)
     want = ((D.embed.weight[y1] - D.embed.weight[y2]) * h).sum(1)
     assert torch.allclose(D(x, y1) - D(x, y2), want, atol=1e-4)
     assert (D(x, y1) - D(x, y2))[1] == 0  # same label, same logit
@@ -86,10 +91,7 @@ def test_minibatch_discrimination_in_the_resnet_d_sees_the_batch_and_leaves_the_
     # the projection term is <embed(y), h> still: label changes move the logit by exactly that
     y2 = torch.tensor([5, 1, 2, 3])
     with torch.no_grad():
-        h = x
-        for block in D.blocks:
-            h = block(h)
-        h = F.relu(h).sum(dim=(2, 3))
+        h = pooled(D, x)
         delta = D(x, y) - D(x, y2)
     assert torch.allclose(delta[0], ((D.embed.weight[0] - D.embed.weight[5]) * h[0]).sum(), atol=1e-4)
     assert torch.equal(delta[1:], torch.zeros(3))
