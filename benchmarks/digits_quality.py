@@ -13,7 +13,7 @@ the same 1347 in disjoint subsets of the same size as the held-out set (stratifi
 conditional model, as the held-out split is), so both FIDs carry the same small-sample bias. The generator
 trained on all 1797 digits, held-out ones included.
 
-    python benchmarks/digits_quality.py [--preset digits-cgan] [--run EXISTING_RUN_DIR] [--name NAME] [key=value ...]
+    python benchmarks/digits_quality.py [--preset digits-cgan] [--run EXISTING_RUN_DIR] [--name NAME] [--standing-stats BATCHES] [key=value ...]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--name", default="digits_quality", help="results/<name>-<machine>.{json,md} (to keep several)")
     p.add_argument("--about", default="", help="with --run: how that run was trained, for the notes")
+    p.add_argument("--standing-stats", type=int, default=0, metavar="BATCHES",
+                   help="sample with `distgan sample --standing-stats BATCHES` (BigGAN's standing statistics)")  # fmt: skip
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,8 +70,9 @@ def main() -> None:
         classes = meta["config"]["model"]["num_classes"]
         per_class = ["--class", "all", "--n", str(args.n // classes)] if classes else ["--n", str(args.n)]
         subprocess.run(
-            [sys.executable, "-m", "distgan", "sample", "--ckpt", run, *per_class, "--out", f"{tmp}/s.npy"], check=True
-        )
+            [sys.executable, "-m", "distgan", "sample", "--ckpt", run, *per_class, "--out", f"{tmp}/s.npy",
+             "--standing-stats", str(args.standing_stats)], check=True,
+        )  # fmt: skip
         images = torch.from_numpy(np.load(f"{tmp}/s.npy"))
         grid = common.RESULTS / f"{args.name}-{common.machine_tag()}.png"  # 100 of the judged samples, 4x larger
         order = torch.arange(100) if not classes else torch.arange(10)[:, None] * (args.n // 10) + torch.arange(10)
@@ -111,7 +114,8 @@ def main() -> None:
         else f"Preset {args.preset} {' '.join(args.overrides)}".rstrip()
     )
     notes = (
-        f"{source}; checkpoint {folder.name}; training wall time {wall}. Classifier: logistic regression on the real digits "
+        f"{source}; checkpoint {folder.name}; training wall time {wall}; "
+        f"{f'standing statistics from {args.standing_stats} batches of 64' if args.standing_stats else 'BN statistics as trained'}. Classifier: logistic regression on the real digits "
         f"resized to the training resolution, held-out accuracy {accuracy:.3f}. Histograms count confident predictions only. "
         f"Digits FID: {len(fids['generated'])} disjoint subsets of {fids['subset']} generated images "
         f"({', '.join(f'{v:.2f}' for v in fids['generated'])}; mean in the table) and the {fids['subset']} held-out real "

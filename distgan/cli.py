@@ -119,7 +119,27 @@ def _load_generators(args: argparse.Namespace, need_data: bool = False):
         G, key = variant.models[name], name if args.live else f"{name}_ema"
         checkpoint.load_model(G, ckpt.model_state(key), f"checkpoint '{ckpt.path}' model '{key}'")
         gens[name] = G.to(device).eval()
+    if getattr(args, "standing_stats", 0):
+        _standing_stats(args, cfg, variant, gens[variant.ema[0]])
     return ckpt, cfg, variant, gens
+
+
+def _standing_stats(args: argparse.Namespace, cfg, variant, G) -> None:
+    """--standing-stats N: the generator's BatchNorm statistics recomputed from N batches of 64 of its
+    own samples (noise from seed + 1, so the samples drawn afterwards use the same noise as without)."""
+    import torch
+
+    from distgan import models
+
+    if args.standing_stats < 0:
+        raise UserError(f"--standing-stats must be >= 0; got {args.standing_stats}")
+    if hasattr(variant, "evaluate"):
+        raise UserError(
+            f"--standing-stats applies to noise-driven generators, not to image-to-image '{cfg.variant.name}'"
+        )
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    if not models.standing_stats(G, lambda: variant.sample(G, 64, generator=gen), args.standing_stats):
+        raise UserError(f"--standing-stats: this generator ({cfg.model.g.arch}) has no BatchNorm statistics")
 
 
 def _load_generator(args: argparse.Namespace, need_data: bool = False):
@@ -307,13 +327,23 @@ def _eval(args: argparse.Namespace) -> int:
         result["inception"] = "not given, so fid/kid are in the digits features below. " + inception.missing_message()
         print(f"distgan eval: note: {result['inception']}", file=sys.stderr)
     rest = [m for m in names if m not in standard]
+    reference = None
+    if args.heldout:
+        if "swd" not in rest:
+            raise UserError("--heldout gives the reference images of swd (or an image-to-image model's held-out "
+                            "inputs); add swd to --metrics")  # fmt: skip
+        from distgan.data import stream
+
+        src = stream.resolve(args.heldout, progress=False, key="--heldout")
+        reference = stream.read_all(src, resolution=cfg.data.resolution, channels=cfg.data.channels,
+                                    options=stream.stream_options(cfg))["image"]  # fmt: skip
     if rest and main_rank:
         D, calibrated = _load_discriminator(ckpt, cfg, variant, G, args)
         x, drs = _draw(variant, G, args.n, args.seed, D=D)
         result.update(calibrated)
         if drs:
             result.update({f"drs_{k}": v for k, v in drs.items()})
-        result.update(metrics.compute(x, rest, cfg, manifest, args.features))
+        result.update(metrics.compute(x, rest, cfg, manifest, args.features, reference))
     return _report(result, args.json) if main_rank else 0
 
 
@@ -453,6 +483,16 @@ def _presets(_args: argparse.Namespace) -> int:
     return 0
 
 
+STANDING_HELP = (
+    "recompute the generator's BatchNorm statistics (the EMA copy's, or --live's) from this many batches of 64 of its own samples "
+    "(BigGAN's standing statistics) before drawing; the default 0 keeps the statistics copied from the live G"
+)
+
+
+def _standing_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--standing-stats", type=int, default=0, metavar="BATCHES", help=STANDING_HELP)
+
+
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drs-calibrate", type=int, default=0, metavar="STEPS",
                    help="with --drs: first train the checkpoint's D this many more steps against the frozen "
@@ -555,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "auto, so that each is at least 64 pixels wide)")  # fmt: skip
     m.add_argument("--drs", action="store_true", help=DRS_HELP)
     _calibrate_args(m)
+    _standing_arg(m)
     m.add_argument("--live", action="store_true", help=LIVE_HELP)
     _stored_args(m)
     m.set_defaults(func=_sample)
@@ -593,11 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--json", help="also write the results to this JSON file")
     e.add_argument("--heldout", help="image-to-image models: held-out shards to measure on (default: the "
-                   "training shards' own held-out set, which the builtin sets have)")  # fmt: skip
+                   "training shards' own held-out set, which the builtin sets have); other image models: the "
+                   "reference images of swd instead of the training shards")  # fmt: skip
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     e.add_argument("--drs", action="store_true", help=DRS_HELP + "; the report adds the acceptance rate")
     _calibrate_args(e)
+    _standing_arg(e)
     e.add_argument("--live", action="store_true", help=LIVE_HELP)
     _stored_args(e)
     e.set_defaults(func=_eval)

@@ -93,6 +93,28 @@ def test_eval_reports_fid_kid_and_digit_judgement_on_a_digits_run(tmp_path, digi
     assert result["fid"] == pytest.approx(expected, rel=1e-6) and expected > 1
     r = run_cli("eval", "--ckpt", run, "--metrics", "modes")
     assert r.returncode == 2 and "does not apply" in r.stderr
+    # swd is in the default set (against the training images), and --heldout swaps in other shards
+    assert "training images, 300 of each" in result["swd_reference"] and set(result["swd_levels"]) == {"16"}
+    r = run_cli("eval", "--ckpt", run, "--n", "200", "--metrics", "swd", "--heldout", digits_shards,
+                "--json", tmp_path / "s.json")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "s.json").read_text())
+    from distgan.data import stream
+    from distgan.metrics.swd import swd
+
+    assert run_cli("sample", "--ckpt", run, "--n", "200", "--out", tmp_path / "y.npy").returncode == 0
+    ref = stream.read_all(stream.resolve(str(digits_shards)), resolution=16, channels=1)["image"]
+    assert got["swd"] == pytest.approx(swd(torch.from_numpy(np.load(tmp_path / "y.npy")), ref)["swd"], rel=1e-6)
+    assert got["swd_reference"] == "held-out images, 200 of each" and got["swd"] > 0
+    r = run_cli("eval", "--ckpt", run, "--metrics", "fid", "--heldout", digits_shards)
+    assert r.returncode == 2 and "add swd to --metrics" in r.stderr
+    # --standing-stats: the same noise through the same weights, with BN statistics of G's own batches
+    r = run_cli("sample", "--ckpt", run, "--n", "200", "--standing-stats", "4", "--out", tmp_path / "z.npy")
+    assert r.returncode == 0, r.stderr[-3000:]
+    standing, copied = np.load(tmp_path / "z.npy"), np.load(tmp_path / "y.npy")
+    assert standing.shape == copied.shape and 1e-3 < np.abs(standing - copied).mean() < 0.5
+    r = run_cli("sample", "--ckpt", run, "--standing-stats", "-1", "--out", tmp_path / "w.npy")
+    assert r.returncode == 2 and "--standing-stats must be >= 0" in r.stderr
 
 
 @pytest.mark.slow  # 12 s; TorchScript feature networks: tests/test_inception.py in `make test`

@@ -242,3 +242,38 @@ def test_ema_copy_takes_the_live_batchnorm_statistics():
         assert torch.equal(b_ema, b)
     for p_ema, p0, p in zip(ema.parameters(), before, G.parameters()):
         assert torch.allclose(p_ema, 0.9 * p0 + 0.1 * p)
+
+
+def test_standing_statistics_average_the_batch_statistics_of_g_itself():
+    """models.standing_stats: each BN's running mean/var become the plain average of its per-batch
+    mean/var over the batches drawn (BigGAN's standing stats); weights and spectral norm's vectors
+    stay; G ends in eval mode with its momentum back."""
+    torch.manual_seed(0)
+    G = resnet.Generator(16, 1, 32, width=2, num_classes=3, embed_dim=4)
+    models.apply_spectral_norm(G)
+    G(torch.randn(8, 16), torch.randint(0, 3, (8,)))  # train mode: the stats move off their defaults
+    G.eval()
+    bn = next(m for m in G.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    bn.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].detach().double()))
+    before = {k: v.clone() for k, v in G.state_dict().items() if "running" not in k and "num_batches" not in k}
+    gen = torch.Generator().manual_seed(1)
+    draw = lambda: G(torch.randn(6, 16, generator=gen), torch.randint(0, 3, (6,), generator=gen))  # noqa: E731
+    assert models.standing_stats(G, draw, 3) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in G.modules())
+    assert len(seen) == 3
+    mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen]).mean(0)
+    var = torch.stack([x.transpose(0, 1).flatten(1).var(dim=1) for x in seen]).mean(0)  # unbiased, as BN keeps it
+    assert torch.allclose(bn.running_mean.double(), mean, atol=1e-6)
+    assert torch.allclose(bn.running_var.double(), var, rtol=1e-5)
+    assert not G.training and bn.momentum == 0.1
+    after = G.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # weights, SN's u and sigma untouched
+    # eval-mode output now uses the recomputed statistics, deterministically
+    z, y = torch.randn(4, 16), torch.tensor([0, 1, 2, 0])
+    out = G(z, y)
+    gen.manual_seed(1)
+    models.standing_stats(G, draw, 3)
+    assert torch.equal(G(z, y), out)
+    assert models.standing_stats(resnet.Generator(16, 1, 32, width=2, normalize=False), draw, 3) == 0
+    with pytest.raises(UserError, match="at least 1 batch"):
+        models.standing_stats(G, draw, 0)

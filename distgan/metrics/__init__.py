@@ -22,6 +22,8 @@ METRICS = {
     "is": "Inception Score (10 splits), with --inception",
     "pr": "improved precision and recall (Kynkaanniemi et al., k=3) on the Inception features, with --inception",
     "stacked": "stacked digits: each channel classified, modes covered of 1000, KL to uniform",
+    "swd": "sliced Wasserstein distance x1e3 on Laplacian-pyramid 7x7 patches (Karras et al. 2018), per level "
+    "and mean, against the training images (or --heldout SHARDS); needs no pretrained network",
 }
 STANDARD = ("fid", "kid", "is", "pr")  # what the Inception network gives (distgan.metrics.standard)
 
@@ -39,8 +41,8 @@ def applicable(cfg, manifest: dict | None, features: str | None = None, inceptio
     elif source == "builtin:digits" and cfg.data.channels == 1:
         own = ["digits"]
     if inception:
-        return own + list(STANDARD)
-    return own + (["fid", "kid"] if features or own == ["digits"] else [])
+        return own + list(STANDARD) + ["swd"]
+    return own + (["fid", "kid"] if features or own == ["digits"] else []) + ["swd"]
 
 
 def check(names: list[str], usable: list[str], cfg) -> None:
@@ -81,8 +83,10 @@ def real_images(cfg, n: int) -> torch.Tensor:
     return torch.cat(out)[:n]
 
 
-def compute(samples: torch.Tensor, names: list[str], cfg, manifest: dict | None, features: str | None = None) -> dict:
-    """The metrics `names` of `samples` (as variant.sample returns them)."""
+def compute(samples: torch.Tensor, names: list[str], cfg, manifest: dict | None, features: str | None = None,
+            reference: torch.Tensor | None = None) -> dict:  # fmt: skip
+    """The metrics `names` of `samples` (as variant.sample returns them). `reference`: real images for
+    swd instead of the training images (a held-out set)."""
     from distgan.metrics import fid as fidlib
 
     manifest = manifest or {}
@@ -115,6 +119,14 @@ def compute(samples: torch.Tensor, names: list[str], cfg, manifest: dict | None,
             out["fid"] = fidlib.fid(a, b)
         if "kid" in names:
             out["kid"] = fidlib.kid(a, b)
+    if "swd" in names:
+        from distgan.metrics.swd import swd
+
+        real = reference if reference is not None else real_images(cfg, len(samples))
+        out.update(swd(samples, real))
+        out["swd_reference"] = (
+            f"{'held-out' if reference is not None else 'training'} images, {min(len(real), len(samples))} of each"
+        )
     if "stacked" in names:
         net = fidlib.DigitFeatures(cfg.data.resolution)
         digits_per_channel = [net.probs(samples[:, c : c + 1]).argmax(1) for c in range(3)]

@@ -66,3 +66,34 @@ def build_discriminator(cfg, channels: int | None = None, num_classes: int = 0) 
     if d.spectral_norm:
         apply_spectral_norm(D, cfg.train.sn_scale)
     return D
+
+
+def standing_stats(G: nn.Module, draw, batches: int) -> int:
+    """BigGAN's "standing statistics": every BatchNorm of G gets running statistics recomputed from
+    `batches` calls of `draw()` (which runs G on a batch of its own noise): the plain average of the
+    per-batch means and variances (train-mode BN with momentum None), with the rest of G in eval mode,
+    so spectral norm's vectors and every weight stay as they are. The EMA generator's copied
+    statistics belong to the live G's weights; these belong to its own. G is left in eval mode.
+    Returns how many BatchNorm layers were recomputed (0: G has none, and nothing changed)."""
+    import torch
+
+    bns = [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    if batches < 1:
+        raise UserError(f"standing statistics need at least 1 batch; got {batches}")
+    G.eval()
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+        m.train()
+    try:
+        with torch.no_grad():
+            for _ in range(batches):
+                draw()
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+            m.eval()
+    return len(bns)
