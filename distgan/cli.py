@@ -484,8 +484,9 @@ def _presets(_args: argparse.Namespace) -> int:
 
 
 STANDING_HELP = (
-    "recompute the generator's BatchNorm statistics (the EMA copy's, or --live's) from this many batches of 64 of its own samples "
-    "(BigGAN's standing statistics) before drawing; the default 0 keeps the statistics copied from the live G"
+    "recompute the generator's BatchNorm statistics (the EMA copy's, or --live's) from this many batches "
+    "of 64 of its own samples (BigGAN's standing statistics) before drawing; the default 0 keeps the "
+    "statistics copied from the live G"
 )
 
 

@@ -120,13 +120,12 @@ def compute(samples: torch.Tensor, names: list[str], cfg, manifest: dict | None,
         if "kid" in names:
             out["kid"] = fidlib.kid(a, b)
     if "swd" in names:
-        from distgan.metrics.swd import swd
+        from distgan.metrics.swd import MAX_IMAGES, swd
 
         real = reference if reference is not None else real_images(cfg, len(samples))
         out.update(swd(samples, real))
-        out["swd_reference"] = (
-            f"{'held-out' if reference is not None else 'training'} images, {min(len(real), len(samples))} of each"
-        )
+        n = min(len(real), len(samples), MAX_IMAGES)
+        out["swd_reference"] = f"{'held-out' if reference is not None else 'training'} images, {n} of each"
     if "stacked" in names:
         net = fidlib.DigitFeatures(cfg.data.resolution)
         digits_per_channel = [net.probs(samples[:, c : c + 1]).argmax(1) for c in range(3)]

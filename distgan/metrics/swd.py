@@ -26,6 +26,7 @@ from distgan.errors import UserError
 
 NHOOD = 7  # neighbourhood side
 MIN_RES = 16  # the pyramid stops at this resolution (or at the image's own, if smaller)
+MAX_IMAGES = 8192  # images per set (the paper: 16384); a 64 px RGB level's descriptors are then ~0.6 GB
 
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=torch.float64) / 16
 
@@ -98,18 +99,19 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, gen: torch.Generator, r
 
 def swd(x: torch.Tensor, y: torch.Tensor, *, per_image: int = 128, seed: int = 0, batch: int = 256) -> dict:
     """SWD x1e3 between image sets x and y ((N, C, H, W), any range: descriptors are normalised),
-    per pyramid level ("swd_levels", keyed by resolution) and their mean ("swd"). The larger set is cut
-    to the smaller one's size, so both give the same number of descriptors."""
+    per pyramid level ("swd_levels", keyed by resolution) and their mean ("swd"). Both sets are cut to
+    the smaller one's size (at most MAX_IMAGES), so both give the same number of descriptors."""
     if x.ndim != 4 or y.ndim != 4 or x.shape[1:] != y.shape[1:]:
         raise UserError(f"SWD compares two image sets of the same shape; got {tuple(x.shape)} and {tuple(y.shape)}")
-    n = min(len(x), len(y))
+    n = min(len(x), len(y), MAX_IMAGES)
+    x, y = x[:n].detach().cpu(), y[:n].detach().cpu()
     if n < 2:
         raise UserError(f"SWD needs at least 2 images in each set; got {len(x)} and {len(y)}")
     gen = torch.Generator().manual_seed(seed)
     x_levels, y_levels = (
         # each set's pyramid batch by batch, each level then concatenated over the set
         [torch.cat(parts) for parts in zip(*(laplacian_pyramid(s[i : i + batch].float()) for i in range(0, n, batch)))]
-        for s in (x[:n], y[:n])
+        for s in (x, y)
     )
     result = {}
     for lx, ly in zip(x_levels, y_levels):
