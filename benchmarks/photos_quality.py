@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from distgan import checkpoint  # noqa: E402
 from distgan import images as images_module  # noqa: E402
 from distgan.data import builtin  # noqa: E402
 from distgan.metrics.swd import swd  # noqa: E402
@@ -83,14 +84,12 @@ def main() -> None:
                     rec = json.loads(line)
                     if "augment/p" in rec:
                         log[rec["step"]] = rec["augment/p"]
-            folders = sorted((Path(run) / "checkpoints").glob("step-*"))
+            steps = {int(checkpoint.STEP_DIR.match(f.name).group(1)): f for f in checkpoint.list_steps(Path(run))}
             if args.steps:
-                wanted = {int(s) for s in args.steps.split(",")}
-                folders = [f for f in folders if int(f.name.split("-")[1]) in wanted]
-            if not folders:
+                steps = {s: f for s, f in steps.items() if s in {int(w) for w in args.steps.split(",")}}
+            if not steps:
                 raise SystemExit(f"no checkpoints to judge in {run}/checkpoints")
-            for folder in folders:
-                step = int(folder.name.split("-")[1])
+            for step, folder in steps.items():
                 out = f"{tmp}/{name}-{step}.npy"
                 cmd = ["sample", "--ckpt", str(folder), "--n", str(args.n), "--out", out]
                 subprocess.run([sys.executable, "-m", "distgan", *cmd], check=True, capture_output=True)

@@ -120,12 +120,13 @@ def compute(samples: torch.Tensor, names: list[str], cfg, manifest: dict | None,
         if "kid" in names:
             out["kid"] = fidlib.kid(a, b)
     if "swd" in names:
-        from distgan.metrics.swd import MAX_IMAGES, swd
+        from distgan.metrics.swd import swd
 
         real = reference if reference is not None else real_images(cfg, len(samples))
         out.update(swd(samples, real))
-        n = min(len(real), len(samples), MAX_IMAGES)
-        out["swd_reference"] = f"{'held-out' if reference is not None else 'training'} images, {n} of each"
+        out["swd_reference"] = (
+            f"{'held-out' if reference is not None else 'training'} images, {out['swd_images']} of each"
+        )
     if "stacked" in names:
         net = fidlib.DigitFeatures(cfg.data.resolution)
         digits_per_channel = [net.probs(samples[:, c : c + 1]).argmax(1) for c in range(3)]

@@ -100,7 +100,8 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, gen: torch.Generator, r
 def swd(x: torch.Tensor, y: torch.Tensor, *, per_image: int = 128, seed: int = 0, batch: int = 256) -> dict:
     """SWD x1e3 between image sets x and y ((N, C, H, W), any range: descriptors are normalised),
     per pyramid level ("swd_levels", keyed by resolution) and their mean ("swd"). Both sets are cut to
-    the smaller one's size (at most MAX_IMAGES), so both give the same number of descriptors."""
+    the smaller one's size (at most MAX_IMAGES; "swd_images"), so both give the same number of
+    descriptors."""
     if x.ndim != 4 or y.ndim != 4 or x.shape[1:] != y.shape[1:]:
         raise UserError(f"SWD compares two image sets of the same shape; got {tuple(x.shape)} and {tuple(y.shape)}")
     n = min(len(x), len(y), MAX_IMAGES)
@@ -117,4 +118,4 @@ def swd(x: torch.Tensor, y: torch.Tensor, *, per_image: int = 128, seed: int = 0
     for lx, ly in zip(x_levels, y_levels):
         a, b = descriptors(lx, per_image, gen), descriptors(ly, per_image, gen)
         result[int(lx.shape[-1])] = 1e3 * sliced_wasserstein(a, b, gen)
-    return {"swd": sum(result.values()) / len(result), "swd_levels": result}
+    return {"swd": sum(result.values()) / len(result), "swd_levels": result, "swd_images": n}
