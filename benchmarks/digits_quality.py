@@ -118,7 +118,8 @@ def main() -> None:
         f"{f'standing statistics from {args.standing_stats} batches of 64' if args.standing_stats else 'BN statistics as trained'}. Classifier: logistic regression on the real digits "
         f"resized to the training resolution, held-out accuracy {accuracy:.3f}. Histograms count confident predictions only. "
         f"Digits FID: {len(fids['generated'])} disjoint subsets of {fids['subset']} generated images "
-        f"({', '.join(f'{v:.2f}' for v in fids['generated'])}; mean in the table) and the {fids['subset']} held-out real "
+        f"({', '.join(f'{v:.2f}' for v in fids['generated'])}; mean in the table, standard error "
+        f"{fids['generated_se']:.2f}) and the {fids['subset']} held-out real "
         f"digits, each against the {fids['training_digits']} training digits; ratio generated/real "
         f"{fids['generated_mean'] / fids['real_heldout']:.2f}. Precision / recall: Kynkaenniemi et al. (2019), k=3, in the "
         f"same features and subsets against the training digits (mean over subsets): precision, how many samples lie "
@@ -160,7 +161,8 @@ def digit_fids(images: torch.Tensor, classes: int, n: int) -> dict:
     # Precision and recall (Kynkaenniemi et al. 2019, k=3) in the same features and subsets: which half of FID is it?
     pr = np.array([fidlib.precision_recall(train_feats, f) for f in feats])
     real_pr = fidlib.precision_recall(train_feats, test_feats)
-    return {"real_heldout": real, "generated": gen, "generated_mean": float(np.mean(gen)), "subset": size,
+    se = float(np.std(gen, ddof=1) / np.sqrt(len(gen))) if len(gen) > 1 else float("nan")
+    return {"real_heldout": real, "generated": gen, "generated_mean": float(np.mean(gen)), "generated_se": se, "subset": size,
             "training_digits": len(x_train), "precision": float(pr[:, 0].mean()), "recall": float(pr[:, 1].mean()),
             "real_precision": real_pr[0], "real_recall": real_pr[1]}  # fmt: skip
 
