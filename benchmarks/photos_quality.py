@@ -86,7 +86,8 @@ def main() -> None:
                         log[rec["step"]] = rec["augment/p"]
             steps = {int(checkpoint.STEP_DIR.match(f.name).group(1)): f for f in checkpoint.list_steps(Path(run))}
             if args.steps:
-                steps = {s: f for s, f in steps.items() if s in {int(w) for w in args.steps.split(",")}}
+                wanted = {int(w) for w in args.steps.split(",")}
+                steps = {s: f for s, f in steps.items() if s in wanted}
             if not steps:
                 raise SystemExit(f"no checkpoints to judge in {run}/checkpoints")
             for step, folder in steps.items():
