@@ -229,7 +229,7 @@ def _load_discriminator(ckpt, cfg, variant, G, args: argparse.Namespace):
     source = stream.resolve(cfg.data.shards)
     ds = stream.ShardStream(source.urls, batch_size=cfg.data.batch_size, resolution=cfg.data.resolution,
                             channels=cfg.data.channels, seed=args.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                            on_error=cfg.data.on_error, points=cfg.data.kind == "points",
+                            points=cfg.data.kind == "points",
                             **stream.stream_options(cfg))  # fmt: skip
     real = (batch["image"] for batch in stream.make_loader(ds, num_workers=0))
     gen = torch.Generator().manual_seed(args.seed + 1)  # not the sampling seed: fresh draws
@@ -242,7 +242,7 @@ def _load_discriminator(ckpt, cfg, variant, G, args: argparse.Namespace):
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from distgan import images
+    from distgan import files, images
 
     if args.input:
         if args.drs or args.drs_calibrate:
@@ -262,7 +262,7 @@ def _sample(args: argparse.Namespace) -> int:
     x, drs = _draw(variant, G, total, args.seed, labels, D)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
-        np.save(args.out, x.numpy().astype(np.float32))
+        files.write_atomic(args.out, lambda fh: np.save(fh, x.numpy().astype(np.float32)))
     elif x.ndim == 2:  # points: a scatter over the true centres, when the data has them
         mixture = (_manifest(cfg) or {}).get("mixture") or {}
         images.save_png(args.out, images.scatter(x, mixture.get("centres")))
@@ -437,8 +437,9 @@ def _report(result: dict, json_path: str | None) -> int:
     for k, v in result.items():
         print(f"{k:>28}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        from distgan import files
+
+        files.write_text(json_path, json.dumps(result, indent=2) + "\n")
     return 0
 
 

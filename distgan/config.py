@@ -59,6 +59,12 @@ class DataConfig:
     num_workers: int = -1
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
     on_error: str = "raise"  # raise: stop on a corrupt sample; skip: count and skip it
+    # a shard member larger than this (its size after decompression) is never read: the sample is a bad
+    # one (data.on_error). Bounds the memory one file can take; real images are far smaller
+    max_member_bytes: float = 64e6
+    # an image with more pixels than this (from its header; JPEGs after DCT downscaling) is never decoded:
+    # a bad sample (data.on_error). 50e6 keeps a 48-megapixel photo; a decoded pixel costs up to 16 bytes
+    max_image_pixels: float = 50e6
     # the image member of each sample: "" takes the first present of png, jpg, jpeg, webp, ppm, bmp,
     # tif, tiff (paired data: input.EXT and target.EXT); or name one extension
     image_key: str = ""
@@ -457,6 +463,9 @@ def validate(cfg: Config) -> None:
                         "use data.crop=center or data.cache=off")  # fmt: skip
     if cfg.data.cache_bytes < 0:
         raise UserError(f"config key 'data.cache_bytes' must be >= 0; got {cfg.data.cache_bytes}")
+    for key in ("max_member_bytes", "max_image_pixels"):
+        if not getattr(cfg.data, key) >= 1:
+            raise UserError(f"config key 'data.{key}' must be >= 1; got {getattr(cfg.data, key)}")
     lk = cfg.data.label_key
     if lk not in ("", "cls", "label") and not (lk.startswith("json:") and len(lk) > 5):
         raise UserError(

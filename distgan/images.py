@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +54,10 @@ def make_grid(
 
 def save_png(path: str | Path, image: np.ndarray) -> None:
     """Write atomically, so a viewer never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    from distgan import files
+
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    files.write_atomic(path, lambda fh: img.save(fh, format="PNG"))
 
 
 def scatter(points: torch.Tensor, centres=None, size: int = 400) -> np.ndarray:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distgan import files
+
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -46,7 +48,7 @@ class Tracker:
         self.jsonl = None
         if not self.main:
             return
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        self.jsonl = files.open_append(Path(run_dir) / "metrics.jsonl")
         if self.mode == "disabled":
             return
         id_file = Path(run_dir) / "wandb_run_id"
@@ -56,7 +58,7 @@ class Tracker:
                 print(f"warning: ignoring {id_file} ({run_id[:40]!r} is not a W&B run id); starting a new W&B run",
                       file=sys.stderr)  # fmt: skip
             run_id = uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)
+        files.write_text(id_file, run_id)
         w = cfg.tracking.wandb
         init = {
             "mode": self.mode,

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distgan import checkpoint, config, jobs, rng, variants
+from distgan import checkpoint, config, files, jobs, rng, variants
 from distgan.data import feeds, stream
 from distgan.errors import RunFailed, UserError
 from distgan.tracking import Tracker
@@ -313,7 +313,7 @@ def train(
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+        files.write_text(run_dir / "config.yaml", config.to_yaml(cfg))
     accelerator.wait_for_everyone()
     tracker = Tracker(accelerator, cfg, run_dir, config.to_dict(cfg))
     from kernels import _backend
@@ -380,17 +380,25 @@ def _check_keep_best(cfg: config.Config, sources: dict) -> None:
 def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.shards") -> tuple[int, int, int] | None:
     if not manifest:
         return None
-    shape = tuple(manifest["image_shape"])
     kind = manifest.get("kind", "images")
     where = "the shards" if key == "data.shards" else f"the shards of {key}"
     if kind != cfg.data.kind:
         raise UserError(f"{where} hold {kind} but data.kind={cfg.data.kind}; set data.kind={kind}")
-    if kind == "paired":
+    if kind == "paired" and "input_shape" in manifest:
         want = cfg.data.input_channels or cfg.data.channels
         got = manifest["input_shape"][2]
         if got != want:
             raise UserError(f"{where} hold {got}-channel inputs but data.input_channels={want}; "
                             f"set data.input_channels={got}")  # fmt: skip
+    classes = len(manifest.get("classes") or [])
+    if cfg.model.num_classes and classes > cfg.model.num_classes:
+        raise UserError(
+            f"the shards have {classes} classes but model.num_classes={cfg.model.num_classes}; "
+            f"set model.num_classes={classes}"
+        )
+    if "image_shape" not in manifest:  # another tool's manifest (data/shards.py: MANIFEST_KEYS)
+        return None
+    shape = tuple(manifest["image_shape"])
     if kind == "points":
         if shape != (cfg.data.channels,):
             raise UserError(
@@ -398,13 +406,7 @@ def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.
                 f"set data.channels={shape[0]}"
             )
         return None
-    classes = len(manifest.get("classes") or [])
-    if cfg.model.num_classes and classes > cfg.model.num_classes:
-        raise UserError(
-            f"the shards have {classes} classes but model.num_classes={cfg.model.num_classes}; "
-            f"set model.num_classes={classes}"
-        )
-    if shape[2] != cfg.data.channels:
+    if shape[2] in (1, 3) and shape[2] != cfg.data.channels:  # (other tools' RGBA is converted)
         raise UserError(
             f"{where} hold {shape[2]}-channel images but data.channels={cfg.data.channels}; "
             f"set data.channels={shape[2]}"

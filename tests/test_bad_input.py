@@ -2,7 +2,6 @@
 
 import hashlib
 import io
-import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -105,12 +104,11 @@ def test_truncated_shard(tmp_path, digits_shards):
     data = (digits_shards / "digits-000000.tar").read_bytes()
     (tmp_path / "t.tar").write_bytes(data[: len(data) // 2 + 100])
     r = train(tmp_path, f"data.shards={tmp_path / 't.tar'}", "train.steps=30")
-    # the cut sample is named, with its shard and what it lacks, and how to go on past it
+    # the cut shard is named, with what is wrong, and how to go on past it
     assert_user_error(
-        r,
-        f"of shard '{tmp_path / 't.tar'}': no .png/jpg/jpeg/webp/ppm/bmp/tif/tiff member (members: cls) (set data.on_error=skip",
+        r, f"shard '{tmp_path / 't.tar'}': unreadable tar data (TarFormatError: truncated tar"
     )
-    assert re.search(r"error: sample '\d+' of shard", r.stderr)
+    assert "(set data.on_error=skip" in r.stderr
 
 
 def test_channels_mismatch_with_manifest(tmp_path, digits_shards):

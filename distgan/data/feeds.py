@@ -67,7 +67,6 @@ def open_feeds(cfg, variant, sources: dict, expected: dict, *, rank: int, world:
             rank=rank,
             world_size=world,
             shuffle_buffer=cfg.data.shuffle_buffer,
-            on_error=cfg.data.on_error,
             expected_shape=expected[name],
             points=cfg.data.kind == "points",
             fields=variant.fields() if hasattr(variant, "fields") else None,  # paired: input + target

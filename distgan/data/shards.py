@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from distgan import files
+from distgan.data import pixels
 from distgan.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -95,27 +98,38 @@ def _folder_entries(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if loose:  # they would belong to no class: say so rather than leave them out
         raise UserError(f"image folder '{root}' has class subfolders and also images directly in it (e.g. "
                         f"'{loose[0].name}'); put every image in a class subfolder, or use a flat folder")  # fmt: skip
-    entries = [
-        (f, idx)
-        for idx, name in enumerate(classes)
-        for f in sorted((root / name).rglob("*"))
-        if f.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    entries = [(f, idx) for idx, name in enumerate(classes) for f in _images_in(root / name)]
     if not entries:
         raise UserError(f"image folder '{root}' has no images in its class subfolders")
     return entries, classes
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+    """The image files under `folder`; entries that are not regular files (a FIFO, a socket, a device,
+    a dangling link) are left out with a note, since opening one could block forever."""
+    found = [f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+    regular = [f for f in found if f.is_file()]
+    odd = [f for f in found if not f.is_file() and not f.is_dir()]
+    if odd:
+        print(f"note: skipped {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} of '{folder}' that "
+              f"{'is' if len(odd) == 1 else 'are'} not a regular file (e.g. '{odd[0]}')", file=sys.stderr)  # fmt: skip
+    return sorted(regular)
 
 
 def _open(path: Path, mode: str) -> Image.Image:
+    """The image at `path` as `mode`, its full range mapped to 0..255 (distgan/data/pixels.py);
+    refused before decoding when it has more than data.max_image_pixels' default."""
     try:
         with Image.open(path) as img:
-            return img.convert(mode)
+            if img.size[0] * img.size[1] > pixels.MAX_IMAGE_PIXELS:
+                raise UserError(f"image '{path}' has {img.size[0]}x{img.size[1]} pixels, over "
+                                f"{pixels.MAX_IMAGE_PIXELS}; shrink it first")  # fmt: skip
+            img.load()
+            return pixels.convert(img, mode)
+    except UserError:
+        raise
     except Exception as exc:
-        raise UserError(f"image '{path}' cannot be decoded: {exc}") from None
+        raise UserError(f"image '{path}' cannot be decoded: {str(exc)[:200]}") from None
 
 
 def write_pairs(input_dir: str, target_dir: str, out_dir, *, resize: int | None = None, rgb: bool = False,
@@ -261,9 +275,7 @@ def write_shards(
         "source": source,
         **(extra_manifest or {}),
     }
-    tmp_manifest = out / f".{MANIFEST}.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp_manifest, out / MANIFEST)
+    files.write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -347,8 +359,61 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     heldout = manifest.get("heldout")
     for name in [*(names if isinstance(names, list) else [names]), *([heldout] if heldout else [])]:
         if not _plain_name(name):
-            raise UserError(f"manifest '{path}' names {name!r}; a manifest may only name files in its own folder")
+            raise UserError(f"manifest '{path}' names {str(name)[:200]!r}; a manifest may only name files in its "
+                            "own folder")  # fmt: skip
+    _check_keys(manifest, path)
     return manifest
+
+
+def _is_shape(value, lengths: tuple[int, ...]) -> bool:
+    return (isinstance(value, list) and len(value) in lengths
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))  # fmt: skip
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The keys distgan reads from a manifest, and what each must be. A manifest is only used for checks
+# and conveniences (the shard list, the image size, the classes): a key that is absent is not used,
+# so a manifest written by another tool works as long as the keys it shares with these are well formed.
+MANIFEST_KEYS = {
+    "shards": ("a list of shard file names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+    "image_shape": (
+        "[H, W, C] (C 1 to 4), or [D] for points",
+        lambda v: _is_shape(v, (1, 3)) and (len(v) == 1 or v[2] <= 4),
+    ),  # fmt: skip
+    "input_shape": ("[H, W, C] (C 1 to 4)", lambda v: _is_shape(v, (3,)) and v[2] <= 4),
+    "kind": ("images, points or paired", lambda v: v in ("images", "points", "paired")),
+    "classes": ("a list of class names", lambda v: isinstance(v, list)),
+    "count": (
+        "a number of samples (an integer >= 0)",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    ),  # fmt: skip
+    "heldout": ("a folder name", lambda v: isinstance(v, str)),
+    "mixture": (
+        '{"centres": [[x, y], ...], "std": s}',
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("centres"), list)
+            and all(isinstance(c, list) and len(c) == 2 and all(_is_number(x) for x in c) for c in v["centres"])
+            and _is_number(v.get("std"))
+        ),
+    ),  # fmt: skip
+}
+
+
+def _check_keys(manifest: dict, path: Path) -> None:
+    """One line naming the manifest and its first malformed key; absent keys are fine (see MANIFEST_KEYS)."""
+    for key, (expected, ok) in MANIFEST_KEYS.items():
+        if key in manifest and not ok(manifest[key]):
+            shown = json.dumps(manifest[key])
+            shown = shown if len(shown) <= 120 else shown[:100] + f"... ({len(shown)} characters)"
+            raise UserError(f"manifest '{path}': key '{key}' is {shown}; expected {expected}")
+    if manifest.get("kind") == "points" and "image_shape" in manifest and len(manifest["image_shape"]) != 1:
+        raise UserError(f"manifest '{path}': kind 'points' needs image_shape [D]; got {manifest['image_shape']}")
+    if manifest.get("kind", "images") != "points" and len(manifest.get("image_shape") or [0, 0, 0]) != 3:
+        raise UserError(f"manifest '{path}': image_shape {manifest['image_shape']} is not [H, W, C]")
 
 
 def _plain_name(name) -> bool:

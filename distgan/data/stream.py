@@ -27,6 +27,7 @@ import json
 import os
 import random
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from distgan.data import pixels, tarstream
 from distgan.errors import UserError
 
 
@@ -46,15 +48,31 @@ class ShardSource:
     manifest: dict | None
 
 
+MAX_BAD_RUN = 10_000  # consecutive bad samples after which a skipping stream gives up
+QUOTE = 200  # characters of a sample's content (a label, a key) that an error line quotes at most
+
+
+def quote(value, limit: int = QUOTE) -> str:
+    """repr(value), cut to `limit` characters: error lines never carry a member's content whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
+def _short(text: str, limit: int = QUOTE) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
 # Image members by extension, in the order a sample's first present one is taken (webdataset's own
 # image extensions); data.image_key names one instead.
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")
 
 
 def stream_options(cfg) -> dict:
-    """The ShardStream keywords that come from data.*: how members, labels and crops are read."""
+    """The ShardStream keywords that come from data.*: how members, labels and crops are read, their
+    bounds, and what a bad sample does."""
     d = cfg.data
-    return {"image_key": d.image_key, "label_key": d.label_key, "crop": d.crop}
+    return {"image_key": d.image_key, "label_key": d.label_key, "crop": d.crop, "on_error": d.on_error,
+            "max_member_bytes": int(d.max_member_bytes), "max_image_pixels": int(d.max_image_pixels)}  # fmt: skip
 
 
 def cache_budget(cfg, spec: str) -> int:
@@ -92,7 +110,7 @@ def resolve(spec: str, progress: bool = True, key: str = "data.shards") -> Shard
     path = Path(spec).expanduser().absolute()
     if path.is_dir():
         manifest = shards.read_manifest(path)
-        names = manifest["shards"] if manifest else sorted(p.name for p in path.glob("*.tar"))
+        names = (manifest or {}).get("shards") or sorted(p.name for p in path.glob("*.tar"))
         if not names:
             raise UserError(f"shard folder '{spec}' holds no .tar shards")
         urls = [str(path / n) for n in names]
@@ -151,6 +169,8 @@ class ShardStream(IterableDataset):
         draft: bool = True,
         num_classes: int = 0,
         cache_bytes: int = 0,
+        max_member_bytes: int = pixels.MAX_MEMBER_BYTES,
+        max_image_pixels: int = pixels.MAX_IMAGE_PIXELS,
     ):
         self.urls = list(urls)
         # Batch key -> (tar member suffix, channels) of the images each sample holds; paired data
@@ -163,6 +183,8 @@ class ShardStream(IterableDataset):
         self.num_classes = num_classes  # > 0: a conditional variant: every sample needs a label below it
         # data.cache=ram: decoded samples kept per shard, up to this many bytes per (rank, worker)
         self.cache_bytes = cache_bytes if crop != "random" else 0
+        self.max_member_bytes = int(max_member_bytes)  # a member larger than this is never read
+        self.max_image_pixels = int(max_image_pixels)  # an image with more pixels is never decoded
         self._capture: list | None = None
         self._tar_errors = 0
         self.points = points  # (D,) float points in KEY.npy instead of images in KEY.png
@@ -187,14 +209,18 @@ class ShardStream(IterableDataset):
         if self._capture is not None:  # decoding into the RAM cache: the failure is replayed when consumed
             self._capture.append((what, url, key))
             return
-        where = f"sample '{key}' of shard '{url}'" if key else f"shard '{url}'"
+        where = (
+            f"sample '{_short(str(key))}' of shard '{_short(str(url), 400)}'"
+            if key
+            else f"shard '{_short(str(url), 400)}'"
+        )
         if self.on_error == "raise":
-            raise UserError(f"{where}: {what} (set data.on_error=skip to skip and count such samples)")
+            raise UserError(f"{where}: {_short(what, 400)} (set data.on_error=skip to skip and count such samples)")
         self._skipped += 1
 
     def _tar_error(self, exn: Exception) -> bool:
         self._tar_errors += 1
-        url = next((a for a in exn.args if isinstance(a, str) and ("/" in a or ":" in a)), "?")
+        url = exn.args[-1] if len(exn.args) > 1 and isinstance(exn.args[-1], str) else "?"
         self._fail(f"unreadable tar data ({type(exn).__name__}: {exn.args[0] if exn.args else ''})", url)
         return True  # skip: go on with the next shard
 
@@ -211,8 +237,9 @@ class ShardStream(IterableDataset):
                 return -1
             try:
                 label = json.loads(raw)[field_name]
-            except (ValueError, KeyError, TypeError) as exc:
-                self._fail(f"no label field '{field_name}' in its .json ({type(exc).__name__}: {exc})", url, key)
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                self._fail(f"no label field '{field_name}' in its .json ({type(exc).__name__}: {_short(str(exc))})",
+                           url, key)  # fmt: skip
                 return None
         else:
             label = next((sample[k] for k in ((lk,) if lk else ("cls", "label")) if sample.get(k) is not None), None)
@@ -224,13 +251,15 @@ class ShardStream(IterableDataset):
         try:
             if isinstance(label, bool) or isinstance(label, float) and not label.is_integer():
                 raise ValueError
+            if isinstance(label, (bytes, str)) and len(label) > 40:  # no int() of a huge text (quadratic)
+                raise ValueError
             value = int(label.strip() if isinstance(label, (bytes, str)) else label)
-        except (ValueError, TypeError):
-            self._fail(f"label {label!r} is not an integer", url, key)
+        except (ValueError, TypeError, OverflowError):
+            self._fail(f"label {quote(label)} is not an integer", url, key)
             return None
-        if value < 0 or self.num_classes and value >= self.num_classes:
-            bound = f" (model.num_classes={self.num_classes})" if self.num_classes else ""
-            self._fail(f"label {value} is out of range{bound}", url, key)
+        if value < 0 or value >= (self.num_classes or 2**63):
+            bound = f" (model.num_classes={self.num_classes})" if self.num_classes else " (labels are int64)"
+            self._fail(f"label {quote(value, 60)} is out of range{bound}", url, key)
             return None
         return value
 
@@ -242,6 +271,16 @@ class ShardStream(IterableDataset):
         exts = (self.image_key,) if self.image_key else IMAGE_EXTS
         images = {f"{b}.{e}" if b else e for b in (_member_base(m) for m, _ in self.fields.values()) for e in exts}
         return images | labels
+
+    def _selector(self):
+        """Which tar members to read: members the trainer does not use (.json metadata ...) are
+        skipped unread."""
+        wanted = self._wanted()
+
+        def select(name: str) -> bool:  # KEY.png, KEY.cls, KEY.input.png ...: the part after the key
+            return name.rsplit("/", 1)[-1].split(".", 1)[-1] in wanted
+
+        return select
 
     def _image_member(self, sample: dict, member: str) -> str | None:
         base = _member_base(member)
@@ -287,17 +326,22 @@ class ShardStream(IterableDataset):
                 if self.draft and img.format == "JPEG" and side >= 2 * r:
                     # libjpeg decodes at 1/2, 1/4 or 1/8 scale, keeping the short side >= the target
                     img.draft(mode, (-(-stored[0] * r // side), -(-stored[1] * r // side)))
+                if img.size[0] * img.size[1] > self.max_image_pixels:  # known from the header: not decoded
+                    self._fail(f"{what} of {stored[0]}x{stored[1]} pixels ({found}) is over "
+                               f"data.max_image_pixels={self.max_image_pixels}", url, key)  # fmt: skip
+                    return None
                 img.load()
-                if img.mode != mode:
-                    img = img.convert(mode)
+                img = pixels.convert(img, mode)
                 img = self._crop(img, stored, url, key, pos, what)
                 if img is None:
                     return None
                 if img.size != (r, r):
                     img = img.resize((r, r), Image.BILINEAR)
                 arr = np.asarray(img)
+        except UserError:  # raised by _fail inside (data.on_error=raise): already says it all
+            raise
         except Exception as exc:
-            self._fail(f"corrupt {what} ({found}: {exc})", url, key)
+            self._fail(f"corrupt {what} ({found}: {_short(str(exc))})", url, key)
             return None
         expected = self.expected_shape if not base else None
         if expected and (stored[1], stored[0]) != expected[:2]:
@@ -332,6 +376,10 @@ class ShardStream(IterableDataset):
                 self._fail(*failure)
             return sample["__cached__"]
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        refused = [(k, v) for k, v in sample.items() if isinstance(v, tarstream.Refused)]
+        if refused:  # a member over data.max_member_bytes: never read
+            self._fail(f"member '{_short(str(key))}.{_short(refused[0][0])}' not read: {refused[0][1].why}", url, key)
+            return None
         if self.points:
             decoded = self._decode_point(sample, url, key)
             return None if decoded is None else ({"image": decoded[0]}, decoded[1], decoded[2])
@@ -359,7 +407,6 @@ class ShardStream(IterableDataset):
     # -- the stream -----------------------------------------------------------------------
     def __iter__(self):
         from webdataset.filters import _shuffle
-        from webdataset.tariterators import tarfile_samples
 
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
@@ -383,13 +430,7 @@ class ShardStream(IterableDataset):
                 draws_without_sample[0] = 0
                 yield sample
 
-        # Members the trainer does not use (.json metadata ...) are skipped unread.
-        wanted = self._wanted()
-
-        def select(name: str) -> bool:  # KEY.png, KEY.cls, KEY.input.png ...: the part after the key
-            base = name.rsplit("/", 1)[-1]
-            return base.split(".", 1)[-1] in wanted
-
+        select = self._selector()
         self._tar_errors = 0
         cache: dict[str, list[dict]] = {}
         budget = [self.cache_bytes // max(num_workers, 1)]
@@ -400,6 +441,8 @@ class ShardStream(IterableDataset):
                 decoded = self._decode(sample)
             finally:
                 failures, self._capture = self._capture, None
+            if decoded is not None:  # arrays that own their bytes (not views of PIL's buffers), to count them
+                decoded = ({k: np.array(a, copy=True) for k, a in decoded[0].items()}, *decoded[1:])
             return {"__key__": sample.get("__key__"), "__url__": sample.get("__url__"), "__cached__": decoded,
                     "__failures__": failures}  # fmt: skip
 
@@ -412,36 +455,56 @@ class ShardStream(IterableDataset):
                     yield from cache[url]
                     continue
                 keep = [] if budget[0] > 0 else None
+                used = 0
                 errors = self._tar_errors
-                for sample in tarfile_samples(iter([src]), handler=self._tar_error, select_files=select):
+                for sample in tarstream.samples([url], select=select, max_member=self.max_member_bytes,
+                                                handler=self._tar_error):  # fmt: skip
                     if keep is None:
                         yield sample
                         continue
                     entry = cached(sample)
-                    keep.append(entry)
+                    used += entry_bytes(entry)
+                    if used > budget[0]:  # this shard does not fit: let go of it, stream the rest
+                        keep, budget[0] = None, 0  # and the budget is spent: later shards are read every time
+                    else:
+                        keep.append(entry)
                     yield entry
                 if keep is not None and self._tar_errors == errors:  # a shard with read errors is re-read
-                    size = sum(a.nbytes for e in keep if e["__cached__"] for a in e["__cached__"][0].values())
-                    if size <= budget[0]:
-                        cache[url] = keep
-                        budget[0] -= size
-                    else:
-                        budget[0] = 0  # full: the rest is read from the shards every time
+                    cache[url] = keep
+                    budget[0] -= used
 
         raw = counted(shard_samples())
         raw = _shuffle(raw, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)
         skip = self.start_positions[worker] if self.start_positions else 0
-        pos = 0
+        pos = bad_run = 0
         items = []
         for sample in itertools.islice(raw, skip, None) if skip else raw:
             pos += 1
             decoded = self._decode(sample, skip + pos)
             if decoded is None:
+                bad_run += 1
+                if bad_run >= MAX_BAD_RUN:  # data.on_error=skip on shards with nothing usable: never hang
+                    raise UserError(f"{bad_run} samples in a row were bad and skipped (shards {_short(str(mine[:3]))}); "
+                                    "see data.on_error=raise for what is wrong with them")  # fmt: skip
                 continue
+            bad_run = 0
             items.append(decoded)
             if len(items) == self.batch_size:
                 yield self._batch(items, skip + pos)
                 items = []
+
+
+def entry_bytes(entry: dict) -> int:
+    """The memory a RAM-cache entry holds: its arrays (which own their bytes), the containers and
+    strings around them, and its list slot."""
+    n = sys.getsizeof(entry) + 8
+    n += sum(sys.getsizeof(v) for v in (entry["__key__"], entry["__url__"]) if isinstance(v, str))
+    decoded = entry["__cached__"]
+    if decoded is not None:
+        n += sys.getsizeof(decoded) + sys.getsizeof(decoded[0]) + sum(sys.getsizeof(a) for a in decoded[0].values())
+    n += sys.getsizeof(entry["__failures__"])
+    n += sum(sys.getsizeof(f) + sum(sys.getsizeof(x) for x in f) for f in entry["__failures__"])
+    return n
 
 
 def auto_workers(requested: int, on_gpu: bool) -> int:
@@ -478,10 +541,9 @@ def shutdown(loader_iter) -> None:
 
 def _each_decoded(source: ShardSource, ds: ShardStream):
     """Every sample of `source`'s shards once, in order, decoded by `ds` (undecodable ones as ds.on_error says)."""
-    from webdataset.tariterators import tarfile_samples
-
     ds._skipped = 0
-    for sample in tarfile_samples(iter([{"url": u} for u in source.urls])):
+    for sample in tarstream.samples(source.urls, select=ds._selector(), max_member=ds.max_member_bytes,
+                                    handler=ds._tar_error):  # fmt: skip
         decoded = ds._decode(sample)
         if decoded is not None:
             yield decoded

@@ -157,11 +157,11 @@ class DigitFeatures:
 
         x_tr, x_te, y_tr, y_te = split(resolution, seed)
         clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=seed).fit(x_tr, y_tr)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, w1=clf.coefs_[0], b1=clf.intercepts_[0], w2=clf.coefs_[1], b2=clf.intercepts_[1],
-                 test_accuracy=clf.score(x_te, y_te))  # fmt: skip
-        tmp.replace(path)
+        from distgan import files
+
+        arrays = dict(w1=clf.coefs_[0], b1=clf.intercepts_[0], w2=clf.coefs_[1], b2=clf.intercepts_[1],
+                      test_accuracy=clf.score(x_te, y_te))  # fmt: skip
+        files.write_atomic(path, lambda fh: np.savez(fh, **arrays))
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         """(N, 1, R, R) in [-1, 1] -> (N, 128)."""

@@ -133,12 +133,11 @@ class RefStats:
         return cls(mu, sigma, len(feats), feats[:keep].astype(np.float32), meta)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
+        from distgan import files
+
         extra = {"features": self.features} if self.features is not None else {}
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), meta=np.array(json.dumps(self.meta)), **extra)
-        os.replace(tmp, path)
+        arrays = dict(mu=self.mu, sigma=self.sigma, n=np.int64(self.n), meta=np.array(json.dumps(self.meta)), **extra)
+        files.write_atomic(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> RefStats:
@@ -190,10 +189,9 @@ def shards_digest(urls: list[str]) -> str | None:
     h = hashlib.sha256()
     for u in urls:
         h.update(_file_sha256(u, memo).encode())
-    memo_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
+    from distgan import files
+
+    files.write_text(memo_path, json.dumps(memo))
     return h.hexdigest()
 
 
