@@ -105,9 +105,7 @@ def test_truncated_shard(tmp_path, digits_shards):
     (tmp_path / "t.tar").write_bytes(data[: len(data) // 2 + 100])
     r = train(tmp_path, f"data.shards={tmp_path / 't.tar'}", "train.steps=30")
     # the cut shard is named, with what is wrong, and how to go on past it
-    assert_user_error(
-        r, f"shard '{tmp_path / 't.tar'}': unreadable tar data (TarFormatError: truncated tar"
-    )
+    assert_user_error(r, f"shard '{tmp_path / 't.tar'}': unreadable tar data (TarFormatError: truncated tar")
     assert "(set data.on_error=skip" in r.stderr
 
 

@@ -355,3 +355,43 @@ def test_the_config_defaults_are_the_streams(tmp_path):
     with pytest.raises(UserError, match="data.max_member_bytes' must be >= 1"):
         config.load_config(None, None, ["data.max_member_bytes=0"])
     assert shards.MANIFEST_KEYS  # documented in docs/data.md
+
+
+def _cache_memory(urls, cache_bytes, batches=60):
+    """(peak, current) traced memory (tracemalloc sees numpy's arrays) while streaming `batches`
+    batches, the stream (and its cache) still alive at the end."""
+    import tracemalloc
+
+    ds = stream.ShardStream(urls, batch_size=20, resolution=64, channels=3, seed=0, shuffle_buffer=1,
+                            cache_bytes=cache_bytes)  # fmt: skip
+    tracemalloc.start()
+    try:
+        it = iter(ds)
+        for _ in range(batches):
+            next(it)
+        current, peak = tracemalloc.get_traced_memory()
+        return peak, current
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_ram_cache_never_holds_more_than_its_budget(tmp_path):
+    rng = np.random.default_rng(0)
+    urls = []
+    # RGB images at 64 px (12 KB decoded each). Seed 0 draws shards 4, 3, 2, 3, 3, 1 ...: two small
+    # shards that fit the budget, then one of 600 images (7.4 MB) that does not
+    for s, n in enumerate([100, 100, 600, 100, 100, 100]):
+        members = []
+        for i in range(n):
+            image = png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+            members += [(f"{s}-{i:03d}.png", image), (f"{s}-{i:03d}.cls", b"0")]
+        write_tar(tmp_path / f"s{s}.tar", members)
+        urls.append(str(tmp_path / f"s{s}.tar"))
+    budget = 3_000_000
+    _cache_memory(urls, 0, batches=5)  # one-time allocations (imports, decoder set-up) are not the cache's
+    off_peak, off_now = _cache_memory(urls, 0)
+    on_peak, on_now = _cache_memory(urls, budget)
+    held = on_now - off_now
+    assert 150 * 64 * 64 * 3 < held <= budget, held  # the two small shards (2.46 MB of pixels), not nothing
+    # while the big shard was read, the cache let go of it at the budget instead of holding it whole
+    assert on_peak - off_peak <= budget + 200_000, (on_peak - off_peak, budget)
