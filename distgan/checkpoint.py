@@ -150,35 +150,96 @@ def save(
 
 
 def keep_copy(run_dir: Path, step: int, name: str, info: dict) -> Path:
-    """RUN_DIR/checkpoints/<name>/: the files of step `step` (hard links where the file system has
-    them, else copies) and `info` as best.json, replacing the previous copy in one rename. The
-    keep-last pruning of step folders does not touch it."""
+    """RUN_DIR/checkpoints/<name>: the files of step `step` (hard links where the file system has
+    them, else copies) and `info` as best.json. The keep-last pruning of step folders does not touch it.
+
+    Crash-safe at every instant: the copy is completed in a hidden folder `.<name>-<step>`, then
+    `<name>`, a symbolic link, is switched to it by one rename (a link replaces a link atomically,
+    which a folder cannot). A kill anywhere leaves `<name>` on a complete copy, the old or the new;
+    `recover_best` finishes the job on resume."""
     folder = checkpoints_dir(run_dir)
-    source, final = folder / f"step-{step:08d}", folder / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{name}-", dir=folder))
+    source, link = folder / f"step-{step:08d}", folder / name
+    target = folder / f".{name}-{step:08d}"
+    if not _complete(target) or read_best_in(target) != info:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{name}-", dir=folder))
+        try:
+            for f in FILES:
+                try:
+                    os.link(source / f, tmp / f)
+                except OSError:
+                    shutil.copy2(source / f, tmp / f)
+            (tmp / "best.json").write_text(json.dumps(info) + "\n")
+            with open(tmp / "best.json", "rb") as fh:
+                os.fsync(fh.fileno())
+            if target.exists():  # an unfinished or other copy of this step from before a crash
+                os.rename(target, tempfile.mkdtemp(prefix=".del-", dir=folder) + "/old")
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if link.is_dir() and not link.is_symlink():  # a copy written by distgan before links: set aside once
+        os.rename(link, tempfile.mkdtemp(prefix=".del-", dir=folder) + "/old")
+    new_link = folder / f".tmp-link-{name}-{os.getpid()}"
+    if new_link.is_symlink():
+        new_link.unlink()
+    os.symlink(target.name, new_link)  # relative: the run folder can be moved
+    os.replace(new_link, link)
+    _fsync_dir(folder)
+    _prune_copies(folder, name)
+    return link
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in (*FILES, "best.json"))
+
+
+def read_best_in(folder: Path) -> dict | None:
     try:
-        for f in FILES:
-            try:
-                os.link(source / f, tmp / f)
-            except OSError:
-                shutil.copy2(source / f, tmp / f)
-        (tmp / "best.json").write_text(json.dumps(info) + "\n")
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for stale in folder.iterdir():
-        if stale.name.startswith(".del-"):
-            shutil.rmtree(stale, ignore_errors=True)
-    return final
+        return json.loads((folder / "best.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _prune_copies(folder: Path, name: str) -> None:
+    """Remove the hidden copies of `name` that its link does not point at, and what killed writers left."""
+    link = folder / name
+    current = os.readlink(link) if link.is_symlink() else None
+    for entry in folder.iterdir():
+        stale = entry.name.startswith((f".tmp-step-{name}-", ".del-"))
+        if stale or entry.name.startswith(f".{name}-") and entry.name != current:
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(f".tmp-link-{name}-") and entry.is_symlink():
+            entry.unlink()
 
 
 def read_best(run_dir: Path, name: str) -> dict | None:
     """The best.json of RUN_DIR/checkpoints/<name>/, if there is one."""
-    try:
-        return json.loads((checkpoints_dir(run_dir) / name / "best.json").read_text())
-    except (OSError, ValueError):
+    return read_best_in(checkpoints_dir(run_dir) / name)
+
+
+def recover_best(run_dir: Path, name: str, metric: str) -> dict | None:
+    """On resume: make RUN_DIR/checkpoints/<name> hold the best of the step checkpoints that recorded
+    an improvement (their metadata's "keep_best" entry, written before the checkpoint was published),
+    in case a kill came between publishing that step and switching the link; clear leftovers.
+    Returns the best record ({"step", metric}) or None."""
+    folder = checkpoints_dir(run_dir)
+    if not folder.is_dir():
         return None
+    best = read_best(run_dir, name)
+    candidate = None
+    for path in list_steps(run_dir):
+        try:
+            record = read_meta(path)[1].get("keep_best") or {}
+        except UserError:
+            continue
+        if record.get("name") == name and isinstance(record.get(metric), (int, float)):
+            if candidate is None or record[metric] < candidate[metric]:
+                candidate = {"step": int(path.name.split("-")[1]), metric: float(record[metric])}
+    if candidate is not None and (best is None or candidate[metric] < float(best.get(metric, float("inf")))):
+        keep_copy(run_dir, candidate["step"], name, candidate)
+        best = candidate
+    _prune_copies(folder, name)
+    return best
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -95,7 +95,7 @@ def _load_generators(args: argparse.Namespace, need_data: bool = False):
     ckpt = checkpoint.load(args.ckpt, only_models=True)
     stored = ckpt.meta["config"]
     given = trust.override_keys(args.overrides)
-    allowed = set(trust.SHARD_KEYS + trust.FILE_KEYS)
+    allowed = set(trust.SHARD_KEYS + trust.FILE_KEYS) | {"data.on_error"}  # how this command reads the shards
     if given - allowed:
         raise UserError(f"`distgan {args.command}` takes only {', '.join(sorted(allowed))} as key=value "
                         f"(the model comes from the checkpoint); got {', '.join(sorted(given - allowed))}")  # fmt: skip
@@ -358,9 +358,10 @@ def _standard_metrics(args, cfg, variant, G, inception_file: str, names: list[st
     if args.chunk < 1:
         raise UserError(f"--chunk must be >= 1; got {args.chunk}")
     split = standard.Split.current(chunk=args.chunk)
+    ref = standard.RefStats.load(args.ref) if args.ref else None  # checked before any Inception work
     net = inception.FeatureNet(inception_file, device=next(G.parameters()).device)
-    if args.ref:
-        ref, origin = standard.RefStats.load(args.ref), f"--ref {args.ref}"
+    if ref is not None:
+        origin = f"--ref {args.ref}"
     else:
         ref, origin = standard.reference_stats(cfg.data.shards, resolution=cfg.data.resolution,
                                                channels=cfg.data.channels, net=net, split=split,
@@ -397,9 +398,10 @@ def _stats(args: argparse.Namespace) -> int:
         resolution = resolution or int(shape[0])
         channels = channels or int(shape[2] if len(shape) > 2 else 1)
     net = inception.FeatureNet(path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    options = {"image_key": args.image_key, "crop": args.crop, "on_error": args.on_error}  # as data.* of a run
     stats, origin = standard.reference_stats(args.shards, resolution=resolution, channels=channels, net=net,
                                              split=standard.Split(chunk=args.chunk), limit=args.n,
-                                             key="--shards")  # fmt: skip
+                                             key="--shards", options=options)  # fmt: skip
     print(f"reference statistics of {stats.n} images of {args.shards} at {resolution}x{resolution}x{channels}, "
           f"{net.describe()}: {origin}")  # fmt: skip
     if args.out:
@@ -654,6 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the manifest's image size)")  # fmt: skip
     st.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3, as data.channels (default: the manifest's)")
     st.add_argument("--n", type=int, default=0, help="the first N images (default 0: all)")
+    st.add_argument("--image-key", default="", help="as data.image_key: the image member (default: the first "
+                    "of png, jpg, jpeg, webp, ppm, bmp, tif, tiff present)")  # fmt: skip
+    st.add_argument("--crop", choices=("center", "random", "none"), default="center",
+                    help="as data.crop (random is taken as center: statistics do not depend on a seed)")  # fmt: skip
+    st.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                    help="as data.on_error: stop at a bad sample (default), or skip and count it")  # fmt: skip
     st.add_argument("--chunk", type=int, default=250, help="images per batch of work (default 250)")
     st.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     st.add_argument("--out", help="also write the statistics here (.npz: mu, sigma, features, n, meta)")

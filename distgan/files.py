@@ -10,11 +10,14 @@ never sees half a file, and a crash leaves at most a hidden `.NAME.*.tmp` file b
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from distgan.errors import UserError
 
 
 def _umask() -> int:
@@ -52,5 +55,10 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def open_append(path: str | os.PathLike):
     """A text file opened for appending lines (a log), never through a symbolic link."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"'{path}' is a symbolic link; distgan does not write through links") from None
+        raise
     return os.fdopen(fd, "a", buffering=1)

@@ -17,6 +17,8 @@ import torch
 from distgan import checkpoint, config, images, rng
 from distgan.errors import RunFailed
 
+BEST = "best-fid"  # RUN/checkpoints/best-fid: train.keep_best=fid's copy
+
 
 @dataclass
 class Run:
@@ -183,12 +185,12 @@ def periodic(run: Run, log: MetricLog, bar, stopping: int, micro_batches: int, a
     if eval_due:
         improved = evaluate(run, step)
     if save_due or improved:
-        save(run, step)
+        save(run, step, improved)
     if improved:
         keep_best(run, step)
 
 
-def save(run: Run, step: int) -> None:
+def save(run: Run, step: int, improved: bool = False) -> None:
     """Checkpoint `step`: every rank contributes its RNG, feed positions and variant state (one
     gather), rank 0 writes. Never writes a model holding NaN/Inf over the good checkpoints."""
     plain, emas = run.plain(), run.emas
@@ -216,6 +218,8 @@ def save(run: Run, step: int) -> None:
             print(f"warning: step {step}: models differ across ranks (fingerprints {fingerprints})", file=sys.stderr)
         meta = checkpoint.run_meta(config.to_dict(run.cfg), fingerprints, run.cfg.variant.name, run.batches_done,
                                    run.world, run.num_workers)  # fmt: skip
+        if improved:  # recorded before the step is published: resume finishes keep_best after a kill
+            meta["keep_best"] = {"name": BEST, "fid": run.best_fid}
         path = checkpoint.save(run.run_dir, step, models={**plain, **emas}, optimizers=run.variant.optimizers,
                                state_tensors=state, meta=meta, keep_last=run.cfg.train.keep_last)  # fmt: skip
         run.tracker.event("checkpoint", step, path=str(path))
@@ -330,6 +334,6 @@ def _standard(run: Run, G, names: list[str]) -> dict:
 def keep_best(run: Run, step: int) -> None:
     """RUN/checkpoints/best-fid/: step `step`'s checkpoint (just written), hard-linked, with best.json."""
     if run.main:
-        folder = checkpoint.keep_copy(run.run_dir, step, "best-fid", {"step": step, "fid": run.best_fid})
+        folder = checkpoint.keep_copy(run.run_dir, step, BEST, {"step": step, "fid": run.best_fid})
         run.tracker.event("best", step, fid=run.best_fid, path=str(folder))
     run.accelerator.wait_for_everyone()

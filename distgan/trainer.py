@@ -293,6 +293,10 @@ def train(
                 sources[name] = stream.resolve(spec, progress=accelerator.is_local_main_process, key=key)
             expected[name] = _check_manifest(sources[name].manifest, cfg, key)
         _check_keep_best(cfg, sources)
+    if t.eval_ref:  # unusable statistics: one line now, not at the first evaluation
+        from distgan.metrics import standard
+
+        standard.RefStats.load(t.eval_ref)
 
     # 2. Models, optimizers, EMA: one seed, identical on every rank.
     rng.seed_all(t.seed)
@@ -504,9 +508,12 @@ def _resume(run: jobs.Run, ckpt: checkpoint.Checkpoint) -> checkpoint.ResumePoin
             "not exact",
             file=sys.stderr,
         )
-    best = checkpoint.read_best(run.run_dir, "best-fid") if run.cfg.train.keep_best == "fid" else None
-    if best is not None:
-        run.best_fid = float(best["fid"])
+    if run.cfg.train.keep_best == "fid":
+        best = checkpoint.recover_best(run.run_dir, jobs.BEST, "fid") if run.main else None
+        run.accelerator.wait_for_everyone()
+        best = best or checkpoint.read_best(run.run_dir, jobs.BEST)
+        if best is not None:
+            run.best_fid = float(best["fid"])
     run.tracker.event("resume", point.step, checkpoint=str(ckpt.path))
     return point
 

@@ -7,8 +7,10 @@ from them do not depend on how many ranks did the work.
 
 Reference statistics of a shard set (its real images' mean, covariance, and a sample of features
 for KID and precision/recall) are computed once and kept in $DISTGAN_CACHE/stats/ under a key made
-of the shard files' sha256, the Inception file's sha256, the resolution, channels and image count.
-A change to any shard gives a new key. `distgan stats --out FILE` writes them where the user says;
+of the shard files' sha256, the Inception file's sha256, the resolution, channels, image count, image
+member and crop (`cache_identity`), the same for `distgan stats`, `distgan eval` and training
+evaluations. A change to any shard gives a new key. A cached file records its identity and is used
+only when it matches and its arrays are usable; otherwise it is recomputed, with a note. `distgan stats --out FILE` writes them where the user says;
 `distgan eval --ref FILE` reads those or pytorch-fid's `.npz` (`mu`, `sigma`: FID only).
 """
 
@@ -31,7 +33,7 @@ CHUNK = 250  # images per unit of work (the default of `Split.chunk`)
 KEEP_FEATURES = 50_000  # real features kept in reference stats for KID and precision/recall
 PR_MAX = 10_000  # samples of each set for precision/recall (an all-pairs distance computation)
 KID_SUBSETS, KID_SIZE = 100, 1000
-STATS_VERSION = 1
+STATS_VERSION = 2  # bump when what the statistics are computed from, or how, changes
 
 
 @dataclass
@@ -159,7 +161,30 @@ class RefStats:
         if mu.shape != (inception.FEATURES,) or sigma.shape != (inception.FEATURES, inception.FEATURES):
             raise UserError(f"reference statistics '{path}' have mu {mu.shape} and sigma {sigma.shape}; Inception "
                             f"pool features need ({inception.FEATURES},) and ({inception.FEATURES}, {inception.FEATURES})")  # fmt: skip
-        return cls(mu, sigma, n, feats, meta)
+        problem = _unusable(mu, sigma, n, feats)
+        if problem:
+            raise UserError(f"reference statistics '{path}' cannot be used: {problem}")
+        return cls(mu, sigma, n, feats, meta if isinstance(meta, dict) else {})
+
+
+def _unusable(mu: np.ndarray, sigma: np.ndarray, n: int, feats: np.ndarray | None) -> str | None:
+    """What makes loaded statistics unusable for FID/KID/PR (checked before any Inception work), or None."""
+    if not np.isfinite(mu).all() or not np.isfinite(sigma).all():
+        return "mu or sigma holds NaN/Inf"
+    if not np.allclose(sigma, sigma.T, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(sigma).max()))):
+        return "sigma is not symmetric (not a covariance)"
+    if float(np.diag(sigma).min()) < -1e-6:
+        return "sigma has a negative variance (not a covariance)"
+    if n < 0:
+        return f"n is {n}"
+    if feats is not None:
+        if feats.ndim != 2 or feats.shape[1] != inception.FEATURES:
+            return f"features have shape {feats.shape}; expected (N, {inception.FEATURES})"
+        if n and len(feats) > n:
+            return f"{len(feats)} features but n={n}"
+        if not np.isfinite(feats).all():
+            return "features hold NaN/Inf"
+    return None
 
 
 def _file_sha256(path: str, memo: dict) -> str:
@@ -195,13 +220,41 @@ def shards_digest(urls: list[str]) -> str | None:
     return h.hexdigest()
 
 
-def cache_path(shards: str, net_digest: str, resolution: int, channels: int, limit: int,
-               options: dict | None = None) -> Path:  # fmt: skip
-    from distgan.data.shards import cache_root
+def image_options(options: dict | None) -> dict:
+    """Of a stream's options, those that change the images the statistics are computed from: which
+    member is the image, and the crop (random taken as center). Labels, bounds and on_error do not."""
     from distgan.data.stream import _fixed
 
-    key = json.dumps([STATS_VERSION, shards, net_digest, resolution, channels, limit, sorted(_fixed(options).items())])
+    fixed = _fixed(options)
+    return {"image_key": fixed.get("image_key", "").lstrip("."), "crop": fixed.get("crop", "center")}
+
+
+def cache_identity(shards_sha256: str, net_digest: str, resolution: int, channels: int, limit: int,
+                   options: dict | None = None) -> dict:  # fmt: skip
+    """What cached statistics were computed from: they are used only for exactly this."""
+    return {"stats_version": STATS_VERSION, "shards_sha256": shards_sha256, "inception_sha256": net_digest,
+            "resolution": resolution, "channels": channels, "limit": limit, **image_options(options)}  # fmt: skip
+
+
+def cache_path(identity: dict) -> Path:
+    """The cache file of statistics with this identity: `distgan stats`, `distgan eval` and training
+    evaluations of the same shards, network, size and images share it."""
+    from distgan.data.shards import cache_root
+
+    key = json.dumps(identity, sort_keys=True)
     return cache_root() / "stats" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+
+
+def _cached(path: Path, identity: dict) -> tuple[RefStats | None, str]:
+    """The statistics cached at `path` if they hold what `identity` says, else (None, why not)."""
+    try:
+        stats = RefStats.load(path)
+    except UserError as exc:
+        return None, str(exc)
+    differ = sorted(k for k, v in identity.items() if stats.meta.get(k) != v)
+    if differ:
+        return None, f"it records other {', '.join(differ)} than this computation's"
+    return stats, ""
 
 
 def reference_stats(spec: str, *, resolution: int, channels: int, net, split: Split, limit: int = 0,
@@ -221,22 +274,26 @@ def reference_stats(spec: str, *, resolution: int, channels: int, net, split: Sp
         box = [digest]
         dist.broadcast_object_list(box, src=0)
         digest = box[0]
-    path = cache_path(digest, net.digest, resolution, channels, limit, options) if digest else None
+    identity = cache_identity(digest, net.digest, resolution, channels, limit, options) if digest else None
+    path = cache_path(identity) if identity else None
+    note = ""
     if path is not None and path.is_file():
-        return RefStats.load(path), f"cached {path}"
+        stats, why = _cached(path, identity)
+        if stats is not None:
+            return stats, f"cached {path}"
+        note = f" (the file cached there was not used: {why})"
     total = (source.manifest or {}).get("count")
     total = min(total, limit) if total and limit else (total or limit or None)
     with tqdm(total=total, desc="reference features", unit="img", disable=not progress or split.rank != 0) as bar:
         feats, _ = real_features(source, resolution=resolution, channels=channels, net=net, split=split,
                                  limit=limit, bar=bar, options=options)  # fmt: skip
-    meta = {"shards": spec, "shards_sha256": digest, "inception": net.describe(), "inception_sha256": net.digest,
-            "resolution": resolution, "channels": channels, "limit": limit}  # fmt: skip
+    meta = {"shards": spec, "inception": net.describe(), **(identity or {"shards_sha256": None})}
     stats = RefStats.of(feats, meta)
     if path is None:
         return stats, "computed (remote shards: not cached; keep them with `distgan stats --out`)"
     if split.rank == 0:
         stats.save(path)
-    return stats, f"computed, cached in {path}"
+    return stats, f"computed, cached in {path}{note}"
 
 
 # -- the report ---------------------------------------------------------------------------------
