@@ -221,20 +221,43 @@ def make_accelerator(cfg: config.Config, with_wandb: bool):
     return accelerator
 
 
+# What cannot change on a resume: what shapes the models and the data they take. (Optimizer settings
+# can: they are applied over the checkpoint's, see apply_hyperparameters.)
+FIXED_ON_RESUME = ("model", "variant.name", "data.kind", "data.channels", "data.input_channels", "data.resolution")
+
+
 def check_compatible(ckpt: checkpoint.Checkpoint, cfg: config.Config) -> None:
-    """The checkpoint's model-shaping config must equal ours."""
+    """The checkpoint's model-shaping config must equal ours: one line naming every key that differs."""
     theirs = ckpt.meta.get("config", {})
     ours = config.to_dict(cfg)
-    keys = [("model",), ("variant", "name"), ("data", "channels"), ("data", "resolution")]
-    for key in keys:
+    differ = []
+    for key in FIXED_ON_RESUME:
         a, b = theirs, ours
-        for k in key:
+        for k in key.split("."):
             a, b = (a or {}).get(k), (b or {}).get(k)
-        if a != b:
-            raise UserError(
-                f"checkpoint '{ckpt.path}' was made with {'.'.join(key)}={a}, but the config asks for {b}; "
-                "resume with the checkpoint's config or start a new --out"
-            )
+        if a is None and key != "model":  # a checkpoint from before the key existed: its default
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += [f"{key}.{k}={x!r} -> {y!r}" for k, x, y in _changed_leaves(a, b)]
+        elif a != b:
+            differ.append(f"{key}={a!r} -> {b!r}")
+    if differ:
+        raise UserError(
+            f"checkpoint '{ckpt.path}' cannot resume with {', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''} "
+            "(these keys cannot change on resume); resume with the checkpoint's values or start a new --out"
+        )
+
+
+def _changed_leaves(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, a's value, b's value) of every leaf where two config trees differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _changed_leaves(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append((f"{prefix}{k}", x, y))
+    return out
 
 
 def _find_resume(resume: str | None, run_dir: Path) -> checkpoint.Checkpoint | None:
@@ -302,14 +325,21 @@ def train(
     rng.seed_all(t.seed)
     variant = variants.get(cfg.variant.name)(cfg)
     emas = {f"{n}_ema": copy.deepcopy(variant.models[n]).eval().requires_grad_(False) for n in variant.ema}
+    changed = {}
     if ckpt is not None:
         for name, module in {**variant.models, **emas}.items():
             checkpoint.load_model(module, ckpt.model_state(name), f"checkpoint '{ckpt.path}' model '{name}'")
+        configured = {n: [_hyper(g) for g in opt.param_groups] for n, opt in variant.optimizers.items()}
         for name, opt in variant.optimizers.items():
             try:
                 opt.load_state_dict(ckpt.optimizer_state(name))
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise UserError(f"checkpoint '{ckpt.path}': optimizer '{name}' does not fit: {exc}") from None
+        changed = apply_hyperparameters(variant.optimizers, configured)
+        if changed and accelerator.is_main_process:
+            said = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            print(f"note: the config's optimizer settings differ from the checkpoint's; applied: {said}",
+                  file=sys.stderr)  # fmt: skip
     for opt in variant.optimizers.values():
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])  # the base of train.lr_decay
@@ -325,7 +355,8 @@ def train(
     # which kernels spectral norm and minibatch discrimination run: Triton, or the PyTorch fallback
     tracker.event("kernels", start, backend=_backend.auto(accelerator.device))
     try:
-        code = _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data)
+        code = _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data,
+                     changed)  # fmt: skip
     finally:
         tracker.close()
         _release(world)
@@ -418,7 +449,8 @@ def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.
     return None if kind == "paired" else shape
 
 
-def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data) -> int:
+def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tracker, rank, world, data,
+          changed=None) -> int:  # fmt: skip
     """The steps: draw micro-batches, `variant.train_step`, buffers and EMA, then the periodic jobs."""
     t, main, device = cfg.train, accelerator.is_main_process, accelerator.device
     _prepare(accelerator, variant, emas)
@@ -428,7 +460,7 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
                    fixed_noise=torch.Generator(device="cpu").manual_seed(t.seed))  # fmt: skip
     # Per-rank randomness (noise, dropout) from the same seed, restored exactly on resume.
     rng.seed_all(stream.stream_seed(t.seed, rank, 2))
-    resume = _resume(run, ckpt) if ckpt is not None else None
+    resume = _resume(run, ckpt, changed) if ckpt is not None else None
     run.feeds = feeds.open_feeds(cfg, variant, sources, expected, rank=rank, world=world, num_workers=run.num_workers,
                                  device=device, resume=resume, data=data)  # fmt: skip
     ctx = StepContext(accelerator, t.grad_accum, {id(o): n for n, o in variant.optimizers.items()})
@@ -490,7 +522,7 @@ def _prepare(accelerator, variant, emas) -> None:
         ema.to(accelerator.device)
 
 
-def _resume(run: jobs.Run, ckpt: checkpoint.Checkpoint) -> checkpoint.ResumePoint:
+def _resume(run: jobs.Run, ckpt: checkpoint.Checkpoint, changed: dict | None = None) -> checkpoint.ResumePoint:
     """This rank's RNG, stream positions and variant state from `ckpt` (models and optimizers are
     loaded in train()); a warning when the process/worker layout differs, so it cannot be exact."""
     point = checkpoint.resume_point(ckpt, run.rank, run.world, run.num_workers)
@@ -514,8 +546,39 @@ def _resume(run: jobs.Run, ckpt: checkpoint.Checkpoint) -> checkpoint.ResumePoin
         best = best or checkpoint.read_best(run.run_dir, jobs.BEST)
         if best is not None:
             run.best_fid = float(best["fid"])
-    run.tracker.event("resume", point.step, checkpoint=str(ckpt.path))
+    # `optimizer`: settings of this invocation's config applied over the checkpoint's ({"G.lr": [old, new]})
+    run.tracker.event("resume", point.step, checkpoint=str(ckpt.path), **({"optimizer": changed} if changed else {}))
     return point
+
+
+# Optimizer hyper-parameters that come from the config (train.lr_g, lr_d, beta1, beta2 ...): a resume
+# applies the config's values over the checkpoint's.
+HYPER = ("lr", "betas", "eps", "weight_decay", "momentum", "alpha")
+
+
+def _hyper(group: dict) -> dict:
+    """A param group's config-given hyper-parameters; lr is the base one (train.lr_decay scales it)."""
+    out = {k: group[k] for k in HYPER if k in group}
+    if "lr" in out:
+        out["lr"] = group.get("initial_lr", group["lr"])
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def apply_hyperparameters(optimizers: dict, configured: dict[str, list[dict]]) -> dict[str, list]:
+    """Set each optimizer's hyper-parameters back to `configured` (what the config built, before the
+    checkpoint's state was loaded over it); {"NAME.KEY": [checkpoint's, config's]} of those that changed."""
+    changed = {}
+    for name, opt in optimizers.items():
+        for group, want in zip(opt.param_groups, configured[name]):
+            had = _hyper(group)
+            for key, value in want.items():
+                if had.get(key) == value:
+                    continue
+                changed.setdefault(f"{name}.{key}", [had.get(key), value])
+                group[key] = tuple(value) if key == "betas" else value
+                if key == "lr":
+                    group["initial_lr"] = value  # set_lr scales it from the next step on
+    return changed
 
 
 def set_lr(optimizers, t: config.TrainConfig, step: int) -> float | None:

@@ -209,3 +209,28 @@ def test_a_kill_before_keep_best_leaves_the_best_to_resume(tmp_path):
                         meta={"config": {}}, keep_last=3)  # fmt: skip
     assert not (run / "checkpoints" / "step-00000002").exists()
     assert checkpoint.load(run / "checkpoints" / "best-fid").step == 2
+
+
+def test_optimizer_settings_given_on_resume_take_effect_and_are_logged(tmp_path, digits_shards):
+    run = tmp_path / "run"
+    common = [*FAST, f"data.shards={digits_shards}", "--out", run]
+    r = run_cli("train", *common, "train.steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("train", *common, "train.steps=4", "--resume", "auto", "train.lr_g=1e-5", "train.beta2=0.99")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "applied: G.lr 0.0002 -> 1e-05, G.betas [0.5, 0.999] -> [0.5, 0.99], D.betas" in r.stderr, r.stderr[-2000:]
+    resume = next(m for m in read_metrics(run) if m.get("event") == "resume")
+    assert resume["optimizer"]["G.lr"] == [0.0002, 1e-05] and "D.lr" not in resume["optimizer"]
+    groups = checkpoint.load(run / "checkpoints" / "step-00000004").optimizer_meta
+    assert groups["G"]["param_groups"][0]["lr"] == pytest.approx(1e-5)  # what Adam used for steps 3 and 4
+    assert groups["G"]["param_groups"][0]["betas"] == [0.5, 0.99]
+    assert groups["D"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
+    # a resume that changes nothing says nothing
+    r = run_cli("train", *common, "train.steps=5", "--resume", "auto", "train.lr_g=1e-5", "train.beta2=0.99")
+    assert r.returncode == 0 and "applied:" not in r.stderr, r.stderr[-2000:]
+    # with a learning-rate decay, the base rate is what a resume compares and sets
+    r = run_cli("train", *common, "train.steps=8", "--resume", "auto", "train.lr_g=1e-5", "train.beta2=0.99",
+                "train.lr_decay=linear", "train.lr_decay_start=0.5")  # fmt: skip
+    assert r.returncode == 0 and "applied:" not in r.stderr, r.stderr[-2000:]
+    groups = checkpoint.load(run / "checkpoints" / "step-00000008").optimizer_meta["G"]["param_groups"][0]
+    assert groups["initial_lr"] == pytest.approx(1e-5) and groups["lr"] < 1e-5
