@@ -298,6 +298,10 @@ def train(
     ckpt = _find_resume(resume, run_dir)
     if ckpt is not None:
         check_compatible(ckpt, cfg)
+    if t.eval_ref:  # unusable statistics: one line now, not at the first evaluation
+        from distgan.metrics import standard
+
+        standard.RefStats.load(t.eval_ref)
     start = ckpt.step if ckpt else 0
     mode = cfg.tracking.wandb.mode
     accelerator = make_accelerator(cfg, with_wandb=mode != "disabled")
@@ -316,10 +320,6 @@ def train(
                 sources[name] = stream.resolve(spec, progress=accelerator.is_local_main_process, key=key)
             expected[name] = _check_manifest(sources[name].manifest, cfg, key)
         _check_keep_best(cfg, sources)
-    if t.eval_ref:  # unusable statistics: one line now, not at the first evaluation
-        from distgan.metrics import standard
-
-        standard.RefStats.load(t.eval_ref)
 
     # 2. Models, optimizers, EMA: one seed, identical on every rank.
     rng.seed_all(t.seed)

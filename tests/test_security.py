@@ -134,7 +134,7 @@ def test_checkpoint_config_keeps_harmless_values_and_drops_the_rest():
 def test_sample_and_eval_take_only_data_locations_as_overrides(tmp_path, evil_run):
     run, _ = evil_run
     r = run_cli("sample", "--ckpt", run, "--out", tmp_path / "x.png", "model.g.width=8")
-    assert r.returncode == 2 and "takes only data.shards" in r.stderr
+    assert r.returncode == 2 and "takes only data.on_error, data.shards" in r.stderr
 
 
 def test_a_manifest_names_only_files_of_its_own_folder(tmp_path, digits_shards):
