@@ -214,7 +214,13 @@ def _png_of(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-# (mode, a 2-pixel image in that mode, the expected L values, the expected RGB values), by hand:
+def _pa() -> Image.Image:
+    img = Image.frombytes("PA", (2, 1), bytes([0, 255, 1, 255]))
+    img.putpalette([0, 0, 0, 255, 255, 255])
+    return img
+
+
+# (mode, a small image in that mode, the expected L values, the expected RGB values), by hand:
 # 16-bit: v / 65535 * 255; 32-bit int: (v + 2^31) / (2^32 - 1) * 255; float: v * 255, clipped;
 # LAB (a*, b* stored as signed bytes: 0 is neutral): L* 100 is white, 0 black, 50 sRGB 119
 MODES = [
@@ -249,6 +255,24 @@ MODES = [
         [255, 0, 119, 119],
         [[255, 255, 255], [0, 0, 0], [119, 119, 119], [119, 119, 119]],
     ),
+    ("I;16B", Image.frombytes("I;16B", (2, 1), b"\xff\xff\x01\x01"), [255, 1], None),  # big-endian 65535, 257
+    ("YCbCr", Image.frombytes("YCbCr", (2, 1), bytes([255, 128, 128, 0, 128, 128])), [255, 0], None),
+    ("HSV", Image.frombytes("HSV", (2, 1), bytes([0, 0, 255, 0, 255, 255])), [255, 76], [[255, 255, 255], [255, 0, 0]]),
+    (
+        "RGBX",
+        Image.frombytes("RGBX", (2, 1), bytes([255, 0, 0, 0, 0, 0, 255, 0])),
+        [76, 29],
+        [[255, 0, 0], [0, 0, 255]],
+    ),
+    # premultiplied alpha: 50 at alpha 128 is 50 * 255 / 128 = 99.6 un-premultiplied
+    ("La", Image.frombytes("La", (2, 1), bytes([100, 255, 50, 128])), [100, 99.6], None),
+    (
+        "RGBa",
+        Image.frombytes("RGBa", (2, 1), bytes([100, 0, 0, 255, 50, 0, 0, 128])),
+        [30, 30],
+        [[100, 0, 0], [99.6, 0, 0]],
+    ),
+    ("PA", _pa(), [0, 255], None),
 ]
 
 

@@ -7,7 +7,8 @@ Each (rank, worker) pair reads an endless, deterministic stream:
    that level and the streams differ only by seed, so nothing hangs and nothing crashes;
 2. resampled: shards are drawn with replacement from that subset by a RNG seeded from
    (train.seed, rank, worker), so the stream never ends and every rank runs the same steps;
-3. webdataset's tar reader groups members into samples, and a seeded shuffle buffer mixes them;
+3. distgan's bounded tar reader (tarstream.py) groups members into samples as webdataset does (no
+   member past data.max_member_bytes is read), and a seeded shuffle buffer mixes them;
 4. decode and batch in the worker: the image member is found by extension (`IMAGE_EXTS`, or
    data.image_key), the label in `cls`, `label` or a JSON field (data.label_key); the image is
    cropped to a square (data.crop), resized to data.resolution with PIL's bilinear filter
@@ -52,14 +53,13 @@ MAX_BAD_RUN = 10_000  # consecutive bad samples after which a skipping stream gi
 QUOTE = 200  # characters of a sample's content (a label, a key) that an error line quotes at most
 
 
-def quote(value, limit: int = QUOTE) -> str:
-    """repr(value), cut to `limit` characters: error lines never carry a member's content whole."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
-
-
 def _short(text: str, limit: int = QUOTE) -> str:
+    """`text` cut to `limit` characters: error lines never carry a member's content whole."""
     return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
+def quote(value, limit: int = QUOTE) -> str:
+    return _short(repr(value), limit)
 
 
 # Image members by extension, in the order a sample's first present one is taken (webdataset's own
