@@ -203,6 +203,11 @@ def test_tar_formats_and_extended_headers(tmp_path):
     (tmp_path / "pax.tar").write_bytes(info.tobuf(tarfile.USTAR_FORMAT) + bytes(4096))
     with pytest.raises(tarstream.TarFormatError, match="extended tar header of 2147483648 bytes"):
         list(tarstream.samples([str(tmp_path / "pax.tar")], select=lambda n: True, max_member=10**6))
+    # a ".tar" that is a gzip stream of 200 MB of zeros: the two zero blocks at its start end it
+    with gzip.open(tmp_path / "zeros.tar", "wb", compresslevel=1) as gz:
+        for _ in range(200):
+            gz.write(bytes(1 << 20))
+    assert list(tarstream.samples([str(tmp_path / "zeros.tar")], select=lambda n: True, max_member=10**6)) == []
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 64)
     with pytest.raises(tarstream.TarFormatError, match="bad tar header checksum"):
         list(tarstream.samples([str(tmp_path / "junk.tar")], select=lambda n: True, max_member=10**6))

@@ -10,7 +10,8 @@ for KID and precision/recall) are computed once and kept in $DISTGAN_CACHE/stats
 of the shard files' sha256, the Inception file's sha256, the resolution, channels, image count, image
 member and crop (`cache_identity`), the same for `distgan stats`, `distgan eval` and training
 evaluations. A change to any shard gives a new key. A cached file records its identity and is used
-only when it matches and its arrays are usable; otherwise it is recomputed, with a note. `distgan stats --out FILE` writes them where the user says;
+only when it matches and its arrays are usable; otherwise it is recomputed, with a note.
+`distgan stats --out FILE` writes them where the user says;
 `distgan eval --ref FILE` reads those or pytorch-fid's `.npz` (`mu`, `sigma`: FID only).
 """
 
