@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, read_metrics
+from conftest import FAST, read_metrics, run_main
 from test_hostile_data import digit_members, write_tar
 from test_inception import random_inception
 
@@ -35,28 +35,19 @@ def bad_digits(tmp_path_factory):
     return folder
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """`distgan ARGS` in this process (the CLI's own code; only the process start is saved)."""
-    from distgan.cli import main
-
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_stats_eval_and_training_share_one_checked_cache_and_follow_on_error(weights, bad_digits, tmp_path, capsys):
     net = inception.FeatureNet(weights)
     with pytest.raises(UserError, match="sample 'broken'"):  # data.on_error=raise, the default
         standard.reference_stats(str(bad_digits), resolution=16, channels=1, net=net, split=standard.Split(),
                                  progress=False)  # fmt: skip
     stats = ["stats", "--shards", bad_digits, "--inception", weights, "--resolution", "16", "--channels", "1"]
-    code, out, err = cli(capsys, *stats, "--on-error", "skip")
+    code, out, err = run_main(capsys, *stats, "--on-error", "skip")
     assert code == 0, err[-2000:]
     assert "of 8 images" in out and "computed, cached in " in out, out
     cached = out.split("computed, cached in ")[1].split()[0]
     # a run that skips bad samples evaluates on the same shards, from the same cached statistics
     run = tmp_path / "run"
-    code, _, err = cli(capsys, "train", *FAST, f"data.shards={bad_digits}", "data.on_error=skip", "--out", run,
+    code, _, err = run_main(capsys, "train", *FAST, f"data.shards={bad_digits}", "data.on_error=skip", "--out", run,
                        "train.steps=2", "train.eval_every=2", "train.eval_n=4", f"train.eval_inception={weights}")  # fmt: skip
     assert code == 0, err[-3000:]
     assert f"reference statistics: cached {cached}" in err, err[-3000:]
@@ -68,7 +59,7 @@ def test_stats_eval_and_training_share_one_checked_cache_and_follow_on_error(wei
     planted.meta = {**planted.meta, "resolution": 99}
     planted.mu = planted.mu + 100.0
     planted.save(cached)
-    code, out, err = cli(capsys, *ev, "data.on_error=skip", "--json", tmp_path / "e.json")  # as key=value
+    code, out, err = run_main(capsys, *ev, "data.on_error=skip", "--json", tmp_path / "e.json")  # as key=value
     assert code == 0, err[-3000:]
     assert "was not used: it records other resolution" in out and f"computed, cached in {cached}" in out, out
     assert json.loads((tmp_path / "e.json").read_text())["fid"] < 1e4  # not against mu + 100
@@ -78,7 +69,7 @@ def test_stats_eval_and_training_share_one_checked_cache_and_follow_on_error(wei
     bad = standard.RefStats.of(feats, {})
     bad.sigma[3, 5] = np.nan
     bad.save(tmp_path / "nan.npz")
-    code, out, err = cli(capsys, *ev, "--ref", tmp_path / "nan.npz")
+    code, out, err = run_main(capsys, *ev, "--ref", tmp_path / "nan.npz")
     assert code == 2 and "cannot be used: mu or sigma holds NaN/Inf" in err, err[-2000:]
     assert "generated features" not in err  # (the one line comes from main(): no traceback)
 
@@ -226,9 +217,9 @@ def test_a_kill_before_keep_best_leaves_the_best_to_resume(tmp_path):
 def test_optimizer_settings_given_on_resume_take_effect_and_are_logged(tmp_path, digits_shards, capsys):
     run = tmp_path / "run"
     common = [*FAST, f"data.shards={digits_shards}", "--out", run]
-    code, _, err = cli(capsys, "train", *common, "train.steps=2")
+    code, _, err = run_main(capsys, "train", *common, "train.steps=2")
     assert code == 0, err[-2000:]
-    code, _, err = cli(capsys, "train", *common, "train.steps=4", "--resume", "auto", "train.lr_g=1e-5",
+    code, _, err = run_main(capsys, "train", *common, "train.steps=4", "--resume", "auto", "train.lr_g=1e-5",
                        "train.beta2=0.99")  # fmt: skip
     assert code == 0, err[-2000:]
     assert "applied: G.lr 0.0002 -> 1e-05, G.betas [0.5, 0.999] -> [0.5, 0.99], D.betas" in err, err[-2000:]
@@ -239,7 +230,7 @@ def test_optimizer_settings_given_on_resume_take_effect_and_are_logged(tmp_path,
     assert groups["G"]["param_groups"][0]["betas"] == [0.5, 0.99]
     assert groups["D"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
     # with a learning-rate decay, the base rate is what a resume compares (here: no change, so no note)
-    code, _, err = cli(capsys, "train", *common, "train.steps=8", "--resume", "auto", "train.lr_g=1e-5",
+    code, _, err = run_main(capsys, "train", *common, "train.steps=8", "--resume", "auto", "train.lr_g=1e-5",
                        "train.beta2=0.99", "train.lr_decay=linear", "train.lr_decay_start=0.5")  # fmt: skip
     assert code == 0 and "applied:" not in err, err[-2000:]
     groups = checkpoint.load(run / "checkpoints" / "step-00000008").optimizer_meta["G"]["param_groups"][0]
