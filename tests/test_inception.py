@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, run_cli
+from conftest import FAST, run_cli, run_main
 
 from distgan.errors import UserError
 from distgan.metrics import fid as scores
@@ -306,25 +306,28 @@ def digits_run(tmp_path_factory, digits_shards):
 
 
 def test_eval_with_inception_reports_every_standard_metric_with_its_n(weight_files, digits_run, digits_shards,
-                                                                     tmp_path):  # fmt: skip
-    r = run_cli("eval", "--ckpt", digits_run, "--inception", weight_files[1], "--n", "12", "--ref-n", "16",
-                "--chunk", "8", "--json", tmp_path / "e.json", f"data.shards={digits_shards}")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+                                                                     tmp_path, capsys):  # fmt: skip
+    # in this process (the CLI's own code, without three process starts)
+    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", weight_files[1], "--n", "12",
+                              "--ref-n", "16", "--chunk", "8", "--json", tmp_path / "e.json",
+                              f"data.shards={digits_shards}")  # fmt: skip
+    assert code == 0, err[-3000:]
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["n"] == 12 and res["n_ref"] == 16 and res["pr_n"] == 12 and res["kid_subsets"] == "100 of 12"
     for k in ("fid", "kid", "is", "precision", "recall", "digits"):
         assert k in res, k
     assert res["fid"] > 0 and 1 <= res["is"] <= 1008 and 0 <= res["precision"] <= 1
     assert "nvidia-torchscript" in res["feature_space"] and "one process, in chunks of 8" in res["computed"]
-    assert "fid" in r.stdout and "precision" in r.stdout
+    assert "fid" in out and "precision" in out
     # the same through pytorch-fid's file (same weights), from `distgan stats` written elsewhere
-    r = run_cli("stats", "--shards", digits_shards, "--inception", weight_files[0], "--resolution", "16",
-                "--channels", "1", "--n", "16", "--out", tmp_path / "ref.npz")  # fmt: skip
-    assert r.returncode == 0 and "reference statistics of 16 images" in r.stdout, r.stderr[-2000:]
-    r = run_cli("eval", "--ckpt", digits_run, "--inception", weight_files[0], "--ref", tmp_path / "ref.npz",
-                "--n", "12", "--chunk", "8", "--metrics", "fid,is", "--json", tmp_path / "f.json")  # fmt: skip
+    code, out, err = run_main(capsys, "stats", "--shards", digits_shards, "--inception", weight_files[0],
+                              "--resolution", "16", "--channels", "1", "--n", "16", "--out", tmp_path / "ref.npz")  # fmt: skip
+    assert code == 0 and "reference statistics of 16 images" in out, err[-2000:]
+    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", weight_files[0], "--ref",
+                              tmp_path / "ref.npz", "--n", "12", "--chunk", "8", "--metrics", "fid,is", "--json",
+                              tmp_path / "f.json")  # fmt: skip
     # (no data.shards: with --ref the training shards are not read)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert code == 0, err[-3000:]
     other = json.loads((tmp_path / "f.json").read_text())
     assert other["fid"] == pytest.approx(res["fid"], rel=1e-3) and other["is"] == pytest.approx(res["is"], rel=1e-3)
 
