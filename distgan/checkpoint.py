@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from distgan import files
 from distgan.errors import UserError
 
 FORMAT = 1
@@ -140,8 +141,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_steps(run_dir)[:-keep_last]:
-        doomed = Path(tempfile.mkdtemp(prefix=".del-", dir=folder)) / "old"
-        os.rename(old, doomed)
+        _set_aside(old)
     # What killed writers left behind (SIGKILL skips the cleanup above): temp and doomed folders.
     for stale in folder.iterdir():
         if stale.name.startswith((".tmp-step-", ".del-")) and stale != tmp:
@@ -168,17 +168,15 @@ def keep_copy(run_dir: Path, step: int, name: str, info: dict) -> Path:
                     os.link(source / f, tmp / f)
                 except OSError:
                     shutil.copy2(source / f, tmp / f)
-            (tmp / "best.json").write_text(json.dumps(info) + "\n")
-            with open(tmp / "best.json", "rb") as fh:
-                os.fsync(fh.fileno())
+            files.write_text(tmp / "best.json", json.dumps(info) + "\n")  # flushed to disk
             if target.exists():  # an unfinished or other copy of this step from before a crash
-                os.rename(target, tempfile.mkdtemp(prefix=".del-", dir=folder) + "/old")
+                _set_aside(target)
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     if link.is_dir() and not link.is_symlink():  # a copy written by distgan before links: set aside once
-        os.rename(link, tempfile.mkdtemp(prefix=".del-", dir=folder) + "/old")
+        _set_aside(link)
     new_link = folder / f".tmp-link-{name}-{os.getpid()}"
     if new_link.is_symlink():
         new_link.unlink()
@@ -247,9 +245,15 @@ def _publish(tmp: Path, final: Path) -> None:
     rename first (never half-deleted under its name), and make the renames durable."""
     folder = final.parent
     if final.exists():
-        os.rename(final, tempfile.mkdtemp(prefix=".del-", dir=folder) + "/old")
+        _set_aside(final)
     os.rename(tmp, final)
     _fsync_dir(folder)
+
+
+def _set_aside(path: Path) -> None:
+    """Move `path` out of the way in one rename, into a `.del-*` folder beside it that the next save
+    or keep_copy removes: never half-deleted under its own name."""
+    os.rename(path, Path(tempfile.mkdtemp(prefix=".del-", dir=path.parent)) / "old")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -69,17 +69,17 @@ def _decompressed(raw, url: str):
     head = raw.read(6)
     stream = _Prefixed(head, raw)
     if head[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=stream, mode="rb"), True
+        return gzip.GzipFile(fileobj=stream, mode="rb")
     if head[:3] == b"BZh":
-        return bz2.BZ2File(stream, "rb"), True
+        return bz2.BZ2File(stream, "rb")
     if head[:6] == b"\xfd7zXZ\x00":
-        return lzma.LZMAFile(stream, "rb"), True
+        return lzma.LZMAFile(stream, "rb")
     if head[:4] == b"\x28\xb5\x2f\xfd":
         raise TarFormatError("zstd-compressed shard: not supported (decompress it, or use gzip)", url)
     if getattr(raw, "seekable", lambda: False)():  # a local file: members not wanted are seeked over
         raw.seek(0)
-        return raw, False
-    return stream, False
+        return raw
+    return stream
 
 
 def _read_upto(stream, n: int) -> bytes:
@@ -159,7 +159,7 @@ def _pax(data: bytes, url: str) -> dict[str, str]:
 def members(raw, url: str, select: Callable[[str], bool], max_member: int) -> Iterator[dict]:
     """{"fname", "data"} of the regular members of the tar stream `raw` that `select` takes, in order;
     "data" is their bytes, or `Refused` when larger than `max_member` (or stored sparse)."""
-    stream, _ = _decompressed(raw, url)
+    stream = _decompressed(raw, url)
     pax: dict[str, str] = {}
     long_name: str | None = None
     zero_blocks = 0
