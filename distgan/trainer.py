@@ -302,6 +302,7 @@ def train(
         from distgan.metrics import standard
 
         standard.RefStats.load(t.eval_ref)
+    _check_keep_best(cfg, None)
     start = ckpt.step if ckpt else 0
     mode = cfg.tracking.wandb.mode
     accelerator = make_accelerator(cfg, with_wandb=mode != "disabled")
@@ -397,15 +398,21 @@ def _release(world: int) -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _check_keep_best(cfg: config.Config, sources: dict) -> None:
-    """train.keep_best=fid needs a fid in the evaluations: refused before the first step, not at the first eval."""
+def _check_keep_best(cfg: config.Config, sources: dict | None) -> None:
+    """train.keep_best=fid needs a fid in the evaluations: refused before the first step, not at the first eval.
+    With `sources` None (before any shard is read or built), only what the config alone rules out."""
     if cfg.train.keep_best != "fid":
         return
     from distgan import metrics
 
-    source = next(iter(sources.values()), None)
-    names = metrics.applicable(cfg, source.manifest if source else None, inception=bool(cfg.train.eval_inception))
-    if hasattr(variants.get(cfg.variant.name), "evaluate") or "fid" not in names:
+    own_metrics = hasattr(variants.get(cfg.variant.name), "evaluate")  # image-to-image: no fid
+    if sources is None:
+        possible = not own_metrics and cfg.data.kind == "images"
+    else:
+        source = next(iter(sources.values()), None)
+        names = metrics.applicable(cfg, source.manifest if source else None, inception=bool(cfg.train.eval_inception))
+        possible = not own_metrics and "fid" in names
+    if not possible:
         raise UserError(
             f"train.keep_best=fid, but no fid applies to this run ({cfg.variant.name} on {cfg.data.shards}); set "
             "train.eval_inception=FILE (docs/evaluation.md) or leave train.keep_best empty"

@@ -60,6 +60,13 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def cli(capsys, *args) -> subprocess.CompletedProcess:
+    """`run_main` with `run_cli`'s result (returncode, stdout, stderr): for tests where the command's
+    behaviour is what is checked, not the process around it (signals, exit on a dead rank, env)."""
+    code, out, err = run_main(capsys, *args)
+    return subprocess.CompletedProcess(["distgan", *map(str, args)], code, out, err)
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -3,7 +3,7 @@ the identity cases, and a training run with augmentation that resumes exactly.""
 
 import pytest
 import torch
-from conftest import FAST, assert_resumed, read_metrics, run_cli
+from conftest import FAST, assert_resumed, cli, read_metrics, run_cli
 from test_train import assert_bitwise_equal
 
 from distgan import augment, checkpoint
@@ -101,7 +101,7 @@ def test_identity_cases_and_probability():
 
 
 @pytest.mark.parametrize("policy", ["crop", "color,color", "color translation"])
-def test_bad_policy_is_refused(policy):
+def test_bad_policy_is_refused(policy, capsys):
     with pytest.raises(UserError, match="data.augment"):
         augment.parse(policy)
 
@@ -131,8 +131,8 @@ def test_training_with_augmentation_resumes_exactly(tmp_path, digits_shards):
         )
 
 
-def test_augmentation_is_refused_where_unused(tmp_path):
-    r = run_cli("config", "--preset", "edges2photos-pix2pix", "data.augment=translation")
+def test_augmentation_is_refused_where_unused(tmp_path, capsys):
+    r = cli(capsys, "config", "--preset", "edges2photos-pix2pix", "data.augment=translation")
     assert r.returncode == 2 and "data.augment" in r.stderr, r.stderr
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, run_cli
+from conftest import FAST, run_cli, run_main
 
 from distgan.data import builtin
 from distgan.metrics import fid as fidlib
@@ -70,11 +70,11 @@ def test_stacked_metric_counts_1000_modes_of_real_stacked_digits_and_half_of_a_c
     assert half["stacked_kl"] == pytest.approx(np.log(2), abs=0.06)
 
 
-def test_eval_reports_fid_kid_and_digit_judgement_on_a_digits_run(tmp_path, digits_shards):
+def test_eval_reports_fid_kid_and_digit_judgement_on_a_digits_run(tmp_path, digits_shards, capsys):
     run = tmp_path / "run"
-    assert run_cli("train", *FAST, "--out", run, "train.steps=2").returncode == 0  # builtin:digits
-    r = run_cli("eval", "--ckpt", run, "--n", "300", "--json", tmp_path / "e.json")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_main(capsys, "train", *FAST, "--out", run, "train.steps=2")[0] == 0  # builtin:digits
+    code, _, err = run_main(capsys, "eval", "--ckpt", run, "--n", "300", "--json", tmp_path / "e.json")
+    assert code == 0, err[-3000:]
     result = json.loads((tmp_path / "e.json").read_text())
     assert "kid" in result and result["digits"]["generated"]["n"] == 300
     assert "held-out accuracy 0.9" in result["feature_space"]  # the feature classifier's, reported
@@ -84,37 +84,39 @@ def test_eval_reports_fid_kid_and_digit_judgement_on_a_digits_run(tmp_path, digi
 
     from distgan.metrics.digits import real_digits
 
-    assert run_cli("sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "x.npy").returncode == 0
+    assert run_main(capsys, "sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "x.npy")[0] == 0
     net = fidlib.DigitFeatures(16)
     a = net.features(torch.from_numpy(np.load(tmp_path / "x.npy")))
     b = net.features(torch.from_numpy(real_digits(16)[0]).view(-1, 1, 16, 16))
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
     assert result["fid"] == pytest.approx(expected, rel=1e-6) and expected > 1
-    r = run_cli("eval", "--ckpt", run, "--metrics", "modes")
-    assert r.returncode == 2 and "does not apply" in r.stderr
+    code, _, err = run_main(capsys, "eval", "--ckpt", run, "--metrics", "modes")
+    assert code == 2 and "does not apply" in err
     # swd is in the default set (against the training images), and --heldout swaps in other shards
     assert "training images, 300 of each" in result["swd_reference"] and set(result["swd_levels"]) == {"16"}
-    r = run_cli("eval", "--ckpt", run, "--n", "200", "--metrics", "swd", "--heldout", digits_shards,
+    code, _, err = run_main(capsys, "eval", "--ckpt", run, "--n", "200", "--metrics", "swd", "--heldout", digits_shards,
                 "--json", tmp_path / "s.json")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert code == 0, err[-3000:]
     got = json.loads((tmp_path / "s.json").read_text())
     from distgan.data import stream
     from distgan.metrics.swd import swd
 
-    assert run_cli("sample", "--ckpt", run, "--n", "200", "--out", tmp_path / "y.npy").returncode == 0
+    assert run_main(capsys, "sample", "--ckpt", run, "--n", "200", "--out", tmp_path / "y.npy")[0] == 0
     ref = stream.read_all(stream.resolve(str(digits_shards)), resolution=16, channels=1)["image"]
     assert got["swd"] == pytest.approx(swd(torch.from_numpy(np.load(tmp_path / "y.npy")), ref)["swd"], rel=1e-6)
     assert got["swd_reference"] == "held-out images, 200 of each" and got["swd"] > 0
-    r = run_cli("eval", "--ckpt", run, "--metrics", "fid", "--heldout", digits_shards)
-    assert r.returncode == 2 and "add swd to --metrics" in r.stderr
+    code, _, err = run_main(capsys, "eval", "--ckpt", run, "--metrics", "fid", "--heldout", digits_shards)
+    assert code == 2 and "add swd to --metrics" in err
     # --standing-stats: the same noise through the same weights, with BN statistics of G's own batches
-    r = run_cli("sample", "--ckpt", run, "--n", "200", "--standing-stats", "4", "--out", tmp_path / "z.npy")
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, _, err = run_main(
+        capsys, "sample", "--ckpt", run, "--n", "200", "--standing-stats", "4", "--out", tmp_path / "z.npy"
+    )
+    assert code == 0, err[-3000:]
     standing, copied = np.load(tmp_path / "z.npy"), np.load(tmp_path / "y.npy")
     assert standing.shape == copied.shape and 1e-3 < np.abs(standing - copied).mean() < 0.5
-    r = run_cli("sample", "--ckpt", run, "--standing-stats", "-1", "--out", tmp_path / "w.npy")
-    assert r.returncode == 2 and "--standing-stats must be >= 0" in r.stderr
+    code, _, err = run_main(capsys, "sample", "--ckpt", run, "--standing-stats", "-1", "--out", tmp_path / "w.npy")
+    assert code == 2 and "--standing-stats must be >= 0" in err
 
 
 @pytest.mark.slow  # 12 s; TorchScript feature networks: tests/test_inception.py in `make test`
@@ -132,7 +134,7 @@ def test_eval_with_a_torchscript_feature_network(tmp_path, digits_shards):
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
-def test_stacked_digits_r1_preset_trains(tmp_path):
+def test_stacked_digits_r1_preset_trains(tmp_path, capsys):
     """stacked-digits-r1 (DCGAN + R1 + a faster D + lr decay) on a small set of stacked digits."""
     from conftest import read_metrics
 
@@ -141,9 +143,9 @@ def test_stacked_digits_r1_preset_trains(tmp_path):
     x, y, classes = builtin.stacked_digits(n=400, seed=0)
     shards.write_arrays(x, y, classes, tmp_path / "stacked", source="test", maxcount=200, progress=False)
     run = tmp_path / "run"
-    r = run_cli("train", "--preset", "stacked-digits-r1", *FAST, f"data.shards={tmp_path / 'stacked'}", "--out", run,
+    code, _, err = run_main(capsys, "train", "--preset", "stacked-digits-r1", *FAST, f"data.shards={tmp_path / 'stacked'}", "--out", run,
                 "train.steps=4", "train.log_every=1")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert code == 0, err[-3000:]
     logged = [m for m in read_metrics(run) if "loss/d" in m]
     assert [m["lr/factor"] for m in logged] == pytest.approx([1, 1, 1, 0.5])  # decay over the second half
     assert all(m["loss/r1"] > 0 for m in logged)

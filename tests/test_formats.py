@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FAST, read_metrics, run_cli
+from conftest import FAST, cli, read_metrics, run_cli
 from PIL import Image
 
 from distgan import config
@@ -67,7 +67,7 @@ def test_shardwriter_jpeg_shards_without_manifest_train_and_resume_exactly(tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_webp_with_a_json_label_and_a_conditional_model_needs_labels(tmp_path):
+def test_webp_with_a_json_label_and_a_conditional_model_needs_labels(tmp_path, capsys):
     imgs = photos(8)
     urls = shardwriter(tmp_path / "w", ({"__key__": f"{i:06d}", "webp": encode(im, "WEBP", quality=90),
                                          "json": json.dumps({"label": i % 4, "caption": "x"}).encode()}
@@ -79,7 +79,7 @@ def test_webp_with_a_json_label_and_a_conditional_model_needs_labels(tmp_path):
         first_batch(urls, num_classes=4)
     with pytest.raises(UserError, match="label 3 is out of range \\(model.num_classes=3\\)"):
         first_batch(urls, label_key="json:label", num_classes=3, batch_size=8)
-    r = run_cli("train", "--preset", "digits-cgan", *FAST, f"data.shards={tmp_path / 'w'}", "data.channels=3",
+    r = cli(capsys, "train", "--preset", "digits-cgan", *FAST, f"data.shards={tmp_path / 'w'}", "data.channels=3",
                 "train.steps=1", "--out", tmp_path / "r")  # fmt: skip
     assert r.returncode == 2 and "which a conditional variant needs (set data.on_error=skip" in r.stderr
     assert "Traceback" not in r.stderr
@@ -147,9 +147,9 @@ def test_bad_labels_are_skipped_and_counted_or_named(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpg", "webp"])
-def test_shards_format_round_trip(tmp_path, fmt):
+def test_shards_format_round_trip(tmp_path, fmt, capsys):
     x = np.stack(photos(5, sizes=((32, 32),)))
-    r = run_cli("shards", "--npz", _npz(tmp_path, x), "--out", tmp_path / "o", "--format", fmt, "--quality", "92")
+    r = cli(capsys, "shards", "--npz", _npz(tmp_path, x), "--out", tmp_path / "o", "--format", fmt, "--quality", "92")
     assert r.returncode == 0, r.stderr
     manifest = shards.read_manifest(tmp_path / "o")
     got = stream.read_all(stream.resolve(str(tmp_path / "o")), resolution=32, channels=3)["image"]
@@ -175,12 +175,12 @@ def _members(folder):
     return [m.name for t in sorted(folder.glob("*.tar")) for m in tarfile.open(t).getmembers()]
 
 
-def test_a_brace_list_override_is_taken_literally(tmp_path, digits_shards):
+def test_a_brace_list_override_is_taken_literally(tmp_path, digits_shards, capsys):
     cfg = config.load_config(None, None, ["data.shards={a.tar,b.tar}", "tracking.wandb.entity=null"])
     assert cfg.data.shards == "{a.tar,b.tar}" and cfg.tracking.wandb.entity is None
     names = sorted(p.name for p in digits_shards.glob("*.tar"))[:2]
     spec = f"{digits_shards}/{{{','.join(names)}}}"
-    r = run_cli("train", *FAST, f"data.shards={spec}", "train.steps=1", "--out", tmp_path / "r")
+    r = cli(capsys, "train", *FAST, f"data.shards={spec}", "train.steps=1", "--out", tmp_path / "r")
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m for m in read_metrics(tmp_path / "r") if "loss/d" in m]
 
@@ -233,15 +233,15 @@ def test_the_ram_cache_gives_bitwise_the_uncached_batches_across_workers_ranks_a
 
 
 @pytest.mark.slow  # 10 s; the cached stream gives bitwise the uncached batches (tested above)
-def test_training_with_the_cache_equals_training_without(tmp_path, small_digits):
+def test_training_with_the_cache_equals_training_without(tmp_path, small_digits, capsys):
     from test_train import assert_bitwise_equal
 
     for mode in ("ram", "off"):
-        r = run_cli("train", *FAST, f"data.shards={small_digits[0].parent}", f"data.cache={mode}", "train.steps=6",
+        r = cli(capsys, "train", *FAST, f"data.shards={small_digits[0].parent}", f"data.cache={mode}", "train.steps=6",
                     "data.on_error=skip", "data.shuffle_buffer=20", "--out", tmp_path / mode)  # fmt: skip
         assert r.returncode == 0, r.stderr[-2000:]
     assert_bitwise_equal(*(tmp_path / m / "checkpoints" / "step-00000006" for m in ("ram", "off")))
-    r = run_cli("config", "data.cache=ram", "data.crop=random")
+    r = cli(capsys, "config", "data.cache=ram", "data.crop=random")
     assert r.returncode == 2 and "cannot combine with data.crop=random" in r.stderr
 
 

@@ -121,7 +121,8 @@ def test_gpu_suite_dry_run(tmp_path):
     import os
     import subprocess
 
-    env = {**os.environ, "DISTGAN_BENCH_RESULTS": str(tmp_path)}
+    # the interpreter running these tests, whatever venv it lives in (the script's own default is .venv/bin/python)
+    env = {**os.environ, "DISTGAN_BENCH_RESULTS": str(tmp_path), "PYTHON": sys.executable}
     r = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, run_cli, run_main
+from conftest import FAST, run_main
 
 from distgan.errors import UserError
 from distgan.metrics import fid as scores
@@ -56,6 +56,42 @@ class NvidiaInterface(torch.nn.Module):
         if not no_output_bias:
             logits = logits + self.net.fc.bias
         return F.softmax(logits, dim=1)
+
+
+class TinyNvidiaFile(torch.nn.Module):
+    """A stand-in with NVIDIA's calling convention and outputs (2048 non-negative features, a softmax
+    over 1008 classes) but a few cheap layers at 32 x 32: the CLI, training and two-rank tests go
+    through the same loading and evaluation code as with the real file, at a hundredth of the cost of
+    the 299 x 299 graph (which test_both_file_formats_... runs)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c1 = torch.nn.Parameter(torch.randn(16, 3, 3, 3, generator=g) * 0.4)
+        self.c2 = torch.nn.Parameter(torch.randn(32, 16, 3, 3, generator=g) * 0.15)
+        self.proj = torch.nn.Parameter(torch.randn(32 * 16, 2048, generator=g) * 0.05)
+        self.fc = torch.nn.Parameter(torch.randn(2048, 1008, generator=g) * 0.05)
+        self.bias = torch.nn.Parameter(torch.randn(1008, generator=g))
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:  # fmt: skip
+        x = F.interpolate(img.float() / 255.0, size=(32, 32), mode="bilinear", align_corners=False) * 2 - 1
+        x = F.relu(F.conv2d(x, self.c1, stride=2, padding=1))
+        x = F.relu(F.conv2d(x, self.c2, stride=2, padding=1))
+        feats = F.relu(F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.proj)
+        if return_features:
+            return feats
+        logits = feats @ self.fc
+        if not no_output_bias:
+            logits = logits + self.bias
+        return F.softmax(logits, dim=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-inception") / "tiny.pt"
+    torch.jit.save(torch.jit.script(TinyNvidiaFile(0)), str(path))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -239,10 +275,10 @@ def small_shards(tmp_path):
     return tmp_path / "s"
 
 
-def test_reference_stats_are_cached_and_recomputed_when_a_shard_changes(weight_files, small_shards, tmp_path):
+def test_reference_stats_are_cached_and_recomputed_when_a_shard_changes(tiny_file, small_shards, tmp_path):
     from distgan.data import shards
 
-    net = inception.FeatureNet(weight_files[0])
+    net = inception.FeatureNet(tiny_file)
     kw = dict(resolution=16, channels=1, net=net, split=standard.Split(chunk=4), progress=False)
     first, origin = standard.reference_stats(str(small_shards), **kw)
     assert origin.startswith("computed, cached in ") and first.n == 10 and first.features.shape == (10, 2048)
@@ -298,17 +334,19 @@ def test_stats_files_round_trip_and_pytorch_fid_layout_gives_fid_only(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory, digits_shards):
+    from distgan.cli import main
+
     run = tmp_path_factory.mktemp("inc-run") / "run"
-    r = run_cli("train", "--preset", "digits-cgan", *FAST, f"data.shards={digits_shards}", "--out", run,
-                "train.steps=1")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    code = main(["train", "--preset", "digits-cgan", *FAST, f"data.shards={digits_shards}", "--out", str(run),
+                 "train.steps=1"])  # fmt: skip
+    assert code == 0
     return run
 
 
-def test_eval_with_inception_reports_every_standard_metric_with_its_n(weight_files, digits_run, digits_shards,
-                                                                     tmp_path, capsys):  # fmt: skip
-    # in this process (the CLI's own code, without three process starts)
-    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", weight_files[1], "--n", "12",
+def test_eval_with_inception_reports_every_standard_metric_with_its_n(weight_files, tiny_file, digits_run,
+                                                                     digits_shards, tmp_path, capsys):  # fmt: skip
+    # in this process (the CLI's own code, without a process start per command)
+    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", tiny_file, "--n", "12",
                               "--ref-n", "16", "--chunk", "8", "--json", tmp_path / "e.json",
                               f"data.shards={digits_shards}")  # fmt: skip
     assert code == 0, err[-3000:]
@@ -319,40 +357,51 @@ def test_eval_with_inception_reports_every_standard_metric_with_its_n(weight_fil
     assert res["fid"] > 0 and 1 <= res["is"] <= 1008 and 0 <= res["precision"] <= 1
     assert "nvidia-torchscript" in res["feature_space"] and "one process, in chunks of 8" in res["computed"]
     assert "fid" in out and "precision" in out
-    # the same through pytorch-fid's file (same weights), from `distgan stats` written elsewhere
-    code, out, err = run_main(capsys, "stats", "--shards", digits_shards, "--inception", weight_files[0],
+    # the same reference from `distgan stats`, written elsewhere: the same numbers
+    code, out, err = run_main(capsys, "stats", "--shards", digits_shards, "--inception", tiny_file,
                               "--resolution", "16", "--channels", "1", "--n", "16", "--out", tmp_path / "ref.npz")  # fmt: skip
     assert code == 0 and "reference statistics of 16 images" in out, err[-2000:]
-    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", weight_files[0], "--ref",
+    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", tiny_file, "--ref",
                               tmp_path / "ref.npz", "--n", "12", "--chunk", "8", "--metrics", "fid,is", "--json",
                               tmp_path / "f.json")  # fmt: skip
     # (no data.shards: with --ref the training shards are not read)
     assert code == 0, err[-3000:]
     other = json.loads((tmp_path / "f.json").read_text())
-    assert other["fid"] == pytest.approx(res["fid"], rel=1e-3) and other["is"] == pytest.approx(res["is"], rel=1e-3)
+    assert other["fid"] == pytest.approx(res["fid"], rel=1e-6) and other["is"] == pytest.approx(res["is"], rel=1e-6)
+    # pytorch-fid's file through the CLI: the full 299 x 299 graph (test_both_file_formats_... compares
+    # its features with the TorchScript path's)
+    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", weight_files[0], "--n", "6",
+                              "--ref-n", "6", "--metrics", "fid", "--json", tmp_path / "p.json",
+                              f"data.shards={digits_shards}")  # fmt: skip
+    assert code == 0, err[-3000:]
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert "pytorch-fid" in res["feature_space"] and res["n"] == 6 and res["fid"] > 0
 
 
-def test_eval_without_inception_falls_back_and_says_so(digits_run, digits_shards, tmp_path):
-    r = run_cli("eval", "--ckpt", digits_run, "--n", "50", "--metrics", "fid", "--json", tmp_path / "e.json",
-                f"data.shards={digits_shards}", env={"DISTGAN_INCEPTION": ""})  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_eval_without_inception_falls_back_and_says_so(digits_run, digits_shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DISTGAN_INCEPTION", "")
+    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--n", "50", "--metrics", "fid", "--json",
+                              tmp_path / "e.json", f"data.shards={digits_shards}")  # fmt: skip
+    assert code == 0, err[-3000:]
     res = json.loads((tmp_path / "e.json").read_text())
     assert "digits MLP" in res["feature_space"] and "pt_inception-2015-12-05" in res["inception"]
-    assert "note: not given" in r.stderr
-    r = run_cli("eval", "--ckpt", digits_run, "--metrics", "is", f"data.shards={digits_shards}",
-                env={"DISTGAN_INCEPTION": ""})  # fmt: skip
-    assert r.returncode == 2 and "need --inception FILE" in r.stderr
-    r = run_cli("eval", "--ckpt", digits_run, "--inception", tmp_path / "nope.pth", f"data.shards={digits_shards}")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "inception-2015-12-05.pt" in r.stderr
+    assert "note: not given" in err
+    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--metrics", "is", f"data.shards={digits_shards}")
+    assert code == 2 and "need --inception FILE" in err
+    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", tmp_path / "nope.pth",
+                              f"data.shards={digits_shards}")  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "inception-2015-12-05.pt" in err
 
 
-def test_a_two_rank_eval_equals_the_single_process_one(weight_files, digits_run, digits_shards, tmp_path):
+def test_a_two_rank_eval_equals_the_single_process_one(tiny_file, digits_run, digits_shards, tmp_path, capsys,
+                                                       monkeypatch):  # fmt: skip
     from test_ddp import launch
 
-    args = ["--ckpt", str(digits_run), "--inception", str(weight_files[0]), "--n", "12", "--ref-n", "12",
+    args = ["--ckpt", str(digits_run), "--inception", str(tiny_file), "--n", "12", "--ref-n", "12",
             "--chunk", "4", "--metrics", "fid,kid,is,pr", f"data.shards={digits_shards}"]  # fmt: skip
-    r = run_cli("eval", *args, "--json", tmp_path / "one.json", env={"DISTGAN_CACHE": str(tmp_path / "c1")})
-    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "c1"))
+    code, out, err = run_main(capsys, "eval", *args, "--json", tmp_path / "one.json")
+    assert code == 0, err[-3000:]
     r = launch(*args, "--json", str(tmp_path / "two.json"), command="eval", env={"DISTGAN_CACHE": str(tmp_path / "c2")})
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
@@ -361,7 +410,7 @@ def test_a_two_rank_eval_equals_the_single_process_one(weight_files, digits_run,
         assert two[k] == pytest.approx(one[k], rel=1e-6, abs=1e-9), k
 
 
-def test_training_evaluations_log_the_standard_metrics_and_keep_the_best_fid_checkpoint(weight_files, tmp_path):
+def test_training_evaluations_log_the_standard_metrics_and_keep_the_best_fid_checkpoint(tiny_file, tmp_path, capsys):
     from conftest import read_metrics
 
     from distgan import checkpoint
@@ -371,13 +420,13 @@ def test_training_evaluations_log_the_standard_metrics_and_keep_the_best_fid_che
     shards.write_arrays(x[:16], y[:16], classes, tmp_path / "d", source="test", maxcount=8, progress=False)
     run = tmp_path / "run"
     common = [*FAST, f"data.shards={tmp_path / 'd'}", "--out", run, "train.eval_every=2", "train.eval_n=10",
-              f"train.eval_inception={weight_files[0]}", "train.keep_best=fid", "train.keep_last=1",
+              f"train.eval_inception={tiny_file}", "train.keep_best=fid", "train.keep_last=1",
               "train.ckpt_every=100"]  # fmt: skip
-    r = run_cli("train", *common, "train.steps=4")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "reference statistics: computed, cached in" in r.stderr
-    r = run_cli("train", *common, "train.steps=6", "--resume", "auto")
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, out, err = run_main(capsys, "train", *common, "train.steps=4")
+    assert code == 0, err[-3000:]
+    assert "reference statistics: computed, cached in" in err
+    code, out, err = run_main(capsys, "train", *common, "train.steps=6", "--resume", "auto")
+    assert code == 0, err[-3000:]
     evals = [m for m in read_metrics(run) if "eval/fid" in m]
     assert [m["step"] for m in evals] == [2, 4, 6]
     assert all(m["eval/fid"] > 0 and m["eval/is"] >= 1 and "eval/precision" in m for m in evals)
@@ -388,11 +437,11 @@ def test_training_evaluations_log_the_standard_metrics_and_keep_the_best_fid_che
     kept = checkpoint.load(run / "checkpoints" / "best-fid")
     assert kept.step == best["step"]
     assert [p.name for p in checkpoint.list_steps(run)] == ["step-00000006"]  # keep_last=1; best-fid beside it
-    r = run_cli("sample", "--ckpt", run / "checkpoints" / "best-fid", "--n", "4", "--out", tmp_path / "s.png")
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli("train", *FAST, "--out", tmp_path / "r2", "train.keep_best=fid")
-    assert r.returncode == 2 and "needs evaluations" in r.stderr
-    r = run_cli(
-        "train", "--preset", "grid-gan-r1", "--out", tmp_path / "r3", "train.keep_best=fid", "train.eval_every=5"
-    )
-    assert r.returncode == 2 and "no fid applies to this run" in r.stderr  # before the first step
+    code, out, err = run_main(capsys, "sample", "--ckpt", run / "checkpoints" / "best-fid", "--n", "4", "--out",
+                              tmp_path / "s.png")  # fmt: skip
+    assert code == 0, err[-2000:]
+    code, out, err = run_main(capsys, "train", *FAST, "--out", tmp_path / "r2", "train.keep_best=fid")
+    assert code == 2 and "needs evaluations" in err
+    code, out, err = run_main(capsys, "train", "--preset", "grid-gan-r1", "--out", tmp_path / "r3",
+                              "train.keep_best=fid", "train.eval_every=5")  # fmt: skip
+    assert code == 2 and "no fid applies to this run" in err  # before the first step

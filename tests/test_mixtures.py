@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_resumed, run_cli
+from conftest import assert_resumed, cli, run_cli
 
 from distgan.data import builtin, shards, stream
 from distgan.metrics.mixtures import mode_metrics
@@ -65,27 +65,27 @@ def mixture_shards(name, n, out):
     return x
 
 
-def test_grid_preset_trains_samples_and_evaluates(tmp_path):
+def test_grid_preset_trains_samples_and_evaluates(tmp_path, capsys):
     """grid-pacgan on 4000 grid points."""
     mixture_shards("grid", 4000, tmp_path / "grid")
     run = tmp_path / "run"
-    r = run_cli("train", "--preset", "grid-pacgan", "--out", run, f"data.shards={tmp_path / 'grid'}", "train.steps=20",
+    r = cli(capsys, "train", "--preset", "grid-pacgan", "--out", run, f"data.shards={tmp_path / 'grid'}", "train.steps=20",
                 "train.log_every=10", "tracking.wandb.mode=disabled", "train.sample_every=20")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "samples" / "latest.png").stat().st_size > 0
     data = f"data.shards={tmp_path / 'grid'}"  # never taken from the checkpoint (distgan/trust.py)
-    r = run_cli("eval", "--ckpt", run, "--n", "500", "--json", tmp_path / "eval.json", data)
+    r = cli(capsys, "eval", "--ckpt", run, "--n", "500", "--json", tmp_path / "eval.json", data)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["modes_total"] == 25 and result["samples"] == 500
     assert 0 <= result["modes"] <= 25 and 0 <= result["high_quality_pct"] <= 100
     assert "modes" in r.stdout
-    r = run_cli("sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "pts.npy")
+    r = cli(capsys, "sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "pts.npy")
     assert r.returncode == 0 and np.load(tmp_path / "pts.npy").shape == (300, 2)
-    r = run_cli("sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "live.npy", "--live")
+    r = cli(capsys, "sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "live.npy", "--live")
     assert r.returncode == 0  # the trained G, not its EMA copy: same noise, other points
     assert not np.allclose(np.load(tmp_path / "live.npy"), np.load(tmp_path / "pts.npy"))
-    r = run_cli("eval", "--ckpt", run, "--drs", data)  # its D judges packs of samples
+    r = cli(capsys, "eval", "--ckpt", run, "--drs", data)  # its D judges packs of samples
     assert r.returncode == 2 and "packs of 4" in r.stderr
 
 
@@ -192,10 +192,10 @@ def test_rejection_sampling_draws_from_the_data_distribution():
     assert stats["max_logit"] == pytest.approx(math.log(4.0), abs=0.01)
 
 
-def test_eval_every_logs_the_metrics_during_training(tmp_path):
+def test_eval_every_logs_the_metrics_during_training(tmp_path, capsys):
     mixture_shards("ring", 2000, tmp_path / "ring")
     run = tmp_path / "run"
-    r = run_cli("train", "--preset", "ring-gan", "--out", run, f"data.shards={tmp_path / 'ring'}", "train.steps=10",
+    r = cli(capsys, "train", "--preset", "ring-gan", "--out", run, f"data.shards={tmp_path / 'ring'}", "train.steps=10",
                 "train.eval_every=5", "train.eval_n=300", "tracking.wandb.mode=disabled")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     from conftest import read_metrics
@@ -205,11 +205,11 @@ def test_eval_every_logs_the_metrics_during_training(tmp_path):
     assert all(0 <= m["eval/modes"] <= 8 and m["eval/samples"] == 300 for m in evals)
 
 
-def test_points_and_images_do_not_mix(tmp_path, digits_shards):
-    r = run_cli("train", "--preset", "grid-gan", "--out", tmp_path / "a", f"data.shards={digits_shards}")
+def test_points_and_images_do_not_mix(tmp_path, digits_shards, capsys):
+    r = cli(capsys, "train", "--preset", "grid-gan", "--out", tmp_path / "a", f"data.shards={digits_shards}")
     assert r.returncode == 2 and "the shards hold images but data.kind=points" in r.stderr
     mixture_shards("ring", 1000, tmp_path / "ring")
-    r = run_cli("train", "--out", tmp_path / "b", f"data.shards={tmp_path / 'ring'}")
+    r = cli(capsys, "train", "--out", tmp_path / "b", f"data.shards={tmp_path / 'ring'}")
     assert r.returncode == 2 and "the shards hold points but data.kind=images" in r.stderr
 
 

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import FAST, read_metrics, run_cli
+from conftest import FAST, cli, read_metrics, run_cli
 from test_train import assert_bitwise_equal
 from wandb_log import run_record
 
@@ -40,36 +40,36 @@ def refused(r, key="data.shards"):
     assert f"'{key}=pipe:touch " in lines[0]  # how to pass it explicitly, quoted for a shell
 
 
-def test_resume_eval_and_sample_never_run_a_stored_pipe_command(tmp_path, evil_run, digits_shards):
+def test_resume_eval_and_sample_never_run_a_stored_pipe_command(tmp_path, evil_run, digits_shards, capsys):
     run, marker = evil_run
     ckpt = run / "checkpoints" / "step-00000001"
-    refused(run_cli("train", "--resume", ckpt, "--out", tmp_path / "victim"))
+    refused(cli(capsys, "train", "--resume", ckpt, "--out", tmp_path / "victim"))
     assert not (tmp_path / "victim").exists()  # refused before writing anything
-    refused(run_cli("eval", "--ckpt", run, "--n", "50"))
-    refused(run_cli("sample", "--ckpt", run, "--out", tmp_path / "x.png", "--drs", "--drs-calibrate", "2"))
+    refused(cli(capsys, "eval", "--ckpt", run, "--n", "50"))
+    refused(cli(capsys, "sample", "--ckpt", run, "--out", tmp_path / "x.png", "--drs", "--drs-calibrate", "2"))
     # a run directory copied from the author (its config.yaml included) is just as untrusted
     copied = tmp_path / "copied"
     shutil.copytree(run, copied)
     assert "pipe:touch" in (copied / "config.yaml").read_text()
-    refused(run_cli("train", "--out", copied, "--resume", "auto", "train.steps=3"))
+    refused(cli(capsys, "train", "--out", copied, "--resume", "auto", "train.steps=3"))
     # sampling needs no shards: it works, with nothing run
-    r = run_cli("sample", "--ckpt", run, "--n", "8", "--out", tmp_path / "s.npy")
+    r = cli(capsys, "sample", "--ckpt", run, "--n", "8", "--out", tmp_path / "s.npy")
     assert r.returncode == 0, r.stderr[-3000:]
     assert not marker.exists()
     # the user names the data: training and eval go on, saying what was not used
-    r = run_cli("train", "--resume", ckpt, "--out", tmp_path / "victim", "train.steps=2",
+    r = cli(capsys, "train", "--resume", ckpt, "--out", tmp_path / "victim", "train.steps=2",
                 f"data.shards={digits_shards}")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "note: the checkpoint was made with data.shards='pipe:touch" in r.stderr
     assert [m["step"] for m in read_metrics(tmp_path / "victim") if m.get("event") == "resume"] == [1]
-    r = run_cli("eval", "--ckpt", run, "--n", "50", "--metrics", "digits", f"data.shards={digits_shards}")
+    r = cli(capsys, "eval", "--ckpt", run, "--n", "50", "--metrics", "digits", f"data.shards={digits_shards}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert not marker.exists()
 
 
-def test_trust_checkpoint_config_does_what_it_says(tmp_path, evil_run):
+def test_trust_checkpoint_config_does_what_it_says(tmp_path, evil_run, capsys):
     run, marker = evil_run
-    r = run_cli("train", "--resume", run / "checkpoints" / "step-00000001", "--out", tmp_path / "trusting",
+    r = cli(capsys, "train", "--resume", run / "checkpoints" / "step-00000001", "--out", tmp_path / "trusting",
                 "train.steps=2", trust.TRUST_FLAG)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "using the checkpoint's data.shards='pipe:touch" in r.stderr
@@ -77,10 +77,10 @@ def test_trust_checkpoint_config_does_what_it_says(tmp_path, evil_run):
     marker.unlink()
 
 
-def test_stored_wandb_destination_is_never_used(tmp_path, evil_run, digits_shards):
+def test_stored_wandb_destination_is_never_used(tmp_path, evil_run, digits_shards, capsys):
     run, _ = evil_run
     victim = tmp_path / "victim"
-    r = run_cli("train", "--resume", run / "checkpoints" / "step-00000001", "--out", victim, "train.steps=2",
+    r = cli(capsys, "train", "--resume", run / "checkpoints" / "step-00000001", "--out", victim, "train.steps=2",
                 f"data.shards={digits_shards}", "tracking.wandb.mode=offline")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tracking.wandb.project='authors-project'; this run uses 'distgan'" in r.stderr
@@ -89,7 +89,7 @@ def test_stored_wandb_destination_is_never_used(tmp_path, evil_run, digits_shard
     assert record.project == "distgan" and record.entity == ""
     # ... unless the user passes it
     mine = tmp_path / "mine"
-    r = run_cli("train", "--resume", run / "checkpoints" / "step-00000001", "--out", mine, "train.steps=2",
+    r = cli(capsys, "train", "--resume", run / "checkpoints" / "step-00000001", "--out", mine, "train.steps=2",
                 f"data.shards={digits_shards}", "tracking.wandb.mode=offline",
                 "tracking.wandb.project=my-project")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
@@ -131,13 +131,13 @@ def test_checkpoint_config_keeps_harmless_values_and_drops_the_rest():
     assert cfg["data"]["shards"].startswith("https://") and len(notes) == 4
 
 
-def test_sample_and_eval_take_only_data_locations_as_overrides(tmp_path, evil_run):
+def test_sample_and_eval_take_only_data_locations_as_overrides(tmp_path, evil_run, capsys):
     run, _ = evil_run
-    r = run_cli("sample", "--ckpt", run, "--out", tmp_path / "x.png", "model.g.width=8")
+    r = cli(capsys, "sample", "--ckpt", run, "--out", tmp_path / "x.png", "model.g.width=8")
     assert r.returncode == 2 and "takes only data.on_error, data.shards" in r.stderr
 
 
-def test_a_manifest_names_only_files_of_its_own_folder(tmp_path, digits_shards):
+def test_a_manifest_names_only_files_of_its_own_folder(tmp_path, digits_shards, capsys):
     from distgan.data import stream
     from distgan.errors import UserError
 
@@ -153,7 +153,7 @@ def test_a_manifest_names_only_files_of_its_own_folder(tmp_path, digits_shards):
     with pytest.raises(UserError, match="names '/tmp'"):
         stream.heldout_source(str(folder))
     (folder / shards.MANIFEST).write_text(json.dumps({**manifest, "shards": ["/etc/hosts"]}))
-    r = run_cli("train", *FAST, f"data.shards={folder}", "--out", tmp_path / "run", "train.steps=1")
+    r = cli(capsys, "train", *FAST, f"data.shards={folder}", "--out", tmp_path / "run", "train.steps=1")
     assert r.returncode == 2 and "may only name files in its own folder" in r.stderr, r.stderr[-2000:]
 
 
@@ -166,11 +166,11 @@ def test_shard_file_names_never_read_as_urls(tmp_path, digits_shards):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_a_copied_wandb_run_id_that_is_not_an_id_is_replaced(tmp_path, digits_shards):
+def test_a_copied_wandb_run_id_that_is_not_an_id_is_replaced(tmp_path, digits_shards, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "wandb_run_id").write_text("../../x\n")
-    r = run_cli("train", *QUIET, f"data.shards={digits_shards}", "--out", run, "train.steps=1",
+    r = cli(capsys, "train", *QUIET, f"data.shards={digits_shards}", "--out", run, "train.steps=1",
                 "tracking.wandb.mode=offline")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is not a W&B run id" in r.stderr

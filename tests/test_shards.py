@@ -6,7 +6,7 @@ from pathlib import Path
 import braceexpand
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli
 from PIL import Image
 
 from distgan.data import builtin, shards
@@ -54,11 +54,11 @@ def test_faces_builtin_shape():
     assert sorted(set(y.tolist())) == [0, 1] and classes == ["face", "non-face"]
 
 
-def test_npz_round_trip_with_float_rgb(tmp_path):
+def test_npz_round_trip_with_float_rgb(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x8 = rng.integers(0, 256, size=(37, 6, 5, 3), dtype=np.uint8)
     np.savez(tmp_path / "a.npz", x=x8.astype(np.float32) / 255.0, y=np.arange(37) % 4)
-    r = run_cli("shards", "--npz", tmp_path / "a.npz", "--out", tmp_path / "s", "--maxcount", 10)
+    r = cli(capsys, "shards", "--npz", tmp_path / "a.npz", "--out", tmp_path / "s", "--maxcount", 10)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["count"] == 37 and manifest["image_shape"] == [6, 5, 3] and len(manifest["shards"]) == 4
@@ -105,12 +105,12 @@ def test_image_folder_mixed_sizes_needs_resize(tmp_path):
     assert m["image_shape"] == [4, 4, 1]
 
 
-def test_refuses_to_overwrite_without_flag(tmp_path):
-    r = run_cli("shards", "--builtin", "digits", "--out", tmp_path / "s")
+def test_refuses_to_overwrite_without_flag(tmp_path, capsys):
+    r = cli(capsys, "shards", "--builtin", "digits", "--out", tmp_path / "s")
     assert r.returncode == 0, r.stderr
     assert "1797 samples" in r.stdout
     before = sorted(p.name for p in (tmp_path / "s").iterdir())
-    r = run_cli("shards", "--builtin", "digits", "--out", tmp_path / "s")
+    r = cli(capsys, "shards", "--builtin", "digits", "--out", tmp_path / "s")
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before
 
@@ -123,6 +123,6 @@ def test_refuses_to_overwrite_without_flag(tmp_path):
         (["--builtin", "mnist"], "available: digits, digits-thick, digits-thin, edges2photos, faces"),
     ],
 )
-def test_shards_bad_sources(tmp_path, args, needle):
-    r = run_cli("shards", *args, "--out", tmp_path / "s")
+def test_shards_bad_sources(tmp_path, args, needle, capsys):
+    r = cli(capsys, "shards", *args, "--out", tmp_path / "s")
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr

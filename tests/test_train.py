@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, assert_resumed, read_metrics, run_cli
+from conftest import FAST, ROOT, assert_resumed, cli, read_metrics, run_cli
 from safetensors import safe_open
 from wandb_log import history
 
@@ -49,9 +49,9 @@ def test_exact_resume(tmp_path, digits_shards, extra, n):
     assert_resumed(tmp_path / "split", n)
 
 
-def test_checkpoint_contents_sample_and_keep_last(tmp_path, digits_shards):
+def test_checkpoint_contents_sample_and_keep_last(tmp_path, digits_shards, capsys):
     run = tmp_path / "run"
-    r = run_cli(
+    r = cli(capsys,
         "train", *FAST, f"data.shards={digits_shards}", "--out", run,
         "train.steps=6", "train.ckpt_every=2", "train.keep_last=2", "train.sample_every=3",
     )  # fmt: skip
@@ -74,17 +74,26 @@ def test_checkpoint_contents_sample_and_keep_last(tmp_path, digits_shards):
     assert [m["step"] for m in metrics] == [2, 4, 6]
     assert all(np.isfinite(m["loss/d"]) and np.isfinite(m["loss/g"]) for m in metrics)
 
-    r = run_cli("sample", "--ckpt", run, "--n", 10, "--out", tmp_path / "s.npy", "--seed", 3)
+    r = cli(capsys, "sample", "--ckpt", run, "--n", 10, "--out", tmp_path / "s.npy", "--seed", 3)
     assert r.returncode == 0, r.stderr
     x = np.load(tmp_path / "s.npy")
     assert x.shape == (10, 1, 16, 16) and x.dtype == np.float32 and x.min() >= -1 and x.max() <= 1
-    r = run_cli(
-        "sample", "--ckpt", run / "checkpoints" / "step-00000004", "--n", 10, "--out", tmp_path / "s2.npy", "--seed", 3
+    r = cli(
+        capsys,
+        "sample",
+        "--ckpt",
+        run / "checkpoints" / "step-00000004",
+        "--n",
+        10,
+        "--out",
+        tmp_path / "s2.npy",
+        "--seed",
+        3,
     )
     assert not np.array_equal(x, np.load(tmp_path / "s2.npy"))  # another step, other weights
-    run_cli("sample", "--ckpt", run, "--n", 10, "--out", tmp_path / "s3.npy", "--seed", 3)
+    cli(capsys, "sample", "--ckpt", run, "--n", 10, "--out", tmp_path / "s3.npy", "--seed", 3)
     assert np.array_equal(x, np.load(tmp_path / "s3.npy"))  # seeded
-    r = run_cli("sample", "--ckpt", run, "--n", 12, "--out", tmp_path / "grid.png")
+    r = cli(capsys, "sample", "--ckpt", run, "--n", 12, "--out", tmp_path / "grid.png")
     assert r.returncode == 0, r.stderr
     from PIL import Image
 
@@ -92,13 +101,13 @@ def test_checkpoint_contents_sample_and_keep_last(tmp_path, digits_shards):
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape[:2] == (4 * (3 * 17 + 1), 4 * (4 * 17 + 1))
     assert (grid[::4, ::4] == grid[3::4, 3::4]).all()  # nearest-neighbour: 4x4 blocks of one value
-    r = run_cli("sample", "--ckpt", run, "--n", 12, "--zoom", 1, "--out", tmp_path / "small.png")
+    r = cli(capsys, "sample", "--ckpt", run, "--n", 12, "--zoom", 1, "--out", tmp_path / "small.png")
     assert np.asarray(Image.open(tmp_path / "small.png")).shape[:2] == (3 * 17 + 1, 4 * 17 + 1)
 
     # A finished run: --resume auto has nothing to do; a new run into it is refused.
-    r = run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=6", "--resume", "auto")
+    r = cli(capsys, "train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=6", "--resume", "auto")
     assert r.returncode == 0 and "nothing to do" in r.stdout
-    r = run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=6")
+    r = cli(capsys, "train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=6")
     assert r.returncode == 2 and "--resume auto" in r.stderr
 
 
@@ -143,12 +152,12 @@ def test_sigint_checkpoints_and_resumes(tmp_path, digits_shards):
     assert (run / "checkpoints" / f"step-{step + 2:08d}").exists()
 
 
-def test_bf16_mixed_precision_trains_close_to_fp32(tmp_path, digits_shards):
+def test_bf16_mixed_precision_trains_close_to_fp32(tmp_path, digits_shards, capsys):
     """bf16 autocast is really on (the losses differ from the fp32 run's with the same seed and
     batches) and close to it (bf16 keeps 8 bits: a few parts in a thousand per op)."""
     losses = {}
     for precision in ("no", "bf16"):
-        r = run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", tmp_path / precision,
+        r = cli(capsys, "train", *FAST, f"data.shards={digits_shards}", "--out", tmp_path / precision,
                     "train.steps=4", "train.log_every=1", f"train.mixed_precision={precision}")  # fmt: skip
         assert r.returncode == 0, r.stderr
         losses[precision] = np.array([[m["loss/d"], m["loss/g"]] for m in read_metrics(tmp_path / precision)
@@ -158,8 +167,8 @@ def test_bf16_mixed_precision_trains_close_to_fp32(tmp_path, digits_shards):
     assert gap[0].max() > 0 and gap.max() < 0.05, gap
 
 
-def test_digits_mlp_preset_runs(tmp_path, digits_shards):
-    r = run_cli("train", "--preset", "digits-mlp", "--out", tmp_path / "run", f"data.shards={digits_shards}",
+def test_digits_mlp_preset_runs(tmp_path, digits_shards, capsys):
+    r = cli(capsys, "train", "--preset", "digits-mlp", "--out", tmp_path / "run", f"data.shards={digits_shards}",
                 "train.steps=3", "train.log_every=1", "tracking.wandb.mode=disabled")  # fmt: skip
     assert r.returncode == 0, r.stderr
     model, _ = tensors(tmp_path / "run" / "checkpoints" / "step-00000003" / "model.safetensors")
@@ -175,13 +184,13 @@ def test_default_command_builds_the_digits_cache(tmp_path):
 
 
 @pytest.mark.slow  # 11 s; tests/test_ddp.py checks the same equality on 2 ranks
-def test_grad_accum_equals_bigger_batch(tmp_path, digits_shards):
+def test_grad_accum_equals_bigger_batch(tmp_path, digits_shards, capsys):
     """accum=2 x batch 16 takes the same samples and noise as accum=1 x batch 32 (MLP: no BatchNorm),
     so after 2 steps G, D and both Adam states agree to float tolerance."""
     common = [*FAST, f"data.shards={digits_shards}", "model.g.arch=mlp", "model.d.arch=mlp", "train.steps=2"]
-    r = run_cli("train", *common, "--out", tmp_path / "accum", "train.grad_accum=2", "data.batch_size=16")
+    r = cli(capsys, "train", *common, "--out", tmp_path / "accum", "train.grad_accum=2", "data.batch_size=16")
     assert r.returncode == 0, r.stderr
-    r = run_cli("train", *common, "--out", tmp_path / "big", "train.grad_accum=1", "data.batch_size=32")
+    r = cli(capsys, "train", *common, "--out", tmp_path / "big", "train.grad_accum=1", "data.batch_size=32")
     assert r.returncode == 0, r.stderr
     for name in ("model.safetensors", "optimizer.safetensors"):
         a, _ = tensors(tmp_path / "accum" / "checkpoints" / "step-00000002" / name)
@@ -189,15 +198,15 @@ def test_grad_accum_equals_bigger_batch(tmp_path, digits_shards):
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{name}:{k}")
     # and the run differs from one with accumulation turned off at the same micro-batch size
-    r = run_cli("train", *common, "--out", tmp_path / "small", "train.grad_accum=1", "data.batch_size=16")
+    r = cli(capsys, "train", *common, "--out", tmp_path / "small", "train.grad_accum=1", "data.batch_size=16")
     a, _ = tensors(tmp_path / "accum" / "checkpoints" / "step-00000002" / "model.safetensors")
     c, _ = tensors(tmp_path / "small" / "checkpoints" / "step-00000002" / "model.safetensors")
     assert not torch.allclose(a["G.net.0.weight"], c["G.net.0.weight"], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("extra", [[], ["model.g.arch=mlp", "model.d.arch=mlp"]])
-def test_minibatch_discrimination_preset_trains(tmp_path, digits_shards, extra):
-    r = run_cli("train", "--preset", "digits-minibatch", *FAST, f"data.shards={digits_shards}", "--out", tmp_path / "run",
+def test_minibatch_discrimination_preset_trains(tmp_path, digits_shards, extra, capsys):
+    r = cli(capsys, "train", "--preset", "digits-minibatch", *FAST, f"data.shards={digits_shards}", "--out", tmp_path / "run",
                 "train.steps=3", "model.d.mbd_kernels=8", *extra)  # fmt: skip
     assert r.returncode == 0, r.stderr
     model, _ = tensors(tmp_path / "run" / "checkpoints" / "step-00000003" / "model.safetensors")
@@ -206,8 +215,9 @@ def test_minibatch_discrimination_preset_trains(tmp_path, digits_shards, extra):
     assert all(np.isfinite(m["loss/d"]) for m in read_metrics(tmp_path / "run") if "loss/d" in m)
 
 
-def test_sngan_preset_trains(tmp_path, digits_shards):
-    r = run_cli(
+def test_sngan_preset_trains(tmp_path, digits_shards, capsys):
+    r = cli(
+        capsys,
         "train",
         "--preset",
         "digits-sngan",

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, read_metrics, run_cli
+from conftest import FAST, cli, read_metrics
 from test_train import tensors
 
 from distgan import config, losses
@@ -117,9 +117,9 @@ def test_wgan_needs_the_wasserstein_loss():
         ("digits-unrolled", ["variant.unroll_steps=2"]),
     ],
 )
-def test_variant_presets_train(tmp_path, digits_shards, preset, extra):
+def test_variant_presets_train(tmp_path, digits_shards, preset, extra, capsys):
     run = tmp_path / "run"
-    r = run_cli("train", "--preset", preset, *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=2",
+    r = cli(capsys, "train", "--preset", preset, *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=2",
                 "variant.n_critic=2", *extra)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     logged = [m for m in read_metrics(run) if "loss/d" in m]
@@ -148,19 +148,19 @@ def test_pacgan_packs_consecutive_samples_along_channels():
         get("gan")(config.load_config("digits-dcgan", overrides=[*FAST, "variant.pack=3"]))
 
 
-def test_cgan_samples_a_class_or_a_row_per_class(tmp_path, digits_shards):
+def test_cgan_samples_a_class_or_a_row_per_class(tmp_path, digits_shards, capsys):
     run = tmp_path / "run"
-    r = run_cli("train", "--preset", "digits-cgan", *FAST, f"data.shards={digits_shards}", "--out", run,
+    r = cli(capsys, "train", "--preset", "digits-cgan", *FAST, f"data.shards={digits_shards}", "--out", run,
                 "train.steps=2")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli("sample", "--ckpt", run, "--class", "all", "--n", "3", "--out", tmp_path / "all.npy")
+    r = cli(capsys, "sample", "--ckpt", run, "--class", "all", "--n", "3", "--out", tmp_path / "all.npy")
     assert r.returncode == 0, r.stderr
     import numpy as np
 
     assert np.load(tmp_path / "all.npy").shape == (30, 1, 16, 16)
-    r = run_cli("sample", "--ckpt", run, "--class", "3", "--n", "5", "--out", tmp_path / "three.png")
+    r = cli(capsys, "sample", "--ckpt", run, "--class", "3", "--n", "5", "--out", tmp_path / "three.png")
     assert r.returncode == 0 and (tmp_path / "three.png").stat().st_size > 0
-    r = run_cli("sample", "--ckpt", run, "--class", "10", "--n", "5", "--out", tmp_path / "x.png")
+    r = cli(capsys, "sample", "--ckpt", run, "--class", "10", "--n", "5", "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "--class must be in 0..9" in r.stderr
     # the conditioning is real: with the same noise, two classes give different images
     cfg = config.load_config("digits-cgan", overrides=[*FAST])
@@ -171,10 +171,10 @@ def test_cgan_samples_a_class_or_a_row_per_class(tmp_path, digits_shards):
     assert not torch.allclose(a, b)
 
 
-def test_sample_class_needs_a_conditional_model(tmp_path, digits_shards):
+def test_sample_class_needs_a_conditional_model(tmp_path, digits_shards, capsys):
     run = tmp_path / "run"
-    assert run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=1").returncode == 0
-    r = run_cli("sample", "--ckpt", run, "--class", "3", "--out", tmp_path / "x.png")
+    assert cli(capsys, "train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=1").returncode == 0
+    r = cli(capsys, "sample", "--ckpt", run, "--class", "3", "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "--class needs a conditional model" in r.stderr
 
 
