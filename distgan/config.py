@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from distgan import augment
+from distgan import augment, losses
 from distgan.errors import UserError
 
 DEFAULT_PRESET = "digits-dcgan"
@@ -28,6 +28,7 @@ CHOICES = {
     "data.cache": ("auto", "ram", "off"),
     "data.kind": ("images", "points", "paired"),
     "variant.pixel_loss": ("l1", "mse"),
+    "variant.loss": losses.LOSSES,
     # auto: what `accelerate launch` was given (--mixed_precision or its config file), else no
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     # skip: a step whose gradients are NaN/Inf is not applied (stop after train.max_nan_skips in a row)

@@ -66,7 +66,8 @@ def test_cutout_matches_its_definition():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_color_matches_its_definition(channels):
     x = images(n=2, c=channels)
-    b, s, c = (torch.tensor([0.1, 0.9], dtype=x.dtype).view(2, 1, 1, 1) for _ in range(3))
+    # three different draws per image: an op that takes another's draw gives other pixels
+    b, s, c = (torch.tensor(v, dtype=x.dtype).view(2, 1, 1, 1) for v in ([0.1, 0.9], [0.3, 0.8], [0.95, 0.2]))
     out = augment.color(x, (b, s, c))
     for n in range(2):
         y = x[n] + (b[n] - 0.5)

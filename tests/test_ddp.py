@@ -367,6 +367,11 @@ def test_two_ranks_share_one_adaptive_p_and_one_process_keeps_it(tmp_path, digit
     assert p.shape == (2, 1) and p[0, 0] == p[1, 0] and p[0, 0] > 0
     logged = [m["augment/p"] for m in read_metrics(run) if "augment/p" in m]
     assert logged[-1] == pytest.approx(p[0, 0].item())
+    # each move of p is +-(real images of the last 4 steps, both ranks) / 500k = 2 x 4 x 16 / 5e5, not one
+    # rank's half of it (a p from one rank's statistics moves by 4 x 16 / 5e5), unless clamped at 0
+    unit = 2 * 4 * 16 / 500e3
+    moves = [(b - a, b) for a, b in zip([0.0, *logged], logged) if b != a]
+    assert moves and all(abs(d) == pytest.approx(unit) or b == 0 for d, b in moves), moves
     r = run_cli("train", *common, "--out", run, "train.steps=9", "--resume", "auto", env=ENV)
     assert r.returncode == 0 and "not exact" in r.stderr, r.stderr[-3000:]
     after = [m for m in read_metrics(run) if m.get("step") == 9 and "augment/p" in m]

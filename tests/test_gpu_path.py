@@ -2,42 +2,93 @@
 channels_last, and benchmarks/gpu_suite.sh's CPU dry run."""
 
 import sys
+import traceback
 
 import pytest
 import torch
 from conftest import FAST, ROOT
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distgan import config, jobs, trainer
 from distgan.data import feeds
 
 READS = ("item", "__bool__", "tolist", "numpy", "cpu", "__float__", "__int__", "__index__")
+# aten ops that make the host wait for the device on CUDA: a value read (item, bool, float, int all
+# end in _local_scalar_dense), an output whose size depends on the data (boolean-mask indexing,
+# nonzero, masked_select, unique), or a bool answer (equal, is_nonzero)
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_unique", "_unique2",
+            "unique_dim", "unique_consecutive", "unique_dim_consecutive", "repeat_interleave"}  # fmt: skip
+
+
+def _is_cpu(device) -> bool:
+    return isinstance(device, (str, torch.device)) and torch.device(device).type == "cpu"
+
+
+class SyncOps(TorchDispatchMode):
+    """Records every aten op that synchronises with a device (SYNC_OPS, indexing or index_put with a
+    boolean mask) and every copy from a device to the host, by name. On the CPU nothing waits, but
+    the same code on CUDA would."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        masked = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or [])
+        )
+        to_host = (name == "_to_copy" and _is_cpu(kwargs.get("device")) and args[0].device.type != "cpu") or (
+            name == "copy_" and args[0].device.type == "cpu" and args[1].device.type != "cpu"
+        )  # (both only on a GPU: on the CPU, the .to(cpu) patch above stands in)
+        if name in SYNC_OPS or masked or to_host:
+            self.record(name + (" (boolean mask)" if masked else ""))
+        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("extra", [[], ["data.augment=translation,cutout", "data.augment_p=auto",
                                          "train.lr_decay=linear", "model.d.spectral_norm=true"]])  # fmt: skip
 def test_steps_read_no_tensor_on_the_host_between_log_steps(tmp_path, monkeypatch, extra):
     """12 steps, log_every=10, from the real digit shards: every host read of a tensor value inside the
-    loop (Tensor.item, __bool__, tolist, numpy, cpu, float/int) happens in the periodic jobs of step 10
-    (the log) or of the last step, none in the steps themselves (NaN guard and stop flag included;
-    also with ADA's adaptive p, a learning-rate schedule and spectral norm)."""
+    loop (Tensor.item, __bool__, tolist, numpy, cpu, .to(cpu), float/int) and every aten op that waits
+    for a device (SyncOps: value reads, boolean masks, nonzero, masked_select, equal, unique, copies to
+    the host) happens in the periodic jobs of step 10 (the log) or of the last step, none in the steps
+    themselves (NaN guard and stop flag included; also with ADA's adaptive p, a learning-rate
+    schedule and spectral norm)."""
     cfg = config.load_config("digits-dcgan", overrides=[*FAST, "train.steps=12", "train.log_every=10",
                                                         "train.ckpt_every=1000", "train.sample_every=1000", *extra])  # fmt: skip
     where = {"phase": "setup", "steps": 0}
     reads: list[tuple[str, int, str]] = []
 
+    def record(name):
+        frames = traceback.extract_stack()[:-2]
+        # Adam reads its step count, a CPU tensor on the CPU; on CUDA distgan builds Adam with
+        # capturable=True, which keeps it on the GPU and reads nothing (variants.gan.CAPTURABLE)
+        if any(f.name == "_get_value" and "torch/optim" in f.filename for f in frames):
+            return
+        ours = [f for f in frames if "/distgan/" in f.filename or "/kernels/" in f.filename] or frames
+        reads.append((where["phase"], where["steps"] + 1, name, ours[-1].filename, ours[-1].name))
+
     def counting(name, original):
         def read(self, *args, **kwargs):
-            caller = sys._getframe(1).f_code
-            # Adam reads its step count, a CPU tensor on the CPU; on CUDA distgan builds Adam with
-            # capturable=True, which keeps it on the GPU and reads nothing (variants.gan.CAPTURABLE)
-            if caller.co_name != "_get_value" or "torch/optim" not in caller.co_filename:
-                reads.append((where["phase"], where["steps"] + 1, name, caller.co_filename, caller.co_name))
+            record(name)
             return original(self, *args, **kwargs)
 
         return read
 
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    to = torch.Tensor.to
+
+    def moving(self, *args, **kwargs):  # .to("cpu"), .to(device="cpu")
+        # (a torch.device is the training device's here: on the CPU it is "cpu" too, and moving there
+        # is what every step does; a copy to the host by a torch.device is seen on a GPU, by SyncOps)
+        if any(isinstance(a, str) and _is_cpu(a) for a in (*args, kwargs.get("device"))):
+            record("to(cpu)")
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", moving)
     draw, periodic = feeds.draw, jobs.periodic
 
     def drawing(*args, **kwargs):
@@ -53,7 +104,8 @@ def test_steps_read_no_tensor_on_the_host_between_log_steps(tmp_path, monkeypatc
 
     monkeypatch.setattr(feeds, "draw", drawing)
     monkeypatch.setattr(jobs, "periodic", jobs_after)
-    assert trainer.train(cfg, tmp_path / "run") == 0
+    with SyncOps(record):
+        assert trainer.train(cfg, tmp_path / "run") == 0
     in_steps = [r for r in reads if r[0] == "step" and r[1] <= 12]
     assert in_steps == [], in_steps[:20]
     periodic_steps = sorted({r[1] for r in reads if r[0] == "periodic"})
@@ -101,14 +153,30 @@ def test_compile_is_refused_with_gradient_penalties():
             config.load_config(preset, overrides=[*FAST, "train.compile=true", *extra])
 
 
-def test_channels_last_trains_like_contiguous(tmp_path):
+def test_channels_last_trains_like_contiguous(tmp_path, monkeypatch):
     """train.channels_last: the same function in another memory layout (SN weights stay contiguous,
-    so the kernels still read them): 4 steps within float tolerance of the default layout."""
-    out = {}
+    so the kernels still read them): 4 steps within float tolerance of the default layout, with the
+    models' other conv weights really in channels_last while they train."""
+    out, layouts, settings = {}, {}, trainer.gpu_settings
+
+    def recording(cfg, device, models):
+        settings(cfg, device, models)
+        layouts[cfg.train.channels_last] = [
+            (name, p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous())
+            for m in models for name, p in m.named_parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1
+        ]  # fmt: skip
+
+    monkeypatch.setattr(trainer, "gpu_settings", recording)
     for flag in ("false", "true"):
         cfg = config.load_config("digits-sngan", overrides=[*COMPILED, "train.steps=4", f"train.channels_last={flag}"])
         assert trainer.train(cfg, tmp_path / flag) == 0
         out[flag] = _final_models(tmp_path / flag)
+    assert all(standard and not last for _, last, standard in layouts[False]), layouts[False]
+    sn = [x for x in layouts[True] if "parametrizations" in x[0]]
+    plain = [x for x in layouts[True] if "parametrizations" not in x[0]]
+    assert sn and plain  # digits-sngan: SN in D, none in G
+    assert all(last and not standard for _, last, standard in plain), plain
+    assert all(standard for _, _, standard in sn), sn
     for k, v in out["false"].items():
         if v.is_floating_point():
             torch.testing.assert_close(out["true"][k], v, rtol=1e-3, atol=1e-4, msg=k)

@@ -12,7 +12,6 @@ from test_train import assert_bitwise_equal
 from distgan import config, losses, models, variants
 from distgan.errors import UserError
 from distgan.models import resnet
-from distgan.variants.gan import r1_penalty
 
 # the resnet presets at a width a CPU runs in seconds (2 x BigGAN's multipliers)
 TINY = ["model.g.width=2", "model.d.width=2", "model.g.embed_dim=8", "data.batch_size=8"]
@@ -165,10 +164,68 @@ def test_r2_is_r1_on_the_fakes_and_both_enter_d_loss():
     D = v.models["D"]
     real, fake = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32)
     terms = v.d_penalty(D, real, fake)
-    x = fake.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(D(x).sum(), x)
-    assert terms["loss/r2"].item() == pytest.approx(0.1 / 2 * g.square().sum().item() / 4, rel=1e-5)
-    assert terms["loss/r1"].item() == pytest.approx(0.1 / 2 * r1_penalty(D, real).item(), rel=1e-5)
+    for name, x in (("loss/r1", real), ("loss/r2", fake)):
+        x = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(D(x).sum(), x)  # per-sample gradients: D's outputs are independent
+        assert terms[name].item() == pytest.approx(0.1 / 2 * g.square().sum().item() / 4, rel=1e-5), name
+
+
+class LinearD(torch.nn.Module):
+    """D(x) = <w, x>: its logits are known in closed form and grad_x D = w everywhere."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1, 1, int(np.prod(shape)), dtype=torch.float32).view(1, *shape))
+
+    def forward(self, x):
+        return (x * self.w).flatten(1).sum(1)
+
+
+class ZeroG(torch.nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, z):
+        return torch.zeros(z.size(0), *self.shape)
+
+
+def test_d_step_adds_r1_r2_and_lecam_to_d_loss_with_the_papers_anchors_and_emas():
+    """GAN.d_step through a real StepContext, with D(x) = <w, x> and fakes that are 0: D's loss is
+    RpGAN + r1_gamma/2 |w|^2 + r2_gamma/2 |w|^2 + LeCam's w_l (E(D(x) - a_F)^2 + E(D(G(z)) - a_R)^2),
+    a_R and a_F moving as a <- decay a + (1 - decay) mean(D(.)), over two steps (the second with
+    non-zero anchors)."""
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    from distgan import trainer
+
+    cfg = config.load_config("digits-r3gan", None, [*TINY, "variant.r1_gamma=0.1", "variant.r2_gamma=0.3",
+                                                    "variant.lecam_weight=0.5", "variant.lecam_decay=0.9"])  # fmt: skip
+    v = variants.get(cfg.variant.name)(cfg)
+    shape = (1, 32, 32)
+    v.models["D"], v.models["G"] = LinearD(shape), ZeroG(shape)
+    w2 = v.models["D"].w.detach().double().square().sum().item()
+    try:
+        ctx = trainer.StepContext(accelerate.Accelerator(cpu=True), accum=1)
+        a_r = a_f = 0.0
+        for seed in (0, 1):
+            real = torch.randn(4, *shape, generator=torch.Generator().manual_seed(seed))
+            stats = {k: torch.zeros(()) for k in ("loss/d", "loss/g", "d/real", "d/fake")}
+            v.d_step([{"image": real, "label": None}], ctx, stats)
+            r = (real * v.models["D"].w.detach()).flatten(1).sum(1).double()
+            rp = torch.nn.functional.softplus(-r).mean().item()  # RpGAN with D(G(z)) = 0
+            lecam = 0.5 * (((r - a_f) ** 2).mean().item() + (0 - a_r) ** 2)
+            want = rp + 0.1 / 2 * w2 + 0.3 / 2 * w2 + lecam
+            assert stats["loss/lecam"].item() == pytest.approx(lecam, rel=1e-5), seed
+            assert stats["loss/d"].item() == pytest.approx(want, rel=1e-5), seed
+            a_r, a_f = 0.9 * a_r + 0.1 * r.mean().item(), 0.9 * a_f + 0.1 * 0.0
+            torch.testing.assert_close(
+                v.lecam_ema.double(), torch.tensor([a_r, a_f], dtype=torch.float64), rtol=1e-5, atol=1e-6
+            )
+        assert a_r != 0  # the second step had an anchor to swap
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 RESUME = [

@@ -176,3 +176,59 @@ def test_a_copied_wandb_run_id_that_is_not_an_id_is_replaced(tmp_path, digits_sh
     assert "is not a W&B run id" in r.stderr
     new = (run / "wandb_run_id").read_text()
     assert new != "../../x\n" and run_record(next(run.glob("wandb/offline-run-*/run-*.wandb"))).run_id == new
+
+
+def test_a_cyclegan_checkpoint_never_runs_its_stored_domain_commands(tmp_path, capsys):
+    """The unpaired variant streams data.shards_a and data.shards_b: a stored pipe: in either is refused
+    on resume as data.shards is for a GAN run, and runs nothing."""
+    root = tmp_path / "evil"
+    for name in ("digits-thin", "digits-thick"):
+        shards.write_builtin(name, root / name, maxcount=200, progress=False)
+    marker = root / "PWNED"
+    first = {n: sorted((root / n).glob("*.tar"))[0] for n in ("digits-thin", "digits-thick")}
+    tiny = ["data.batch_size=2", "model.g.width=8", "model.g.blocks=1", "model.d.width=8", "variant.pool_size=3",
+            "train.eval_every=0", "tracking.wandb.mode=disabled"]  # fmt: skip
+    for key, domain in (("data.shards_a", "digits-thin"), ("data.shards_b", "digits-thick")):
+        other = "data.shards_b" if key == "data.shards_a" else "data.shards_a"
+        other_domain = "digits-thick" if domain == "digits-thin" else "digits-thin"
+        run = root / f"run-{key}"
+        r = cli(capsys, "train", "--preset", "cyclegan-digits-thin2thick", *tiny, "--out", run, "train.steps=1",
+                f"{key}=pipe:touch {marker}; cat {first[domain]}", f"{other}={root / other_domain}")  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert marker.exists()  # the author's own command did run
+        marker.unlink()
+        ckpt = run / "checkpoints" / "step-00000001"
+        # the other domain's folder named again (a path is never taken from a checkpoint either)
+        r = cli(capsys, "train", "--resume", ckpt, "--out", tmp_path / "victim", "train.steps=2",
+                f"{other}={root / other_domain}")  # fmt: skip
+        refused(r, key)
+        assert not marker.exists() and not (tmp_path / "victim").exists()
+
+
+@pytest.mark.parametrize("value", ["pipe:touch /tmp/distgan-never", "/etc/hostname", "https://example.invalid/x"])
+def test_every_string_key_of_a_stored_config_is_dropped_or_refused(value):
+    """From the schema, not a list: every config key that holds a string can be made to name a path, URL,
+    command or destination. Stored in a checkpoint with such a value, each one is either replaced by
+    trust.checkpoint_config (what every command resumes through) or refused by the config's validation
+    (a fixed vocabulary: a loss, an arch, a crop mode), so that no such value reaches the run."""
+    import copy
+
+    from distgan import config
+    from distgan.errors import UserError
+
+    base = config.to_dict(config.load_config("digits-dcgan"))
+    keys = [key for key, kind, _, _ in config.reference() if "str" in kind]
+    assert {"data.shards", "data.shards_a", "data.shards_b", "variant.vgg_weights", "model.g.arch"} <= set(keys)
+    passed = []
+    for key in keys:
+        stored = copy.deepcopy(base)
+        trust._set(stored, key, value)
+        cfg, _ = trust.checkpoint_config(stored, given=set(), needed=set(), trust=False, where="c")
+        if trust._get(cfg, key) != value:
+            continue  # replaced: the checkpoint's value is never used
+        try:
+            config.load_config(base=cfg)
+        except UserError:
+            continue  # refused: a run with it never starts
+        passed.append(key)
+    assert passed == [], f"stored {value!r} reaches a run through: {passed}"
