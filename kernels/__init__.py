@@ -31,10 +31,8 @@ class SpectralNorm(reference.SpectralNorm):
             if not _backend.compile_ops or weight.dtype == torch.float64:
                 return None  # Inductor traces and fuses the fallback's torch ops
             return ops.spectral_norm(self, weight, write_w)
-        if not weight.is_contiguous() or weight.dtype == torch.float64:
-            return None  # (fp64: the fallback iterates in fp64; the kernels accumulate in fp32)
-        if _backend.choose("spectral_norm", self.backend, weight) != "triton":
-            return None
+        if not weight.is_contiguous() or _backend.choose("spectral_norm", self.backend, weight) != "triton":
+            return None  # (fp64 included: the fallback iterates in fp64; the kernels accumulate in fp32)
         from kernels import power_iteration as fused
 
         function = reference.SNWeights if write_w else reference.SNSigma
@@ -76,7 +74,7 @@ def minibatch_discrimination(
         if _backend.compile_ops and backend != "torch" and m.dtype != torch.float64:
             return ops.minibatch_discrimination(m, exclude_self, group_size)
         return reference.minibatch_l1(m, exclude_self, group_size, memory_budget)
-    if _backend.choose("minibatch_discrimination", backend, m) == "triton" and m.dtype != torch.float64:
+    if _backend.choose("minibatch_discrimination", backend, m) == "triton":
         from kernels.minibatch_l1 import MinibatchL1Triton
 
         return MinibatchL1Triton.apply(m, exclude_self, group_size)

@@ -40,11 +40,12 @@ def triton_can_run(t: torch.Tensor) -> bool:
 
 
 def choose(op: str, backend: str | None, t: torch.Tensor) -> str:
-    """'triton' or 'torch' for `op` on tensor `t`."""
+    """'triton' or 'torch' for `op` on tensor `t`. float64 is always 'torch', whatever was asked: the
+    kernels compute in fp32, and a float64 model (gradcheck, PyTorch's own tests) expects float64."""
     requested = backend or os.environ.get("DISTGAN_KERNELS") or None
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None; got {requested!r}")
-    if requested == "torch":
+    if requested == "torch" or t.dtype == torch.float64:
         return "torch"
     if triton_can_run(t):
         return "triton"

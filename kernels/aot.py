@@ -98,9 +98,10 @@ def distinct(launches: list[dict]) -> list[dict]:
 
 def representative_launches() -> list[dict]:
     """Under the interpreter: every kind of launch the public kernels API makes, on small inputs.
-    minibatch discrimination forward and backward at the K that select each block shape, in fp32,
-    bf16 and fp16; spectral norm of linear, conv and transposed-conv layers, contiguous or not, in
-    fp32 and bf16, with 1 and 2 power iterations, alone and grouped by spectral_norm_all."""
+    minibatch discrimination forward and backward at the K that select each block shape, with and
+    without exclude_self, in fp32, bf16 and fp16; spectral norm of linear, conv and transposed-conv
+    layers, contiguous or not, in fp32, bf16 and fp16, with 1 and 2 power iterations, alone and
+    grouped by spectral_norm_all."""
     import torch
 
     import kernels
@@ -109,11 +110,17 @@ def representative_launches() -> list[dict]:
         raise RuntimeError("representative_launches records under the interpreter: set TRITON_INTERPRET=1 first")
     g = torch.Generator().manual_seed(0)
     with record() as launches:
+        # the block shapes of block_sizes: BLOCK_K from 1 to 1024 (at 1024 BLOCK_J is at its floor of 1)
+        # in every dtype at the K the models use and at 513; the other shapes and exclude_self=False in fp32
+        cases = [
+            (dtype, k, True) for dtype in (torch.float32, torch.bfloat16, torch.float16) for k in (1, 5, 8, 16, 33, 513)
+        ]
+        cases += [(torch.float32, k, True) for k in (65, 129)] + [(torch.float32, k, False) for k in (5, 513)]
+        for dtype, k, exclude_self in cases:
+            m = torch.randn(6, 2, k, generator=g).to(dtype).requires_grad_(True)
+            out = kernels.minibatch_discrimination(m, exclude_self=exclude_self, backend="triton", group_size=3)
+            out.float().sum().backward()
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for k in (1, 5, 8, 16, 33):
-                m = torch.randn(6, 3, k, generator=g).to(dtype).requires_grad_(True)
-                kernels.minibatch_discrimination(m, backend="triton", group_size=3).float().sum().backward()
-        for dtype in (torch.float32, torch.bfloat16):
             for iters in (1, 2):
                 layers = [torch.nn.Linear(7, 5), torch.nn.Conv2d(3, 4, 3), torch.nn.ConvTranspose2d(4, 3, 3)]
                 for layer in layers:

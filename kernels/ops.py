@@ -26,7 +26,7 @@ _scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _sn_impl(weight, u, v, n_power_iterations, eps, dim, write_w):
-    if _backend.choose("spectral_norm", None, weight) == "triton" and weight.dtype != torch.float64:
+    if _backend.choose("spectral_norm", None, weight) == "triton":
         from kernels import power_iteration
 
         key = (u.data_ptr(), v.data_ptr(), u.shape, v.shape, u.dtype, u.device)
@@ -101,7 +101,7 @@ def spectral_norm(sn: reference.SpectralNorm, weight: torch.Tensor, write_w: boo
 
 
 def _use_triton(m: torch.Tensor) -> bool:
-    return _backend.choose("minibatch_discrimination", None, m) == "triton" and m.dtype != torch.float64
+    return _backend.choose("minibatch_discrimination", None, m) == "triton"
 
 
 @torch.library.custom_op("distgan::minibatch_l1", mutates_args=())

@@ -143,9 +143,10 @@ def test_power_iteration_is_fp32_under_autocast(backend):
     torch.testing.assert_close(plain.weight, cast.weight, rtol=1e-6, atol=1e-7)
 
 
-def discriminator(torch_sn=False):
+def discriminator(torch_sn=False, scale="weight"):
     """Every kind of layer in one D: conv, ConvTranspose (dim=1), and linear layers of odd sizes.
-    With `torch_sn`, the same D with torch's spectral_norm."""
+    With `torch_sn`, the same D with torch's spectral_norm; `scale` of the conv and linear layers
+    (ConvTranspose keeps "weight", the only one it has)."""
     torch.manual_seed(0)
     D = nn.Sequential(
         nn.Conv2d(3, 16, 4, 2, 1), nn.LeakyReLU(0.2), nn.ConvTranspose2d(16, 8, 3, 1, 1), nn.LeakyReLU(0.2),
@@ -156,7 +157,9 @@ def discriminator(torch_sn=False):
             if torch_sn:
                 parametrizations.spectral_norm(m, dim=1 if isinstance(m, nn.ConvTranspose2d) else None)
             else:
-                kernels.spectral_norm(m, backend="triton")
+                kernels.spectral_norm(
+                    m, backend="triton", scale="weight" if isinstance(m, nn.ConvTranspose2d) else scale
+                )
     return D
 
 
@@ -210,16 +213,18 @@ def test_grouped_equals_per_layer_in_four_launches(monkeypatch):
     torch.testing.assert_close(grouped(real), per_layer.eval()(real), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("ops", [True, False])
-@pytest.mark.parametrize("group", [False, True])
-def test_torch_compile_has_no_graph_breaks(group, ops, monkeypatch):
+@pytest.mark.parametrize(
+    "group, ops, scale",
+    [(g, o, "weight") for g in (False, True) for o in (True, False)] + [(g, True, "output") for g in (False, True)],
+)
+def test_torch_compile_has_no_graph_breaks(group, ops, scale, monkeypatch):
     """Compiled, with the custom ops (kernels/ops.py: the Triton kernels, one opaque op per layer) or
     with the traced fallback for Inductor (compile_ops=False): one graph, no breaks, and the eager
-    outputs, gradients and u, v."""
+    outputs, gradients and u, v; also with scale="output", whose gradient reaches W through sigma."""
     from kernels import _backend
 
     monkeypatch.setattr(_backend, "compile_ops", ops)
-    D = discriminator()
+    D = discriminator(scale=scale)
     if group:
         kernels.spectral_norm_all(D)
     ref = copy.deepcopy(D)
@@ -245,7 +250,15 @@ def test_torch_compile_has_no_graph_breaks(group, ops, monkeypatch):
 @pytest.mark.parametrize("kind", ["3x5", "conv", "convT"])
 def test_float64_weights_iterate_in_float64_and_pass_gradcheck(kind, backend):
     """PyTorch's test_new_spectral_norm gradchecks the parametrized layer in float64; a float32
-    iteration fails it."""
+    iteration fails it. backend="triton" too: float64 never reaches the kernels (they compute in
+    fp32), whichever backend is asked for."""
+    if backend == "triton":
+        from kernels import aot
+
+        with aot.record() as launches:
+            for m in (layer(kind).double(), layer(kind)):  # float64 launches nothing; float32 does
+                _ = kernels.spectral_norm(m, backend="triton").train().weight
+        assert {x["args"]["w_proto"]["tensor"] for x in launches if "w_proto" in x["args"]} == {"float32"}, launches
     m = kernels.spectral_norm(layer(kind).double(), backend=backend)
     pu = m.parametrizations.weight[0]
     assert pu._u.dtype == pu._v.dtype == torch.float64
@@ -264,6 +277,23 @@ def test_float64_weights_iterate_in_float64_and_pass_gradcheck(kind, backend):
         pu.power_iteration(m.parametrizations.weight.original, 3000)
     m.eval()
     assert torch.linalg.matrix_norm(reference_matrix(m, kind), ord=2).item() == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_models_grouped_by_spectral_norm_all_iterate_in_float64(backend):
+    """distgan's models group their SN layers (models.apply_spectral_norm -> spectral_norm_all): float64
+    weights there too give torch's float64 spectral norm, to 1e-12 (an fp32 iteration is ~1e-8 off)."""
+    ours, theirs = discriminator().double(), discriminator(torch_sn=True).double()
+    for m in ours.modules():
+        if hasattr(m, "parametrizations"):
+            m.parametrizations.weight[0].backend = backend
+    theirs.load_state_dict(ours.state_dict())
+    kernels.spectral_norm_all(ours)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
 
 
 def reference_matrix(m, kind):

@@ -216,18 +216,17 @@ def test_minibatch_discrimination_preset_trains(tmp_path, digits_shards, extra, 
 
 
 def test_sngan_preset_trains(tmp_path, digits_shards, capsys):
-    r = cli(
-        capsys,
-        "train",
-        "--preset",
-        "digits-sngan",
-        *FAST,
-        f"data.shards={digits_shards}",
-        "--out",
-        tmp_path / "run",
-        "train.steps=3",
-    )
-    assert r.returncode == 0, r.stderr
-    model, _ = tensors(tmp_path / "run" / "checkpoints" / "step-00000003" / "model.safetensors")
-    assert any(k.startswith("D.") and k.endswith("parametrizations.weight.0._u") for k in model)
-    assert all(np.isfinite(m["loss/d"]) for m in read_metrics(tmp_path / "run") if "loss/d" in m)
+    """digits-sngan, and the same with train.sn_scale=output (op(x, W) / sigma: the same function and
+    gradients, so the same weights after 3 steps, to float tolerance)."""
+    models = {}
+    for scale in ("weight", "output"):
+        run = tmp_path / scale
+        r = cli(capsys, "train", "--preset", "digits-sngan", *FAST, f"data.shards={digits_shards}", "--out", run,
+                "train.steps=3", f"train.sn_scale={scale}")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        models[scale], _ = tensors(run / "checkpoints" / "step-00000003" / "model.safetensors")
+        assert all(np.isfinite(m["loss/d"]) for m in read_metrics(run) if "loss/d" in m)
+    assert any(k.startswith("D.") and k.endswith("parametrizations.weight.0._u") for k in models["weight"])
+    assert models["weight"].keys() == models["output"].keys()
+    for k, v in models["weight"].items():
+        torch.testing.assert_close(models["output"][k], v, rtol=1e-4, atol=1e-5, msg=k)
