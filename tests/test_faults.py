@@ -182,3 +182,32 @@ def test_a_second_ctrl_c_stops_at_once():
             for _ in range(1000):  # the handler runs between bytecodes
                 pass
     assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_a_second_ctrl_c_exits_130_at_once_from_the_cli(tmp_path, digits_shards, capsys, monkeypatch):
+    """`distgan train` (in this process) gets two SIGINTs while it draws the batches of step 3: the second
+    interrupts it there, and the CLI says so in one line and exits 130, with no traceback and no
+    checkpoint (the first alone would checkpoint at the end of the step: test_sigint_checkpoints_...)."""
+    from conftest import run_main
+
+    from distgan.data import feeds
+
+    draw, calls = feeds.draw, []
+
+    def draw_then_ctrl_c_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the first handler runs between bytecodes: two signals, not one
+                pass
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(feeds, "draw", draw_then_ctrl_c_twice)
+    run = tmp_path / "run"
+    code, _, err = run_main(capsys, "train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=50")
+    assert code == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "distgan train: interrupted" and "Traceback" not in err, err[-3000:]
+    assert len(calls) == 3 and not list(run.glob("checkpoints/step-*"))

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FAST, cli, read_metrics, run_cli
+from conftest import FAST, cli, read_metrics
 from PIL import Image
 
 from distgan import config
@@ -51,7 +51,7 @@ def first_batch(urls, **kw):
     return next(iter(stream.ShardStream([str(u) for u in urls], **opts, **kw)))
 
 
-def test_shardwriter_jpeg_shards_without_manifest_train_and_resume_exactly(tmp_path):
+def test_shardwriter_jpeg_shards_without_manifest_train_and_resume_exactly(tmp_path, capsys):
     from test_augment import split_run_resumes_exactly
 
     imgs = photos(18)
@@ -61,10 +61,14 @@ def test_shardwriter_jpeg_shards_without_manifest_train_and_resume_exactly(tmp_p
     common = [*FAST, f"data.shards={tmp_path / 'jpg'}/train-{{000000..000002}}.tar", "data.channels=3",
               "data.batch_size=6", "train.ckpt_every=1000"]  # fmt: skip
     split_run_resumes_exactly(tmp_path, common, total=4, at=2)
-    # conditional: the .cls labels reach the model
-    r = run_cli("train", "--preset", "digits-cgan", *common, "model.num_classes=3", "--out", tmp_path / "c",
-                "train.steps=2")  # fmt: skip
+    # conditional: the .cls labels (0, 1, 2) reach the training step: 3 classes train; with 2, label 2
+    # is refused by name (an unread label would be -1 and pass as "unlabelled" nowhere)
+    r = cli(capsys, "train", "--preset", "digits-cgan", *common, "model.num_classes=3", "--out", tmp_path / "c",
+            "train.steps=2")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    r = cli(capsys, "train", "--preset", "digits-cgan", *common, "model.num_classes=2", "--out", tmp_path / "c2",
+            "train.steps=2")  # fmt: skip
+    assert r.returncode == 2 and "label 2 is out of range (model.num_classes=2)" in r.stderr, r.stderr[-3000:]
 
 
 def test_webp_with_a_json_label_and_a_conditional_model_needs_labels(tmp_path, capsys):

@@ -35,11 +35,28 @@ def random_inception(seed: int = 0) -> inception.FIDInception3:
     return net.eval()
 
 
+def resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float64 weights of a bilinear resize along one axis: half-pixel centres, edge
+    clamped, no antialias; written from the formula, not with F.interpolate."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    frac = src - i0.double()
+    rows = torch.arange(n_out)
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    m.index_put_((rows, i0), 1 - frac, accumulate=True)
+    m.index_put_((rows, i1), frac, accumulate=True)
+    return m
+
+
 class NvidiaInterface(torch.nn.Module):
     """The calling convention of NVIDIA's inception-2015-12-05.pt (stylegan2-ada-pytorch's metrics):
     uint8 NCHW of any size in, resized inside; return_features=True gives the 2048 pool features,
-    no_output_bias=True the softmax over 1008 classes without the output bias. Built around the
-    same weights, so both paths must give the same features."""
+    no_output_bias=True the softmax over 1008 classes without the output bias. Its resize and input
+    scaling are written here, independently of distgan's preprocess_pytorch_fid (two float64 matrix
+    products); the network is the same weights in the same architecture by construction (NVIDIA's real
+    file cannot be had here), so what the two formats must agree on is everything around it: loading,
+    dispatch, preprocessing and outputs."""
 
     def __init__(self, net: inception.FIDInception3):
         super().__init__()
@@ -47,9 +64,9 @@ class NvidiaInterface(torch.nn.Module):
 
     def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
                 no_output_bias: bool = False) -> torch.Tensor:  # fmt: skip
-        x = img.float() / 255.0
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        feats = self.net.pool_features(2 * x - 1)
+        x = img.double() / 255.0
+        x = resize_matrix(x.shape[2], 299) @ x @ resize_matrix(x.shape[3], 299).t()
+        feats = self.net.pool_features((x * 2 - 1).float())
         if return_features:
             return feats
         logits = feats @ self.net.fc.weight.T
@@ -121,6 +138,9 @@ def test_both_file_formats_load_by_content_and_give_the_same_features(weight_fil
     e = np.exp(la - la.max(1, keepdims=True))
     np.testing.assert_allclose(e / e.sum(1, keepdims=True), pb, rtol=1e-3, atol=1e-6)
     assert a.digest == inception.file_digest(sd_path) and len(a.digest) == 64
+    # larger than 299: a downscale, where an antialiased resize would differ
+    big = torch.randint(0, 256, (1, 3, 331, 347), dtype=torch.uint8)
+    np.testing.assert_allclose(a(big, outputs=False)[0], b(big, outputs=False)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_to_uint8_rounds_half_up_and_clamps():

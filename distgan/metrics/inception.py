@@ -9,8 +9,8 @@ and `load` takes either, recognised by the file's content (never its name):
   ``net(x, return_features=True)`` gives the pool features, ``net(x, no_output_bias=True)`` the
   1008-way softmax without the last layer's bias (what their IS uses). A TorchScript file holds
   code, so it is loaded only because the user named it (`--inception`, `DISTGAN_INCEPTION`).
-- pytorch-fid's state dict ``pt_inception-2015-12-05-6726825d.pth`` (also torch-fidelity's and
-  StudioGAN's). Its architecture is `FIDInception3` below: torchvision's Inception3 with the
+- pytorch-fid's state dict ``pt_inception-2015-12-05-6726825d.pth`` (torch-fidelity's copy has the
+  same keys, but torch-fidelity resizes and scales its input its own way: docs/evaluation.md). Its architecture is `FIDInception3` below: torchvision's Inception3 with the
   blocks pytorch-fid swaps in to match the TF graph (average pools that do not count padding,
   a max pool in the last block). It is read with ``torch.load(weights_only=True)``: no code runs.
 
