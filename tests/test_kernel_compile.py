@@ -28,6 +28,7 @@ def test_every_launched_specialisation_compiles_for_sm80_and_sm90(tmp_path):
     kernels_seen = {launch["kernel"] for launch in launches}
     assert kernels_seen == {"minibatch_l1_forward_kernel", "minibatch_l1_backward_kernel", "_wv_kernel",
                             "_wtu_kernel", "_reduce_kernel", "_scale_kernel"}  # fmt: skip
+
     def dtypes(names):
         return {a["tensor"] for x in launches if x["kernel"] in names for a in x["args"].values() if "tensor" in a}
 
