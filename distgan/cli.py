@@ -133,7 +133,7 @@ def _standing_stats(args: argparse.Namespace, cfg, variant, G) -> None:
 
     if args.standing_stats < 0:
         raise UserError(f"--standing-stats must be >= 0; got {args.standing_stats}")
-    if hasattr(variant, "evaluate"):
+    if variant.image_to_image:
         raise UserError(
             f"--standing-stats applies to noise-driven generators, not to image-to-image '{cfg.variant.name}'"
         )
@@ -154,8 +154,11 @@ def _translate(args: argparse.Namespace) -> int:
     from distgan import images
 
     ckpt, cfg, variant, gens = _load_generators(args)
-    if not hasattr(variant, "translate"):
-        raise UserError(f"--input needs an image-to-image model (pix2pix, cyclegan, srgan); this checkpoint's "
+    if not variant.image_to_image:
+        from distgan import variants
+
+        names = ", ".join(n for n in variants.REGISTRY if variants.get(n).image_to_image)
+        raise UserError(f"--input needs an image-to-image model ({names}); this checkpoint's "
                         f"variant is '{cfg.variant.name}'")  # fmt: skip
     src = Path(args.input)
     if src.is_dir():
@@ -306,7 +309,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.device, main_rank = str(acc.device), acc.is_main_process
     # the training shards are read for the reference statistics, unless --ref gives them
     loaded = _load_generators(args, need_data=not args.heldout and not args.ref)
-    if hasattr(loaded[2], "evaluate"):  # image-to-image: measured on held-out inputs
+    if loaded[2].image_to_image:  # measured on held-out inputs
         if args.drs or args.drs_calibrate:
             raise UserError("--drs applies to unconditional gan/unrolled models, not image-to-image ones")
         return _eval_translation(args, *loaded)
@@ -418,8 +421,10 @@ def _eval_translation(args: argparse.Namespace, ckpt, cfg, variant, gens) -> int
         raise UserError(f"--metrics/--features do not apply to variant '{cfg.variant.name}': it is measured on "
                         "held-out inputs (PSNR/SSIM, or cycle error and a domain classifier for cyclegan)")  # fmt: skip
     if args.heldout:
-        if cfg.variant.name == "cyclegan":
-            raise UserError("--heldout takes one shard set; cyclegan's held-out sets come from its two domains")
+        domains = len(variant.data_streams(cfg))
+        if domains > 1:
+            raise UserError(f"--heldout takes one shard set; {cfg.variant.name}'s held-out sets come from its "
+                            f"{domains} domains")  # fmt: skip
         src = stream.resolve(args.heldout, progress=False, key="--heldout")
         heldout = stream.read_all(src, resolution=cfg.data.resolution, channels=cfg.data.channels,
                                   options=stream.stream_options(cfg),

@@ -208,7 +208,7 @@ def save(run: Run, step: int, improved: bool = False) -> None:
     local = checkpoint.rank_state(
         rng.get_state(),
         run.feeds if run.keep_feed_state else [],
-        run.variant.rank_state() if hasattr(run.variant, "rank_state") else {},  # e.g. cyclegan's image pools
+        run.variant.rank_state(),  # e.g. cyclegan's image pools
         checkpoint.fingerprint({**plain, **emas}),
     )
     gathered = {k: run.accelerator.gather(v.to(run.device)[None]).cpu() for k, v in local.items()}
@@ -244,7 +244,7 @@ def sample_grid(run: Run, step: int) -> None:
 
 def _sample_grid(run: Run, step: int) -> None:
     t = run.cfg.train
-    if hasattr(run.variant, "preview"):
+    if run.variant.image_to_image:
         grid = images.make_grid(*run.variant.preview(run.generators(), _heldout(run) or run.preview_batch))
     else:
         source = run.source()
@@ -283,7 +283,7 @@ def evaluate(run: Run, step: int) -> bool:
 def _evaluate(run: Run, step: int) -> dict:
     from distgan import metrics
 
-    if hasattr(run.variant, "evaluate"):  # image-to-image: measured on held-out inputs
+    if run.variant.image_to_image:  # measured on held-out inputs
         result = {}
         if run.main and _heldout(run) is not None:
             result = run.variant.evaluate(run.generators(), _heldout(run))

@@ -42,8 +42,11 @@ def check_supported(cfg) -> None:
         )
     if cfg.variant.pack > 1:
         raise UserError(f"--drs judges single samples; this checkpoint's D judges packs of {cfg.variant.pack}")
-    if cfg.model.num_classes > 0 or cfg.variant.name not in ("gan", "unrolled"):
-        raise UserError(f"--drs supports the unconditional gan and unrolled variants; got '{cfg.variant.name}'")
+    from distgan import variants
+
+    if cfg.model.num_classes > 0 or not variants.get(cfg.variant.name).supports_drs:
+        names = [n for n in variants.REGISTRY if variants.get(n).supports_drs]
+        raise UserError(f"--drs supports the unconditional {' and '.join(names)} variants; got '{cfg.variant.name}'")
 
 
 def calibrate(

@@ -405,7 +405,7 @@ def _check_keep_best(cfg: config.Config, sources: dict | None) -> None:
         return
     from distgan import metrics
 
-    own_metrics = hasattr(variants.get(cfg.variant.name), "evaluate")  # image-to-image: no fid
+    own_metrics = variants.get(cfg.variant.name).image_to_image  # its own measures: no fid
     if sources is None:
         possible = not own_metrics and cfg.data.kind == "images"
     else:
@@ -473,7 +473,7 @@ def _loop(cfg, run_dir, accelerator, variant, emas, ckpt, sources, expected, tra
     ctx = StepContext(accelerator, t.grad_accum, {id(o): n for n, o in variant.optimizers.items()})
     guard = BufferGuard([accelerator.unwrap_model(m) for m in variant.models.values()])
     log = jobs.MetricLog(run.step)
-    per_step = t.grad_accum * getattr(variant, "data_per_step", 1)
+    per_step = t.grad_accum * variant.data_per_step
     bar = tqdm(total=t.steps, initial=run.step, desc="train", disable=not main, dynamic_ncols=True, mininterval=1.0)
     try:
         with StopSignal() as stop:
@@ -537,7 +537,7 @@ def _resume(run: jobs.Run, ckpt: checkpoint.Checkpoint, changed: dict | None = N
     if point.exact:
         run.batches_done = point.batches
         rng.set_state(point.rng)
-    if point.variant and hasattr(run.variant, "load_rank_state"):
+    if point.variant:
         run.variant.load_rank_state(point.variant)  # not exact: only its variant.shared.* part
     if not point.exact and run.main:
         data = ckpt.meta["data"]

@@ -79,3 +79,50 @@ def test_the_reference_imports_no_triton_file():
     graph = import_graph()
     assert graph["kernels.reference"] == set()
     assert "kernels.reference" in graph["kernels.power_iteration"]
+
+
+def variant_leaks(package: Path = ROOT / "distgan") -> list[str]:
+    """'file:line what' for each place outside distgan/variants/ that names a variant (a string that is
+    exactly a registered name, e.g. `cfg.variant.name == "cyclegan"`) or probes one with hasattr/getattr
+    (the hooks and capabilities are declared on variants.base.Variant)."""
+    from distgan import variants
+
+    names = set(variants.REGISTRY)
+    # the same word in another role: the schema's default variant, and SRGAN's discriminator architecture
+    # (model.d.arch=srgan, which other image-to-image variants may use too)
+    other_roles = {("config.py", "gan"), ("image2image.py", "srgan")}
+    leaks = []
+    for f in sorted(package.rglob("*.py")):
+        if "variants" in f.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            where = f"{f.relative_to(package.parent)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                if (f.name, node.value) not in other_roles:
+                    leaks.append(f"{where} names {node.value!r}")
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("hasattr", "getattr")
+            ):
+                probed = ast.unparse(node.args[0]) if node.args else ""
+                if "variant" in probed and not probed.endswith("cfg.variant"):  # (the config section is no variant)
+                    leaks.append(f"{where} {ast.unparse(node)}")
+    return leaks
+
+
+def test_no_module_outside_variants_names_or_probes_a_variant():
+    assert variant_leaks() == []
+
+
+def test_the_variant_leak_finder_sees_names_and_probes(tmp_path):
+    (tmp_path / "pkg" / "variants").mkdir(parents=True)
+    code = 'def f(cfg, run):\n    return cfg.variant.name == "cyclegan" or hasattr(run.variant, "evaluate")\n'
+    (tmp_path / "pkg" / "jobs.py").write_text(code)
+    (tmp_path / "pkg" / "variants" / "mine.py").write_text(code)  # inside variants/: allowed
+    leaks = variant_leaks(tmp_path / "pkg")
+    assert (
+        len(leaks) == 2
+        and any("names 'cyclegan'" in x for x in leaks)
+        and any("hasattr(run.variant" in x for x in leaks)
+    ), leaks

@@ -69,9 +69,9 @@ def open_feeds(cfg, variant, sources: dict, expected: dict, *, rank: int, world:
             shuffle_buffer=cfg.data.shuffle_buffer,
             expected_shape=expected[name],
             points=cfg.data.kind == "points",
-            fields=variant.fields() if hasattr(variant, "fields") else None,  # paired: input + target
+            fields=variant.fields(),  # paired: input + target
             **stream.stream_options(cfg),
-            num_classes=getattr(variant, "num_classes", 0),  # cgan: every sample needs a label
+            num_classes=variant.num_classes,  # cgan: every sample needs a label
             cache_bytes=stream.cache_budget(cfg, variant.data_streams(cfg)[name][1]),
         )
         feed = Feed(name, source, None, logical_workers)

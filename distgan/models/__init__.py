@@ -22,8 +22,7 @@ def _family(arch: str, key: str):
 
 
 def check_config(cfg) -> None:
-    if cfg.variant.name in ("pix2pix", "cyclegan", "srgan"):
-        return  # the image-to-image variants build (and check) their models themselves
+    """model.g/model.d of the families above (variants that build these models call it)."""
     for key, arch in (("model.g.arch", cfg.model.g.arch), ("model.d.arch", cfg.model.d.arch)):
         _family(arch, key).check_resolution(cfg.data.resolution, key)
     g, d = cfg.model.g, cfg.model.d

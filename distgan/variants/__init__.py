@@ -1,22 +1,13 @@
-"""Training algorithms, one file each. The trainer never branches on a variant's name.
+"""Training algorithms, one file each, behind one interface (`base.Variant`): the trainer, the CLI,
+the feeds and the evaluation see a variant only through the hooks and capabilities declared there,
+and never branch on its name.
 
-A variant
-- builds its models and optimizers from the config (`models`, `optimizers`: dicts by name),
-- names the models the trainer keeps an EMA copy of (`ema`, e.g. ("G",)),
-- does one optimisation step with `train_step(batches, ctx)`, where `batches` holds
-  `train.grad_accum * data_per_step` micro-batches (`data_per_step`, default 1, is e.g. n_critic
-  for variants whose D steps each take fresh data), and returns a dict of scalar tensors to log,
-- draws images in [-1, 1] with `sample(model, n, generator)`.
-
-Optional hooks, used by the image-to-image variants (pix2pix, cyclegan, srgan; variants/translation.py):
-- `data_streams(cfg)` (static): the shard streams a step draws from, {name: (config key, spec)};
-  the default is one unnamed stream of data.shards; cyclegan streams "a" and "b" (batch keys image_a,
-  image_b), each with its own resume bookkeeping;
-- `rank_state()` / `load_rank_state(state)`: per-rank tensors saved in checkpoints (one row per rank),
-  e.g. cyclegan's image-history buffers;
-- `preview(gens, batch)`: the sample grid (images, row length) from a batch of inputs, instead of
-  `sample`; `heldout()` and `evaluate(gens, heldout)`: measures on held-out inputs, for
-  `distgan eval` and train.eval_every.
+A variant builds its models and optimizers from the config (`models`, `optimizers`: dicts by name),
+names the models the trainer keeps an EMA copy of (`ema`), does one optimisation step with
+`train_step(batches, ctx)`, and states its own config rules (`check_config`) and capabilities
+(`image_to_image`, `differentiates_twice`, `data_per_step`, `num_classes`, `supports_drs`).
+`GAN` (variants/gan.py) draws images from noise; `Translation` (variants/translation.py) maps images
+to images (pix2pix, cyclegan, srgan) and brings `translate`, `heldout`/`evaluate` and `preview`.
 """
 
 from __future__ import annotations

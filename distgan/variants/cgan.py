@@ -18,6 +18,8 @@ from distgan.variants.gan import GAN
 
 
 class CGAN(GAN):
+    supports_drs = False  # conditional samples
+
     def __init__(self, cfg):
         if cfg.model.num_classes < 1:
             raise UserError("variant 'cgan' needs model.num_classes >= 1 (10 for the digits)")

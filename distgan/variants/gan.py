@@ -18,6 +18,7 @@ import torch
 from distgan import augment, losses, models
 from distgan.errors import UserError
 from distgan.models import resnet
+from distgan.variants.base import Variant
 
 # Optimizer state (Adam's step count) on the GPU: a step whose gradients are NaN/Inf is undone there
 # with torch.where, without a host sync (trainer.StepContext.step). The CPU keeps PyTorch's default.
@@ -33,8 +34,21 @@ def r1_penalty(D, real: torch.Tensor) -> torch.Tensor:
     return grad.float().square().sum() / logits.numel()
 
 
-class GAN:
-    ema = ("G",)
+class GAN(Variant):
+    supports_drs = True
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        models.check_config(cfg)  # the model families of models/ (image-to-image variants check their own)
+        if cfg.data.augment and cfg.data.kind != "images":
+            raise UserError(
+                "config key 'data.augment' applies to image GANs (gan, wgan, wgan-gp, sngan, cgan, "
+                f"unrolled); leave it empty for variant '{cfg.variant.name}' on data.kind={cfg.data.kind}"
+            )
+
+    @classmethod
+    def differentiates_twice(cls, cfg) -> bool:
+        return cfg.variant.r1_gamma > 0 or cfg.variant.r2_gamma > 0
 
     def __init__(self, cfg):
         if cfg.variant.loss not in losses.LOSSES:
@@ -58,12 +72,6 @@ class GAN:
         G, D = self.build(cfg)
         self.models = {"G": G, "D": D}
         self.optimizers = {"G": self.optimizer(G, cfg.train.lr_g), "D": self.optimizer(D, cfg.train.lr_d)}
-
-    @staticmethod
-    def data_streams(cfg) -> dict[str, tuple[str, str]]:
-        """The shard streams a step draws from: name -> (config key, shard spec). One, unnamed, here;
-        unpaired variants stream one per domain."""
-        return {"": ("data.shards", cfg.data.shards)}
 
     def build(self, cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
         return models.build_generator(cfg), models.build_discriminator(cfg, channels=cfg.data.channels * self.pack)

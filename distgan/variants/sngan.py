@@ -14,6 +14,8 @@ from distgan.variants.gan import GAN
 
 
 class SNGAN(GAN):
+    supports_drs = False
+
     def build(self, cfg):
         d = dataclasses.replace(cfg.model.d, spectral_norm=True)
         sn_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d=d))

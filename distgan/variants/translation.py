@@ -15,23 +15,31 @@ import torch
 
 from distgan import losses
 from distgan.errors import UserError
+from distgan.variants.base import Variant
 from distgan.variants.gan import CAPTURABLE
 
 
-class Translation:
-    ema: tuple[str, ...] = ("G",)
-    data_per_step = 1
+class Translation(Variant):
+    image_to_image = True
     n_critic = 1
     input_key = "input"  # the batch key of the inputs (pix2pix: the edge maps)
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        name = cfg.variant.name
+        if cfg.data.augment:
+            raise UserError(
+                "config key 'data.augment' applies to image GANs (gan, wgan, wgan-gp, sngan, cgan, "
+                f"unrolled); leave it empty for variant '{name}' on data.kind={cfg.data.kind}"
+            )
+        for key in ("r1_gamma", "r2_gamma", "lecam_weight", "ortho_reg"):
+            if getattr(cfg.variant, key) > 0:
+                raise UserError(f"config key 'variant.{key}' is not used by variant '{name}'; leave it at 0")
+
     def __init__(self, cfg):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.loss = cfg.variant.loss
         self.main = os.environ.get("RANK", "0") == "0"
-
-    @staticmethod
-    def data_streams(cfg) -> dict[str, tuple[str, str]]:
-        return {"": ("data.shards", cfg.data.shards)}
 
     def optimizer(self, params, lr: float) -> torch.optim.Optimizer:
         t = self.cfg.train

@@ -23,6 +23,10 @@ from distgan.variants.gan import GAN
 
 
 class UnrolledGAN(GAN):
+    @classmethod
+    def differentiates_twice(cls, cfg) -> bool:
+        return True  # G's loss goes through D's unrolled steps (and their gradients)
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.unroll_steps = cfg.variant.unroll_steps

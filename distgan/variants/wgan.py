@@ -21,6 +21,8 @@ from distgan.variants.gan import CAPTURABLE, GAN
 
 
 class WGAN(GAN):
+    supports_drs = False  # a critic's score is no log density ratio
+
     def __init__(self, cfg):
         if cfg.variant.loss != "wasserstein":
             raise UserError(f"variant '{cfg.variant.name}' needs variant.loss=wasserstein; got '{cfg.variant.loss}'")
@@ -46,6 +48,12 @@ def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
 
 
 class WGANGP(GAN):
+    supports_drs = False
+
+    @classmethod
+    def differentiates_twice(cls, cfg) -> bool:
+        return True  # the gradient penalty
+
     def __init__(self, cfg):
         if cfg.variant.loss != "wasserstein":
             raise UserError(f"variant 'wgan-gp' needs variant.loss=wasserstein; got '{cfg.variant.loss}'")
