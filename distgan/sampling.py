@@ -67,7 +67,7 @@ def calibrate(
     in eval mode, and {"calibrate_steps", "calibrate_loss": the mean D loss over the last tenth}.
     The caller's D is left as it was."""
     from distgan import losses
-    from distgan.trainer import ema_beta, ema_update
+    from distgan.step import ema_beta, ema_update
 
     if steps < 1:
         raise UserError(f"--drs-calibrate needs at least 1 step; got {steps}")

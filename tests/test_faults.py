@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import FAST, read_metrics
 
-from distgan import checkpoint, config, trainer
+from distgan import checkpoint, cluster, config, trainer
+from distgan import run as run_state
 from distgan.data import builtin
 from distgan.errors import RunFailed, UserError
 
@@ -116,7 +117,7 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path):
     assert trainer.train(cfg, tmp_path / "run", data=digit_batches(nan_at=-1)) == 0
     newest = checkpoint.list_steps(tmp_path / "run")[-1]
     (newest / "optimizer.safetensors").write_bytes(b"\0" * 100)  # damage from outside: a bad copy
-    picked = trainer._find_resume("auto", tmp_path / "run")
+    picked = run_state.find_resume("auto", tmp_path / "run")
     assert picked.step == 1
     np.testing.assert_array_equal([p.name for p in checkpoint.list_steps(tmp_path / "run")],
                                   ["step-00000001", "step-00000002"])  # fmt: skip
@@ -174,7 +175,7 @@ def test_a_second_ctrl_c_stops_at_once():
     import signal
 
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
-    with trainer.StopSignal() as stop:
+    with cluster.StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):

@@ -9,7 +9,7 @@ import torch
 from conftest import FAST, ROOT
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distgan import config, jobs, trainer
+from distgan import cluster, config, periodic, trainer
 from distgan.data import feeds
 
 READS = ("item", "__bool__", "tolist", "numpy", "cpu", "__float__", "__int__", "__index__")
@@ -89,7 +89,7 @@ def test_steps_read_no_tensor_on_the_host_between_log_steps(tmp_path, monkeypatc
         return to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to", moving)
-    draw, periodic = feeds.draw, jobs.periodic
+    draw, jobs = feeds.draw, periodic.periodic
 
     def drawing(*args, **kwargs):
         where["phase"] = "step"  # the loop has begun
@@ -98,12 +98,12 @@ def test_steps_read_no_tensor_on_the_host_between_log_steps(tmp_path, monkeypatc
     def jobs_after(run, *args, **kwargs):
         where["phase"] = "periodic"
         try:
-            return periodic(run, *args, **kwargs)
+            return jobs(run, *args, **kwargs)
         finally:
             where["phase"], where["steps"] = "step", run.step
 
     monkeypatch.setattr(feeds, "draw", drawing)
-    monkeypatch.setattr(jobs, "periodic", jobs_after)
+    monkeypatch.setattr(periodic, "periodic", jobs_after)
     with SyncOps(record):
         assert trainer.train(cfg, tmp_path / "run") == 0
     in_steps = [r for r in reads if r[0] == "step" and r[1] <= 12]
@@ -157,7 +157,7 @@ def test_channels_last_trains_like_contiguous(tmp_path, monkeypatch):
     """train.channels_last: the same function in another memory layout (SN weights stay contiguous,
     so the kernels still read them): 4 steps within float tolerance of the default layout, with the
     models' other conv weights really in channels_last while they train."""
-    out, layouts, settings = {}, {}, trainer.gpu_settings
+    out, layouts, settings = {}, {}, cluster.gpu_settings
 
     def recording(cfg, device, models):
         settings(cfg, device, models)
@@ -166,7 +166,7 @@ def test_channels_last_trains_like_contiguous(tmp_path, monkeypatch):
             for m in models for name, p in m.named_parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1
         ]  # fmt: skip
 
-    monkeypatch.setattr(trainer, "gpu_settings", recording)
+    monkeypatch.setattr(cluster, "gpu_settings", recording)
     for flag in ("false", "true"):
         cfg = config.load_config("digits-sngan", overrides=[*COMPILED, "train.steps=4", f"train.channels_last={flag}"])
         assert trainer.train(cfg, tmp_path / flag) == 0

@@ -10,7 +10,7 @@ from conftest import assert_resumed, run_cli
 from test_ddp import launch, read
 from test_train import assert_bitwise_equal
 
-from distgan import cli, config, trainer
+from distgan import cli, config, step, trainer
 from distgan.data import builtin, shards, stream
 from distgan.errors import UserError
 from distgan.metrics import image as im
@@ -177,7 +177,7 @@ class Ctx:
         return m
 
     def frozen(self, m):
-        return trainer.StepContext.frozen(self, m)
+        return step.StepContext.frozen(self, m)
 
 
 def test_pix2pix_l1_only_baseline_follows_the_l1_gradient_and_leaves_d_alone():

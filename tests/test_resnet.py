@@ -198,7 +198,7 @@ def test_d_step_adds_r1_r2_and_lecam_to_d_loss_with_the_papers_anchors_and_emas(
     import accelerate
     from accelerate.state import AcceleratorState
 
-    from distgan import trainer
+    from distgan import step
 
     cfg = config.load_config("digits-r3gan", None, [*TINY, "variant.r1_gamma=0.1", "variant.r2_gamma=0.3",
                                                     "variant.lecam_weight=0.5", "variant.lecam_decay=0.9"])  # fmt: skip
@@ -207,7 +207,7 @@ def test_d_step_adds_r1_r2_and_lecam_to_d_loss_with_the_papers_anchors_and_emas(
     v.models["D"], v.models["G"] = LinearD(shape), ZeroG(shape)
     w2 = v.models["D"].w.detach().double().square().sum().item()
     try:
-        ctx = trainer.StepContext(accelerate.Accelerator(cpu=True), accum=1)
+        ctx = step.StepContext(accelerate.Accelerator(cpu=True), accum=1)
         a_r = a_f = 0.0
         for seed in (0, 1):
             real = torch.randn(4, *shape, generator=torch.Generator().manual_seed(seed))
@@ -283,7 +283,7 @@ def test_ema_copy_takes_the_live_batchnorm_statistics():
     spectral norm's u, v): its BN statistics are the live G's, not recomputed (docs/variants.md)."""
     import copy
 
-    from distgan.trainer import ema_update
+    from distgan.step import ema_update
 
     torch.manual_seed(0)
     G = resnet.Generator(16, 1, 32, width=2, num_classes=3, embed_dim=4)

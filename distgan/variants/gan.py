@@ -21,7 +21,7 @@ from distgan.models import resnet
 from distgan.variants.base import Variant
 
 # Optimizer state (Adam's step count) on the GPU: a step whose gradients are NaN/Inf is undone there
-# with torch.where, without a host sync (trainer.StepContext.step). The CPU keeps PyTorch's default.
+# with torch.where, without a host sync (step.StepContext.step). The CPU keeps PyTorch's default.
 CAPTURABLE = torch.cuda.is_available()
 
 

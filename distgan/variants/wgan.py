@@ -8,7 +8,7 @@
   is per sample); the presets turn it off.
 
 Under DDP the critic runs three times before one backward (real, fake, x_hat), which works because
-DDP runs with broadcast_buffers=False (see trainer.make_accelerator); the penalty's inner
+DDP runs with broadcast_buffers=False (see cluster.make_accelerator); the penalty's inner
 autograd.grad is with respect to x_hat only, so DDP all-reduces once, in the outer backward.
 """
 

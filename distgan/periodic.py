@@ -1,77 +1,20 @@
-"""The periodic jobs of a training run, and the run state they share.
+"""What a training run does between steps, when it is due: log the metrics, write a sample grid,
+evaluate, write a checkpoint (run.save), keep the best one.
 
-The loop (trainer._loop) does the steps; after each one it calls `periodic`, which runs what is due:
-log the metrics, write a sample grid, evaluate, write a checkpoint. Each job is a plain function
-of one `Run`, the state of the run that outlives a step (models, feeds, tracker, counters).
+The loop (trainer._loop) does the steps; after each one it calls `periodic`. Each job is a plain
+function of one `run.Run`, the state of the run that outlives a step.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from distgan import checkpoint, config, images, rng
+from distgan import checkpoint, images, rng
 from distgan.errors import RunFailed
-
-BEST = "best-fid"  # RUN/checkpoints/best-fid: train.keep_best=fid's copy
-
-
-@dataclass
-class Run:
-    cfg: config.Config
-    run_dir: Path
-    accelerator: object
-    variant: object
-    emas: dict[str, torch.nn.Module]
-    tracker: object
-    feeds: list = field(default_factory=list)
-    sources: dict = field(default_factory=dict)
-    num_workers: int = 0
-    keep_feed_state: bool = True  # False with in-memory `data`: its position is not checkpointed
-    step: int = 0
-    batches_done: int = 0  # micro-batches drawn so far (each feed's worker w delivers those = w mod workers)
-    saved_at: int = -1
-    preview_batch: dict | None = None  # previews without a held-out set show the first training batch
-    heldout: list = field(default_factory=list)  # image-to-image variants: the held-out set, read once
-    fixed_noise: torch.Generator | None = None  # sample grids and evaluations: the same noise every time
-    standard: dict = field(default_factory=dict)  # train.eval_inception: the network and reference, loaded once
-    best_fid: float = float("inf")  # train.keep_best=fid: the lowest eval/fid so far (RUN/checkpoints/best-fid)
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def logical_workers(self) -> int:
-        return max(self.num_workers, 1)
-
-    def plain(self) -> dict[str, torch.nn.Module]:
-        """The trained models without their DDP wrappers."""
-        return {n: self.accelerator.unwrap_model(m) for n, m in self.variant.models.items()}
-
-    def generators(self) -> dict[str, torch.nn.Module]:
-        """Each model's EMA copy where it has one, else the model itself."""
-        return {n: self.emas.get(f"{n}_ema", m) for n, m in self.plain().items()}
-
-    def source(self):
-        """The main stream: its manifest drives previews and evaluation."""
-        return next(iter(self.sources.values()), None)
+from distgan.run import BEST, Run, save
 
 
 class MetricLog:
@@ -188,43 +131,6 @@ def periodic(run: Run, log: MetricLog, bar, stopping: int, micro_batches: int, a
         save(run, step, improved)
     if improved:
         keep_best(run, step)
-
-
-def save(run: Run, step: int, improved: bool = False) -> None:
-    """Checkpoint `step`: every rank contributes its RNG, feed positions and variant state (one
-    gather), rank 0 writes. Never writes a model holding NaN/Inf over the good checkpoints."""
-    plain, emas = run.plain(), run.emas
-    bad = [
-        f"{n}.{k}"
-        for n, m in {**plain, **emas}.items()
-        for k, v in m.state_dict().items()
-        if v.is_floating_point() and not bool(torch.isfinite(v).all())
-    ]
-    if bad:
-        raise RunFailed(
-            f"step {step}: the model holds NaN/Inf values ({', '.join(bad[:5])}); not writing a checkpoint. "
-            "The newest existing checkpoint is intact; try lower learning rates"
-        )
-    local = checkpoint.rank_state(
-        rng.get_state(),
-        run.feeds if run.keep_feed_state else [],
-        run.variant.rank_state(),  # e.g. cyclegan's image pools
-        checkpoint.fingerprint({**plain, **emas}),
-    )
-    gathered = {k: run.accelerator.gather(v.to(run.device)[None]).cpu() for k, v in local.items()}
-    state, fingerprints = checkpoint.gather_rank_states(gathered)
-    if run.main:
-        if len(set(fingerprints)) > 1:
-            print(f"warning: step {step}: models differ across ranks (fingerprints {fingerprints})", file=sys.stderr)
-        meta = checkpoint.run_meta(config.to_dict(run.cfg), fingerprints, run.cfg.variant.name, run.batches_done,
-                                   run.world, run.num_workers)  # fmt: skip
-        if improved:  # recorded before the step is published: resume finishes keep_best after a kill
-            meta["keep_best"] = {"name": BEST, "fid": run.best_fid}
-        path = checkpoint.save(run.run_dir, step, models={**plain, **emas}, optimizers=run.variant.optimizers,
-                               state_tensors=state, meta=meta, keep_last=run.cfg.train.keep_last)  # fmt: skip
-        run.tracker.event("checkpoint", step, path=str(path))
-    run.accelerator.wait_for_everyone()
-    run.saved_at = step
 
 
 def _heldout(run: Run):

@@ -1,0 +1,258 @@
+"""The state of a training run, and both directions of a checkpoint side by side.
+
+`Run` is what outlives a step: config, models (in the variant), EMA copies, feeds, tracker, counters.
+A checkpoint is written by `save(run, step)` and read back by `find_resume` (which one),
+`check_compatible` (whether this config may continue it), `restore_models` (models, EMA, optimizers,
+then this invocation's optimizer settings over the checkpoint's) and `restore` (RNG, step, variant
+rank state, best FID); the feeds take their positions from the resume point `restore` returns
+(data/feeds.py). What each file of a checkpoint holds is distgan/checkpoint.py's business.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distgan import checkpoint, config, rng
+from distgan.errors import RunFailed, UserError
+
+BEST = "best-fid"  # RUN/checkpoints/best-fid: train.keep_best=fid's copy
+
+
+@dataclass
+class Run:
+    cfg: config.Config
+    run_dir: Path
+    accelerator: object
+    variant: object
+    emas: dict[str, torch.nn.Module]
+    tracker: object
+    feeds: list = field(default_factory=list)
+    sources: dict = field(default_factory=dict)
+    num_workers: int = 0
+    keep_feed_state: bool = True  # False with in-memory `data`: its position is not checkpointed
+    step: int = 0
+    batches_done: int = 0  # micro-batches drawn so far (each feed's worker w delivers those = w mod workers)
+    saved_at: int = -1
+    preview_batch: dict | None = None  # previews without a held-out set show the first training batch
+    heldout: list = field(default_factory=list)  # image-to-image variants: the held-out set, read once
+    fixed_noise: torch.Generator | None = None  # sample grids and evaluations: the same noise every time
+    standard: dict = field(default_factory=dict)  # train.eval_inception: the network and reference, loaded once
+    best_fid: float = float("inf")  # train.keep_best=fid: the lowest eval/fid so far (RUN/checkpoints/best-fid)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def logical_workers(self) -> int:
+        return max(self.num_workers, 1)
+
+    def plain(self) -> dict[str, torch.nn.Module]:
+        """The trained models without their DDP wrappers."""
+        return {n: self.accelerator.unwrap_model(m) for n, m in self.variant.models.items()}
+
+    def generators(self) -> dict[str, torch.nn.Module]:
+        """Each model's EMA copy where it has one, else the model itself."""
+        return {n: self.emas.get(f"{n}_ema", m) for n, m in self.plain().items()}
+
+    def source(self):
+        """The main stream: its manifest drives previews and evaluation."""
+        return next(iter(self.sources.values()), None)
+
+
+def find_resume(resume: str | None, run_dir: Path) -> checkpoint.Checkpoint | None:
+    """The checkpoint to resume from: --resume auto (the newest that reads back whole), a path, or
+    none (refused when the run directory already has checkpoints)."""
+    if resume == "auto":
+        # The newest checkpoint that reads back whole. Writes are atomic, so an unreadable one means
+        # damage from outside (a full disk, a bad copy): say so and fall back to the one before.
+        steps = checkpoint.list_steps(run_dir)
+        for path in reversed(steps):
+            try:
+                return checkpoint.load(path)
+            except UserError as exc:
+                print(f"warning: skipping checkpoint: {exc}", file=sys.stderr)
+        if steps:
+            raise UserError(f"no checkpoint in '{checkpoint.checkpoints_dir(run_dir)}' reads back whole; see above")
+        return None
+    if resume:
+        return checkpoint.load(resume)
+    if checkpoint.list_steps(run_dir):
+        raise UserError(
+            f"run directory '{run_dir}' already has checkpoints; pass --resume auto to continue it, "
+            "or choose another --out"
+        )
+    return None
+
+
+# What cannot change on a resume: what shapes the models and the data they take. (Optimizer settings
+# can: they are applied over the checkpoint's, see apply_hyperparameters.)
+FIXED_ON_RESUME = ("model", "variant.name", "data.kind", "data.channels", "data.input_channels", "data.resolution")
+
+
+def check_compatible(ckpt: checkpoint.Checkpoint, cfg: config.Config) -> None:
+    """The checkpoint's model-shaping config must equal ours: one line naming every key that differs."""
+    theirs = ckpt.meta.get("config", {})
+    ours = config.to_dict(cfg)
+    differ = []
+    for key in FIXED_ON_RESUME:
+        a, b = theirs, ours
+        for k in key.split("."):
+            a, b = (a or {}).get(k), (b or {}).get(k)
+        if a is None and key != "model":  # a checkpoint from before the key existed: its default
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += [f"{key}.{k}={x!r} -> {y!r}" for k, x, y in _changed_leaves(a, b)]
+        elif a != b:
+            differ.append(f"{key}={a!r} -> {b!r}")
+    if differ:
+        raise UserError(
+            f"checkpoint '{ckpt.path}' cannot resume with {', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''} "
+            "(these keys cannot change on resume); resume with the checkpoint's values or start a new --out"
+        )
+
+
+def _changed_leaves(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, a's value, b's value) of every leaf where two config trees differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _changed_leaves(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append((f"{prefix}{k}", x, y))
+    return out
+
+
+def save(run: Run, step: int, improved: bool = False) -> None:
+    """Checkpoint `step`: every rank contributes its RNG, feed positions and variant state (one
+    gather), rank 0 writes. Never writes a model holding NaN/Inf over the good checkpoints."""
+    plain, emas = run.plain(), run.emas
+    bad = [
+        f"{n}.{k}"
+        for n, m in {**plain, **emas}.items()
+        for k, v in m.state_dict().items()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise RunFailed(
+            f"step {step}: the model holds NaN/Inf values ({', '.join(bad[:5])}); not writing a checkpoint. "
+            "The newest existing checkpoint is intact; try lower learning rates"
+        )
+    local = checkpoint.rank_state(
+        rng.get_state(),
+        run.feeds if run.keep_feed_state else [],
+        run.variant.rank_state(),  # e.g. cyclegan's image pools
+        checkpoint.fingerprint({**plain, **emas}),
+    )
+    gathered = {k: run.accelerator.gather(v.to(run.device)[None]).cpu() for k, v in local.items()}
+    state, fingerprints = checkpoint.gather_rank_states(gathered)
+    if run.main:
+        if len(set(fingerprints)) > 1:
+            print(f"warning: step {step}: models differ across ranks (fingerprints {fingerprints})", file=sys.stderr)
+        meta = checkpoint.run_meta(config.to_dict(run.cfg), fingerprints, run.cfg.variant.name, run.batches_done,
+                                   run.world, run.num_workers)  # fmt: skip
+        if improved:  # recorded before the step is published: resume finishes keep_best after a kill
+            meta["keep_best"] = {"name": BEST, "fid": run.best_fid}
+        path = checkpoint.save(run.run_dir, step, models={**plain, **emas}, optimizers=run.variant.optimizers,
+                               state_tensors=state, meta=meta, keep_last=run.cfg.train.keep_last)  # fmt: skip
+        run.tracker.event("checkpoint", step, path=str(path))
+    run.accelerator.wait_for_everyone()
+    run.saved_at = step
+
+
+def restore_models(variant, emas: dict[str, torch.nn.Module], ckpt: checkpoint.Checkpoint, main: bool) -> dict:
+    """The checkpoint's models, EMA copies and optimizer states, loaded into the freshly built (not yet
+    prepared) ones; then this invocation's optimizer settings applied over the checkpoint's. Returns
+    {"NAME.KEY": [checkpoint's, config's]} of the settings that changed (said on stderr by rank 0)."""
+    for name, module in {**variant.models, **emas}.items():
+        checkpoint.load_model(module, ckpt.model_state(name), f"checkpoint '{ckpt.path}' model '{name}'")
+    configured = {n: [_hyper(g) for g in opt.param_groups] for n, opt in variant.optimizers.items()}
+    for name, opt in variant.optimizers.items():
+        try:
+            opt.load_state_dict(ckpt.optimizer_state(name))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(f"checkpoint '{ckpt.path}': optimizer '{name}' does not fit: {exc}") from None
+    changed = apply_hyperparameters(variant.optimizers, configured)
+    if changed and main:
+        said = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        print(f"note: the config's optimizer settings differ from the checkpoint's; applied: {said}",
+              file=sys.stderr)  # fmt: skip
+    return changed
+
+
+def restore(run: Run, ckpt: checkpoint.Checkpoint, changed: dict | None = None) -> checkpoint.ResumePoint:
+    """The rest of `ckpt` into the run (after `restore_models`, once the run exists): this rank's RNG,
+    step and batch count, the variant's rank state, the best FID so far (keep-best recovered), and the
+    `resume` event. Returns the resume point, whose stream positions `feeds.open_feeds` takes. A warning
+    when the process/worker layout differs, so it cannot be exact."""
+    point = checkpoint.resume_point(ckpt, run.rank, run.world, run.num_workers)
+    run.step = point.step
+    if point.exact:
+        run.batches_done = point.batches
+        rng.set_state(point.rng)
+    if point.variant:
+        run.variant.load_rank_state(point.variant)  # not exact: only its variant.shared.* part
+    if not point.exact and run.main:
+        data = ckpt.meta["data"]
+        print(
+            f"warning: checkpoint was made with {data['world_size']} processes x {data['num_workers']} workers, "
+            f"this run has {run.world} x {run.num_workers}: the data stream and RNG restart, so the resume is "
+            "not exact",
+            file=sys.stderr,
+        )
+    if run.cfg.train.keep_best == "fid":
+        best = checkpoint.recover_best(run.run_dir, BEST, "fid") if run.main else None
+        run.accelerator.wait_for_everyone()
+        best = best or checkpoint.read_best(run.run_dir, BEST)
+        if best is not None:
+            run.best_fid = float(best["fid"])
+    # `optimizer`: settings of this invocation's config applied over the checkpoint's ({"G.lr": [old, new]})
+    run.tracker.event("resume", point.step, checkpoint=str(ckpt.path), **({"optimizer": changed} if changed else {}))
+    return point
+
+
+# Optimizer hyper-parameters that come from the config (train.lr_g, lr_d, beta1, beta2 ...): a resume
+# applies the config's values over the checkpoint's.
+HYPER = ("lr", "betas", "eps", "weight_decay", "momentum", "alpha")
+
+
+def _hyper(group: dict) -> dict:
+    """A param group's config-given hyper-parameters; lr is the base one (train.lr_decay scales it)."""
+    out = {k: group[k] for k in HYPER if k in group}
+    if "lr" in out:
+        out["lr"] = group.get("initial_lr", group["lr"])
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def apply_hyperparameters(optimizers: dict, configured: dict[str, list[dict]]) -> dict[str, list]:
+    """Set each optimizer's hyper-parameters back to `configured` (what the config built, before the
+    checkpoint's state was loaded over it); {"NAME.KEY": [checkpoint's, config's]} of those that changed."""
+    changed = {}
+    for name, opt in optimizers.items():
+        for group, want in zip(opt.param_groups, configured[name]):
+            had = _hyper(group)
+            for key, value in want.items():
+                if had.get(key) == value:
+                    continue
+                changed.setdefault(f"{name}.{key}", [had.get(key), value])
+                group[key] = tuple(value) if key == "betas" else value
+                if key == "lr":
+                    group["initial_lr"] = value  # set_lr scales it from the next step on
+    return changed

@@ -1,0 +1,147 @@
+"""One training step's machinery around the variant's `train_step`: `StepContext` (micro-batches,
+backward, the optimizer step and its NaN/Inf undo, decided on the device), `BufferGuard` (the
+buffers a NaN/Inf step changed, put back), the EMA update and the learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from distgan import config
+
+
+class StepContext:
+    """What a variant's `train_step` needs from the trainer: micro-batching and model plumbing."""
+
+    def __init__(self, accelerator, accum: int, optimizer_names: dict[int, str] | None = None):
+        self.accelerator = accelerator
+        self.accum = accum
+        self.optimizer_names = optimizer_names or {}
+        # (optimizer name, device flag: its update was undone for NaN/Inf gradients), this step
+        self.nonfinite: list[tuple[str, torch.Tensor]] = []
+        self.global_step = 0  # steps done before this one (srgan's pre-training phase reads it)
+
+    def micro(self, model: torch.nn.Module | tuple[torch.nn.Module, ...], batches: list[dict]):
+        """Yield the micro-batches; gradients of `model` (or of each of a tuple of models) are
+        all-reduced only on the last one."""
+        group = model if isinstance(model, tuple) else (model,)
+        for i, mb in enumerate(batches):
+            with contextlib.ExitStack() as stack:
+                if i < len(batches) - 1:
+                    for m in group:
+                        stack.enter_context(self.accelerator.no_sync(m))
+                yield mb
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss, scaled so the accumulated gradient is the mean."""
+        self.accelerator.backward(loss / self.accum)
+
+    def step(self, optimizer) -> None:
+        """optimizer.step(), unless a gradient is NaN or Inf: then the update is undone, decided on the
+        device without a host sync. The step runs, and the parameters and optimizer state take their
+        previous values back where the gradients were not finite (torch.where); the flag goes into
+        `nonfinite`, which the trainer reads at the next log or checkpoint step (train.on_nan).
+        Gradients are all-reduced by then, so every rank decides the same. With fp16, the gradient
+        scaler makes this decision itself (an overflow there is routine: it lowers the scale and
+        skips the step, reading its flag on the host as GradScaler always does)."""
+        if self.accelerator.scaler is not None:  # its own skip is routine (the scale drops): not a NaN step
+            optimizer.step()
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+        params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            optimizer.step()
+            return
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()
+        before = [p.detach().clone() for p in params]
+        state_before = {
+            (i, k): v.clone() for i, p in enumerate(params) for k, v in inner.state.get(p, {}).items()
+            if isinstance(v, torch.Tensor)
+        }  # fmt: skip
+        optimizer.step()
+        with torch.no_grad():
+            for i, (p, old) in enumerate(zip(params, before)):
+                p.copy_(torch.where(bad, old, p))
+                for k, v in inner.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor):  # state made by this very step goes back to zeros
+                        old_v = state_before.get((i, k))
+                        v.copy_(torch.where(bad, old_v if old_v is not None else torch.zeros_like(v), v))
+        self.nonfinite.append((self.optimizer_names.get(id(optimizer), "optimizer"), bad))
+
+    def pop_nonfinite(self) -> tuple[list[str], torch.Tensor] | None:
+        """(optimizer names, their NaN/Inf flags as one device tensor) of this step, or None."""
+        if not self.nonfinite:
+            return None
+        names, flags = zip(*self.nonfinite)
+        self.nonfinite = []
+        return list(names), torch.stack([f.to(flags[0].device) for f in flags])
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    @contextlib.contextmanager
+    def frozen(self, model: torch.nn.Module):
+        """The plain (non-DDP) module with its parameters frozen: use it as a fixed function,
+        e.g. D in the generator step, so no gradient for it is computed or all-reduced."""
+        plain = self.unwrap(model)
+        flags = [p.requires_grad for p in plain.parameters()]
+        plain.requires_grad_(False)
+        try:
+            yield plain
+        finally:
+            for p, flag in zip(plain.parameters(), flags):
+                p.requires_grad_(flag)
+
+
+class BufferGuard:
+    """The models' buffers (BatchNorm statistics and counts, spectral norm's u, v) as they were before
+    the step, to undo what a step with NaN/Inf gradients did to them."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.buffers = [b for m in modules for b in m.buffers()]
+        self.before = [b.clone() for b in self.buffers]
+
+    def snapshot(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.before, self.buffers)
+
+    @torch.no_grad()
+    def restore_where(self, bad: torch.Tensor) -> None:
+        """Each buffer as it was before the step where the device flag `bad` is set (no host sync)."""
+        for b, old in zip(self.buffers, self.before):
+            b.copy_(torch.where(bad, old, b))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def ema_beta(beta: float, step: int) -> float:
+    """Warm-up: average over the steps so far while there are few of them."""
+    return min(beta, (1.0 + step) / (10.0 + step))
+
+
+def lr_factor(t: config.TrainConfig, step: int) -> float:
+    """The multiplier of every base learning rate at 0-based `step` (train.lr_decay): stateless, so a
+    resumed run follows the same schedule."""
+    start = int(t.lr_decay_start * t.steps)
+    if t.lr_decay == "none" or step < start:
+        return 1.0
+    return (t.steps - step) / (t.steps - start)
+
+
+def set_lr(optimizers, t: config.TrainConfig, step: int) -> float | None:
+    """Every optimizer's learning rates at `step` under train.lr_decay; the factor, or None without decay."""
+    if t.lr_decay == "none":
+        return None
+    factor = lr_factor(t, step)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+    return factor
