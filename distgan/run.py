@@ -189,6 +189,8 @@ def restore_models(variant, emas: dict[str, torch.nn.Module], ckpt: checkpoint.C
             opt.load_state_dict(ckpt.optimizer_state(name))
         except (ValueError, KeyError, RuntimeError) as exc:
             raise UserError(f"checkpoint '{ckpt.path}': optimizer '{name}' does not fit: {exc}") from None
+        for group in opt.param_groups:  # (JSON gave the tuples back as lists)
+            group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
     changed = apply_hyperparameters(variant.optimizers, configured)
     if changed and main:
         said = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())

@@ -3,7 +3,7 @@
 
 import torch
 
-from distgan import checkpoint, rng
+from distgan import checkpoint, rng, step
 from distgan.data.feeds import Feed
 from distgan.data.stream import ShardSource
 
@@ -51,3 +51,89 @@ def test_saved_run_state_restores_every_ranks_part(tmp_path):
         point = checkpoint.resume_point(ckpt, min(other[0] - 1, 2), *other)
         assert not point.exact and point.step == 5 and point.batches == 0 and point.feeds == {}
         assert point.variant.keys() == {"shared.strength"} and point.variant["shared.strength"].tolist() == [0.25]
+
+
+def test_a_saved_run_restores_every_field_of_its_state(tmp_path, digits_shards):
+    """run.save, then trainer.build with the checkpoint (what a resume does), without the loop: the
+    models, EMA copies, optimizer states and settings, RNG, step and batch count, every feed's
+    position (and so its next batch), the variant's state (LeCam's EMAs, ADA's p and sums), the best
+    FID and the W&B run id come back, compared field by field."""
+    from conftest import FAST
+
+    from distgan import cluster, config, periodic, trainer
+    from distgan import run as run_state
+    from distgan.data import feeds
+
+    cfg = config.load_config("digits-dcgan", overrides=[
+        *[o for o in FAST if not o.startswith("tracking")], f"data.shards={digits_shards}", "tracking.wandb.mode=offline",
+        "variant.lecam_weight=0.1", "data.augment=translation", "data.augment_p=auto", "train.keep_best=fid",
+        "train.eval_every=100"])  # fmt: skip
+    run_dir = tmp_path / "run"
+
+    def built(ckpt):
+        acc = cluster.make_accelerator(cfg, with_wandb=True)
+        sources, expected = trainer.open_sources(cfg, acc)
+        return trainer.build(cfg, run_dir, acc, ckpt, sources, expected)
+
+    run = built(None)
+    # what three steps would leave behind, made by hand: data drawn, optimizer state, EMA, RNG moved, ...
+    micro = feeds.draw(run.feeds, 3, 0, run.logical_workers, run.device)
+    run.batches_done, run.step = 3, 3
+    for name, opt in run.variant.optimizers.items():
+        model = run.variant.models[name]
+        sum(p.square().sum() for p in model.parameters()).backward()
+        opt.step()
+        opt.zero_grad()
+    step.ema_update(run.emas["G_ema"], run.accelerator.unwrap_model(run.variant.models["G"]), 0.5)
+    run.variant.lecam_term(torch.randn(16), torch.randn(16))  # LeCam's EMAs move
+    run.variant.ada.observe(torch.randn(16), 16)
+    run.variant.ada.p = torch.tensor(0.07, dtype=torch.float64)
+    torch.rand(5)
+    run.best_fid = 12.5
+    before = {
+        "models": {
+            n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in {**run.plain(), **run.emas}.items()
+        },
+        "optimizers": {n: o.state_dict() for n, o in run.variant.optimizers.items()},
+        "rng": rng.get_state(),
+        "feeds": [f.state() for f in run.feeds],
+        "variant": run.variant.rank_state(),
+        "wandb": run.tracker.wandb.run.id,
+    }
+    run_state.save(run, 3, improved=True)
+    periodic.keep_best(run, 3)
+    run.tracker.close()
+    cluster.release(1)
+    ckpt = run_state.find_resume("auto", run_dir)
+    after = built(ckpt)
+    try:
+        assert (after.step, after.batches_done, after.best_fid) == (3, 3, 12.5)
+        got = {n: m.state_dict() for n, m in {**after.plain(), **after.emas}.items()}
+        assert got.keys() == before["models"].keys()
+        for n, state in before["models"].items():
+            for k, v in state.items():
+                assert torch.equal(got[n][k], v), f"{n}.{k}"
+        for n, want in before["optimizers"].items():
+            have = after.variant.optimizers[n].state_dict()
+            assert have["param_groups"] == want["param_groups"], n
+            for i, s in want["state"].items():
+                assert all(torch.equal(have["state"][i][k], v) for k, v in s.items()), n
+        rng_now = rng.get_state()
+        assert all(torch.equal(rng_now[k], v) for k, v in before["rng"].items())
+        for f, state in zip(after.feeds, before["feeds"]):
+            assert all(torch.equal(f.state()[k], v) for k, v in state.items()), f.name
+        variant = after.variant.rank_state()
+        assert variant.keys() == before["variant"].keys() and {"lecam_ema", "shared.augment_p", "augment_sums"} <= set(
+            variant
+        )
+        assert all(torch.equal(variant[k], v) for k, v in before["variant"].items())
+        assert after.tracker.wandb.run.id == before["wandb"]
+        # the next batch is the one the first run would have drawn
+        ours = feeds.draw(after.feeds, 1, 3, after.logical_workers, after.device)[0]
+        theirs = feeds.draw(run.feeds, 1, 3, run.logical_workers, run.device)[0]
+        assert torch.equal(ours["image"], theirs["image"]) and not torch.equal(ours["image"], micro[0]["image"])
+    finally:
+        feeds.close(run.feeds)
+        feeds.close(after.feeds)
+        after.tracker.close()
+        cluster.release(1)
