@@ -21,9 +21,8 @@ class MetricLog:
     """Sums a step's metrics on device (no host sync per step) until the next log, then averages
     them over the steps and the ranks (one all-reduce) and logs them with the run's rates.
 
-    It also keeps each step's NaN/Inf flags (StepContext.step decides on the device) until the next
-    log or checkpoint step, where `resolve_nonfinite` reads them all at once and applies
-    train.on_nan: a skipped step's metrics never enter the averages."""
+    A step the NaN guard flagged (step.NanGuard) adds zeros; once the guard has read its flags, the
+    skipped steps leave the averages (`steps_skipped`)."""
 
     def __init__(self, start: int):
         self.sums: dict[str, torch.Tensor] = {}
@@ -31,15 +30,9 @@ class MetricLog:
         self.skipped = 0  # steps since the last log whose updates were undone
         self.last_time, self.last_step = time.perf_counter(), start
         self.nan_skips = 0
-        self.consecutive = 0
-        self.pending: list[tuple[int, list[str], torch.Tensor]] = []  # (step, optimizer names, device flags)
 
-    def add(self, metrics: dict[str, torch.Tensor], step: int, nonfinite=None) -> None:
-        bad = None
-        if nonfinite is not None:
-            names, flags = nonfinite
-            self.pending.append((step, names, flags))
-            bad = flags.any()
+    def add(self, metrics: dict[str, torch.Tensor], bad: torch.Tensor | None = None) -> None:
+        """A step's metrics; `bad` (a device flag, no host read): its update was undone, add zeros."""
         for k, v in metrics.items():
             v = v.detach()
             if bad is not None:
@@ -47,39 +40,11 @@ class MetricLog:
             self.sums[k] = self.sums.get(k, 0) + v
         self.n += 1
 
-    def resolve_nonfinite(self, run: Run) -> None:
-        """Read the pending NaN/Inf flags (one host read) and apply train.on_nan to each flagged step in
-        order: a warning and a `nonfinite` event, or RunFailed (train.on_nan=stop, or
-        train.max_nan_skips in a row). Those steps' updates and buffer updates were already undone."""
-        if not self.pending:
-            return
-        flags = torch.cat([f.reshape(-1) for _, _, f in self.pending]).tolist()
-        t, i = run.cfg.train, 0
-        for step, names, _ in self.pending:
-            what = ", ".join(n for n, bad in zip(names, flags[i : i + len(names)]) if bad)
-            i += len(names)
-            if not what:
-                self.consecutive = 0
-                continue
-            self.consecutive += 1
-            if t.on_nan == "stop" or self.consecutive >= t.max_nan_skips:
-                self.pending = []
-                steps = checkpoint.list_steps(run.run_dir)
-                last = f"the newest checkpoint, '{steps[-1]}', is intact" if steps else "no checkpoint was written yet"
-                why = ("train.on_nan=stop" if t.on_nan == "stop"
-                       else f"{self.consecutive} steps in a row (train.max_nan_skips={t.max_nan_skips})")  # fmt: skip
-                raise RunFailed(
-                    f"step {step}: NaN/Inf gradients in {what}; stopping ({why}). Nothing was saved from this "
-                    f"state; {last}. Try lower learning rates, train.mixed_precision=bf16 instead of fp16, or a "
-                    "spectral-norm discriminator (model.d.spectral_norm=true)"
-                )
-            self.nan_skips += 1
-            self.skipped += 1
-            if run.main:
-                print(f"warning: step {step}: NaN/Inf gradients in {what}; update skipped (train.on_nan=skip)",
-                      file=sys.stderr)  # fmt: skip
-            run.tracker.event("nonfinite", step, skipped=what)
-        self.pending = []
+    def steps_skipped(self, n: int) -> None:
+        """`n` more steps whose updates the NaN guard undid (step.NanGuard.resolve): their metrics are
+        out of the averages."""
+        self.skipped += n
+        self.nan_skips += n
 
     def flush(self, run: Run, step: int, micro_batches: int, allreduces) -> dict[str, float]:
         acc = run.accelerator
@@ -109,7 +74,7 @@ class MetricLog:
         return {k: v for k, v in zip(keys, means) if k.startswith("loss/")}
 
 
-def periodic(run: Run, log: MetricLog, bar, stopping: int, micro_batches: int, allreduces) -> None:
+def periodic(run: Run, log: MetricLog, guard, bar, stopping: int, micro_batches: int, allreduces) -> None:
     """After step `run.step`: whatever is due of log, sample grid, evaluation and checkpoint (all of
     them at the last step; log and checkpoint when the ranks agreed to stop)."""
     t, step = run.cfg.train, run.step
@@ -118,7 +83,7 @@ def periodic(run: Run, log: MetricLog, bar, stopping: int, micro_batches: int, a
     eval_due = t.eval_every and (step % t.eval_every == 0 or last)
     save_due = step % t.ckpt_every == 0 or last or stopping
     if log_due or eval_due or save_due:
-        log.resolve_nonfinite(run)  # before anything is logged or saved: may stop the run (train.on_nan)
+        log.steps_skipped(guard.resolve(run))  # before anything is logged or saved: may stop the run (train.on_nan)
     if log_due:
         losses = log.flush(run, step, micro_batches, allreduces)
         bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in losses.items()})

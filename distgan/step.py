@@ -1,15 +1,18 @@
 """One training step's machinery around the variant's `train_step`: `StepContext` (micro-batches,
-backward, the optimizer step and its NaN/Inf undo, decided on the device), `BufferGuard` (the
-buffers a NaN/Inf step changed, put back), the EMA update and the learning-rate schedule.
+backward, the optimizer step and its NaN/Inf undo, decided on the device), `NanGuard` (the whole
+NaN/Inf guard: buffers put back, flags kept and read at log steps, train.on_nan), the EMA update
+and the learning-rate schedule.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
-from distgan import config
+from distgan import checkpoint, config
+from distgan.errors import RunFailed
 
 
 class StepContext:
@@ -112,6 +115,69 @@ class BufferGuard:
         """Each buffer as it was before the step where the device flag `bad` is set (no host sync)."""
         for b, old in zip(self.buffers, self.before):
             b.copy_(torch.where(bad, old, b))
+
+
+class NanGuard:
+    """The NaN/Inf guard, whole. `StepContext.step` undoes an optimizer update whose gradients are not
+    finite and reports its device flag; `after_step` puts the models' buffers (BatchNorm statistics, u,
+    v) back where a flag is set and keeps the flags; `resolve` reads the kept flags at once (one host
+    read, at a log or checkpoint step) and applies train.on_nan. No host read in a step."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.buffers = BufferGuard(modules)
+        self.pending: list[tuple[int, list[str], torch.Tensor]] = []  # (step, optimizer names, device flags)
+        self.consecutive = 0
+
+    def before_step(self) -> None:
+        self.buffers.snapshot()
+
+    def after_step(self, ctx: StepContext, step: int) -> torch.Tensor | None:
+        """After step `step`'s train_step: the device flag "some update of this step was undone" (None
+        when no optimizer stepped), with the buffers already put back where it is set."""
+        nonfinite = ctx.pop_nonfinite()
+        if nonfinite is None:
+            return None
+        names, flags = nonfinite
+        bad = flags.any()
+        self.buffers.restore_where(bad)
+        self.pending.append((step, names, flags))
+        return bad
+
+    def resolve(self, run) -> int:
+        """Read the pending NaN/Inf flags (one host read) and apply train.on_nan to each flagged step in
+        order: a warning and a `nonfinite` event, or RunFailed (train.on_nan=stop, or
+        train.max_nan_skips in a row). Those steps' updates and buffer updates were already undone.
+        Returns how many steps were skipped."""
+        if not self.pending:
+            return 0
+        skipped = 0
+        flags = torch.cat([f.reshape(-1) for _, _, f in self.pending]).tolist()
+        t, i = run.cfg.train, 0
+        for step, names, _ in self.pending:
+            what = ", ".join(n for n, bad in zip(names, flags[i : i + len(names)]) if bad)
+            i += len(names)
+            if not what:
+                self.consecutive = 0
+                continue
+            self.consecutive += 1
+            if t.on_nan == "stop" or self.consecutive >= t.max_nan_skips:
+                self.pending = []
+                steps = checkpoint.list_steps(run.run_dir)
+                last = f"the newest checkpoint, '{steps[-1]}', is intact" if steps else "no checkpoint was written yet"
+                why = ("train.on_nan=stop" if t.on_nan == "stop"
+                       else f"{self.consecutive} steps in a row (train.max_nan_skips={t.max_nan_skips})")  # fmt: skip
+                raise RunFailed(
+                    f"step {step}: NaN/Inf gradients in {what}; stopping ({why}). Nothing was saved from this "
+                    f"state; {last}. Try lower learning rates, train.mixed_precision=bf16 instead of fp16, or a "
+                    "spectral-norm discriminator (model.d.spectral_norm=true)"
+                )
+            skipped += 1
+            if run.main:
+                print(f"warning: step {step}: NaN/Inf gradients in {what}; update skipped (train.on_nan=skip)",
+                      file=sys.stderr)  # fmt: skip
+            run.tracker.event("nonfinite", step, skipped=what)
+        self.pending = []
+        return skipped
 
 
 @torch.no_grad()

@@ -193,7 +193,7 @@ def _loop(run: run_state.Run) -> int:
     t, main, device, world = cfg.train, run.main, run.device, run.world
     allreduces = cluster.count_allreduces(variant.models.values())
     ctx = step.StepContext(accelerator, t.grad_accum, {id(o): n for n, o in variant.optimizers.items()})
-    guard = step.BufferGuard([accelerator.unwrap_model(m) for m in variant.models.values()])
+    guard = step.NanGuard([accelerator.unwrap_model(m) for m in variant.models.values()])
     log = periodic.MetricLog(run.step)
     per_step = t.grad_accum * variant.data_per_step
     bar = tqdm(total=t.steps, initial=run.step, desc="train", disable=not main, dynamic_ncols=True, mininterval=1.0)
@@ -206,16 +206,13 @@ def _loop(run: run_state.Run) -> int:
                     micro = [cluster.channels_last(mb) for mb in micro]
                 run.batches_done += len(micro)
                 run.preview_batch = run.preview_batch or micro[0]
-                guard.snapshot()
+                guard.before_step()
                 ctx.global_step = run.step
                 factor = step.set_lr(variant.optimizers.values(), t, run.step)
                 metrics = variant.train_step(micro, ctx)
                 if factor is not None:
                     metrics["lr/factor"] = torch.full((), factor, device=device)  # a fill: no H2D copy
-                nonfinite = ctx.pop_nonfinite()
-                if nonfinite is not None:  # undo the buffer updates of a NaN/Inf step, on the device
-                    guard.restore_where(nonfinite[1].any())
-                log.add(metrics, run.step + 1, nonfinite)
+                log.add(metrics, guard.after_step(ctx, run.step + 1))  # (a NaN/Inf step: undone, on the device)
                 cluster.average_buffers([accelerator.unwrap_model(m) for m in variant.models.values()], world)
                 for name, ema in emas.items():
                     live = accelerator.unwrap_model(variant.models[name[: -len("_ema")]])
@@ -226,7 +223,7 @@ def _loop(run: run_state.Run) -> int:
                 # steps and at log and checkpoint steps, not every step
                 due = any(run.step % n == 0 for n in (t.stop_check_every, t.log_every, t.ckpt_every))
                 stopping = cluster.agree_to_stop(stop.signum, device, world) if due or world == 1 else 0
-                periodic.periodic(run, log, bar, stopping, len(micro), allreduces)
+                periodic.periodic(run, log, guard, bar, stopping, len(micro), allreduces)
                 if stopping:
                     break
     except (RuntimeError, dist.DistError) as exc:
