@@ -192,19 +192,14 @@ def _draw(variant, G, total: int, seed: int, labels=None, D=None):
     import torch
     from tqdm import tqdm
 
-    gen = torch.Generator().manual_seed(seed)
+    from distgan import evaluation
+
     with tqdm(total=total, desc="sample", disable=total <= 1024 and D is None) as bar:
         if D is not None:
             from distgan import sampling
 
-            return sampling.rejection_sample(variant, G, D, total, gen, bar=bar)
-        chunks = []
-        while (done := sum(len(c) for c in chunks)) < total:
-            k = min(1024, total - done)
-            y = labels[done : done + k] if labels is not None else None
-            chunks.append(variant.sample(G, k, generator=gen, labels=y).cpu())
-            bar.update(k)
-    return torch.cat(chunks), {}
+            return sampling.rejection_sample(variant, G, D, total, torch.Generator().manual_seed(seed), bar=bar)
+        return evaluation.draw(variant, G, total, seed, labels=labels, bar=bar), {}
 
 
 def _load_discriminator(ckpt, cfg, variant, G, args: argparse.Namespace):
@@ -230,10 +225,7 @@ def _load_discriminator(ckpt, cfg, variant, G, args: argparse.Namespace):
     from distgan.data import stream
 
     source = stream.resolve(cfg.data.shards)
-    ds = stream.ShardStream(source.urls, batch_size=cfg.data.batch_size, resolution=cfg.data.resolution,
-                            channels=cfg.data.channels, seed=args.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                            points=cfg.data.kind == "points",
-                            **stream.stream_options(cfg))  # fmt: skip
+    ds = stream.from_config(cfg, source.urls, seed=args.seed)
     real = (batch["image"] for batch in stream.make_loader(ds, num_workers=0))
     gen = torch.Generator().manual_seed(args.seed + 1)  # not the sampling seed: fresh draws
     with tqdm(total=args.drs_calibrate, desc="calibrate D") as bar:
@@ -288,9 +280,11 @@ def _manifest(cfg) -> dict | None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
 
-    from distgan import metrics
+    from distgan import evaluation, metrics
     from distgan.metrics import inception
+    from distgan.metrics import standard as standard_metrics
 
     inception_file = inception.resolve_path(args.inception)
     if args.n is None:
@@ -323,13 +317,18 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError("--drs with the Inception metrics is not supported; measure --drs samples with the other "
                         "metrics, or the plain generator with --inception")  # fmt: skip
     result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "n": args.n}
-    standard = [m for m in names if m in metrics.STANDARD] if inception_file else []
+    standard, rest = evaluation.split_names(names, bool(inception_file))
+    split = standard_metrics.Split.current(chunk=args.chunk)
+    feature_net = None
     if standard:
-        result.update(_standard_metrics(args, cfg, variant, G, inception_file, standard, world))
+        if args.chunk < 1:
+            raise UserError(f"--chunk must be >= 1; got {args.chunk}")
+        feature_net = evaluation.Inception.load(cfg, inception_file, next(G.parameters()).device, split, ref=args.ref,
+                                                limit=args.ref_n)  # fmt: skip
+        result.update(feature_net.describe(split))
     elif not args.features and {"fid", "kid"} & set(names):
         result["inception"] = "not given, so fid/kid are in the digits features below. " + inception.missing_message()
         print(f"distgan eval: note: {result['inception']}", file=sys.stderr)
-    rest = [m for m in names if m not in standard]
     reference = None
     if args.heldout:
         if "swd" not in rest:
@@ -340,44 +339,18 @@ def _eval(args: argparse.Namespace) -> int:
         src = stream.resolve(args.heldout, progress=False, key="--heldout")
         reference = stream.read_all(src, resolution=cfg.data.resolution, channels=cfg.data.channels,
                                     options=stream.stream_options(cfg))["image"]  # fmt: skip
+    x = None
     if rest and main_rank:
         D, calibrated = _load_discriminator(ckpt, cfg, variant, G, args)
         x, drs = _draw(variant, G, args.n, args.seed, D=D)
         result.update(calibrated)
         if drs:
             result.update({f"drs_{k}": v for k, v in drs.items()})
-        result.update(metrics.compute(x, rest, cfg, manifest, args.features, reference))
+    with tqdm(total=args.n, desc="generated features", unit="img", disable=not standard or split.rank != 0) as bar:
+        result.update(evaluation.measure(cfg, variant, G, names, n=args.n, seed=args.seed, split=split,
+                                         manifest=manifest, inception=feature_net, main=main_rank, samples=x,
+                                         features=args.features, reference=reference, bar=bar))  # fmt: skip
     return _report(result, args.json) if main_rank else 0
-
-
-def _standard_metrics(args, cfg, variant, G, inception_file: str, names: list[str], world: int) -> dict:
-    """FID/KID/IS/precision-recall on Inception features (distgan.metrics.standard), every rank taking
-    its share of the chunks."""
-    from tqdm import tqdm
-
-    from distgan.data import stream
-    from distgan.metrics import inception, standard
-
-    if args.chunk < 1:
-        raise UserError(f"--chunk must be >= 1; got {args.chunk}")
-    split = standard.Split.current(chunk=args.chunk)
-    ref = standard.RefStats.load(args.ref) if args.ref else None  # checked before any Inception work
-    net = inception.FeatureNet(inception_file, device=next(G.parameters()).device)
-    if ref is not None:
-        origin = f"--ref {args.ref}"
-    else:
-        ref, origin = standard.reference_stats(cfg.data.shards, resolution=cfg.data.resolution,
-                                               channels=cfg.data.channels, net=net, split=split,
-                                               limit=args.ref_n, options=stream.stream_options(cfg))  # fmt: skip
-    out = {
-        "feature_space": net.describe(),
-        "reference": f"{ref.meta.get('shards', '?')}: {ref.n or '?'} real images ({origin})",
-        "n_ref": ref.n,
-        "computed": f"{split.describe()}; preprocessing as {net.kind}",
-    }
-    with tqdm(total=args.n, desc="generated features", unit="img", disable=split.rank != 0) as bar:
-        out.update(standard.measure(variant, G, args.n, net, ref, split, names, seed=args.seed, bar=bar))
-    return out
 
 
 def _stats(args: argparse.Namespace) -> int:

@@ -7,7 +7,6 @@ function of one `run.Run`, the state of the run that outlives a step.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -152,7 +151,7 @@ def evaluate(run: Run, step: int) -> bool:
 
 
 def _evaluate(run: Run, step: int) -> dict:
-    from distgan import metrics
+    from distgan import evaluation, metrics
 
     if run.variant.image_to_image:  # measured on held-out inputs
         result = {}
@@ -160,46 +159,22 @@ def _evaluate(run: Run, step: int) -> dict:
             result = run.variant.evaluate(run.generators(), _heldout(run))
             run.tracker.log(metrics.scalars(result), step)
         return result
+    from distgan.metrics import inception, standard
+
     t, G = run.cfg.train, run.generators()["G"]
     source = run.source()
     manifest = source.manifest if source else None
     names = metrics.applicable(run.cfg, manifest, inception=bool(t.eval_inception))
-    result = {}
-    standard = [m for m in names if m in metrics.STANDARD] if t.eval_inception else []
-    if standard:
-        result.update(_standard(run, G, standard))
-    rest = [m for m in names if m not in standard]
-    if run.main and rest:
-        with torch.no_grad():
-            chunks = [run.variant.sample(G, min(1024, t.eval_n - i), generator=run.fixed_noise.manual_seed(t.seed + 1 + i))
-                      for i in range(0, t.eval_n, 1024)]  # fmt: skip
-        result.update(metrics.compute(torch.cat([c.cpu() for c in chunks]), rest, run.cfg, manifest))
+    split = standard.Split(run.rank, run.world)
+    if t.eval_inception and not run.standard and evaluation.split_names(names, True)[0]:
+        run.standard["inception"] = evaluation.Inception.load(
+            run.cfg, inception.resolve_path(t.eval_inception), run.device, split, ref=t.eval_ref or None, say=run.main
+        )
+    result = evaluation.measure(run.cfg, run.variant, G, names, n=t.eval_n, seed=t.seed + 1, split=split,
+                                manifest=manifest, inception=run.standard.get("inception"), main=run.main)  # fmt: skip
     if run.main and result:
         run.tracker.log(metrics.scalars(result), step)
     return result
-
-
-def _standard(run: Run, G, names: list[str]) -> dict:
-    """FID/KID/IS/precision-recall on the Inception features of train.eval_n samples, split over the ranks."""
-    from distgan.data import stream
-    from distgan.metrics import inception, standard
-
-    t = run.cfg.train
-    split = standard.Split(run.rank, run.world)
-    if not run.standard:
-        path = inception.resolve_path(t.eval_inception)
-        net = inception.FeatureNet(path, device=run.device)
-        if t.eval_ref:
-            ref = standard.RefStats.load(t.eval_ref)
-        else:
-            ref, origin = standard.reference_stats(run.cfg.data.shards, resolution=run.cfg.data.resolution,
-                                                   channels=run.cfg.data.channels, net=net, split=split,
-                                                   options=stream.stream_options(run.cfg))  # fmt: skip
-            if run.main:
-                print(f"eval: reference statistics: {origin}", file=sys.stderr)
-        run.standard.update(net=net, ref=ref)
-    return standard.measure(run.variant, G, t.eval_n, run.standard["net"], run.standard["ref"], split, names,
-                            seed=t.seed + 1)  # fmt: skip
 
 
 def keep_best(run: Run, step: int) -> None:

@@ -57,20 +57,15 @@ def open_feeds(cfg, variant, sources: dict, expected: dict, *, rank: int, world:
     batches = resume.batches if resume is not None else 0
     feeds = []
     for name, source in sources.items():
-        ds = stream.ShardStream(
+        ds = stream.from_config(
+            cfg,
             source.urls,
-            batch_size=cfg.data.batch_size,
-            resolution=cfg.data.resolution,
-            channels=cfg.data.channels,
             # each domain its own sample order, from the same seed
             seed=cfg.train.seed if not name else stream.stream_seed(cfg.train.seed, *name.encode()),
             rank=rank,
             world_size=world,
-            shuffle_buffer=cfg.data.shuffle_buffer,
             expected_shape=expected[name],
-            points=cfg.data.kind == "points",
             fields=variant.fields(),  # paired: input + target
-            **stream.stream_options(cfg),
             num_classes=variant.num_classes,  # cgan: every sample needs a label
             cache_bytes=stream.cache_budget(cfg, variant.data_streams(cfg)[name][1]),
         )

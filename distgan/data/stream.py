@@ -75,6 +75,18 @@ def stream_options(cfg) -> dict:
             "max_member_bytes": int(d.max_member_bytes), "max_image_pixels": int(d.max_image_pixels)}  # fmt: skip
 
 
+def from_config(cfg, urls, *, seed: int, fixed: bool = False, **overrides) -> ShardStream:
+    """The ShardStream of a run's data.* settings over `urls`: the one place a stream is assembled
+    from the config. `fixed`: a deterministic crop (data.crop=random read as center, for evaluation
+    reads); `overrides`: any other ShardStream keyword (rank, batch_size, cache_bytes ...)."""
+    d = cfg.data
+    options = stream_options(cfg)
+    kwargs = dict(batch_size=d.batch_size, resolution=d.resolution, channels=d.channels, seed=seed,
+                  shuffle_buffer=d.shuffle_buffer, points=d.kind == "points", **(_fixed(options) if fixed else options))  # fmt: skip
+    kwargs.update(overrides)
+    return ShardStream(list(urls), **kwargs)
+
+
 def cache_budget(cfg, spec: str) -> int:
     """Bytes of decoded samples the training stream of shard set `spec` keeps in RAM per rank:
     data.cache_bytes with data.cache=ram, or with auto for the embedded sets; 0 for none."""

@@ -71,9 +71,8 @@ def real_images(cfg, n: int) -> torch.Tensor:
     from distgan.data import stream
 
     src = stream.resolve(cfg.data.shards, progress=False)
-    ds = stream.ShardStream(src.urls, batch_size=min(n, 256), resolution=cfg.data.resolution,
-                            channels=cfg.data.channels, seed=0, shuffle_buffer=1000,
-                            **stream._fixed(stream.stream_options(cfg)))  # fmt: skip
+    ds = stream.from_config(cfg, src.urls, seed=0, fixed=True, batch_size=min(n, 256), shuffle_buffer=1000,
+                            points=False)  # fmt: skip
     out, got = [], 0
     for batch in ds:
         out.append(batch["image"])
