@@ -6,7 +6,7 @@ each class), and judges them with a classifier trained on the real digits
 (distgan/metrics/digits.py). Held-out real digits give the reference row. For a conditional model
 it also reports how many samples the classifier gives confidently to the class they were drawn for.
 
-FID in the digits features (the hidden layer of distgan.metrics.fid.DigitFeatures, the feature space of
+FID in the digits features (the hidden layer of distgan.metrics.digits.DigitFeatures, the feature space of
 `distgan eval`): the held-out quarter of the real digits (the classifier's test split, 450) against the
 other three quarters (the "training digits", 1347) is the reference; generated samples are measured against
 the same 1347 in disjoint subsets of the same size as the held-out set (stratified by class for a
@@ -137,14 +137,16 @@ def main() -> None:
 def digit_fids(images: torch.Tensor, classes: int, n: int) -> dict:
     """Digits-feature FID of held-out real digits and of same-sized subsets of `images`, all against
     the training digits (see the module docstring)."""
-    from distgan.metrics import fid as fidlib
+    from distgan.metrics.digits import DigitFeatures
+    from distgan.metrics.fid import fid
+    from distgan.metrics.precision_recall import precision_recall
 
     r = images.shape[-1]
     x_train, x_test, _, y_test = digits.split(r)
-    net = fidlib.DigitFeatures(r)
+    net = DigitFeatures(r)
     train_feats = net.features(torch.from_numpy(x_train).view(-1, 1, r, r))
     test_feats = net.features(torch.from_numpy(x_test).view(-1, 1, r, r))
-    real = fidlib.fid(test_feats, train_feats)
+    real = fid(test_feats, train_feats)
     size = len(x_test)
     if classes:  # `--class all`: n // classes of each class in order; take the held-out split's class counts
         per = n // classes
@@ -157,10 +159,10 @@ def digit_fids(images: torch.Tensor, classes: int, n: int) -> dict:
     if not subsets:
         raise SystemExit(f"--n {n} is too few for an FID subset of {size}")
     feats = [net.features(images[idx]) for idx in subsets]
-    gen = [fidlib.fid(f, train_feats) for f in feats]
+    gen = [fid(f, train_feats) for f in feats]
     # Precision and recall (Kynkaenniemi et al. 2019, k=3) in the same features and subsets: which half of FID is it?
-    pr = np.array([fidlib.precision_recall(train_feats, f) for f in feats])
-    real_pr = fidlib.precision_recall(train_feats, test_feats)
+    pr = np.array([precision_recall(train_feats, f) for f in feats])
+    real_pr = precision_recall(train_feats, test_feats)
     se = float(np.std(gen, ddof=1) / np.sqrt(len(gen))) if len(gen) > 1 else float("nan")
     return {"real_heldout": real, "generated": gen, "generated_mean": float(np.mean(gen)), "generated_se": se, "subset": size,
             "training_digits": len(x_train), "precision": float(pr[:, 0].mean()), "recall": float(pr[:, 1].mean()),

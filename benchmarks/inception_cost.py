@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from distgan.metrics import fid as scores  # noqa: E402
-from distgan.metrics import inception, standard  # noqa: E402
+from distgan.metrics import fid, inception, kid, standard  # noqa: E402
+from distgan.metrics.inception_score import inception_score  # noqa: E402
+from distgan.metrics.precision_recall import precision_recall  # noqa: E402
 
 
 def network_rate(device: str, images: int, batch: int, size: int) -> float:
@@ -66,16 +67,16 @@ def main() -> None:
     b = rng.standard_normal((50_000, 2048)).astype(np.float32) + 0.1
     ref = standard.RefStats.of(b, {})
     rows.append({"what": "moments (mean, covariance) of 50k features", "n": 50_000,
-                 "seconds": timed(lambda: scores.moments(a.astype(np.float64)))})  # fmt: skip
-    mu, sigma = scores.moments(a.astype(np.float64))
+                 "seconds": timed(lambda: fid.moments(a.astype(np.float64)))})  # fmt: skip
+    mu, sigma = fid.moments(a.astype(np.float64))
     rows.append({"what": "FID (2048-d, two symmetric eigen-decompositions)", "n": 50_000,
-                 "seconds": timed(lambda: scores.frechet_distance(mu, sigma, ref.mu, ref.sigma))})  # fmt: skip
+                 "seconds": timed(lambda: fid.frechet_distance(mu, sigma, ref.mu, ref.sigma))})  # fmt: skip
     rows.append({"what": "KID, 100 subsets of 1000", "n": 50_000,
-                 "seconds": timed(lambda: scores.kid_subsets(a, b, 100, 1000))})  # fmt: skip
+                 "seconds": timed(lambda: kid.kid_subsets(a, b, 100, 1000))})  # fmt: skip
     rows.append({"what": "precision/recall, k=3", "n": standard.PR_MAX,
-                 "seconds": timed(lambda: scores.precision_recall(b[: standard.PR_MAX], a[: standard.PR_MAX]))})  # fmt: skip
+                 "seconds": timed(lambda: precision_recall(b[: standard.PR_MAX], a[: standard.PR_MAX]))})  # fmt: skip
     rows.append({"what": "IS, 10 splits", "n": 50_000,
-                 "seconds": timed(lambda: scores.inception_score(rng.standard_normal((50_000, 1008))))})  # fmt: skip
+                 "seconds": timed(lambda: inception_score(rng.standard_normal((50_000, 1008))))})  # fmt: skip
     for r in rows[:3]:
         print(r)
     scoring = sum(r["seconds"] for r in rows[3:])
@@ -87,7 +88,7 @@ def main() -> None:
         ["what", "n", "images_per_s", "seconds"],
         f"Device {device}, {torch.get_num_threads()} torch threads, batch {args.batch}. The network rows push "
         f"{args.images} images through pytorch-fid's architecture (random weights: the cost is the same). "
-        "The score rows time distgan.metrics.fid on random 2048-d features. The last row is arithmetic "
+        "The score rows time distgan.metrics.fid, kid, inception_score and precision_recall on random 2048-d features. The last row is arithmetic "
         "from the rows above, not a run. It excludes the generator and the reference set's features, "
         "which cost one more network pass per real image when they are not cached.",
     )

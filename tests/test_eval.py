@@ -8,7 +8,8 @@ import torch
 from conftest import FAST, run_cli, run_main
 
 from distgan.data import builtin
-from distgan.metrics import fid as fidlib
+from distgan.metrics import fid, kid
+from distgan.metrics.digits import DigitFeatures
 
 
 def test_frechet_distance_matches_the_closed_form_for_known_gaussians():
@@ -16,23 +17,23 @@ def test_frechet_distance_matches_the_closed_form_for_known_gaussians():
     m1, m2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
     exact = ((m1 - m2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
-    assert fidlib.frechet_distance(m1, np.diag(s1), m2, np.diag(s2)) == pytest.approx(exact, rel=1e-9)
+    assert fid.frechet_distance(m1, np.diag(s1), m2, np.diag(s2)) == pytest.approx(exact, rel=1e-9)
     # a full covariance: a rotation of both leaves the distance unchanged
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((3, 3)))
-    rotated = fidlib.frechet_distance(q @ m1, q @ np.diag(s1) @ q.T, q @ m2, q @ np.diag(s2) @ q.T)
+    rotated = fid.frechet_distance(q @ m1, q @ np.diag(s1) @ q.T, q @ m2, q @ np.diag(s2) @ q.T)
     assert rotated == pytest.approx(exact, rel=1e-6)
     # and from samples, FID converges to it
     rng = np.random.default_rng(1)
     a = m1 + rng.standard_normal((200_000, 3)) * np.sqrt(s1)
     b = m2 + rng.standard_normal((200_000, 3)) * np.sqrt(s2)
-    assert fidlib.fid(a, b) == pytest.approx(exact, rel=0.02)
+    assert fid.fid(a, b) == pytest.approx(exact, rel=0.02)
 
 
 def test_kid_is_zero_for_one_distribution_and_positive_for_two():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2000, 8)), rng.standard_normal((2000, 8))
-    assert abs(fidlib.kid(a, b)) < 0.01
-    assert fidlib.kid(a, b + 1.0) > 0.1
+    assert abs(kid.kid(a, b)) < 0.01
+    assert kid.kid(a, b + 1.0) > 0.1
 
 
 def test_stacked_digits_are_three_real_digits_and_1000_modes():
@@ -85,7 +86,7 @@ def test_eval_reports_fid_kid_and_digit_judgement_on_a_digits_run(tmp_path, digi
     from distgan.metrics.digits import real_digits
 
     assert run_main(capsys, "sample", "--ckpt", run, "--n", "300", "--out", tmp_path / "x.npy")[0] == 0
-    net = fidlib.DigitFeatures(16)
+    net = DigitFeatures(16)
     a = net.features(torch.from_numpy(np.load(tmp_path / "x.npy")))
     b = net.features(torch.from_numpy(real_digits(16)[0]).view(-1, 1, 16, 16))
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from conftest import FAST, run_main
 
 from distgan.errors import UserError
-from distgan.metrics import fid as scores
-from distgan.metrics import inception, standard
+from distgan.metrics import fid, inception, kid, standard
+from distgan.metrics.inception_score import inception_score
+from distgan.metrics.precision_recall import precision_recall
 
 
 def random_inception(seed: int = 0) -> inception.FIDInception3:
@@ -211,18 +212,18 @@ def test_wrong_or_missing_weights_files_give_a_clear_error(tmp_path, weight_file
 def test_fid_is_zero_for_identical_sets_and_matches_the_eigenvalue_formula():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6))
-    assert abs(scores.fid(a, a)) < 1e-8
+    assert abs(fid.fid(a, a)) < 1e-8
     b = rng.standard_normal((400, 6)) * 2 + 1
     m1, m2, s1, s2 = a.mean(0), b.mean(0), np.cov(a.T), np.cov(b.T)
     # tr (S1 S2)^(1/2) = sum of the square roots of the eigenvalues of S1 S2 (real and >= 0)
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
     want = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    assert scores.fid(a, b) == pytest.approx(want, rel=1e-8)
+    assert fid.fid(a, b) == pytest.approx(want, rel=1e-8)
     # and pytorch-fid's form, scipy's sqrtm of the product
     from scipy import linalg
 
     sqrtm_form = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
-    assert scores.fid(a, b) == pytest.approx(sqrtm_form, rel=1e-10)
+    assert fid.fid(a, b) == pytest.approx(sqrtm_form, rel=1e-10)
 
 
 def test_kid_is_unbiased_on_two_samples_of_one_gaussian_and_matches_the_mmd_formula():
@@ -230,7 +231,7 @@ def test_kid_is_unbiased_on_two_samples_of_one_gaussian_and_matches_the_mmd_form
     # unbiased: over independent pairs of samples of one Gaussian, the mean is zero within 3 standard
     # errors; the biased estimate (the kernel's diagonal kept) is not
     trials = [(rng.standard_normal((30, 5)), rng.standard_normal((30, 5))) for _ in range(400)]
-    est = np.array([scores.kid(a, b, subsets=1, size=30) for a, b in trials])
+    est = np.array([kid.kid(a, b, subsets=1, size=30) for a, b in trials])
     se = est.std() / np.sqrt(len(est))
     assert abs(est.mean()) < 3 * se
 
@@ -240,7 +241,7 @@ def test_kid_is_unbiased_on_two_samples_of_one_gaussian_and_matches_the_mmd_form
 
     assert np.mean([biased(a, b) for a, b in trials]) > 10 * se
     a, b = trials[0]
-    assert scores.kid(a, b + 1.0, subsets=5, size=30) > 10 * se
+    assert kid.kid(a, b + 1.0, subsets=5, size=30) > 10 * se
     # one subset holding everything, written out pair by pair
     x, y = a[:20], b[:30] + 0.3
     k = lambda u, v: (u @ v / 5 + 1) ** 3  # noqa: E731
@@ -249,19 +250,19 @@ def test_kid_is_unbiased_on_two_samples_of_one_gaussian_and_matches_the_mmd_form
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
-    assert scores.kid(x, y, subsets=1, size=m) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+    assert kid.kid(x, y, subsets=1, size=m) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
 
 
 def test_inception_score_of_constant_logits_is_one_and_of_confident_balanced_classes_is_their_number():
-    assert scores.inception_score(np.zeros((100, 1008))) == pytest.approx((1.0, 0.0))
+    assert inception_score(np.zeros((100, 1008))) == pytest.approx((1.0, 0.0))
     logits = np.full((1000, 10), -50.0)
     logits[np.arange(1000), np.arange(1000) % 10] = 50.0  # each split holds every class equally
-    mean, std = scores.inception_score(logits)
+    mean, std = inception_score(logits)
     assert mean == pytest.approx(10.0, rel=1e-6) and std < 1e-6
     # from probabilities, against exp(E KL) written out for one split
     p = np.random.default_rng(2).dirichlet(np.ones(7), size=40)
     want = np.exp(np.mean([(q * np.log(q / p.mean(0))).sum() for q in p]))
-    assert scores.inception_score(p, splits=1, logits=False)[0] == pytest.approx(want, rel=1e-10)
+    assert inception_score(p, splits=1, logits=False)[0] == pytest.approx(want, rel=1e-10)
 
 
 def test_precision_recall_match_a_brute_force_knn_computation():
@@ -276,10 +277,10 @@ def test_precision_recall_match_a_brute_force_knn_computation():
         d = np.linalg.norm(pts[:, None] - ref[None], axis=2)
         return np.mean([(d[i] <= radii).any() for i in range(len(pts))])
 
-    precision, recall = scores.precision_recall(real, fake, k=k, batch=7)
+    precision, recall = precision_recall(real, fake, k=k, batch=7)
     assert precision == pytest.approx(brute(real, fake)) and recall == pytest.approx(brute(fake, real))
     assert 0 < precision < 1 and 0 < recall < 1
-    assert scores.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert precision_recall(real, real.copy()) == (1.0, 1.0)
 
 
 # -- reference statistics and the CLI ----------------------------------------------------------

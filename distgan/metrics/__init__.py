@@ -86,7 +86,9 @@ def compute(samples: torch.Tensor, names: list[str], cfg, manifest: dict | None,
             reference: torch.Tensor | None = None) -> dict:  # fmt: skip
     """The metrics `names` of `samples` (as variant.sample returns them). `reference`: real images for
     swd instead of the training images (a held-out set)."""
-    from distgan.metrics import fid as fidlib
+    from distgan.metrics.digits import DigitFeatures
+    from distgan.metrics.fid import fid
+    from distgan.metrics.kid import kid
 
     manifest = manifest or {}
     out: dict = {}
@@ -102,22 +104,22 @@ def compute(samples: torch.Tensor, names: list[str], cfg, manifest: dict | None,
     if "fid" in names or "kid" in names:
         if features:
             real = real_images(cfg, len(samples))
-            a, b = fidlib.torchscript_features(features, samples), fidlib.torchscript_features(features, real)
+            a, b = torchscript_features(features, samples), torchscript_features(features, real)
             out["feature_space"] = features
         else:
             import torch
 
             from distgan.metrics.digits import real_digits
 
-            net = fidlib.DigitFeatures(cfg.data.resolution)
+            net = DigitFeatures(cfg.data.resolution)
             x, _ = real_digits(cfg.data.resolution)
             r = cfg.data.resolution
             a, b = net.features(samples), net.features(torch.from_numpy(x).view(-1, 1, r, r))
             out["feature_space"] = f"digits MLP (hidden 128), held-out accuracy {net.test_accuracy:.3f}"
         if "fid" in names:
-            out["fid"] = fidlib.fid(a, b)
+            out["fid"] = fid(a, b)
         if "kid" in names:
-            out["kid"] = fidlib.kid(a, b)
+            out["kid"] = kid(a, b)
     if "swd" in names:
         from distgan.metrics.swd import swd
 
@@ -127,7 +129,7 @@ def compute(samples: torch.Tensor, names: list[str], cfg, manifest: dict | None,
             f"{'held-out' if reference is not None else 'training'} images, {out['swd_images']} of each"
         )
     if "stacked" in names:
-        net = fidlib.DigitFeatures(cfg.data.resolution)
+        net = DigitFeatures(cfg.data.resolution)
         digits_per_channel = [net.probs(samples[:, c : c + 1]).argmax(1) for c in range(3)]
         modes = digits_per_channel[0] * 100 + digits_per_channel[1] * 10 + digits_per_channel[2]
         counts = np.bincount(modes, minlength=1000)
@@ -149,3 +151,20 @@ def scalars(result: dict, prefix: str = "eval/") -> dict[str, float]:
         if k in gen:
             flat[f"{prefix}digits_{k}"] = float(gen[k])
     return flat
+
+
+def torchscript_features(path: str, images: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """Features from a user's TorchScript network: images (N, C, H, W) in [-1, 1] -> (N, D)."""
+    from pathlib import Path
+
+    from distgan.errors import UserError
+
+    if not Path(path).is_file():
+        raise UserError(f"feature network '{path}' does not exist")
+    try:
+        net = torch.jit.load(path, map_location="cpu").eval()
+    except Exception as exc:
+        raise UserError(f"'{path}' is not a TorchScript file (save one with torch.jit.save): {exc}") from None
+    with torch.no_grad():
+        out = [net(images[i : i + batch].float()).flatten(1) for i in range(0, len(images), batch)]
+    return torch.cat(out).numpy().astype(np.float64)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from distgan.errors import UserError
-from distgan.metrics import fid as scores
-from distgan.metrics import inception
+from distgan.metrics import fid, inception, kid, precision_recall
+from distgan.metrics.inception_score import inception_score
 
 CHUNK = 250  # images per unit of work (the default of `Split.chunk`)
 KEEP_FEATURES = 50_000  # real features kept in reference stats for KID and precision/recall
@@ -132,7 +132,7 @@ class RefStats:
 
     @classmethod
     def of(cls, feats: np.ndarray, meta: dict, keep: int = KEEP_FEATURES) -> RefStats:
-        mu, sigma = scores.moments(feats)
+        mu, sigma = fid.moments(feats)
         return cls(mu, sigma, len(feats), feats[:keep].astype(np.float32), meta)
 
     def save(self, path: str | Path) -> None:
@@ -319,7 +319,7 @@ def compute(fake: np.ndarray, outputs: np.ndarray, ref: RefStats, names, probabi
     fake64 = fake.astype(np.float64)
     names = list(names)
     if "fid" in names:
-        out["fid"] = scores.frechet_distance(*scores.moments(fake64), ref.mu, ref.sigma)
+        out["fid"] = fid.frechet_distance(*fid.moments(fake64), ref.mu, ref.sigma)
     needs_features = [m for m in names if m in ("kid", "pr")]
     if needs_features and ref.features is None:
         missing.append(f"{' and '.join(needs_features)}: the reference statistics hold only mu and sigma "
@@ -327,18 +327,18 @@ def compute(fake: np.ndarray, outputs: np.ndarray, ref: RefStats, names, probabi
         names = [m for m in names if m not in needs_features]
     n_ref = len(ref.features) if ref.features is not None else 0
     if "kid" in names:
-        sub = scores.kid_subsets(fake64, ref.features, KID_SUBSETS, KID_SIZE)
+        sub = kid.kid_subsets(fake64, ref.features, KID_SUBSETS, KID_SIZE)
         out["kid"], out["kid_std"] = float(sub.mean()), float(sub.std())
         out["kid_subsets"] = f"{KID_SUBSETS} of {min(KID_SIZE, len(fake64), n_ref)}"
     if "is" in names:
         if len(outputs) >= 10:
-            out["is"], out["is_std"] = scores.inception_score(outputs, 10, logits=not probabilities)
+            out["is"], out["is_std"] = inception_score(outputs, 10, logits=not probabilities)
         else:
             missing.append(f"is: 10 splits need at least 10 samples; got {len(outputs)}")
     if "pr" in names:
         m = min(PR_MAX, len(fake64), n_ref)
         if m > 3:
-            out["precision"], out["recall"] = scores.precision_recall(ref.features[:m], fake64[:m], k=3)
+            out["precision"], out["recall"] = precision_recall.precision_recall(ref.features[:m], fake64[:m], k=3)
             out["pr_n"] = m
         else:
             missing.append(f"pr: k=3 neighbours need at least 4 samples of each set; got {m}")
