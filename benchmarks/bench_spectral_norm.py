@@ -228,9 +228,18 @@ def roofline(sizes: list[int], repeats: int, bandwidth: float, device: str) -> l
             with torch.no_grad():
                 ms = time_ms(fn, repeats)
             floor = 1000 * PASSES[name] * w_bytes / bandwidth
-            rows.append({"N": n, "variant": name, "MB moved": PASSES[name] * w_bytes / 1e6, "ms": ms,
-                         "model ms": floor, "ms / model": ms / floor, "floor ms (2 reads)": 1000 * 2 * w_bytes / bandwidth,
-                         "programs pass1/2/3/4": "/".join(str(geo[k]) for k in ("pass1", "pass2", "pass3", "pass4"))})  # fmt: skip
+            rows.append(
+                {
+                    "N": n,
+                    "variant": name,
+                    "MB moved": PASSES[name] * w_bytes / 1e6,
+                    "ms": ms,
+                    "model ms": floor,
+                    "ms / model": ms / floor,
+                    "floor ms (2 reads)": 1000 * 2 * w_bytes / bandwidth,
+                    "programs pass1/2/3/4": "/".join(str(geo[k]) for k in ("pass1", "pass2", "pass3", "pass4")),
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -240,8 +249,13 @@ def main() -> None:
     p.add_argument("--workloads", nargs="+", default=["dcgan", "sngan", "linear4096"])
     p.add_argument("--impls", nargs="+", default=list(IMPLS))
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--roofline-sizes", nargs="*", type=int, default=None,
-                   help="N of the N x N layers of the roofline part (default: 256..4096, 256..16384 on a GPU)")  # fmt: skip
+    p.add_argument(
+        "--roofline-sizes",
+        nargs="*",
+        type=int,
+        default=None,
+        help="N of the N x N layers of the roofline part (default: 256..4096, 256..16384 on a GPU)",
+    )
     p.add_argument("--name", default="bench_spectral_norm")
     args = p.parse_args()
     gpu = torch.cuda.is_available()
@@ -302,16 +316,29 @@ def main() -> None:
         f"measured read bandwidth ({bandwidth / 1e9:.1f} GB/s); ms / model near 1 means bandwidth-bound. "
         "programs: the Triton launch grid of each of our 4 passes for this layer (an H100/H200 has 132 SMs)."
     )
-    roof_columns = ["N", "variant", "MB moved", "ms", "model ms", "ms / model", "floor ms (2 reads)",
-                    "programs pass1/2/3/4"]  # fmt: skip
+    roof_columns = [
+        "N",
+        "variant",
+        "MB moved",
+        "ms",
+        "model ms",
+        "ms / model",
+        "floor ms (2 reads)",
+        "programs pass1/2/3/4",
+    ]
     common.write(args.name + "_roofline", roof, roof_columns, roof_notes, extra={"read_bandwidth_Bps": bandwidth})
     series = {}
     for r in roof:
         series.setdefault(r["variant"] + " (measured)", []).append((r["N"] ** 2, r["ms"]))
         series.setdefault(r["variant"] + " model floor", []).append((r["N"] ** 2, r["model ms"]))
     png = common.RESULTS / f"{args.name}_roofline-{common.machine_tag()}.png"
-    common.loglog_png(png, series, "elements of W (N^2)", "ms per power iteration",
-                      f"spectral norm vs its roofline on {common.machine()['device']}")  # fmt: skip
+    common.loglog_png(
+        png,
+        series,
+        "elements of W (N^2)",
+        "ms per power iteration",
+        f"spectral norm vs its roofline on {common.machine()['device']}",
+    )
     print(f"wrote {png}")
 
 

@@ -118,8 +118,10 @@ def loglog_png(path: Path, series: dict[str, list[tuple[float, float]]], xlabel:
     x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
 
     def at(x, y):
-        return (left + (math.log10(x) - x0) / (x1 - x0) * (W - left - right),
-                H - bottom - (math.log10(y) - y0) / (y1 - y0) * (H - top - bottom))  # fmt: skip
+        return (
+            left + (math.log10(x) - x0) / (x1 - x0) * (W - left - right),
+            H - bottom - (math.log10(y) - y0) / (y1 - y0) * (H - top - bottom),
+        )
 
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -132,8 +134,16 @@ def loglog_png(path: Path, series: dict[str, list[tuple[float, float]]], xlabel:
         _, y = at(10**x0, 10**e)
         d.line([left, y, W - right, y], fill=(225, 225, 225))
         d.text((left - 40, y - 6), f"1e{e}", fill=(0, 0, 0))
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
-               (140, 86, 75), (127, 127, 127)]  # fmt: skip
+    colours = [
+        (31, 119, 180),
+        (214, 39, 40),
+        (44, 160, 44),
+        (148, 103, 189),
+        (255, 127, 14),
+        (23, 190, 207),
+        (140, 86, 75),
+        (127, 127, 127),
+    ]
     for i, (name, pts) in enumerate(series.items()):
         colour = colours[i % len(colours)]
         pts = sorted(p for p in pts if p[0] > 0 and p[1] > 0)
@@ -141,9 +151,16 @@ def loglog_png(path: Path, series: dict[str, list[tuple[float, float]]], xlabel:
         if "floor" in name:  # dashed
             for a, b in zip(coords, coords[1:]):
                 for k in range(0, 10, 2):
-                    d.line([a[0] + (b[0] - a[0]) * k / 10, a[1] + (b[1] - a[1]) * k / 10,
-                            a[0] + (b[0] - a[0]) * (k + 1) / 10, a[1] + (b[1] - a[1]) * (k + 1) / 10],
-                           fill=colour, width=2)  # fmt: skip
+                    d.line(
+                        [
+                            a[0] + (b[0] - a[0]) * k / 10,
+                            a[1] + (b[1] - a[1]) * k / 10,
+                            a[0] + (b[0] - a[0]) * (k + 1) / 10,
+                            a[1] + (b[1] - a[1]) * (k + 1) / 10,
+                        ],
+                        fill=colour,
+                        width=2,
+                    )
         else:
             if len(coords) > 1:
                 d.line(coords, fill=colour, width=2)

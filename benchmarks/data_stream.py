@@ -92,8 +92,12 @@ def main() -> None:
         " stream share of a step = training / stream: the fraction of a step the loop would spend waiting on "
         "the stream with 0 workers (the auto setting on 2 cores), as both run in one process."
     )
-    common.write("data_stream", rows, ["workers", "RAM cache", "stream samples/s", "training samples/s", "headroom x",
-                                       "stream share of a step"], notes)  # fmt: skip
+    common.write(
+        "data_stream",
+        rows,
+        ["workers", "RAM cache", "stream samples/s", "training samples/s", "headroom x", "stream share of a step"],
+        notes,
+    )
 
 
 def photo_shards(folder: Path, fmt: str, stored: int, n: int = 64) -> list[str]:
@@ -138,13 +142,17 @@ def decode_matrix(batches: int) -> None:
                     modes.append(("RAM cache", True, 10**9))
                     for label, draft, cache in modes:
                         rate = stream_rate(cfg, urls, 0, batches, cache_bytes=cache, draft=draft)
-                        rows.append({"format": fmt, "stored": stored, "decoded to": target, "mode": label,
-                                     "samples/s": rate})  # fmt: skip
+                        rows.append(
+                            {"format": fmt, "stored": stored, "decoded to": target, "mode": label, "samples/s": rate}
+                        )
                         print(rows[-1], flush=True)
 
     def rate_of(fmt, stored, target, mode):
-        return next(r["samples/s"] for r in rows if (r["format"], r["stored"], r["decoded to"], r["mode"]) ==
-                    (fmt, stored, target, mode))  # fmt: skip
+        return next(
+            r["samples/s"]
+            for r in rows
+            if (r["format"], r["stored"], r["decoded to"], r["mode"]) == (fmt, stored, target, mode)
+        )
 
     jpg_draft = rate_of("jpg", 256, 128, "draft")
     notes = (

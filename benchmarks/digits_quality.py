@@ -43,8 +43,13 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--name", default="digits_quality", help="results/<name>-<machine>.{json,md} (to keep several)")
     p.add_argument("--about", default="", help="with --run: how that run was trained, for the notes")
-    p.add_argument("--standing-stats", type=int, default=0, metavar="BATCHES",
-                   help="sample with `distgan sample --standing-stats BATCHES` (BigGAN's standing statistics)")  # fmt: skip
+    p.add_argument(
+        "--standing-stats",
+        type=int,
+        default=0,
+        metavar="BATCHES",
+        help="sample with `distgan sample --standing-stats BATCHES` (BigGAN's standing statistics)",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,9 +75,21 @@ def main() -> None:
         classes = meta["config"]["model"]["num_classes"]
         per_class = ["--class", "all", "--n", str(args.n // classes)] if classes else ["--n", str(args.n)]
         subprocess.run(
-            [sys.executable, "-m", "distgan", "sample", "--ckpt", run, *per_class, "--out", f"{tmp}/s.npy",
-             "--standing-stats", str(args.standing_stats)], check=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "distgan",
+                "sample",
+                "--ckpt",
+                run,
+                *per_class,
+                "--out",
+                f"{tmp}/s.npy",
+                "--standing-stats",
+                str(args.standing_stats),
+            ],
+            check=True,
+        )
         images = torch.from_numpy(np.load(f"{tmp}/s.npy"))
         grid = common.RESULTS / f"{args.name}-{common.machine_tag()}.png"  # 100 of the judged samples, 4x larger
         order = torch.arange(100) if not classes else torch.arange(10)[:, None] * (args.n // 10) + torch.arange(10)
@@ -164,9 +181,18 @@ def digit_fids(images: torch.Tensor, classes: int, n: int) -> dict:
     pr = np.array([precision_recall(train_feats, f) for f in feats])
     real_pr = precision_recall(train_feats, test_feats)
     se = float(np.std(gen, ddof=1) / np.sqrt(len(gen))) if len(gen) > 1 else float("nan")
-    return {"real_heldout": real, "generated": gen, "generated_mean": float(np.mean(gen)), "generated_se": se, "subset": size,
-            "training_digits": len(x_train), "precision": float(pr[:, 0].mean()), "recall": float(pr[:, 1].mean()),
-            "real_precision": real_pr[0], "real_recall": real_pr[1]}  # fmt: skip
+    return {
+        "real_heldout": real,
+        "generated": gen,
+        "generated_mean": float(np.mean(gen)),
+        "generated_se": se,
+        "subset": size,
+        "training_digits": len(x_train),
+        "precision": float(pr[:, 0].mean()),
+        "recall": float(pr[:, 1].mean()),
+        "real_precision": real_pr[0],
+        "real_recall": real_pr[1],
+    }
 
 
 if __name__ == "__main__":

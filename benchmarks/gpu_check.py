@@ -44,8 +44,17 @@ def check_minibatch(device, sizes, dtypes) -> list[dict]:
             ref.backward(grad)
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             fwd, bwd = rel_err(out.detach().cpu(), ref.detach()), rel_err(m.grad.cpu(), ref_m.grad)
-            rows.append({"check": "minibatch_l1", "shape": f"{b}x{o}x{k}", "dtype": str(dtype).split(".")[-1],
-                         "fwd rel err": fwd, "bwd rel err": bwd, "tol": tol, "ok": fwd < tol and bwd < tol})  # fmt: skip
+            rows.append(
+                {
+                    "check": "minibatch_l1",
+                    "shape": f"{b}x{o}x{k}",
+                    "dtype": str(dtype).split(".")[-1],
+                    "fwd rel err": fwd,
+                    "bwd rel err": bwd,
+                    "tol": tol,
+                    "ok": fwd < tol and bwd < tol,
+                }
+            )
     return rows
 
 
@@ -61,8 +70,9 @@ def check_spectral_norm(device, sizes, dtypes) -> list[dict]:
                 torch.manual_seed(rows_ + cols)
                 base = nn.Linear(cols, rows_)
                 ref = kernels.spectral_norm(copy.deepcopy(base).double(), backend="torch")
-                ours = kernels.spectral_norm(copy.deepcopy(base), backend="triton",
-                                             scale="output" if mode == "output" else "weight")  # fmt: skip
+                ours = kernels.spectral_norm(
+                    copy.deepcopy(base), backend="triton", scale="output" if mode == "output" else "weight"
+                )
                 ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
                 ours = ours.to(device, dtype)
                 if mode == "grouped":
@@ -81,11 +91,19 @@ def check_spectral_norm(device, sizes, dtypes) -> list[dict]:
                     "dW": rel_err(
                         layer.parametrizations.weight.original.grad.float().cpu(),
                         ref.parametrizations.weight.original.grad,
-                    ),  # fmt: skip
+                    ),
                 }
-                rows.append({"check": f"spectral_norm {mode}", "shape": f"{rows_}x{cols}", "dtype": str(dtype).split(".")[-1],
-                             "fwd rel err": max(errs["out"], errs["u"], errs["v"]), "bwd rel err": errs["dW"], "tol": tol,
-                             "ok": max(errs.values()) < tol})  # fmt: skip
+                rows.append(
+                    {
+                        "check": f"spectral_norm {mode}",
+                        "shape": f"{rows_}x{cols}",
+                        "dtype": str(dtype).split(".")[-1],
+                        "fwd rel err": max(errs["out"], errs["u"], errs["v"]),
+                        "bwd rel err": errs["dW"],
+                        "tol": tol,
+                        "ok": max(errs.values()) < tol,
+                    }
+                )
     return rows
 
 
@@ -102,9 +120,11 @@ def main(argv=None) -> int:
         mb_sizes, sn_sizes = [(64, 32, 5), (256, 128, 16), (1024, 64, 8)], [(513, 257), (4096, 4096), (64, 4608)]
         dtypes = [torch.float32, torch.bfloat16]
     rows = check_minibatch(device, mb_sizes, dtypes) + check_spectral_norm(device, sn_sizes, dtypes)
-    notes = ("Each Triton kernel against the float64 PyTorch reference (kernels/reference.py) on the same inputs: "
-             "max relative error of outputs (and u, v) and of the input gradients. "
-             + ("Dry run: CPU interpreter, toy sizes." if args.dry_run else "CUDA, compiled kernels."))  # fmt: skip
+    notes = (
+        "Each Triton kernel against the float64 PyTorch reference (kernels/reference.py) on the same inputs: "
+        "max relative error of outputs (and u, v) and of the input gradients. "
+        + ("Dry run: CPU interpreter, toy sizes." if args.dry_run else "CUDA, compiled kernels.")
+    )
     common.write("gpu_check", rows, ["check", "shape", "dtype", "fwd rel err", "bwd rel err", "tol", "ok"], notes)
     failed = [r for r in rows if not r["ok"]]
     for r in failed:

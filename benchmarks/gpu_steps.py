@@ -20,16 +20,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-MODES = {"eager": [], "compile": ["train.compile=true"],
-         "compile, inductor SN": ["train.compile=true", "train.compile_kernels=false"]}  # fmt: skip
+MODES = {
+    "eager": [],
+    "compile": ["train.compile=true"],
+    "compile, inductor SN": ["train.compile=true", "train.compile_kernels=false"],
+}
 
 
 def run(preset: str, mode: str, steps: int, log_every: int, extra: list[str]) -> dict:
     from distgan import config, trainer
 
-    cfg = config.load_config(preset, overrides=[
-        f"train.steps={steps}", f"train.log_every={log_every}", "train.sample_every=1000000000",
-        "train.ckpt_every=1000000000", "tracking.wandb.mode=disabled", *MODES[mode], *extra])  # fmt: skip
+    cfg = config.load_config(
+        preset,
+        overrides=[
+            f"train.steps={steps}",
+            f"train.log_every={log_every}",
+            "train.sample_every=1000000000",
+            "train.ckpt_every=1000000000",
+            "tracking.wandb.mode=disabled",
+            *MODES[mode],
+            *extra,
+        ],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         trainer.train(cfg, f"{tmp}/run")
@@ -37,8 +49,15 @@ def run(preset: str, mode: str, steps: int, log_every: int, extra: list[str]) ->
         lines = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
     rates = [r["perf/steps_per_sec"] for r in lines if "perf/steps_per_sec" in r and r["step"] > log_every]
     rate = len(rates) * log_every / sum(log_every / r for r in rates) if rates else None
-    return {"preset": preset, "mode": mode, "batch": cfg.data.batch_size, "resolution": cfg.data.resolution,
-            "steps/s": rate, "images/s": rate * cfg.data.batch_size if rate else None, "wall s": wall}  # fmt: skip
+    return {
+        "preset": preset,
+        "mode": mode,
+        "batch": cfg.data.batch_size,
+        "resolution": cfg.data.resolution,
+        "steps/s": rate,
+        "images/s": rate * cfg.data.batch_size if rate else None,
+        "wall s": wall,
+    }
 
 
 def main(argv=None) -> int:
@@ -60,10 +79,12 @@ def main(argv=None) -> int:
             except Exception as exc:  # reported in the table; the suite goes on
                 rows.append({"preset": preset, "mode": mode, "note": f"failed: {type(exc).__name__}: {exc}"[:160]})
             print(rows[-1], flush=True)
-    notes = (f"{steps} steps per run, rate over the steps after the first {log_every} (compilation excluded); "
-             + ("DRY RUN: toy widths on the CPU, the figures mean nothing." if args.dry_run else ""))  # fmt: skip
-    common.write("gpu_steps", rows, ["preset", "mode", "batch", "resolution", "steps/s", "images/s", "wall s", "note"],
-                 notes)  # fmt: skip
+    notes = f"{steps} steps per run, rate over the steps after the first {log_every} (compilation excluded); " + (
+        "DRY RUN: toy widths on the CPU, the figures mean nothing." if args.dry_run else ""
+    )
+    common.write(
+        "gpu_steps", rows, ["preset", "mode", "batch", "resolution", "steps/s", "images/s", "wall s", "note"], notes
+    )
     return 1 if any("note" in r for r in rows) else 0
 
 

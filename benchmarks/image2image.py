@@ -44,8 +44,18 @@ def train(name: str, preset: str, steps: int, *overrides: str) -> tuple[Path, fl
         return run, json.loads(done.read_text())["train_s"]
     shutil.rmtree(run, ignore_errors=True)
     start = time.perf_counter()
-    cli("train", "--preset", preset, "--out", str(run), f"train.steps={steps}", "tracking.wandb.mode=disabled",
-        "train.keep_last=100", "train.eval_every=0", *overrides)  # fmt: skip
+    cli(
+        "train",
+        "--preset",
+        preset,
+        "--out",
+        str(run),
+        f"train.steps={steps}",
+        "tracking.wandb.mode=disabled",
+        "train.keep_last=100",
+        "train.eval_every=0",
+        *overrides,
+    )
     train_s = time.perf_counter() - start
     done.write_text(json.dumps({"train_s": train_s}))
     return run, train_s
@@ -72,39 +82,96 @@ def main() -> None:
     args = p.parse_args()
     rows = []
     if "sr" in args.only:
-        run, train_s = train("srgan", "photos-srgan-x4", args.sr_steps, f"variant.pretrain_steps={args.sr_pretrain}",
-                             f"train.ckpt_every={args.sr_pretrain}", f"train.sample_every={args.sr_steps}")  # fmt: skip
-        for step, phase in ((args.sr_pretrain, "after pixel-loss phase (SRResNet)"), (args.sr_steps, "after adversarial phase (SRGAN)")):  # fmt: skip
+        run, train_s = train(
+            "srgan",
+            "photos-srgan-x4",
+            args.sr_steps,
+            f"variant.pretrain_steps={args.sr_pretrain}",
+            f"train.ckpt_every={args.sr_pretrain}",
+            f"train.sample_every={args.sr_steps}",
+        )
+        for step, phase in (
+            (args.sr_pretrain, "after pixel-loss phase (SRResNet)"),
+            (args.sr_steps, "after adversarial phase (SRGAN)"),
+        ):
             e = evaluate(run, step)
-            rows.append({"experiment": "SR x4 (photos-srgan-x4)", "model": phase, "step": step,
-                         "PSNR dB": e["psnr"], "SSIM": e["ssim"], "baseline": "bicubic",
-                         "baseline PSNR dB": e["psnr_bicubic"], "baseline SSIM": e["ssim_bicubic"],
-                         "gain dB": e["psnr_gain_db"], "train s": train_s})  # fmt: skip
+            rows.append(
+                {
+                    "experiment": "SR x4 (photos-srgan-x4)",
+                    "model": phase,
+                    "step": step,
+                    "PSNR dB": e["psnr"],
+                    "SSIM": e["ssim"],
+                    "baseline": "bicubic",
+                    "baseline PSNR dB": e["psnr_bicubic"],
+                    "baseline SSIM": e["ssim_bicubic"],
+                    "gain dB": e["psnr_gain_db"],
+                    "train s": train_s,
+                }
+            )
         grid(run, "srgan")
     if "pix2pix" in args.only:
         n = args.pix2pix_steps
-        for name, label, extra in (("pix2pix", "pix2pix (cGAN + 100 L1)", []),
-                                   ("l1-unet", "L1-only U-Net", ["variant.gan_weight=0"])):  # fmt: skip
-            run, train_s = train(name, "edges2photos-pix2pix", n, f"train.ckpt_every={n}", f"train.sample_every={n}",
-                                 *extra)  # fmt: skip
+        for name, label, extra in (
+            ("pix2pix", "pix2pix (cGAN + 100 L1)", []),
+            ("l1-unet", "L1-only U-Net", ["variant.gan_weight=0"]),
+        ):
+            run, train_s = train(
+                name, "edges2photos-pix2pix", n, f"train.ckpt_every={n}", f"train.sample_every={n}", *extra
+            )
             e = evaluate(run, n)
-            rows.append({"experiment": "edges -> photos (edges2photos-pix2pix)", "model": label, "step": n,
-                         "PSNR dB": e["psnr"], "SSIM": e["ssim"], "edge F1": e["edge_f1"],
-                         "sharpness ratio": e["sharpness_ratio"], "train s": train_s})  # fmt: skip
+            rows.append(
+                {
+                    "experiment": "edges -> photos (edges2photos-pix2pix)",
+                    "model": label,
+                    "step": n,
+                    "PSNR dB": e["psnr"],
+                    "SSIM": e["ssim"],
+                    "edge F1": e["edge_f1"],
+                    "sharpness ratio": e["sharpness_ratio"],
+                    "train s": train_s,
+                }
+            )
             grid(run, name)
     if "cyclegan" in args.only:
         n = args.cyclegan_steps
-        run, train_s = train("cyclegan", "cyclegan-digits-thin2thick", n, f"train.ckpt_every={n}",
-                             f"train.sample_every={n}")  # fmt: skip
+        run, train_s = train(
+            "cyclegan", "cyclegan-digits-thin2thick", n, f"train.ckpt_every={n}", f"train.sample_every={n}"
+        )
         e = evaluate(run, n)
-        rows.append({"experiment": "digits thin <-> thick (cyclegan-digits-thin2thick)", "model": "CycleGAN",
-                     "step": n, "cycle error A": e["cycle_error_a"], "cycle error B": e["cycle_error_b"],
-                     "A->B judged B": e["ab_classified_b"], "B->A judged A": e["ba_classified_a"],
-                     "classifier held-out acc": e["classifier_heldout_accuracy"], "train s": train_s})  # fmt: skip
+        rows.append(
+            {
+                "experiment": "digits thin <-> thick (cyclegan-digits-thin2thick)",
+                "model": "CycleGAN",
+                "step": n,
+                "cycle error A": e["cycle_error_a"],
+                "cycle error B": e["cycle_error_b"],
+                "A->B judged B": e["ab_classified_b"],
+                "B->A judged A": e["ba_classified_a"],
+                "classifier held-out acc": e["classifier_heldout_accuracy"],
+                "train s": train_s,
+            }
+        )
         grid(run, "cyclegan")
-    columns = ["experiment", "model", "step", "PSNR dB", "SSIM", "baseline", "baseline PSNR dB", "baseline SSIM",
-               "gain dB", "edge F1", "sharpness ratio", "cycle error A", "cycle error B", "A->B judged B",
-               "B->A judged A", "classifier held-out acc", "train s"]  # fmt: skip
+    columns = [
+        "experiment",
+        "model",
+        "step",
+        "PSNR dB",
+        "SSIM",
+        "baseline",
+        "baseline PSNR dB",
+        "baseline SSIM",
+        "gain dB",
+        "edge F1",
+        "sharpness ratio",
+        "cycle error A",
+        "cycle error B",
+        "A->B judged B",
+        "B->A judged A",
+        "classifier held-out acc",
+        "train s",
+    ]
     notes = (
         "All figures on held-out data: 200 patches from the right quarter of each photo, which no training patch "
         "overlaps, for SR and pix2pix; the held-out 10% of each digit domain for CycleGAN. PSNR/SSIM on RGB in [0, 1]; SR shaves 4 "

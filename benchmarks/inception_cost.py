@@ -59,29 +59,61 @@ def main() -> None:
     for size in (32, 64, 256):  # generator outputs, resized to 299 inside
         rate = network_rate(device, args.images, args.batch, size)
         rates[size] = rate
-        rows.append({"what": f"Inception-v3 features, {size}px input", "n": args.images, "images_per_s": rate,
-                     "seconds": args.images / rate})  # fmt: skip
+        rows.append(
+            {
+                "what": f"Inception-v3 features, {size}px input",
+                "n": args.images,
+                "images_per_s": rate,
+                "seconds": args.images / rate,
+            }
+        )
         print(rows[-1], flush=True)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((50_000, 2048)).astype(np.float32)
     b = rng.standard_normal((50_000, 2048)).astype(np.float32) + 0.1
     ref = standard.RefStats.of(b, {})
-    rows.append({"what": "moments (mean, covariance) of 50k features", "n": 50_000,
-                 "seconds": timed(lambda: fid.moments(a.astype(np.float64)))})  # fmt: skip
+    rows.append(
+        {
+            "what": "moments (mean, covariance) of 50k features",
+            "n": 50_000,
+            "seconds": timed(lambda: fid.moments(a.astype(np.float64))),
+        }
+    )
     mu, sigma = fid.moments(a.astype(np.float64))
-    rows.append({"what": "FID (2048-d, two symmetric eigen-decompositions)", "n": 50_000,
-                 "seconds": timed(lambda: fid.frechet_distance(mu, sigma, ref.mu, ref.sigma))})  # fmt: skip
-    rows.append({"what": "KID, 100 subsets of 1000", "n": 50_000,
-                 "seconds": timed(lambda: kid.kid_subsets(a, b, 100, 1000))})  # fmt: skip
-    rows.append({"what": "precision/recall, k=3", "n": standard.PR_MAX,
-                 "seconds": timed(lambda: precision_recall(b[: standard.PR_MAX], a[: standard.PR_MAX]))})  # fmt: skip
-    rows.append({"what": "IS, 10 splits", "n": 50_000,
-                 "seconds": timed(lambda: inception_score(rng.standard_normal((50_000, 1008))))})  # fmt: skip
+    rows.append(
+        {
+            "what": "FID (2048-d, two symmetric eigen-decompositions)",
+            "n": 50_000,
+            "seconds": timed(lambda: fid.frechet_distance(mu, sigma, ref.mu, ref.sigma)),
+        }
+    )
+    rows.append(
+        {"what": "KID, 100 subsets of 1000", "n": 50_000, "seconds": timed(lambda: kid.kid_subsets(a, b, 100, 1000))}
+    )
+    rows.append(
+        {
+            "what": "precision/recall, k=3",
+            "n": standard.PR_MAX,
+            "seconds": timed(lambda: precision_recall(b[: standard.PR_MAX], a[: standard.PR_MAX])),
+        }
+    )
+    rows.append(
+        {
+            "what": "IS, 10 splits",
+            "n": 50_000,
+            "seconds": timed(lambda: inception_score(rng.standard_normal((50_000, 1008)))),
+        }
+    )
     for r in rows[:3]:
         print(r)
     scoring = sum(r["seconds"] for r in rows[3:])
-    rows.append({"what": "fid50k at 64px: 50 000 images / measured rate + the scores (extrapolated, not run)",
-                 "n": 50_000, "seconds": 50_000 / rates[64] + scoring})  # fmt: skip
+    rows.append(
+        {
+            "what": "fid50k at 64px: 50 000 images / measured rate + the scores (extrapolated, not run)",
+            "n": 50_000,
+            "seconds": 50_000 / rates[64] + scoring,
+        }
+    )
     common.write(
         "inception_cost",
         rows,

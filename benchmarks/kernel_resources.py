@@ -30,24 +30,30 @@ def main() -> None:
         records, out = Path(tmp) / "records.json", Path(tmp) / "report.json"
         records.write_text(json.dumps(launches))
         env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-        subprocess.run([sys.executable, "-m", "kernels.aot", "compile", str(records), "--archs", "80,90", "--out",
-                        str(out)], check=True, env=env, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "kernels.aot", "compile", str(records), "--archs", "80,90", "--out", str(out)],
+            check=True,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         report = json.loads(out.read_text())
     rows = []
     for row in report:
         dtypes = sorted({v for v in row["signature"].values() if v.startswith("*") and v not in ("*i32", "*i64")})
-        rows.append({
-            "kernel": row["kernel"],
-            "tensors": ",".join(d[1:] for d in dtypes),
-            "constexprs": " ".join(f"{k}={v}" for k, v in row["constexprs"].items() if k != "F"),
-            "arch": row["arch"],
-            "warps": row["num_warps"],
-            "registers": row["registers"],
-            "stack B": row["stack_bytes"],
-            "local B": row["local_bytes"],
-            "shared B": row["shared_bytes"],
-            "programs/SM by registers": 65536 // (row["registers"] * 32 * row["num_warps"]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "kernel": row["kernel"],
+                "tensors": ",".join(d[1:] for d in dtypes),
+                "constexprs": " ".join(f"{k}={v}" for k, v in row["constexprs"].items() if k != "F"),
+                "arch": row["arch"],
+                "warps": row["num_warps"],
+                "registers": row["registers"],
+                "stack B": row["stack_bytes"],
+                "local B": row["local_bytes"],
+                "shared B": row["shared_bytes"],
+                "programs/SM by registers": 65536 // (row["registers"] * 32 * row["num_warps"]),
+            }
+        )
     common.write(
         "kernel_resources",
         rows,
@@ -62,7 +68,7 @@ def main() -> None:
             "local B",
             "shared B",
             "programs/SM by registers",
-        ],  # fmt: skip
+        ],
         "Compiled with triton.compile(ASTSource, target=GPUTarget('cuda', arch, 32)) on this CPU; resource usage "
         "from the wheel's cuobjdump --dump-resource-usage. Each row is one specialisation that the public API "
         "launched under the interpreter (tests/test_kernel_compile.py compiles the same set in make test). "

@@ -88,8 +88,14 @@ def cell(dataset: str, variant: str, seed: int, steps: int, keep_stale: bool = F
         preset = STACKED_PRESET.get(variant, "stacked-digits-dcgan")
     else:
         preset = PRESET.get(variant, "{dataset}-gan").format(dataset=dataset)
-    overrides = [f"train.steps={steps}", f"train.seed={seed}", "tracking.wandb.mode=disabled",
-                 f"train.ckpt_every={steps}", f"train.sample_every={steps}", *VARIANTS[variant]]  # fmt: skip
+    overrides = [
+        f"train.steps={steps}",
+        f"train.seed={seed}",
+        "tracking.wandb.mode=disabled",
+        f"train.ckpt_every={steps}",
+        f"train.sample_every={steps}",
+        *VARIANTS[variant],
+    ]
     resolved = config.to_dict(config.load_config(preset, overrides=overrides))
     code = common.code_hash()
     if path.is_file():
@@ -98,8 +104,10 @@ def cell(dataset: str, variant: str, seed: int, steps: int, keep_stale: bool = F
             return old
         if keep_stale:
             return {**old, "stale": True}
-        print(f"{path.name}: made by other code or another config (git {old.get('git', 'unknown')}); recomputing",
-              flush=True)  # fmt: skip
+        print(
+            f"{path.name}: made by other code or another config (git {old.get('git', 'unknown')}); recomputing",
+            flush=True,
+        )
     n_eval = STACKED_N if dataset == "stacked" else 2500
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -109,8 +117,20 @@ def cell(dataset: str, variant: str, seed: int, steps: int, keep_stale: bool = F
         train_s = time.perf_counter() - start
 
         def evaluate(n: int, *extra: str) -> dict:
-            r = run(["eval", "--ckpt", f"{tmp}/run", "--n", str(n), *extra, "--json", f"{tmp}/eval.json",
-                     "--seed", str(seed)])  # fmt: skip
+            r = run(
+                [
+                    "eval",
+                    "--ckpt",
+                    f"{tmp}/run",
+                    "--n",
+                    str(n),
+                    *extra,
+                    "--json",
+                    f"{tmp}/eval.json",
+                    "--seed",
+                    str(seed),
+                ]
+            )
             if r.returncode != 0:
                 raise RuntimeError(
                     f"{dataset}/{variant}/seed {seed}: eval {' '.join(extra)} failed:\n{r.stderr[-2000:]}"
@@ -132,8 +152,17 @@ def cell(dataset: str, variant: str, seed: int, steps: int, keep_stale: bool = F
                 r = run(["sample", "--ckpt", f"{tmp}/run", "--n", "2500", *extra, "--out", f"{tmp}/pts.npy"])
                 if r.returncode == 0:
                     samples[tag] = np.load(f"{tmp}/pts.npy").tolist()
-    out = {"dataset": dataset, "variant": variant, "seed": seed, "steps": steps, "train_s": train_s, **result,
-           "git": common.git_rev(), "code": code, "config": resolved}  # fmt: skip
+    out = {
+        "dataset": dataset,
+        "variant": variant,
+        "seed": seed,
+        "steps": steps,
+        "train_s": train_s,
+        **result,
+        "git": common.git_rev(),
+        "code": code,
+        "config": resolved,
+    }
     out.pop("checkpoint", None)
     CELLS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out) + "\n")
@@ -173,8 +202,11 @@ def table(done: list[dict]) -> tuple[list[dict], str]:
             continue
         key_modes = "stacked_modes" if dataset == "stacked" else "modes"
         key_kl = "stacked_kl" if dataset == "stacked" else "reverse_kl"
-        lines += [f"\n### {dataset}\n", "| row | seeds | steps | modes | high quality % | reverse KL |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"\n### {dataset}\n",
+            "| row | seeds | steps | modes | high quality % | reverse KL |",
+            "|---|---|---|---|---|---|",
+        ]
         for variant, steps in [(v, n) for v in VARIANTS for n in sorted({c["steps"] for c in cells})]:
             got = [c for c in cells if c["variant"] == variant and c["steps"] == steps]
             if not got:
@@ -182,23 +214,45 @@ def table(done: list[dict]) -> tuple[list[dict], str]:
             modes = mean_se([c[key_modes] for c in got])
             hq = mean_se([c["high_quality_pct"] for c in got]) if dataset != "stacked" else (math.nan, math.nan)
             kl = mean_se([c[key_kl] for c in got])
-            rows.append({"dataset": dataset, "variant": variant, "seeds": len(got), "steps": got[0]["steps"],
-                         "modes": modes, "high_quality_pct": hq, "reverse_kl": kl})  # fmt: skip
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "variant": variant,
+                    "seeds": len(got),
+                    "steps": got[0]["steps"],
+                    "modes": modes,
+                    "high_quality_pct": hq,
+                    "reverse_kl": kl,
+                }
+            )
             stale = sum(bool(c.get("stale")) for c in got)
             mark = f" (stale: {stale} of {len(got)} cells made by other code)" if stale else ""
             rows[-1]["stale_cells"] = stale
-            lines.append(f"| distgan {variant}{mark} | {len(got)} | {got[0]['steps']} | {fmt(*modes)} | {fmt(*hq)} "
-                         f"| {fmt(*kl, digits=3)} |")  # fmt: skip
+            lines.append(
+                f"| distgan {variant}{mark} | {len(got)} | {got[0]['steps']} | {fmt(*modes)} | {fmt(*hq)} "
+                f"| {fmt(*kl, digits=3)} |"
+            )
             for key, label in (("drs", "DRS"), ("drs_cal", f"DRS, D calibrated {DRS_CALIBRATE} steps")):
                 drs = [c[key] for c in got if key in c]
                 if not drs:
                     continue
                 modes, hq, kl = (mean_se([d[k] for d in drs]) for k in ("modes", "high_quality_pct", "reverse_kl"))
                 rate = mean_se([100 * d["drs_accept_rate"] for d in drs])
-                rows.append({"dataset": dataset, "variant": f"{variant} + {label}", "seeds": len(drs),
-                             "steps": got[0]["steps"], "modes": modes, "high_quality_pct": hq, "reverse_kl": kl})  # fmt: skip
-                lines.append(f"| distgan {variant} + {label} (accepts {fmt(*rate)}%) | {len(drs)} | "
-                             f"{got[0]['steps']} | {fmt(*modes)} | {fmt(*hq)} | {fmt(*kl, digits=3)} |")  # fmt: skip
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "variant": f"{variant} + {label}",
+                        "seeds": len(drs),
+                        "steps": got[0]["steps"],
+                        "modes": modes,
+                        "high_quality_pct": hq,
+                        "reverse_kl": kl,
+                    }
+                )
+                lines.append(
+                    f"| distgan {variant} + {label} (accepts {fmt(*rate)}%) | {len(drs)} | "
+                    f"{got[0]['steps']} | {fmt(*modes)} | {fmt(*hq)} | {fmt(*kl, digits=3)} |"
+                )
         for (d, name), (m, h, k) in PUBLISHED.items():
             if d == dataset:
                 lines.append(f"| {name} | | | {m} | {'' if h is None else h} | {'' if k is None else k} |")
@@ -246,12 +300,18 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--stacked-steps", type=int, default=3000)
     p.add_argument("--stacked-seeds", type=int, default=2)
-    p.add_argument("--stacked-variants", nargs="+", choices=list(VARIANTS),
-                   help="stacked-digits variants (default: gan and the two best paper variants on the grid)")  # fmt: skip
+    p.add_argument(
+        "--stacked-variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        help="stacked-digits variants (default: gan and the two best paper variants on the grid)",
+    )
     p.add_argument("--no-stacked", action="store_true")
-    p.add_argument("--keep-stale", action="store_true",
-                   help="reuse cells made by other code or another config instead of recomputing them; the "
-                   "tables mark them stale")  # fmt: skip
+    p.add_argument(
+        "--keep-stale",
+        action="store_true",
+        help="reuse cells made by other code or another config instead of recomputing them; the tables mark them stale",
+    )
     p.add_argument("--budget-min", type=float, default=None, help="stop starting new cells after this many minutes")
     args = p.parse_args()
     start = time.time()
@@ -265,13 +325,17 @@ def main() -> None:
                 if out_of_time():
                     break
                 c = cell(dataset, variant, seed, args.steps, args.keep_stale)
-                print(f"{dataset:5s} {variant:10s} seed {seed}: modes {c['modes']:2d} "
-                      f"hq {c['high_quality_pct']:5.1f}% kl {c['reverse_kl']:.3f} ({c['train_s']:.0f} s)", flush=True)  # fmt: skip
+                print(
+                    f"{dataset:5s} {variant:10s} seed {seed}: modes {c['modes']:2d} "
+                    f"hq {c['high_quality_pct']:5.1f}% kl {c['reverse_kl']:.3f} ({c['train_s']:.0f} s)",
+                    flush=True,
+                )
     done = load_cells()
     if not args.no_stacked and not out_of_time():
         grid = [c for c in done if c["dataset"] == "grid"]
-        ranked = sorted({c["variant"] for c in grid}, key=lambda v: -statistics.mean(
-            c["modes"] for c in grid if c["variant"] == v))  # fmt: skip
+        ranked = sorted(
+            {c["variant"] for c in grid}, key=lambda v: -statistics.mean(c["modes"] for c in grid if c["variant"] == v)
+        )
         # the DCGAN baseline and the best two variants that carry over to stacked-digits-dcgan as plain
         # overrides (not unrolled or wgan-gp: too slow here; not gan-r1, whose stacked preset
         # stacked-digits-r1 and stacked-digits-r3gan train 12 000 steps: ask for them with --stacked-variants)
@@ -311,10 +375,17 @@ def main() -> None:
         "copied from the papers' tables, which trained longer and on 28x28 MNIST for the stacked rows, so they "
         "compare trends, not exact settings." + (f"\n\n![samples]({png.name})" if png else "") + "\n\n" + md
     )
-    flat = [{k: (fmt(*v, digits=3 if k == "reverse_kl" else 1) if isinstance(v, tuple) else v) for k, v in r.items()}
-            for r in rows]  # fmt: skip
-    common.write("mode_collapse", flat, ["dataset", "variant", "seeds", "steps", "modes", "high_quality_pct",
-                                         "reverse_kl", "stale_cells"], notes, extra={"cells": done})  # fmt: skip
+    flat = [
+        {k: (fmt(*v, digits=3 if k == "reverse_kl" else 1) if isinstance(v, tuple) else v) for k, v in r.items()}
+        for r in rows
+    ]
+    common.write(
+        "mode_collapse",
+        flat,
+        ["dataset", "variant", "seeds", "steps", "modes", "high_quality_pct", "reverse_kl", "stale_cells"],
+        notes,
+        extra={"cells": done},
+    )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,15 @@ def main() -> None:
     ref_train, probe = train[: args.n], train[args.n : 2 * args.n]
     held_nn = nearest(held, train).median().item()
     probe_nn = nearest(probe, torch.cat([ref_train, train[2 * args.n :]])).median().item()
-    rows = [{"run": "real: training patches", "step": "", "SWD vs held-out": swd(probe, held),
-             "SWD vs training": swd(probe, ref_train), "memorisation": probe_nn / held_nn}]  # fmt: skip
+    rows = [
+        {
+            "run": "real: training patches",
+            "step": "",
+            "SWD vs held-out": swd(probe, held),
+            "SWD vs training": swd(probe, ref_train),
+            "memorisation": probe_nn / held_nn,
+        }
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for name, run in runs.items():
             log = {}
@@ -95,20 +102,36 @@ def main() -> None:
                 cmd = ["sample", "--ckpt", str(folder), "--n", str(args.n), "--out", out]
                 subprocess.run([sys.executable, "-m", "distgan", *cmd], check=True, capture_output=True)
                 x = torch.from_numpy(np.load(out))
-                row = {"run": name, "step": step, "SWD vs held-out": swd(x, held), "SWD vs training": swd(x, ref_train),
-                       "memorisation": nearest(x, train).median().item() / held_nn, "augment p": log.get(step, "n/a")}  # fmt: skip
+                row = {
+                    "run": name,
+                    "step": step,
+                    "SWD vs held-out": swd(x, held),
+                    "SWD vs training": swd(x, ref_train),
+                    "memorisation": nearest(x, train).median().item() / held_nn,
+                    "augment p": log.get(step, "n/a"),
+                }
                 rows.append(row)
-                print(f"{name} step {step}: SWD held-out {row['SWD vs held-out']['swd']:.1f}, "
-                      f"training {row['SWD vs training']['swd']:.1f}, memorisation {row['memorisation']:.3f}", flush=True)  # fmt: skip
+                print(
+                    f"{name} step {step}: SWD held-out {row['SWD vs held-out']['swd']:.1f}, "
+                    f"training {row['SWD vs training']['swd']:.1f}, memorisation {row['memorisation']:.3f}",
+                    flush=True,
+                )
             grid = common.RESULTS / f"{args.name}-{name}-{common.machine_tag()}.png"
             images_module.save_png(grid, images_module.make_grid(x[:64], nrow=8, scale=1))
     table = []
     for r in rows:
         levels = r["SWD vs held-out"]["swd_levels"]
-        table.append({"run": r["run"], "step": r["step"], "SWD vs held-out (mean)": r["SWD vs held-out"]["swd"],
-                      "64 / 32 / 16": " / ".join(f"{levels[k]:.1f}" for k in sorted(levels, reverse=True)),
-                      "SWD vs training": r["SWD vs training"]["swd"], "memorisation": r["memorisation"],
-                      "augment p": r.get("augment p", "")})  # fmt: skip
+        table.append(
+            {
+                "run": r["run"],
+                "step": r["step"],
+                "SWD vs held-out (mean)": r["SWD vs held-out"]["swd"],
+                "64 / 32 / 16": " / ".join(f"{levels[k]:.1f}" for k in sorted(levels, reverse=True)),
+                "SWD vs training": r["SWD vs training"]["swd"],
+                "memorisation": r["memorisation"],
+                "augment p": r.get("augment p", ""),
+            }
+        )
     notes = (
         f"{args.about or 'Runs: ' + ', '.join(f'{k}={v}' for k, v in runs.items())}. {args.n} EMA-generator samples per "
         f"checkpoint, {args.n} held-out patches (right quarter of each photo), {args.n} training patches. SWD x1e3 "

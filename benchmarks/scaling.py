@@ -47,9 +47,23 @@ def free_port() -> int:
 
 def launch(args: list[str], world: int, gpu: bool, threads: int) -> subprocess.CompletedProcess:
     multi = ["--multi_gpu"] if world > 1 else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(world),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *multi,
+        "--num_processes",
+        str(world),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -60,9 +74,26 @@ def train_throughput(world: int, gpu: bool, args) -> dict:
     cores = os.cpu_count() or 1
     threads = max(cores // world, 1)
     with tempfile.TemporaryDirectory() as tmp:
-        r = launch(["-m", "distgan", "train", "--preset", args.preset, "--out", tmp, f"train.steps={args.steps}",
-                    f"train.log_every={args.steps // 3}", f"data.batch_size={args.batch}", "train.sample_every=100000",
-                    "train.ckpt_every=100000", "tracking.wandb.mode=disabled"], world, gpu, threads)  # fmt: skip
+        r = launch(
+            [
+                "-m",
+                "distgan",
+                "train",
+                "--preset",
+                args.preset,
+                "--out",
+                tmp,
+                f"train.steps={args.steps}",
+                f"train.log_every={args.steps // 3}",
+                f"data.batch_size={args.batch}",
+                "train.sample_every=100000",
+                "train.ckpt_every=100000",
+                "tracking.wandb.mode=disabled",
+            ],
+            world,
+            gpu,
+            threads,
+        )
         if r.returncode != 0:
             return {"note": "failed: " + r.stderr.strip().splitlines()[-1][:100]}
         lines = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
@@ -122,10 +153,14 @@ class GBlock(nn.Module):
 def sngan128_generator(ch: int = 64, z: int = 128) -> nn.Module:
     widths = [16 * ch, 16 * ch, 8 * ch, 4 * ch, 2 * ch, ch]
     return nn.Sequential(
-        nn.Linear(z, 4 * 4 * widths[0]), nn.Unflatten(1, (widths[0], 4, 4)),
+        nn.Linear(z, 4 * 4 * widths[0]),
+        nn.Unflatten(1, (widths[0], 4, 4)),
         *[GBlock(a, b) for a, b in zip(widths, widths[1:])],
-        nn.BatchNorm2d(ch), nn.ReLU(), nn.Conv2d(ch, 3, 3, 1, 1), nn.Tanh(),
-    )  # fmt: skip
+        nn.BatchNorm2d(ch),
+        nn.ReLU(),
+        nn.Conv2d(ch, 3, 3, 1, 1),
+        nn.Tanh(),
+    )
 
 
 def estimate() -> str:
@@ -227,8 +262,19 @@ def main() -> None:
         "(threads/rank), so 2 CPU ranks also halve each rank's compute: CPU scaling here measures the "
         "overheads of DDP, not the speed-up a second machine would bring."
     )
-    cols = ["device", "ranks", "batch/rank", "threads/rank", "images/s total", "images/s per rank", "step ms",
-            "all-reduce ms/step", "all-reduce share", "scaling efficiency", "note"]  # fmt: skip
+    cols = [
+        "device",
+        "ranks",
+        "batch/rank",
+        "threads/rank",
+        "images/s total",
+        "images/s per rank",
+        "step ms",
+        "all-reduce ms/step",
+        "all-reduce share",
+        "scaling efficiency",
+        "note",
+    ]
     common.write("scaling", rows, cols, notes, extra={"grad_numel": numel})
 
 

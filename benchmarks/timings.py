@@ -31,8 +31,9 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if r.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}) after {seconds:.0f} s:\n{r.stdout[-3000:]}\n"
-                         f"{r.stderr[-3000:]}")  # fmt: skip
+        raise SystemExit(
+            f"{' '.join(cmd)} failed ({r.returncode}) after {seconds:.0f} s:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        )
     print(f"  {seconds:.0f} s", flush=True)
     return seconds, r.stdout + r.stderr
 
@@ -45,8 +46,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "distgan"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True,
-                             check=True).stdout.strip()  # fmt: skip
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True, check=True
+        ).stdout.strip()
         for target in ("venv", "demo", *([] if args.skip_test else ["test"])):
             seconds, out = timed(["make", target], clone)
             row = {"command": f"make {target}", "seconds": round(seconds, 1), "minutes": f"{seconds / 60:.1f}"}

@@ -69,10 +69,13 @@ def distgan_loop(preset: str, steps: int, warmup: int, in_memory: bool) -> float
     cfg = config.load_config(
         preset,
         overrides=[
-            f"train.steps={warmup + steps}", f"train.log_every={LOG_EVERY}", "train.sample_every=1000000000",
-            "train.ckpt_every=1000000000", "tracking.wandb.mode=disabled",
+            f"train.steps={warmup + steps}",
+            f"train.log_every={LOG_EVERY}",
+            "train.sample_every=1000000000",
+            "train.ckpt_every=1000000000",
+            "tracking.wandb.mode=disabled",
         ],
-    )  # fmt: skip
+    )
     data = None
     if in_memory:
         tensor = memory_data(cfg)

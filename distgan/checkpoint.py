@@ -364,8 +364,9 @@ def load_model(module: torch.nn.Module, state: dict[str, torch.Tensor], what: st
 # -- the run state: what each rank contributes to a checkpoint, and what it gets back ------------------
 
 
-def rank_state(rng_state: dict[str, torch.Tensor], feeds, variant_state: dict[str, torch.Tensor],
-               fingerprint_value: int) -> dict[str, torch.Tensor]:  # fmt: skip
+def rank_state(
+    rng_state: dict[str, torch.Tensor], feeds, variant_state: dict[str, torch.Tensor], fingerprint_value: int
+) -> dict[str, torch.Tensor]:
     """One rank's part of state.safetensors: its RNG states (rng.*), every feed's resume position
     (data.*, see data/feeds.py), the variant's per-rank tensors (variant.*, e.g. CycleGAN's image
     pools) and the fingerprint of its models. `gather_rank_states` stacks them over ranks."""
@@ -424,8 +425,11 @@ def resume_point(ckpt: Checkpoint, rank: int, world: int, num_workers: int) -> R
         if key.startswith("data.") and key.endswith(".positions"):
             prefix = key[: -len("positions")]
             read = ckpt.state.get(prefix + "shards_read")
-            feeds[prefix] = (v[rank].tolist(), ckpt.state[prefix + "skipped"][rank].tolist(),
-                             None if read is None else read[rank])  # fmt: skip
+            feeds[prefix] = (
+                v[rank].tolist(),
+                ckpt.state[prefix + "skipped"][rank].tolist(),
+                None if read is None else read[rank],
+            )
     rng_state = {k.split(".", 2)[2]: v[rank] for k, v in ckpt.state.items() if k.startswith("rng.")}
     own = {k[len("variant.") :]: v[rank] for k, v in ckpt.state.items() if k.startswith("variant.")}
     return ResumePoint(ckpt.step, True, data["batches"], feeds, rng_state, own)

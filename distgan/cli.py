@@ -16,8 +16,9 @@ from distgan.errors import RunFailed, UserError, user_message
 def _shards(args: argparse.Namespace) -> int:
     from distgan.data import shards
 
-    kw = dict(maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite, fmt=args.format,
-              quality=args.quality)  # fmt: skip
+    kw = dict(
+        maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite, fmt=args.format, quality=args.quality
+    )
     if args.prefix:
         kw["prefix"] = args.prefix
     if args.builtin:
@@ -25,8 +26,9 @@ def _shards(args: argparse.Namespace) -> int:
     elif args.images:
         manifest = shards.write_folder(args.images, args.out, resize=args.resize, rgb=args.rgb, **kw)
     elif args.pairs:
-        manifest = shards.write_pairs(*args.pairs, args.out, resize=args.resize, rgb=args.rgb,
-                                      input_rgb=args.input_rgb, **kw)  # fmt: skip
+        manifest = shards.write_pairs(
+            *args.pairs, args.out, resize=args.resize, rgb=args.rgb, input_rgb=args.input_rgb, **kw
+        )
     else:
         x, y, classes = shards.load_npz(args.npz)
         manifest = shards.write_arrays(x, y, classes, args.out, source=f"npz:{args.npz}", **kw)
@@ -97,8 +99,10 @@ def _load_generators(args: argparse.Namespace, need_data: bool = False):
     given = trust.override_keys(args.overrides)
     allowed = set(trust.SHARD_KEYS + trust.FILE_KEYS) | {"data.on_error"}  # how this command reads the shards
     if given - allowed:
-        raise UserError(f"`distgan {args.command}` takes only {', '.join(sorted(allowed))} as key=value "
-                        f"(the model comes from the checkpoint); got {', '.join(sorted(given - allowed))}")  # fmt: skip
+        raise UserError(
+            f"`distgan {args.command}` takes only {', '.join(sorted(allowed))} as key=value "
+            f"(the model comes from the checkpoint); got {', '.join(sorted(given - allowed))}"
+        )
     data, notes = trust.checkpoint_config(
         stored,
         given=given,
@@ -158,8 +162,9 @@ def _translate(args: argparse.Namespace) -> int:
         from distgan import variants
 
         names = ", ".join(n for n in variants.REGISTRY if variants.get(n).image_to_image)
-        raise UserError(f"--input needs an image-to-image model ({names}); this checkpoint's "
-                        f"variant is '{cfg.variant.name}'")  # fmt: skip
+        raise UserError(
+            f"--input needs an image-to-image model ({names}); this checkpoint's variant is '{cfg.variant.name}'"
+        )
     src = Path(args.input)
     if src.is_dir():
         files = sorted(f for f in src.iterdir() if f.suffix.lower() in images.IMAGE_SUFFIXES)
@@ -229,8 +234,9 @@ def _load_discriminator(ckpt, cfg, variant, G, args: argparse.Namespace):
     real = (batch["image"] for batch in stream.make_loader(ds, num_workers=0))
     gen = torch.Generator().manual_seed(args.seed + 1)  # not the sampling seed: fresh draws
     with tqdm(total=args.drs_calibrate, desc="calibrate D") as bar:
-        D, stats = sampling.calibrate(variant, G, D, real, args.drs_calibrate, args.drs_lr, gen,
-                                      betas=(cfg.train.beta1, cfg.train.beta2), bar=bar)  # fmt: skip
+        D, stats = sampling.calibrate(
+            variant, G, D, real, args.drs_calibrate, args.drs_lr, gen, betas=(cfg.train.beta1, cfg.train.beta2), bar=bar
+        )
     return D, {"drs_" + k: v for k, v in stats.items()}
 
 
@@ -314,8 +320,10 @@ def _eval(args: argparse.Namespace) -> int:
     names = args.metrics.split(",") if args.metrics else usable
     metrics.check(names, usable, cfg)
     if inception_file and (args.drs or args.drs_calibrate) and set(names) & set(metrics.STANDARD):
-        raise UserError("--drs with the Inception metrics is not supported; measure --drs samples with the other "
-                        "metrics, or the plain generator with --inception")  # fmt: skip
+        raise UserError(
+            "--drs with the Inception metrics is not supported; measure --drs samples with the other "
+            "metrics, or the plain generator with --inception"
+        )
     result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "n": args.n}
     standard, rest = evaluation.split_names(names, bool(inception_file))
     split = standard_metrics.Split.current(chunk=args.chunk)
@@ -323,8 +331,9 @@ def _eval(args: argparse.Namespace) -> int:
     if standard:
         if args.chunk < 1:
             raise UserError(f"--chunk must be >= 1; got {args.chunk}")
-        feature_net = evaluation.Inception.load(cfg, inception_file, next(G.parameters()).device, split, ref=args.ref,
-                                                limit=args.ref_n)  # fmt: skip
+        feature_net = evaluation.Inception.load(
+            cfg, inception_file, next(G.parameters()).device, split, ref=args.ref, limit=args.ref_n
+        )
         result.update(feature_net.describe(split))
     elif not args.features and {"fid", "kid"} & set(names):
         result["inception"] = "not given, so fid/kid are in the digits features below. " + inception.missing_message()
@@ -332,13 +341,16 @@ def _eval(args: argparse.Namespace) -> int:
     reference = None
     if args.heldout:
         if "swd" not in rest:
-            raise UserError("--heldout gives the reference images of swd (or an image-to-image model's held-out "
-                            "inputs); add swd to --metrics")  # fmt: skip
+            raise UserError(
+                "--heldout gives the reference images of swd (or an image-to-image model's held-out "
+                "inputs); add swd to --metrics"
+            )
         from distgan.data import stream
 
         src = stream.resolve(args.heldout, progress=False, key="--heldout")
-        reference = stream.read_all(src, resolution=cfg.data.resolution, channels=cfg.data.channels,
-                                    options=stream.stream_options(cfg))["image"]  # fmt: skip
+        reference = stream.read_all(
+            src, resolution=cfg.data.resolution, channels=cfg.data.channels, options=stream.stream_options(cfg)
+        )["image"]
     x = None
     if rest and main_rank:
         D, calibrated = _load_discriminator(ckpt, cfg, variant, G, args)
@@ -347,9 +359,24 @@ def _eval(args: argparse.Namespace) -> int:
         if drs:
             result.update({f"drs_{k}": v for k, v in drs.items()})
     with tqdm(total=args.n, desc="generated features", unit="img", disable=not standard or split.rank != 0) as bar:
-        result.update(evaluation.measure(cfg, variant, G, names, n=args.n, seed=args.seed, split=split,
-                                         manifest=manifest, inception=feature_net, main=main_rank, samples=x,
-                                         features=args.features, reference=reference, bar=bar))  # fmt: skip
+        result.update(
+            evaluation.measure(
+                cfg,
+                variant,
+                G,
+                names,
+                n=args.n,
+                seed=args.seed,
+                split=split,
+                manifest=manifest,
+                inception=feature_net,
+                main=main_rank,
+                samples=x,
+                features=args.features,
+                reference=reference,
+                bar=bar,
+            )
+        )
     return _report(result, args.json) if main_rank else 0
 
 
@@ -369,17 +396,28 @@ def _stats(args: argparse.Namespace) -> int:
     shape = (stream.resolve(args.shards, progress=False, key="--shards").manifest or {}).get("image_shape")
     if resolution is None or channels is None:
         if not shape:
-            raise UserError("--resolution and --channels are needed for shards without a manifest.json "
-                            "(use the training run's data.resolution and data.channels)")  # fmt: skip
+            raise UserError(
+                "--resolution and --channels are needed for shards without a manifest.json "
+                "(use the training run's data.resolution and data.channels)"
+            )
         resolution = resolution or int(shape[0])
         channels = channels or int(shape[2] if len(shape) > 2 else 1)
     net = inception.FeatureNet(path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     options = {"image_key": args.image_key, "crop": args.crop, "on_error": args.on_error}  # as data.* of a run
-    stats, origin = standard.reference_stats(args.shards, resolution=resolution, channels=channels, net=net,
-                                             split=standard.Split(chunk=args.chunk), limit=args.n,
-                                             key="--shards", options=options)  # fmt: skip
-    print(f"reference statistics of {stats.n} images of {args.shards} at {resolution}x{resolution}x{channels}, "
-          f"{net.describe()}: {origin}")  # fmt: skip
+    stats, origin = standard.reference_stats(
+        args.shards,
+        resolution=resolution,
+        channels=channels,
+        net=net,
+        split=standard.Split(chunk=args.chunk),
+        limit=args.n,
+        key="--shards",
+        options=options,
+    )
+    print(
+        f"reference statistics of {stats.n} images of {args.shards} at {resolution}x{resolution}x{channels}, "
+        f"{net.describe()}: {origin}"
+    )
     if args.out:
         stats.save(args.out)
         print(f"wrote {args.out}")
@@ -391,22 +429,31 @@ def _eval_translation(args: argparse.Namespace, ckpt, cfg, variant, gens) -> int
     from distgan.data import stream
 
     if args.metrics or args.features:
-        raise UserError(f"--metrics/--features do not apply to variant '{cfg.variant.name}': it is measured on "
-                        "held-out inputs (PSNR/SSIM, or cycle error and a domain classifier for cyclegan)")  # fmt: skip
+        raise UserError(
+            f"--metrics/--features do not apply to variant '{cfg.variant.name}': it is measured on "
+            "held-out inputs (PSNR/SSIM, or cycle error and a domain classifier for cyclegan)"
+        )
     if args.heldout:
         domains = len(variant.data_streams(cfg))
         if domains > 1:
-            raise UserError(f"--heldout takes one shard set; {cfg.variant.name}'s held-out sets come from its "
-                            f"{domains} domains")  # fmt: skip
+            raise UserError(
+                f"--heldout takes one shard set; {cfg.variant.name}'s held-out sets come from its {domains} domains"
+            )
         src = stream.resolve(args.heldout, progress=False, key="--heldout")
-        heldout = stream.read_all(src, resolution=cfg.data.resolution, channels=cfg.data.channels,
-                                  options=stream.stream_options(cfg),
-                                  fields=variant.fields())  # fmt: skip
+        heldout = stream.read_all(
+            src,
+            resolution=cfg.data.resolution,
+            channels=cfg.data.channels,
+            options=stream.stream_options(cfg),
+            fields=variant.fields(),
+        )
     else:
         heldout = variant.heldout()
         if heldout is None:
-            raise UserError(f"the shards of this run ({cfg.data.shards}) name no held-out set; give one with "
-                            "--heldout SHARDS (the same format as the training shards)")  # fmt: skip
+            raise UserError(
+                f"the shards of this run ({cfg.data.shards}) name no held-out set; give one with "
+                "--heldout SHARDS (the same format as the training shards)"
+            )
     return _report({"checkpoint": str(ckpt.path), "step": ckpt.step, **variant.evaluate(gens, heldout)}, args.json)
 
 
@@ -447,10 +494,10 @@ def _config(args: argparse.Namespace) -> int:
     """Print the resolved config (preset or file, plus overrides) as YAML, or with --doc the reference."""
     from distgan import config
 
-    if args.doc:
-        if args.preset or args.config or args.overrides:
-            raise UserError("--doc prints the reference of every key; it takes no preset, file or overrides")
-        print(config.reference_markdown(), end="")
+    if args.doc or args.flags:
+        if args.preset or args.config or args.overrides or (args.doc and args.flags):
+            raise UserError("--doc and --flags print a reference; they take no preset, file, overrides or each other")
+        print(config.reference_markdown() if args.doc else flags_markdown(), end="")
         return 0
     print(config.to_yaml(config.load_config(args.preset, args.config, args.overrides)), end="")
     return 0
@@ -476,10 +523,15 @@ def _standing_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drs-calibrate", type=int, default=0, metavar="STEPS",
-                   help="with --drs: first train the checkpoint's D this many more steps against the frozen "
-                   "generator, on the training shards (logistic loss, no penalty, weight average), so that it "
-                   "estimates log p_data/p_G for this generator (default 0: D as trained)")  # fmt: skip
+    p.add_argument(
+        "--drs-calibrate",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="with --drs: first train the checkpoint's D this many more steps against the frozen "
+        "generator, on the training shards (logistic loss, no penalty, weight average), so that it "
+        "estimates log p_data/p_G for this generator (default 0: D as trained)",
+    )
     p.add_argument("--drs-lr", type=float, default=2e-4, help="Adam learning rate of --drs-calibrate (default 2e-4)")
 
 
@@ -496,10 +548,41 @@ def _trust_arg(p: argparse.ArgumentParser) -> None:
 
 def _stored_args(p: argparse.ArgumentParser) -> None:
     """sample/eval: where the training data and files are, since those never come from a checkpoint."""
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="the checkpoint's data.shards (or data.shards_a/_b, variant.vgg_weights), when this command "
-                   "reads them: they are never taken from the checkpoint itself")  # fmt: skip
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="the checkpoint's data.shards (or data.shards_a/_b, variant.vgg_weights), when this command "
+        "reads them: they are never taken from the checkpoint itself",
+    )
     _trust_arg(p)
+
+
+FLAGS_HEADING = "## Every flag"
+
+
+def flags_markdown() -> str:
+    """The end of docs/usage.md: every subcommand's flags with their help, from the parser itself
+    (`distgan config --flags`; a test fails when the file and the parser differ)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = [f"{FLAGS_HEADING}\n\nGenerated from the parser by `distgan config --flags`.\n"]
+    for name, command in sub.choices.items():
+        out.append(f"\n### distgan {name}\n\n| flag | meaning |\n|---|---|\n")
+        for action in command._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS or "--help" in action.option_strings:
+                continue
+            flag = ", ".join(f"`{o}`" for o in action.option_strings)
+            if action.metavar or (action.nargs != 0 and action.choices is None and action.const is None):
+                metavar = action.metavar or action.dest.upper()
+                flag += " " + (" ".join(metavar) if isinstance(metavar, tuple) else metavar)
+            if action.choices:
+                flag += " " + "\\|".join(map(str, action.choices))
+            text = (action.help or "").replace("|", "\\|").replace("%%", "%")
+            if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+                text += f" (default {action.default})"
+            out.append(f"| {flag} | {text} |\n")
+    return "".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -557,8 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("sample", help="sample images from a checkpoint's EMA generator, or translate images")
     m.add_argument("--ckpt", required=True, help="a checkpoint step folder, or a run directory (its latest)")
     m.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    m.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npy ((N,C,H,W) float32 in [-1, 1]); "
-                   "with --input, the translated image (or folder)")  # fmt: skip
+    m.add_argument(
+        "--out",
+        required=True,
+        help="FILE.png (a grid) or FILE.npy ((N,C,H,W) float32 in [-1, 1]); "
+        "with --input, the translated image (or folder)",
+    )
     m.add_argument("--seed", type=int, default=0)
     m.add_argument(
         "--class",
@@ -572,9 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
         "upscale (srgan, in overlapping tiles); --out is then a .png file, or a folder for a folder",
     )
     m.add_argument("--direction", choices=("ab", "ba"), default="ab", help="cyclegan: A -> B (default) or B -> A")
-    m.add_argument("--zoom", type=int, default=0,
-                   help="--out .png grids: draw each image this many times larger, nearest-neighbour (default 0: "
-                   "auto, so that each is at least 64 pixels wide)")  # fmt: skip
+    m.add_argument(
+        "--zoom",
+        type=int,
+        default=0,
+        help="--out .png grids: draw each image this many times larger, nearest-neighbour (default 0: "
+        "auto, so that each is at least 64 pixels wide)",
+    )
     m.add_argument("--drs", action="store_true", help=DRS_HELP)
     _calibrate_args(m)
     _standing_arg(m)
@@ -592,22 +683,32 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{k}: {v}" for k, v in METRICS.items()).replace("%", "%%"),  # argparse formats help
     )
     e.add_argument("--features", help="a TorchScript feature network (N,C,H,W in [-1,1] -> N,D) for fid/kid")
-    e.add_argument("--inception", metavar="FILE",
-                   help="the standard Inception-v3 weights for fid/kid/is/pr, as published: NVIDIA's "
-                   "inception-2015-12-05.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: "
-                   "$DISTGAN_INCEPTION); see docs/evaluation.md")  # fmt: skip
-    e.add_argument("--ref", metavar="STATS.npz",
-                   help="with --inception: reference statistics from `distgan stats` or pytorch-fid (mu, sigma) "
-                   "instead of the run's shards")  # fmt: skip
+    e.add_argument(
+        "--inception",
+        metavar="FILE",
+        help="the standard Inception-v3 weights for fid/kid/is/pr, as published: NVIDIA's "
+        "inception-2015-12-05.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: "
+        "$DISTGAN_INCEPTION); see docs/evaluation.md",
+    )
+    e.add_argument(
+        "--ref",
+        metavar="STATS.npz",
+        help="with --inception: reference statistics from `distgan stats` or pytorch-fid (mu, sigma) "
+        "instead of the run's shards",
+    )
     e.add_argument(
         "--ref-n",
         type=int,
         default=0,
         help="with --inception: real images of the shards in the reference statistics (default 0: all)",
     )
-    e.add_argument("--chunk", type=int, default=250,
-                   help="with --inception: images per unit of work; each chunk draws its noise from its own seed, "
-                   "so results do not depend on the number of ranks (default 250)")  # fmt: skip
+    e.add_argument(
+        "--chunk",
+        type=int,
+        default=250,
+        help="with --inception: images per unit of work; each chunk draws its noise from its own seed, "
+        "so results do not depend on the number of ranks (default 250)",
+    )
     e.add_argument(
         "--n",
         type=int,
@@ -615,9 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples to draw (default 50000 with --inception, as fid50k; else 2500, as in PacGAN)",
     )
     e.add_argument("--json", help="also write the results to this JSON file")
-    e.add_argument("--heldout", help="image-to-image models: held-out shards to measure on (default: the "
-                   "training shards' own held-out set, which the builtin sets have); other image models: the "
-                   "reference images of swd instead of the training shards")  # fmt: skip
+    e.add_argument(
+        "--heldout",
+        help="image-to-image models: held-out shards to measure on (default: the "
+        "training shards' own held-out set, which the builtin sets have); other image models: the "
+        "reference images of swd instead of the training shards",
+    )
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     e.add_argument("--drs", action="store_true", help=DRS_HELP + "; the report adds the acceptance rate")
@@ -630,16 +734,31 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="Inception reference statistics of a shard set (for eval --ref), cached")
     st.add_argument("--shards", required=True, help="the shard set: a folder, brace pattern or URL (as data.shards)")
     st.add_argument("--inception", metavar="FILE", help="the Inception weights file (default: $DISTGAN_INCEPTION)")
-    st.add_argument("--resolution", type=int, help="decode at this size, as the run's data.resolution "
-                    "(default: the manifest's image size)")  # fmt: skip
+    st.add_argument(
+        "--resolution",
+        type=int,
+        help="decode at this size, as the run's data.resolution (default: the manifest's image size)",
+    )
     st.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3, as data.channels (default: the manifest's)")
     st.add_argument("--n", type=int, default=0, help="the first N images (default 0: all)")
-    st.add_argument("--image-key", default="", help="as data.image_key: the image member (default: the first "
-                    "of png, jpg, jpeg, webp, ppm, bmp, tif, tiff present)")  # fmt: skip
-    st.add_argument("--crop", choices=("center", "random", "none"), default="center",
-                    help="as data.crop (random is taken as center: statistics do not depend on a seed)")  # fmt: skip
-    st.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                    help="as data.on_error: stop at a bad sample (default), or skip and count it")  # fmt: skip
+    st.add_argument(
+        "--image-key",
+        default="",
+        help="as data.image_key: the image member (default: the first "
+        "of png, jpg, jpeg, webp, ppm, bmp, tif, tiff present)",
+    )
+    st.add_argument(
+        "--crop",
+        choices=("center", "random", "none"),
+        default="center",
+        help="as data.crop (random is taken as center: statistics do not depend on a seed)",
+    )
+    st.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="as data.on_error: stop at a bad sample (default), or skip and count it",
+    )
     st.add_argument("--chunk", type=int, default=250, help="images per batch of work (default 250)")
     st.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     st.add_argument("--out", help="also write the statistics here (.npz: mu, sigma, features, n, meta)")
@@ -650,6 +769,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--preset", help="a preset shipped with distgan (default digits-dcgan)")
     which.add_argument("--config", help="a YAML config file")
     c.add_argument("--doc", action="store_true", help="print the reference of every key (docs/config.md) instead")
+    c.add_argument(
+        "--flags",
+        action="store_true",
+        help="print the reference of every command's flags (the end of docs/usage.md) instead",
+    )
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
     c.set_defaults(func=_config)
 

@@ -21,23 +21,19 @@ from distgan.errors import UserError
 DEFAULT_PRESET = "digits-dcgan"
 
 
-# Config keys that take one of a fixed set of strings.
-CHOICES = {
-    "data.on_error": ("raise", "skip"),
-    "data.crop": ("center", "random", "none"),
-    "data.cache": ("auto", "ram", "off"),
-    "data.kind": ("images", "points", "paired"),
-    "variant.pixel_loss": ("l1", "mse"),
-    "variant.loss": losses.LOSSES,
-    # auto: what `accelerate launch` was given (--mixed_precision or its config file), else no
-    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    # skip: a step whose gradients are NaN/Inf is not applied (stop after train.max_nan_skips in a row)
-    "train.on_nan": ("skip", "stop"),
-    "train.lr_decay": ("none", "linear"),
-    "train.sn_scale": ("weight", "output"),
-    "model.d.conditioning": ("projection", "concat"),
-    "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),  # auto: offline without an API key
-}
+def one_of(default, choices: tuple):
+    """A key that takes one of `choices` (checked by `validate`, listed in the config reference)."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def at_least(low: float, default: float):
+    """A key whose value must be >= `low` (checked by `validate`, said in the config reference)."""
+    return field(default=default, metadata={"min": low})
+
+
+def between(low: float, high: float, default: float, low_open: bool = False):
+    """A key whose value must lie in [low, high) ((low, high) with `low_open`)."""
+    return field(default=default, metadata={"range": (low, high, low_open)})
 
 
 @dataclass
@@ -46,26 +42,27 @@ class DataConfig:
     shards: str = "builtin:digits"
     # images (KEY.png), points (KEY.npy: data.channels-dim vectors, e.g. the 2-D mixtures), or paired
     # (KEY.input.png + KEY.target.png: image-to-image pairs, e.g. pix2pix)
-    kind: str = "images"
+    kind: str = one_of("images", ("images", "points", "paired"))
     # Unpaired image-to-image (cyclegan): the two domains' shard sets, streamed independently
     # (same forms as data.shards); data.shards is then unused.
     shards_a: str = ""
     shards_b: str = ""  # cyclegan: domain B's shard set (see data.shards_a)
-    input_channels: int = 0  # paired data: channels of KEY.input.png (0: data.channels)
-    resolution: int = 16  # images are cropped to a square (data.crop) and resized (PIL bilinear) to this size
-    channels: int = 1  # 1 or 3 (points: the vector size); must match the shards
-    batch_size: int = 64  # per process and per micro-batch
+    input_channels: int = one_of(0, (0, 1, 3))  # paired data: channels of KEY.input.png (0: data.channels)
+    # images are cropped to a square (data.crop) and resized (PIL bilinear) to this size
+    resolution: int = at_least(1, 16)
+    channels: int = at_least(1, 1)  # 1 or 3 (points: the vector size); must match the shards
+    batch_size: int = at_least(1, 64)  # per process and per micro-batch
     # DataLoader workers per process; -1: auto (data.stream.auto_workers): on the CPU none below
     # 4 cores per process (a worker would fight the step for them), else 1; on GPUs up to 4.
-    num_workers: int = -1
+    num_workers: int = at_least(-1, -1)
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
-    on_error: str = "raise"  # raise: stop on a corrupt sample; skip: count and skip it
+    on_error: str = one_of("raise", ("raise", "skip"))  # raise: stop on a corrupt sample; skip: count and skip it
     # a shard member larger than this (its size after decompression) is never read: the sample is a bad
     # one (data.on_error). Bounds the memory one file can take; real images are far smaller
-    max_member_bytes: float = 64e6
+    max_member_bytes: float = at_least(1, 64e6)
     # an image with more pixels than this (from its header; JPEGs after DCT downscaling) is never decoded:
     # a bad sample (data.on_error). 50e6 keeps a 48-megapixel photo; a decoded pixel costs up to 16 bytes
-    max_image_pixels: float = 50e6
+    max_image_pixels: float = at_least(1, 50e6)
     # the image member of each sample: "" takes the first present of png, jpg, jpeg, webp, ppm, bmp,
     # tif, tiff (paired data: input.EXT and target.EXT); or name one extension
     image_key: str = ""
@@ -75,19 +72,20 @@ class DataConfig:
     # images that are not square: center (crop the centred square), random (a square at a place
     # drawn per sample, reproducible on resume), none (no crop: the whole image squeezed to the square;
     # images smaller than data.resolution are refused). Then resized, PIL bilinear, to data.resolution
-    crop: str = "center"
+    crop: str = one_of("center", ("center", "random", "none"))
     # keep decoded samples in RAM after a shard's first read (uint8, at data.resolution), so later
     # reads skip tar and decode; the stream (order, positions, resume) is exactly the uncached one.
     # auto: for the embedded builtin: sets; ram: always; off. Not with data.crop=random
-    cache: str = "auto"
-    cache_bytes: float = 4e9  # data.cache: bytes per rank (split over its workers); shards beyond it are re-read
+    cache: str = one_of("auto", ("auto", "ram", "off"))
+    # data.cache: bytes per rank (split over its workers); shards beyond it are re-read
+    cache_bytes: float = at_least(0, 4e9)
     # DiffAugment (Zhao et al. 2020) of every image D sees in training, real and fake: a comma-separated
     # list of color, translation, cutout (distgan/augment.py); empty: none
     augment: str = ""
     # probability of each augmentation op per image, in [0, 1]; auto: ADA's adaptive p (Karras et al.
     # 2020), from 0, raised while E[sign D(real)] > data.augment_target; logged as augment/p
     augment_p: str = "1.0"
-    augment_target: float = 0.6  # data.augment_p=auto: the target of E[sign D(real)]
+    augment_target: float = between(0.0, 1.0, 0.6, low_open=True)  # data.augment_p=auto: the target of E[sign D(real)]
 
 
 @dataclass
@@ -95,35 +93,35 @@ class GeneratorConfig:
     # dcgan, resnet (BigGAN-style, 32-256 px), mlp or toy; image-to-image: unet, resnet (cyclegan's)
     # or srresnet (srgan)
     arch: str = "dcgan"
-    z_dim: int = 64  # size of the latent noise z
-    width: int = 64  # base channel width (DCGAN, resnet: times BigGAN's multipliers) or hidden width (MLP)
+    z_dim: int = at_least(1, 64)  # size of the latent noise z
+    width: int = at_least(1, 64)  # base channel width (DCGAN, resnet: times BigGAN's multipliers) or hidden width (MLP)
     # cgan: size of the label embedding (concatenated to z; resnet: the shared embedding of its conditional BNs)
-    embed_dim: int = 16
+    embed_dim: int = at_least(1, 16)
     spectral_norm: bool = False  # spectral norm on every conv and linear layer of G (BigGAN), via kernels/
     hierarchical: bool = False  # resnet cgan: z split into one chunk per block, each fed to its BNs (BigGAN)
     attention: int = 0  # resnet: SAGAN self-attention after the block of this resolution; 0: none
     batchnorm: bool = True  # resnet: BatchNorm in G; false: no normalisation (R3GAN), zero-init residual branches
-    blocks: int = 6  # resnet (cyclegan) and srresnet (srgan) generators: residual blocks
+    blocks: int = at_least(1, 6)  # resnet (cyclegan) and srresnet (srgan) generators: residual blocks
 
 
 @dataclass
 class DiscriminatorConfig:
     arch: str = "dcgan"  # dcgan, resnet (BigGAN-style, 32-256 px), mlp or toy; image-to-image: patchgan or srgan
-    width: int = 64  # base channel width (DCGAN) or hidden width (toy MLP)
+    width: int = at_least(1, 64)  # base channel width (DCGAN) or hidden width (toy MLP)
     # Minibatch discrimination (Salimans et al. 2016) before D's last layer, via kernels/.
     minibatch_discrimination: bool = False
-    mbd_kernels: int = 100  # minibatch discrimination: kernels (B in the paper)
-    mbd_kernel_dim: int = 5  # minibatch discrimination: dimension of each kernel (C in the paper)
+    mbd_kernels: int = at_least(1, 100)  # minibatch discrimination: kernels (B in the paper)
+    mbd_kernel_dim: int = at_least(1, 5)  # minibatch discrimination: dimension of each kernel (C in the paper)
     # Spectral norm (Miyato et al. 2018) on every conv and linear layer, via kernels.spectral_norm;
     # the DCGAN discriminator then drops its BatchNorm, as SNGAN's does.
     spectral_norm: bool = False
     # BatchNorm in the DCGAN discriminator; null (auto): on, except with spectral norm (as SNGAN's D)
     batchnorm: bool | None = None
     # cgan: projection (Miyato & Koyama 2018) or concat (the label as an extra input channel)
-    conditioning: str = "projection"
+    conditioning: str = one_of("projection", ("projection", "concat"))
     maxout: int = 0  # toy D (2-D mixtures): maxout units of this many pieces (PacGAN's D: 5); 0: LeakyReLU
     attention: int = 0  # resnet: SAGAN self-attention after the block of this resolution; 0: none
-    layers: int = 3  # patchgan: strided conv layers (3: the 70x70 PatchGAN of pix2pix/CycleGAN)
+    layers: int = at_least(1, 3)  # patchgan: strided conv layers (3: the 70x70 PatchGAN of pix2pix/CycleGAN)
 
 
 @dataclass
@@ -140,40 +138,42 @@ class VariantConfig:
     name: str = "gan"
     # ns: non-saturating BCE (the seed's); minimax: the saturating original; hinge; ls (LSGAN);
     # wasserstein (the wgan variants' critic loss); rpgan (relativistic pairing, R3GAN's)
-    loss: str = "ns"
-    n_critic: int = 1  # D (critic) steps per G step, each on its own real batch
+    loss: str = one_of("ns", losses.LOSSES)
+    n_critic: int = at_least(1, 1)  # D (critic) steps per G step, each on its own real batch
     clip: float = 0.01  # wgan: critic weights are clamped to [-clip, clip] after each step
     gp_weight: float = 10.0  # wgan-gp: lambda of the gradient penalty
     # R1 (Mescheder et al. 2018): D's loss gets r1_gamma / 2 * E_real |grad_x D(x)|^2; 0 = off. Any loss.
-    r1_gamma: float = 0.0
-    r2_gamma: float = 0.0  # R2: D's loss gets r2_gamma / 2 * E_fake |grad_x D(G(z))|^2 (R3GAN uses R1 + R2); 0 = off
+    r1_gamma: float = at_least(0, 0.0)
+    # R2: D's loss gets r2_gamma / 2 * E_fake |grad_x D(G(z))|^2 (R3GAN uses R1 + R2); 0 = off
+    r2_gamma: float = at_least(0, 0.0)
     # LeCam (Tseng et al. 2021): D's loss gets lecam_weight * (E|D(x) - a_F|^2 + E|D(G(z)) - a_R|^2), with
     # a_R, a_F EMAs (variant.lecam_decay) of D's mean real/fake outputs, kept in checkpoints; 0 = off
-    lecam_weight: float = 0.0
-    lecam_decay: float = 0.99  # LeCam: decay of the EMAs a_R, a_F of D's mean outputs
+    lecam_weight: float = at_least(0, 0.0)
+    lecam_decay: float = between(0.0, 1.0, 0.99)  # LeCam: decay of the EMAs a_R, a_F of D's mean outputs
     # BigGAN's orthogonal regularisation of G: ortho_reg * sum_W ||W W^T * (1 - I)||_F^2 in G's loss; 0 = off
-    ortho_reg: float = 0.0
-    pack: int = 1  # PacGAN (Lin et al. 2018): D judges `pack` samples at once, stacked as channels
-    unroll_steps: int = 5  # unrolled: D steps unrolled for G's loss (Metz et al. 2017)
+    ortho_reg: float = at_least(0, 0.0)
+    pack: int = at_least(1, 1)  # PacGAN (Lin et al. 2018): D judges `pack` samples at once, stacked as channels
+    unroll_steps: int = at_least(1, 5)  # unrolled: D steps unrolled for G's loss (Metz et al. 2017)
     unroll_grad: bool = True  # unrolled: gradients flow through the unrolled steps (the paper's full version)
     # Image-to-image (pix2pix, cyclegan, srgan)
-    gan_weight: float = 1.0  # weight of G's adversarial loss; pix2pix with 0 is the L1-only U-Net baseline
-    l1_weight: float = 100.0  # pix2pix: lambda of the L1 term (Isola et al. 2017)
-    cycle_weight: float = 10.0  # cyclegan: lambda of the cycle-consistency loss (Zhu et al. 2017)
-    identity_weight: float = 0.5  # cyclegan: identity loss, as a fraction of cycle_weight
-    pool_size: int = 50  # cyclegan: image-history buffer per rank for D (0: off)
-    scale: int = 4  # srgan: upscaling factor (2 or 4); LR = bicubic downscale of the HR crop
-    crop: int = 0  # srgan: random HR crop size taken from each training image (0: the whole image)
-    pretrain_steps: int = 1000  # srgan: steps on the pixel loss alone before adversarial training
-    pixel_loss: str = "mse"  # srgan: l1 or mse
-    adv_weight: float = 1.0e-3  # srgan: weight of the adversarial term after pre-training (Ledig et al. 2017)
+    gan_weight: float = at_least(0, 1.0)  # weight of G's adversarial loss; pix2pix with 0 is the L1-only U-Net baseline
+    l1_weight: float = at_least(0, 100.0)  # pix2pix: lambda of the L1 term (Isola et al. 2017)
+    cycle_weight: float = at_least(0, 10.0)  # cyclegan: lambda of the cycle-consistency loss (Zhu et al. 2017)
+    identity_weight: float = at_least(0, 0.5)  # cyclegan: identity loss, as a fraction of cycle_weight
+    pool_size: int = at_least(0, 50)  # cyclegan: image-history buffer per rank for D (0: off)
+    scale: int = one_of(4, (2, 4))  # srgan: upscaling factor (2 or 4); LR = bicubic downscale of the HR crop
+    crop: int = at_least(0, 0)  # srgan: random HR crop size taken from each training image (0: the whole image)
+    pretrain_steps: int = at_least(0, 1000)  # srgan: steps on the pixel loss alone before adversarial training
+    pixel_loss: str = one_of("mse", ("l1", "mse"))  # srgan: l1 or mse
+    # srgan: weight of the adversarial term after pre-training (Ledig et al. 2017)
+    adv_weight: float = at_least(0, 1.0e-3)
     vgg_weights: str = ""  # srgan: a local VGG19 state dict (torchvision layout) for the perceptual loss
-    vgg_weight: float = 6.0e-3  # srgan: weight of the VGG feature loss (features rescaled by 1/12.75)
+    vgg_weight: float = at_least(0, 6.0e-3)  # srgan: weight of the VGG feature loss (features rescaled by 1/12.75)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000  # optimizer steps (each: the variant's D step(s) and one G step)
+    steps: int = at_least(1, 3000)  # optimizer steps (each: the variant's D step(s) and one G step)
     seed: int = 0  # seeds the models, the noise and the data stream
     lr_g: float = 2e-4  # G's Adam learning rate
     lr_d: float = 2e-4  # D's Adam learning rate
@@ -181,22 +181,24 @@ class TrainConfig:
     beta2: float = 0.999  # Adam beta2 of both optimizers
     # learning-rate schedule of every optimizer: none (constant), or linear: constant until
     # lr_decay_start x steps, then linearly down towards 0 at train.steps (a function of the step alone)
-    lr_decay: str = "none"
-    lr_decay_start: float = 0.0  # fraction of train.steps after which train.lr_decay starts, in [0, 1)
-    grad_accum: int = 1  # micro-batches per step, for G and D alike
-    mixed_precision: str = "auto"
-    on_nan: str = "skip"
-    max_nan_skips: int = 20  # consecutive skipped steps before the run stops anyway
-    ema_beta: float = 0.999  # EMA of G's weights (with a warm-up), used for every sample; 0: the live G
-    log_every: int = 50  # steps between metric logs (metrics.jsonl, W&B)
-    sample_every: int = 500  # steps between sample grids (RUN_DIR/samples/)
-    ckpt_every: int = 1000  # steps between checkpoints (also written at the end and on SIGINT/SIGTERM)
-    keep_last: int = 3  # checkpoints kept; older ones are deleted
-    n_samples: int = 100  # images in each sample grid
+    lr_decay: str = one_of("none", ("none", "linear"))
+    # fraction of train.steps after which train.lr_decay starts
+    lr_decay_start: float = between(0.0, 1.0, 0.0)
+    grad_accum: int = at_least(1, 1)  # micro-batches per step, for G and D alike
+    mixed_precision: str = one_of("auto", ("auto", "no", "bf16", "fp16"))
+    on_nan: str = one_of("skip", ("skip", "stop"))
+    max_nan_skips: int = at_least(1, 20)  # consecutive skipped steps before the run stops anyway
+    # EMA of G's weights (with a warm-up), used for every sample; 0: the live G
+    ema_beta: float = between(0.0, 1.0, 0.999)
+    log_every: int = at_least(1, 50)  # steps between metric logs (metrics.jsonl, W&B)
+    sample_every: int = at_least(1, 500)  # steps between sample grids (RUN_DIR/samples/)
+    ckpt_every: int = at_least(1, 1000)  # steps between checkpoints (also written at the end and on SIGINT/SIGTERM)
+    keep_last: int = at_least(1, 3)  # checkpoints kept; older ones are deleted
+    n_samples: int = at_least(1, 100)  # images in each sample grid
     # every eval_every steps (0: never) rank 0 draws eval_n samples from EMA-G and logs the metrics
     # `distgan eval` would give (eval/...), where the data has some
-    eval_every: int = 0
-    eval_n: int = 2500  # samples drawn for each train.eval_every evaluation
+    eval_every: int = at_least(0, 0)
+    eval_n: int = at_least(2, 2500)  # samples drawn for each train.eval_every evaluation
     # the Inception weights file (NVIDIA's inception-2015-12-05.pt or pytorch-fid's .pth) for the
     # standard fid/kid/is/pr in each evaluation, the work split over the ranks (docs/evaluation.md);
     # "": only the built-in metrics. Never taken from a checkpoint
@@ -204,7 +206,7 @@ class TrainConfig:
     eval_ref: str = ""  # with eval_inception: reference statistics (`distgan stats`) instead of the shards'
     # "fid": also keep the checkpoint with the lowest eval/fid so far, in RUN/checkpoints/best-fid/
     # (beside the last keep_last); needs eval_every and a fid (Inception, or the digits features)
-    keep_best: str = ""
+    keep_best: str = one_of("", ("", "fid"))
     # torch.compile the models (Inductor): faster steps on a GPU after a compile of a minute or more
     compile: bool = False
     # under train.compile: spectral norm and minibatch discrimination run as distgan's custom ops (the
@@ -214,15 +216,16 @@ class TrainConfig:
     channels_last: bool = False  # conv models and image batches in channels_last memory format
     # spectral-norm layers use W / sigma (weight), or Linear and Conv layers compute op(x, W) / sigma
     # (output: W / sigma is never written, half the memory traffic); the same function and gradients
-    sn_scale: str = "weight"
+    sn_scale: str = one_of("weight", ("weight", "output"))
     # with several ranks: steps between the agreement on a stop signal (SIGINT/SIGTERM), one small
     # all-reduce read on the host; also at every log and checkpoint step
-    stop_check_every: int = 10
+    stop_check_every: int = at_least(1, 10)
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "auto"  # online, offline, disabled; auto: online with an API key, else offline
+    # online, offline, disabled; auto: online with an API key, else offline
+    mode: str = one_of("auto", ("auto", "online", "offline", "disabled"))
     project: str = "distgan"  # W&B project (never taken from a checkpoint: docs/security.md)
     entity: str | None = None  # W&B entity (team or user); null: your default
     name: str | None = None  # W&B run name; null: the run directory's name
@@ -237,7 +240,7 @@ class TrackingConfig:
 class DistConfig:
     # A collective that waits longer than this (a dead or hung rank) fails the run with an error
     # instead of hanging; also bounds the wait for all ranks at start-up and at checkpoints.
-    timeout_s: int = 600
+    timeout_s: int = at_least(1, 600)
 
 
 @dataclass
@@ -317,8 +320,10 @@ def load_config(
             raise UserError(f"override '{item}' is not of the form key=value (e.g. train.steps=200)")
         key, value = item.split("=", 1)
         if dataclasses.is_dataclass(_key_type(key)):  # a section, e.g. tracking.wandb=disabled
-            raise UserError(f"override '{item}': '{key}' is a section, not a value; set one of its keys "
-                            f"({key}.KEY=VALUE): {', '.join(_valid_keys(key))}")  # fmt: skip
+            raise UserError(
+                f"override '{item}': '{key}' is a section, not a value; set one of its keys "
+                f"({key}.KEY=VALUE): {', '.join(_valid_keys(key))}"
+            )
         try:
             kind = _key_type(key)
             if kind in (str, str | None):
@@ -357,66 +362,38 @@ def _key_type(dotted: str):
     return kind
 
 
+def _listed(choices) -> str:
+    return ", ".join(repr(c) if c == "" else str(c) for c in choices)
+
+
+def _bounded(cfg, node=None, prefix: str = ""):
+    """(dotted key, field metadata, value) of every key whose field states its choices or bounds."""
+    node = cfg if node is None else node
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _bounded(cfg, value, f"{prefix}{f.name}.")
+        elif f.metadata:
+            yield prefix + f.name, f.metadata, value
+
+
 def validate(cfg: Config) -> None:
-    """Checks the schema's types cannot express."""
-    positive = {
-        "data.resolution": cfg.data.resolution,
-        "data.channels": cfg.data.channels,
-        "data.batch_size": cfg.data.batch_size,
-        "train.steps": cfg.train.steps,
-        "train.grad_accum": cfg.train.grad_accum,
-        "train.log_every": cfg.train.log_every,
-        "train.sample_every": cfg.train.sample_every,
-        "train.ckpt_every": cfg.train.ckpt_every,
-        "train.keep_last": cfg.train.keep_last,
-        "train.n_samples": cfg.train.n_samples,
-        "train.max_nan_skips": cfg.train.max_nan_skips,
-        "train.stop_check_every": cfg.train.stop_check_every,
-        "train.eval_n": cfg.train.eval_n,
-        "dist.timeout_s": cfg.dist.timeout_s,
-        "model.g.z_dim": cfg.model.g.z_dim,
-        "model.g.width": cfg.model.g.width,
-        "model.d.width": cfg.model.d.width,
-        "model.d.mbd_kernels": cfg.model.d.mbd_kernels,
-        "model.d.mbd_kernel_dim": cfg.model.d.mbd_kernel_dim,
-        "variant.n_critic": cfg.variant.n_critic,
-        "variant.pack": cfg.variant.pack,
-        "variant.unroll_steps": cfg.variant.unroll_steps,
-        "model.g.embed_dim": cfg.model.g.embed_dim,
-        "model.g.blocks": cfg.model.g.blocks,
-        "model.d.layers": cfg.model.d.layers,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise UserError(f"config key '{key}' must be >= 1, got {value}")
-    for key, choices in CHOICES.items():
-        value = get(cfg, key)
-        if value not in choices:
-            raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'")
-    if cfg.data.num_workers < -1:
-        raise UserError(f"config key 'data.num_workers' must be >= 0, or -1 for auto; got {cfg.data.num_workers}")
+    """A key's own rules live beside its field (one_of, at_least, between: checked here from the field
+    metadata); below are the keys with a grammar of their own (augment, augment_p, image_key,
+    label_key, maxout) and the rules between keys, then the variant's own (Variant.check_config)."""
+    for key, meta, value in _bounded(cfg):
+        if "min" in meta and value < meta["min"]:
+            raise UserError(f"config key '{key}' must be >= {meta['min']}, got {value}")
+        if "choices" in meta and value not in meta["choices"]:
+            raise UserError(f"config key '{key}' must be one of {_listed(meta['choices'])}; got '{value}'")
+        if "range" in meta:
+            low, high, low_open = meta["range"]
+            if not (low < value if low_open else low <= value) or not value < high:
+                raise UserError(
+                    f"config key '{key}' must be in {'(' if low_open else '['}{low:g}, {high:g}), got {value}"
+                )
     if cfg.data.kind != "points" and cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
-    if cfg.data.input_channels not in (0, 1, 3):
-        raise UserError(
-            f"config key 'data.input_channels' must be 0 (data.channels), 1 or 3; got {cfg.data.input_channels}"
-        )
-    if cfg.variant.scale not in (2, 4):
-        raise UserError(f"config key 'variant.scale' must be 2 or 4, got {cfg.variant.scale}")
-    for key in (
-        "gan_weight",
-        "l1_weight",
-        "cycle_weight",
-        "identity_weight",
-        "adv_weight",
-        "vgg_weight",
-        "r1_gamma",
-        "r2_gamma",
-        "lecam_weight",
-        "ortho_reg",
-    ):
-        if getattr(cfg.variant, key) < 0:
-            raise UserError(f"config key 'variant.{key}' must be >= 0, got {getattr(cfg.variant, key)}")
     augment.parse(cfg.data.augment)
     if cfg.data.augment_p != "auto":
         try:
@@ -427,46 +404,29 @@ def validate(cfg: Config) -> None:
             raise UserError(
                 f"config key 'data.augment_p' must be a probability in [0, 1] or auto; got '{cfg.data.augment_p}'"
             )
-    if not 0.0 < cfg.data.augment_target < 1.0:
-        raise UserError(f"config key 'data.augment_target' must be in (0, 1); got {cfg.data.augment_target}")
-    if not 0.0 <= cfg.variant.lecam_decay < 1.0:
-        raise UserError(f"config key 'variant.lecam_decay' must be in [0, 1); got {cfg.variant.lecam_decay}")
     if cfg.model.d.maxout < 0 or cfg.model.d.maxout == 1:
         raise UserError(f"config key 'model.d.maxout' must be 0 (off) or >= 2 pieces, got {cfg.model.d.maxout}")
-    if cfg.variant.pool_size < 0 or cfg.variant.crop < 0 or cfg.variant.pretrain_steps < 0:
-        raise UserError("config keys 'variant.pool_size', 'variant.crop' and 'variant.pretrain_steps' must be >= 0")
-    if cfg.train.eval_every < 0:
-        raise UserError(f"config key 'train.eval_every' must be >= 0 (0: never); got {cfg.train.eval_every}")
     from distgan.data.stream import IMAGE_EXTS
 
     if cfg.data.image_key.lstrip(".") not in ("", *IMAGE_EXTS):
-        raise UserError(f"config key 'data.image_key' must be '' (the first present) or one of {', '.join(IMAGE_EXTS)}; "
-                        f"got '{cfg.data.image_key}'")  # fmt: skip
+        raise UserError(
+            f"config key 'data.image_key' must be '' (the first present) or one of {', '.join(IMAGE_EXTS)}; "
+            f"got '{cfg.data.image_key}'"
+        )
     if cfg.data.cache == "ram" and cfg.data.crop == "random":
-        raise UserError("config key 'data.cache=ram' keeps decoded crops, so it cannot combine with data.crop=random; "
-                        "use data.crop=center or data.cache=off")  # fmt: skip
-    if cfg.data.cache_bytes < 0:
-        raise UserError(f"config key 'data.cache_bytes' must be >= 0; got {cfg.data.cache_bytes}")
-    for key in ("max_member_bytes", "max_image_pixels"):
-        if not getattr(cfg.data, key) >= 1:
-            raise UserError(f"config key 'data.{key}' must be >= 1; got {getattr(cfg.data, key)}")
+        raise UserError(
+            "config key 'data.cache=ram' keeps decoded crops, so it cannot combine with data.crop=random; "
+            "use data.crop=center or data.cache=off"
+        )
     lk = cfg.data.label_key
     if lk not in ("", "cls", "label") and not (lk.startswith("json:") and len(lk) > 5):
         raise UserError(
             f"config key 'data.label_key' must be '' (cls, else label), cls, label or json:FIELD; got '{lk}'"
         )
-    if cfg.train.keep_best not in ("", "fid"):
-        raise UserError(f"config key 'train.keep_best' must be '' (off) or 'fid'; got '{cfg.train.keep_best}'")
     if cfg.train.keep_best and not cfg.train.eval_every:
         raise UserError("config key 'train.keep_best=fid' needs evaluations: set train.eval_every too")
     if cfg.train.eval_ref and not cfg.train.eval_inception:
         raise UserError("config key 'train.eval_ref' holds Inception statistics: set train.eval_inception too")
-    if cfg.train.eval_n < 2:
-        raise UserError(f"config key 'train.eval_n' must be >= 2; got {cfg.train.eval_n}")
-    if not 0.0 <= cfg.train.lr_decay_start < 1.0:
-        raise UserError(f"config key 'train.lr_decay_start' must be in [0, 1), got {cfg.train.lr_decay_start}")
-    if not 0.0 <= cfg.train.ema_beta < 1.0:
-        raise UserError(f"config key 'train.ema_beta' must be in [0, 1), got {cfg.train.ema_beta}")
     from distgan import variants  # late: the variants import torch and the models
 
     variant = variants.get(cfg.variant.name)  # (an unknown name: one line listing the known ones)
@@ -526,8 +486,13 @@ def reference() -> list[tuple[str, str, str, str]]:
             meaning = notes.get(f.name, "")
             if meaning and not meaning.endswith("."):
                 meaning += "."
-            if key in CHOICES:
-                meaning = f"{meaning} One of: {', '.join(CHOICES[key])}.".strip()
+            if "choices" in f.metadata:
+                meaning = f"{meaning} One of: {_listed(f.metadata['choices'])}.".strip()
+            if "min" in f.metadata:
+                meaning = f"{meaning} At least {f.metadata['min']:g}.".strip()
+            if "range" in f.metadata:
+                low, high, low_open = f.metadata["range"]
+                meaning = f"{meaning} In {'(' if low_open else '['}{low:g}, {high:g}).".strip()
             default = "null" if value is None else json_text(value)
             rows.append((key, str(hints[f.name]), default, meaning))
 
@@ -551,8 +516,10 @@ def reference_markdown() -> str:
         "prints the resolved config of any combination as YAML, to start a file of your own from.\n\n"
         "| key | type | default | meaning |\n|---|---|---|---|\n"
     )
-    body = "".join(f"| `{k}` | {t.replace('|', chr(92) + '|')} | `{d}` | {m.replace('|', chr(92) + '|')} |\n"
-                   for k, t, d, m in reference())  # fmt: skip
+    body = "".join(
+        f"| `{k}` | {t.replace('|', chr(92) + '|')} | `{d}` | {m.replace('|', chr(92) + '|')} |\n"
+        for k, t, d, m in reference()
+    )
     return head + body
 
 

@@ -37,9 +37,15 @@ class Inception:
         net = inception.FeatureNet(path, device=device)
         if stats is not None:
             return cls(net, stats, f"--ref {ref}")
-        stats, origin = standard.reference_stats(cfg.data.shards, resolution=cfg.data.resolution,
-                                                 channels=cfg.data.channels, net=net, split=split, limit=limit,
-                                                 options=stream.stream_options(cfg))  # fmt: skip
+        stats, origin = standard.reference_stats(
+            cfg.data.shards,
+            resolution=cfg.data.resolution,
+            channels=cfg.data.channels,
+            net=net,
+            split=split,
+            limit=limit,
+            options=stream.stream_options(cfg),
+        )
         if say:
             print(f"eval: reference statistics: {origin}", file=sys.stderr)
         return cls(net, stats, origin)
@@ -75,9 +81,23 @@ def draw(variant, G, n: int, seed: int, labels=None, bar=None) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def measure(cfg, variant, G, names: list[str], *, n: int, seed: int, split, manifest: dict | None,
-            inception: Inception | None = None, main: bool = True, samples: torch.Tensor | None = None,
-            features: str | None = None, reference: torch.Tensor | None = None, bar=None) -> dict:  # fmt: skip
+def measure(
+    cfg,
+    variant,
+    G,
+    names: list[str],
+    *,
+    n: int,
+    seed: int,
+    split,
+    manifest: dict | None,
+    inception: Inception | None = None,
+    main: bool = True,
+    samples: torch.Tensor | None = None,
+    features: str | None = None,
+    reference: torch.Tensor | None = None,
+    bar=None,
+) -> dict:
     """The metrics `names` of G's samples: the standard ones with `inception` (every rank its share of
     n samples from `seed`, split by `split`; every rank gets them), the rest on the main rank, of
     `samples` when given (e.g. kept by rejection sampling) else of n drawn from `seed`. `features` (a
@@ -87,8 +107,9 @@ def measure(cfg, variant, G, names: list[str], *, n: int, seed: int, split, mani
     standard, rest = split_names(names, inception is not None)
     result: dict = {}
     if standard:
-        result.update(standard_metrics.measure(variant, G, n, inception.net, inception.ref, split, standard,
-                                               seed=seed, bar=bar))  # fmt: skip
+        result.update(
+            standard_metrics.measure(variant, G, n, inception.net, inception.ref, split, standard, seed=seed, bar=bar)
+        )
     if rest and main:
         x = samples if samples is not None else draw(variant, G, n, seed)
         result.update(metrics.compute(x, rest, cfg, manifest, features, reference))

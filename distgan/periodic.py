@@ -97,12 +97,6 @@ def periodic(run: Run, log: MetricLog, guard, bar, stopping: int, micro_batches:
         keep_best(run, step)
 
 
-def _heldout(run: Run):
-    if not run.heldout:
-        run.heldout.append(run.variant.heldout())
-    return run.heldout[0]
-
-
 def sample_grid(run: Run, step: int) -> None:
     """RUN_DIR/samples/step-N.png (and latest.png, and W&B): the EMA generator on fixed noise, or an
     image-to-image model's input | output | target rows. Leaves the training RNG as it was."""
@@ -115,12 +109,14 @@ def sample_grid(run: Run, step: int) -> None:
 def _sample_grid(run: Run, step: int) -> None:
     t = run.cfg.train
     if run.variant.image_to_image:
-        grid = images.make_grid(*run.variant.preview(run.generators(), _heldout(run) or run.preview_batch))
+        grid = images.make_grid(*run.variant.preview(run.sampling_models(), run.heldout_set() or run.preview_batch))
     else:
         source = run.source()
         centres = ((source.manifest or {}).get("mixture") or {}).get("centres") if source else None
         with torch.no_grad():
-            imgs = run.variant.sample(run.generators()["G"], t.n_samples, generator=run.fixed_noise.manual_seed(t.seed))
+            imgs = run.variant.sample(
+                run.sampling_models()["G"], t.n_samples, generator=run.fixed_noise.manual_seed(t.seed)
+            )
         grid = images.render(imgs, centres)
     images.save_png(run.run_dir / "samples" / f"step-{step:08d}.png", grid)
     images.save_png(run.run_dir / "samples" / "latest.png", grid)
@@ -142,8 +138,10 @@ def evaluate(run: Run, step: int) -> bool:
 
         fid = broadcast_object_list([fid], from_process=0)[0]
     if fid is None:
-        raise RunFailed(f"step {step}: train.keep_best=fid, but no fid applies to this run's data; set "
-                        "train.eval_inception (docs/evaluation.md) or leave train.keep_best empty")  # fmt: skip
+        raise RunFailed(
+            f"step {step}: train.keep_best=fid, but no fid applies to this run's data; set "
+            "train.eval_inception (docs/evaluation.md) or leave train.keep_best empty"
+        )
     if fid < run.best_fid:
         run.best_fid = fid
         return True
@@ -155,13 +153,13 @@ def _evaluate(run: Run, step: int) -> dict:
 
     if run.variant.image_to_image:  # measured on held-out inputs
         result = {}
-        if run.main and _heldout(run) is not None:
-            result = run.variant.evaluate(run.generators(), _heldout(run))
+        if run.main and run.heldout_set() is not None:
+            result = run.variant.evaluate(run.sampling_models(), run.heldout_set())
             run.tracker.log(metrics.scalars(result), step)
         return result
     from distgan.metrics import inception, standard
 
-    t, G = run.cfg.train, run.generators()["G"]
+    t, G = run.cfg.train, run.sampling_models()["G"]
     source = run.source()
     manifest = source.manifest if source else None
     names = metrics.applicable(run.cfg, manifest, inception=bool(t.eval_inception))
@@ -170,8 +168,18 @@ def _evaluate(run: Run, step: int) -> dict:
         run.standard["inception"] = evaluation.Inception.load(
             run.cfg, inception.resolve_path(t.eval_inception), run.device, split, ref=t.eval_ref or None, say=run.main
         )
-    result = evaluation.measure(run.cfg, run.variant, G, names, n=t.eval_n, seed=t.seed + 1, split=split,
-                                manifest=manifest, inception=run.standard.get("inception"), main=run.main)  # fmt: skip
+    result = evaluation.measure(
+        run.cfg,
+        run.variant,
+        G,
+        names,
+        n=t.eval_n,
+        seed=t.seed + 1,
+        split=split,
+        manifest=manifest,
+        inception=run.standard.get("inception"),
+        main=run.main,
+    )
     if run.main and result:
         run.tracker.log(metrics.scalars(result), step)
     return result

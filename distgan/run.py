@@ -38,7 +38,9 @@ class Run:
     batches_done: int = 0  # micro-batches drawn so far (each feed's worker w delivers those = w mod workers)
     saved_at: int = -1
     preview_batch: dict | None = None  # previews without a held-out set show the first training batch
-    heldout: list = field(default_factory=list)  # image-to-image variants: the held-out set, read once
+    # image-to-image variants: the held-out set, read once (`heldout_set`); None also when there is none
+    heldout: dict | None = None
+    heldout_read: bool = False
     fixed_noise: torch.Generator | None = None  # sample grids and evaluations: the same noise every time
     standard: dict = field(default_factory=dict)  # train.eval_inception: the network and reference, loaded once
     best_fid: float = float("inf")  # train.keep_best=fid: the lowest eval/fid so far (RUN/checkpoints/best-fid)
@@ -67,9 +69,16 @@ class Run:
         """The trained models without their DDP wrappers."""
         return {n: self.accelerator.unwrap_model(m) for n, m in self.variant.models.items()}
 
-    def generators(self) -> dict[str, torch.nn.Module]:
-        """Each model's EMA copy where it has one, else the model itself."""
+    def sampling_models(self) -> dict[str, torch.nn.Module]:
+        """Every model by name as samples and evaluations use it: its EMA copy where it has one (G),
+        else the trained model itself (D, and an image-to-image variant's other networks)."""
         return {n: self.emas.get(f"{n}_ema", m) for n, m in self.plain().items()}
+
+    def heldout_set(self) -> dict | None:
+        """The variant's held-out inputs (image-to-image), read at the first call."""
+        if not self.heldout_read:
+            self.heldout, self.heldout_read = self.variant.heldout(), True
+        return self.heldout
 
     def source(self):
         """The main stream: its manifest drives previews and evaluation."""
@@ -166,12 +175,20 @@ def save(run: Run, step: int, improved: bool = False) -> None:
     if run.main:
         if len(set(fingerprints)) > 1:
             print(f"warning: step {step}: models differ across ranks (fingerprints {fingerprints})", file=sys.stderr)
-        meta = checkpoint.run_meta(config.to_dict(run.cfg), fingerprints, run.cfg.variant.name, run.batches_done,
-                                   run.world, run.num_workers)  # fmt: skip
+        meta = checkpoint.run_meta(
+            config.to_dict(run.cfg), fingerprints, run.cfg.variant.name, run.batches_done, run.world, run.num_workers
+        )
         if improved:  # recorded before the step is published: resume finishes keep_best after a kill
             meta["keep_best"] = {"name": BEST, "fid": run.best_fid}
-        path = checkpoint.save(run.run_dir, step, models={**plain, **emas}, optimizers=run.variant.optimizers,
-                               state_tensors=state, meta=meta, keep_last=run.cfg.train.keep_last)  # fmt: skip
+        path = checkpoint.save(
+            run.run_dir,
+            step,
+            models={**plain, **emas},
+            optimizers=run.variant.optimizers,
+            state_tensors=state,
+            meta=meta,
+            keep_last=run.cfg.train.keep_last,
+        )
         run.tracker.event("checkpoint", step, path=str(path))
     run.accelerator.wait_for_everyone()
     run.saved_at = step
@@ -194,8 +211,7 @@ def restore_models(variant, emas: dict[str, torch.nn.Module], ckpt: checkpoint.C
     changed = apply_hyperparameters(variant.optimizers, configured)
     if changed and main:
         said = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        print(f"note: the config's optimizer settings differ from the checkpoint's; applied: {said}",
-              file=sys.stderr)  # fmt: skip
+        print(f"note: the config's optimizer settings differ from the checkpoint's; applied: {said}", file=sys.stderr)
     return changed
 
 

@@ -60,9 +60,11 @@ class StepContext:
         bad = ~torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()
         before = [p.detach().clone() for p in params]
         state_before = {
-            (i, k): v.clone() for i, p in enumerate(params) for k, v in inner.state.get(p, {}).items()
+            (i, k): v.clone()
+            for i, p in enumerate(params)
+            for k, v in inner.state.get(p, {}).items()
             if isinstance(v, torch.Tensor)
-        }  # fmt: skip
+        }
         optimizer.step()
         with torch.no_grad():
             for i, (p, old) in enumerate(zip(params, before)):
@@ -164,8 +166,11 @@ class NanGuard:
                 self.pending = []
                 steps = checkpoint.list_steps(run.run_dir)
                 last = f"the newest checkpoint, '{steps[-1]}', is intact" if steps else "no checkpoint was written yet"
-                why = ("train.on_nan=stop" if t.on_nan == "stop"
-                       else f"{self.consecutive} steps in a row (train.max_nan_skips={t.max_nan_skips})")  # fmt: skip
+                why = (
+                    "train.on_nan=stop"
+                    if t.on_nan == "stop"
+                    else f"{self.consecutive} steps in a row (train.max_nan_skips={t.max_nan_skips})"
+                )
                 raise RunFailed(
                     f"step {step}: NaN/Inf gradients in {what}; stopping ({why}). Nothing was saved from this "
                     f"state; {last}. Try lower learning rates, train.mixed_precision=bf16 instead of fp16, or a "
@@ -173,8 +178,10 @@ class NanGuard:
                 )
             skipped += 1
             if run.main:
-                print(f"warning: step {step}: NaN/Inf gradients in {what}; update skipped (train.on_nan=skip)",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"warning: step {step}: NaN/Inf gradients in {what}; update skipped (train.on_nan=skip)",
+                    file=sys.stderr,
+                )
             run.tracker.event("nonfinite", step, skipped=what)
         self.pending = []
         return skipped

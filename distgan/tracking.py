@@ -55,8 +55,10 @@ class Tracker:
         run_id = id_file.read_text().strip() if id_file.exists() else ""
         if not RUN_ID.fullmatch(run_id):  # a copied or damaged run directory: start a W&B run of our own
             if run_id:
-                print(f"warning: ignoring {id_file} ({run_id[:40]!r} is not a W&B run id); starting a new W&B run",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"warning: ignoring {id_file} ({run_id[:40]!r} is not a W&B run id); starting a new W&B run",
+                    file=sys.stderr,
+                )
             run_id = uuid.uuid4().hex[:12]
         files.write_text(id_file, run_id)
         w = cfg.tracking.wandb

@@ -88,8 +88,15 @@ def open_sources(cfg: config.Config, accelerator) -> tuple[dict[str, stream.Shar
     return sources, expected
 
 
-def build(cfg: config.Config, run_dir: Path, accelerator, ckpt, sources: dict, expected: dict,
-          data: Iterable[dict] | None = None) -> run_state.Run:  # fmt: skip
+def build(
+    cfg: config.Config,
+    run_dir: Path,
+    accelerator,
+    ckpt,
+    sources: dict,
+    expected: dict,
+    data: Iterable[dict] | None = None,
+) -> run_state.Run:
     """The run, ready for its first step: the variant's models and optimizers from one seed (identical
     on every rank) with `ckpt` restored into them, prepared in the Accelerator; EMA copies; the run
     directory's config.yaml and the tracker; per-rank RNG; the feeds where `ckpt` left them."""
@@ -113,15 +120,33 @@ def build(cfg: config.Config, run_dir: Path, accelerator, ckpt, sources: dict, e
     tracker.event("kernels", ckpt.step if ckpt else 0, backend=_backend.auto(device))
     try:
         _prepare(accelerator, variant, emas)
-        run = run_state.Run(cfg, run_dir, accelerator, variant, emas, tracker, sources=sources,
-                            keep_feed_state=data is None,
-                            num_workers=stream.auto_workers(cfg.data.num_workers, device.type == "cuda"),
-                            fixed_noise=torch.Generator(device="cpu").manual_seed(t.seed))  # fmt: skip
+        run = run_state.Run(
+            cfg,
+            run_dir,
+            accelerator,
+            variant,
+            emas,
+            tracker,
+            sources=sources,
+            keep_feed_state=data is None,
+            num_workers=stream.auto_workers(cfg.data.num_workers, device.type == "cuda"),
+            fixed_noise=torch.Generator(device="cpu").manual_seed(t.seed),
+        )
         # Per-rank randomness (noise, dropout) from the same seed, restored exactly on resume.
         rng.seed_all(stream.stream_seed(t.seed, run.rank, 2))
         resume = run_state.restore(run, ckpt, changed) if ckpt is not None else None
-        run.feeds = feeds.open_feeds(cfg, variant, sources, expected, rank=run.rank, world=run.world,
-                                     num_workers=run.num_workers, device=device, resume=resume, data=data)  # fmt: skip
+        run.feeds = feeds.open_feeds(
+            cfg,
+            variant,
+            sources,
+            expected,
+            rank=run.rank,
+            world=run.world,
+            num_workers=run.num_workers,
+            device=device,
+            resume=resume,
+            data=data,
+        )
     except BaseException:
         tracker.close()  # (train() closes it once the run exists)
         raise
@@ -160,8 +185,9 @@ def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.
         want = cfg.data.input_channels or cfg.data.channels
         got = manifest["input_shape"][2]
         if got != want:
-            raise UserError(f"{where} hold {got}-channel inputs but data.input_channels={want}; "
-                            f"set data.input_channels={got}")  # fmt: skip
+            raise UserError(
+                f"{where} hold {got}-channel inputs but data.input_channels={want}; set data.input_channels={got}"
+            )
     classes = len(manifest.get("classes") or [])
     if cfg.model.num_classes and classes > cfg.model.num_classes:
         raise UserError(
@@ -253,8 +279,10 @@ def _finish(run: run_state.Run, stopping: int) -> int:
     """Say how the run ended; the exit code (128 + signal when stopped)."""
     if stopping:
         if run.main:
-            print(f"stopped by signal {stopping} at step {run.step}; checkpoint written; continue with --resume auto",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"stopped by signal {stopping} at step {run.step}; checkpoint written; continue with --resume auto",
+                file=sys.stderr,
+            )
         return 128 + stopping
     if run.main:
         samples, ckpts = run.run_dir / "samples", checkpoint.checkpoints_dir(run.run_dir)

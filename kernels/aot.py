@@ -26,9 +26,17 @@ import tempfile
 from pathlib import Path
 
 _DTYPES = {
-    "float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
-    "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1",
-}  # fmt: skip
+    "float32": "fp32",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "float64": "fp64",
+    "int64": "i64",
+    "int32": "i32",
+    "int16": "i16",
+    "int8": "i8",
+    "uint8": "u8",
+    "bool": "i1",
+}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
 
@@ -63,13 +71,15 @@ def record():
         bound = dict(zip(names, args))
         bound.update({k: v for k, v in kwargs.items() if k in names})
         params = inspect.signature(self.fn).parameters.values()
-        launches.append({
-            "module": self.fn.__module__,
-            "kernel": self.fn.__name__,
-            "args": {k: _describe(v) for k, v in bound.items()},
-            "constexprs": [p.name for p in params if "constexpr" in str(p.annotation)],
-            "options": {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS},
-        })  # fmt: skip
+        launches.append(
+            {
+                "module": self.fn.__module__,
+                "kernel": self.fn.__name__,
+                "args": {k: _describe(v) for k, v in bound.items()},
+                "constexprs": [p.name for p in params if "constexpr" in str(p.annotation)],
+                "options": {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS},
+            }
+        )
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = run
@@ -85,11 +95,19 @@ def distinct(launches: list[dict]) -> list[dict]:
     seen, out = set(), []
     for launch in launches:
         key = json.dumps(
-            [launch["module"], launch["kernel"], launch["options"],
-             {k: v if "int" not in v or k in launch["constexprs"]
-              else {"int": "i64" if abs(v["int"]) >= 2**31 else "i32"} for k, v in launch["args"].items()}],
+            [
+                launch["module"],
+                launch["kernel"],
+                launch["options"],
+                {
+                    k: v
+                    if "int" not in v or k in launch["constexprs"]
+                    else {"int": "i64" if abs(v["int"]) >= 2**31 else "i32"}
+                    for k, v in launch["args"].items()
+                },
+            ],
             sort_keys=True,
-        )  # fmt: skip
+        )
         if key not in seen:
             seen.add(key)
             out.append(launch)
@@ -127,8 +145,9 @@ def representative_launches() -> list[dict]:
                     sn = kernels.spectral_norm(layer, n_power_iterations=iters, backend="triton").to(dtype)
                     sn.train()
                     _ = sn.weight
-                group = torch.nn.Sequential(*(kernels.spectral_norm(torch.nn.Linear(5, 5), backend="triton")
-                                              for _ in range(3))).to(dtype)  # fmt: skip
+                group = torch.nn.Sequential(
+                    *(kernels.spectral_norm(torch.nn.Linear(5, 5), backend="triton") for _ in range(3))
+                ).to(dtype)
                 kernels.spectral_norm_all(group)
                 group(torch.randn(2, 5, generator=g).to(dtype))
     return distinct(launches)
@@ -164,8 +183,9 @@ def resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout  # fmt: skip
+        text = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     if not m:
         raise RuntimeError(f"no resource usage in cuobjdump's output: {text[-300:]}")
@@ -188,12 +208,17 @@ def compile_records(launches: list[dict], archs: list[int]) -> list[dict]:
         sig, constexprs = _signature(fn, launch)
         options = {"num_warps": 4, **launch["options"]}
         for arch in archs:
-            row = {"kernel": launch["kernel"], "arch": f"sm_{arch}", "num_warps": options["num_warps"],
-                   "signature": {k: v for k, v in sig.items() if v != "constexpr"},
-                   "constexprs": {fn.params[i[0]].name: v for i, v in constexprs.items()}}  # fmt: skip
+            row = {
+                "kernel": launch["kernel"],
+                "arch": f"sm_{arch}",
+                "num_warps": options["num_warps"],
+                "signature": {k: v for k, v in sig.items() if v != "constexpr"},
+                "constexprs": {fn.params[i[0]].name: v for i, v in constexprs.items()},
+            }
             try:
-                kernel = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                                        options=options)  # fmt: skip
+                kernel = triton.compile(
+                    ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32), options=options
+                )
                 row.update(resource_usage(kernel.asm["cubin"]), ok=True)
             except Exception as exc:  # reported, and the caller fails on it
                 row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip()[:2000]}")

@@ -33,10 +33,21 @@ def _group_span(pid_i, B, GROUP, BLOCK_I: tl.constexpr):
 
 @triton.jit
 def minibatch_l1_forward_kernel(
-    M, OUT, B, K, GROUP,
-    stride_mb, stride_mo, stride_mk, stride_ob, stride_oo,
-    EXCLUDE_SELF: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    M,
+    OUT,
+    B,
+    K,
+    GROUP,
+    stride_mb,
+    stride_mo,
+    stride_mk,
+    stride_ob,
+    stride_oo,
+    EXCLUDE_SELF: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """o[i, b] = sum_{j in S(i)} exp(-sum_k |M[i,b,k] - M[j,b,k]|), accumulated in fp32.
 
     Grid: (cdiv(B, BLOCK_I), O). S(i): rows of i's group (`GROUP` consecutive rows), without i
@@ -64,10 +75,24 @@ def minibatch_l1_forward_kernel(
 
 @triton.jit
 def minibatch_l1_backward_kernel(
-    M, G, DM, B, K, GROUP,
-    stride_mb, stride_mo, stride_mk, stride_gb, stride_go, stride_db, stride_do, stride_dk,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    M,
+    G,
+    DM,
+    B,
+    K,
+    GROUP,
+    stride_mb,
+    stride_mo,
+    stride_mk,
+    stride_gb,
+    stride_go,
+    stride_db,
+    stride_do,
+    stride_dk,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """dM[i,b,k] = -sum_{j in group(i)} (g[i,b] + g[j,b]) * c[i,j,b] * sign(M[i,b,k] - M[j,b,k]).
 
     c[i,j,b] = exp(-sum_k |M[i,b,k] - M[j,b,k]|) is recomputed, never stored. The j = i term
@@ -121,10 +146,22 @@ def minibatch_l1_forward(
     block_i, block_j, block_k, warps = block_sizes(k)
     grid = (triton.cdiv(n, block_i), o)
     minibatch_l1_forward_kernel[grid](
-        m, out, n, k, group_size or n,
-        m.stride(0), m.stride(1), m.stride(2), out.stride(0), out.stride(1),
-        EXCLUDE_SELF=exclude_self, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, num_warps=warps,
-    )  # fmt: skip
+        m,
+        out,
+        n,
+        k,
+        group_size or n,
+        m.stride(0),
+        m.stride(1),
+        m.stride(2),
+        out.stride(0),
+        out.stride(1),
+        EXCLUDE_SELF=exclude_self,
+        BLOCK_I=block_i,
+        BLOCK_J=block_j,
+        BLOCK_K=block_k,
+        num_warps=warps,
+    )
     return out
 
 
@@ -139,11 +176,25 @@ def minibatch_l1_backward(
     block_i, block_j, block_k, warps = block_sizes(k)
     grid = (triton.cdiv(n, block_i), o)
     minibatch_l1_backward_kernel[grid](
-        m, grad, dm, n, k, group_size or n,
-        m.stride(0), m.stride(1), m.stride(2), grad.stride(0), grad.stride(1),
-        dm.stride(0), dm.stride(1), dm.stride(2),
-        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, num_warps=warps,
-    )  # fmt: skip
+        m,
+        grad,
+        dm,
+        n,
+        k,
+        group_size or n,
+        m.stride(0),
+        m.stride(1),
+        m.stride(2),
+        grad.stride(0),
+        grad.stride(1),
+        dm.stride(0),
+        dm.stride(1),
+        dm.stride(2),
+        BLOCK_I=block_i,
+        BLOCK_J=block_j,
+        BLOCK_K=block_k,
+        num_warps=warps,
+    )
     return dm
 
 

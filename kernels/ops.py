@@ -54,9 +54,14 @@ def _sn_impl(weight, u, v, n_power_iterations, eps, dim, write_w):
 
 @torch.library.custom_op("distgan::spectral_norm", mutates_args=())
 def spectral_norm_op(
-    weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_power_iterations: int, eps: float, dim: int,
+    weight: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    n_power_iterations: int,
+    eps: float,
+    dim: int,
     write_w: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _sn_impl(weight, u, v, n_power_iterations, eps, dim, write_w)
 
 
@@ -66,8 +71,14 @@ def _(weight, u, v, n_power_iterations, eps, dim, write_w):
     cols = weight.numel() // rows
     out = weight.new_empty(weight.shape) if write_w else weight.new_empty(0)
     f32 = dict(dtype=torch.float32)
-    return (out, weight.new_empty(rows, **f32), weight.new_empty(cols, **f32), weight.new_empty((), **f32),
-            torch.empty_like(u), torch.empty_like(v))  # fmt: skip
+    return (
+        out,
+        weight.new_empty(rows, **f32),
+        weight.new_empty(cols, **f32),
+        weight.new_empty((), **f32),
+        torch.empty_like(u),
+        torch.empty_like(v),
+    )
 
 
 def _sn_setup(ctx, inputs, output):

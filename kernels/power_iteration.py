@@ -77,8 +77,9 @@ def _w_tile(w, rows, cols, M, N, Q, SIMPLE: tl.constexpr):
 
 
 @triton.jit
-def _wv_kernel(table, prog, t_buf, w_proto, v_proto, F: tl.constexpr, SIMPLE: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+def _wv_kernel(
+    table, prog, t_buf, w_proto, v_proto, F: tl.constexpr, SIMPLE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr
+):
     """t[rows] = W[rows, :] v for this program's block of rows."""
     rec, blk, _ = _record(table, prog, tl.program_id(0), F)
     w, M, N, Q, t_off = _matrix(rec, w_proto)
@@ -93,8 +94,18 @@ def _wv_kernel(table, prog, t_buf, w_proto, v_proto, F: tl.constexpr, SIMPLE: tl
 
 
 @triton.jit
-def _wtu_kernel(table, prog, t_buf, p_buf, w_proto, F: tl.constexpr, SIMPLE: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr):  # fmt: skip
+def _wtu_kernel(
+    table,
+    prog,
+    t_buf,
+    p_buf,
+    w_proto,
+    F: tl.constexpr,
+    SIMPLE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    CH: tl.constexpr,
+):
     """p[chunk, cols] = W[chunk rows, cols]^T t[chunk rows] for this program's (column block, chunk)."""
     rec, blk, _ = _record(table, prog, tl.program_id(0), F)
     w, M, N, Q, t_off = _matrix(rec, w_proto)
@@ -145,8 +156,21 @@ def _reduce_kernel(table, prog, t_buf, p_buf, s_buf, parts, u_proto, eps, F: tl.
 
 
 @triton.jit
-def _scale_kernel(table, prog, s_buf, parts, sigma_buf, out_buf, w_proto, v_proto, eps, F: tl.constexpr,
-                  WRITE_W: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr):  # fmt: skip
+def _scale_kernel(
+    table,
+    prog,
+    s_buf,
+    parts,
+    sigma_buf,
+    out_buf,
+    w_proto,
+    v_proto,
+    eps,
+    F: tl.constexpr,
+    WRITE_W: tl.constexpr,
+    BE: tl.constexpr,
+    BP: tl.constexpr,
+):
     """sigma = |s|^2 / max(|s|, eps); block 0: v = s / max(|s|, eps); W_SN[block] = W[block] / sigma."""
     rec, blk, layer = _record(table, prog, tl.program_id(0), F)
     N, s_off, part_off, n_parts = tl.load(rec + 4), tl.load(rec + 7), tl.load(rec + 8), tl.load(rec + 10)
@@ -212,8 +236,25 @@ class _Plan:
             geo = layer_geometry(M, N)
             geos.append(geo)
             n_parts = geo["pass3"]
-            rec.append([w.data_ptr(), sn._u.data_ptr(), sn._v.data_ptr(), M, N, Q, t_off, s_off, part_off, out_off,
-                        n_parts, w.numel(), p_off, geo["col_blocks"], geo["chunks"]])  # fmt: skip
+            rec.append(
+                [
+                    w.data_ptr(),
+                    sn._u.data_ptr(),
+                    sn._v.data_ptr(),
+                    M,
+                    N,
+                    Q,
+                    t_off,
+                    s_off,
+                    part_off,
+                    out_off,
+                    n_parts,
+                    w.numel(),
+                    p_off,
+                    geo["col_blocks"],
+                    geo["chunks"],
+                ]
+            )
             self.shapes.append((M, N, t_off, s_off, out_off))
             t_off, s_off, part_off, out_off = t_off + M, s_off + N, part_off + n_parts, out_off + w.numel()
             p_off += geo["chunks"] * N
@@ -256,15 +297,51 @@ def run(layers: list[reference.SpectralNorm], weights, write_w: bool = True) -> 
     u0, v0 = sn0._u, sn0._v
     for it in range(sn0.n_power_iterations):
         last = write_w and it == sn0.n_power_iterations - 1
-        _wv_kernel[(grids["pass1"],)](plan.table, progs["pass1"], t_buf, w0, v0, F=FIELDS, SIMPLE=plan.simple,
-                                      BM=BLOCK_M1, BN=BLOCK_N1, num_warps=WARPS)  # fmt: skip
-        _wtu_kernel[(grids["pass2"],)](plan.table, progs["pass2"], t_buf, p_buf, w0, F=FIELDS, SIMPLE=plan.simple,
-                                       BM=BLOCK_M2, BN=BLOCK_N2, CH=CHUNK, num_warps=WARPS)  # fmt: skip
-        _reduce_kernel[(grids["pass3"],)](plan.table, progs["pass3"], t_buf, p_buf, s_buf, parts, u0, sn0.eps,
-                                          F=FIELDS, BN=BLOCK_N3, num_warps=WARPS)  # fmt: skip
+        _wv_kernel[(grids["pass1"],)](
+            plan.table,
+            progs["pass1"],
+            t_buf,
+            w0,
+            v0,
+            F=FIELDS,
+            SIMPLE=plan.simple,
+            BM=BLOCK_M1,
+            BN=BLOCK_N1,
+            num_warps=WARPS,
+        )
+        _wtu_kernel[(grids["pass2"],)](
+            plan.table,
+            progs["pass2"],
+            t_buf,
+            p_buf,
+            w0,
+            F=FIELDS,
+            SIMPLE=plan.simple,
+            BM=BLOCK_M2,
+            BN=BLOCK_N2,
+            CH=CHUNK,
+            num_warps=WARPS,
+        )
+        _reduce_kernel[(grids["pass3"],)](
+            plan.table, progs["pass3"], t_buf, p_buf, s_buf, parts, u0, sn0.eps, F=FIELDS, BN=BLOCK_N3, num_warps=WARPS
+        )
         which = "pass4" if last else "one"
-        _scale_kernel[(grids[which],)](plan.table, progs[which], s_buf, parts, sigma, out_buf, w0, v0, sn0.eps,
-                                       F=FIELDS, WRITE_W=last, BE=BLOCK_E, BP=BLOCK_P, num_warps=WARPS)  # fmt: skip
+        _scale_kernel[(grids[which],)](
+            plan.table,
+            progs[which],
+            s_buf,
+            parts,
+            sigma,
+            out_buf,
+            w0,
+            v0,
+            sn0.eps,
+            F=FIELDS,
+            WRITE_W=last,
+            BE=BLOCK_E,
+            BP=BLOCK_P,
+            num_warps=WARPS,
+        )
     outs, saved = [], []
     for i, ((M, N, t_off, s_off, out_off), sn, w) in enumerate(zip(plan.shapes, layers, weights)):
         outs.append(out_buf[out_off : out_off + w.numel()].view(w.shape) if write_w else sigma[i])

@@ -166,8 +166,15 @@ def test_adaptive_p_sums_over_ranks():
 
 
 def test_training_with_adaptive_p_resumes_exactly_and_saves_p(tmp_path, digits_shards):
-    common = [*FAST, f"data.shards={digits_shards}", "data.augment=translation,cutout", "data.augment_p=auto", "data.augment_target=0.2",
-              "train.ckpt_every=1000", "train.log_every=1"]  # fmt: skip
+    common = [
+        *FAST,
+        f"data.shards={digits_shards}",
+        "data.augment=translation,cutout",
+        "data.augment_p=auto",
+        "data.augment_target=0.2",
+        "train.ckpt_every=1000",
+        "train.log_every=1",
+    ]
     full = split_run_resumes_exactly(tmp_path, common, total=10, at=6)
     ps = [m["augment/p"] for m in read_metrics(tmp_path / "full") if "augment/p" in m]
     assert len(ps) == 10 and ps[0] == 0.0 and all(p >= 0 for p in ps)

@@ -134,8 +134,17 @@ def test_incompatible_checkpoint_leaves_run_untouched(tmp_path, trained_run, dig
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     before = snapshot(run)
-    r = run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "--resume", "auto",
-                "train.steps=4", "model.g.width=32")  # fmt: skip
+    r = run_cli(
+        "train",
+        *FAST,
+        f"data.shards={digits_shards}",
+        "--out",
+        run,
+        "--resume",
+        "auto",
+        "train.steps=4",
+        "model.g.width=32",
+    )
     assert_user_error(r, "cannot resume with model.g.width=16 -> 32 (these keys cannot change on resume)")
     r = run_cli("train", "--preset", "digits-mlp", "--out", run, "--resume", "auto", "tracking.wandb.mode=disabled")
     assert_user_error(r, "cannot resume with model.d.arch='dcgan' -> 'mlp', model.d.width=16 -> ")

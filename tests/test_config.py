@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from conftest import run_cli
 
@@ -117,6 +119,38 @@ def test_config_reference_in_docs_is_the_generated_one():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     assert doc == config.reference_markdown()
     assert '| `train.mixed_precision` | str | `"auto"` |' in doc and "One of: auto, no, bf16, fp16." in doc
+
+
+def test_every_flag_is_in_docs_usage():
+    """docs/usage.md ends with `distgan config --flags`, every subcommand's flags from the parser: a flag
+    added, removed or re-documented in cli.py without regenerating it fails here."""
+    from pathlib import Path
+
+    from distgan import cli
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    generated = cli.flags_markdown()
+    assert cli.FLAGS_HEADING in doc and doc[doc.index(cli.FLAGS_HEADING) :] == generated
+    for flag in ("`--trust-checkpoint-config`", "`--drs-calibrate` STEPS", "`--on-error`", "`--flags`"):
+        assert flag in generated, flag
+
+
+def test_config_rules_live_beside_their_fields():
+    """A key's choices and bounds are its field's metadata: validate checks them, the reference says them."""
+    from distgan import config
+    from distgan.errors import UserError
+
+    meta = {k: m for k, m, _ in config._bounded(config.Config())}
+    assert meta["variant.scale"]["choices"] == (2, 4) and meta["train.steps"]["min"] == 1
+    assert meta["train.ema_beta"]["range"] == (0.0, 1.0, False)
+    for override, said in (
+        ("variant.scale=3", "'variant.scale' must be one of 2, 4; got '3'"),
+        ("train.ema_beta=1.0", "'train.ema_beta' must be in [0, 1), got 1.0"),
+        ("data.augment_target=0", "'data.augment_target' must be in (0, 1), got 0"),
+        ("train.keep_best=best", "'train.keep_best' must be one of '', fid; got 'best'"),
+    ):
+        with pytest.raises(UserError, match=re.escape(said)):
+            config.load_config(overrides=[override])
 
 
 def test_distgan_config_prints_yaml_that_loads_back(tmp_path):

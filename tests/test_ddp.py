@@ -26,18 +26,39 @@ def free_port() -> int:
 
 def launch_cmd(*args, processes=2, command="train"):
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "-m", "distgan", command, *map(str, args),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "distgan",
+        command,
+        *map(str, args),
+    ]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def launch(*args, processes=2, timeout=600, env=None, command="train"):
-    return subprocess.run(launch_cmd(*args, processes=processes, command=command), capture_output=True, text=True, cwd=ROOT,
-                          env={**ENV, **(env or {})}, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        launch_cmd(*args, processes=processes, command=command),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**ENV, **(env or {})},
+        timeout=timeout,
+    )
 
 
 # The PyTorch fallback of kernels/ that CPU users get: the interpreter off for that run.
@@ -149,11 +170,24 @@ def start_ranks(*args, n=2):
     as `srun --ntasks-per-node=N` would start them: their exit codes are ours to read."""
     port, procs = free_port(), []
     for rank in range(n):
-        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        env = {
+            **ENV,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(n),
+            "LOCAL_WORLD_SIZE": str(n),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
         out = tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen([sys.executable, "-m", "distgan", "train", *map(str, args)], stdout=out, stderr=out,
-                                cwd=ROOT, env=env, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distgan", "train", *map(str, args)],
+            stdout=out,
+            stderr=out,
+            cwd=ROOT,
+            env=env,
+            text=True,
+        )
         proc.log = out
         procs.append(proc)
     return procs
@@ -218,8 +252,15 @@ def test_a_dead_or_hung_rank_stops_the_others_with_a_clear_error(tmp_path, digit
 def test_grad_accum_equals_bigger_batch_without_extra_allreduces(tmp_path, digits_shards):
     """2 ranks: accum=2 x batch 8 equals accum=1 x batch 16 for G, D and Adam (MLP: no BatchNorm),
     with as many gradient all-reduces per step (micro-batches before the last run under no_sync)."""
-    common = [*FAST, f"data.shards={digits_shards}", "model.g.arch=mlp", "model.d.arch=mlp", "train.steps=2",
-              "train.log_every=1", "data.num_workers=0"]  # fmt: skip
+    common = [
+        *FAST,
+        f"data.shards={digits_shards}",
+        "model.g.arch=mlp",
+        "model.d.arch=mlp",
+        "train.steps=2",
+        "train.log_every=1",
+        "data.num_workers=0",
+    ]
     r = launch(*common, "--out", tmp_path / "accum", "train.grad_accum=2", "data.batch_size=8")
     assert r.returncode == 0, r.stderr[-3000:]
     r = launch(*common, "--out", tmp_path / "big", "train.grad_accum=1", "data.batch_size=16")
@@ -292,13 +333,25 @@ def test_two_nodes_on_loopback_train_checkpoint_and_resume(tmp_path, digits_shar
     run = tmp_path / "run"
     common = [*FAST, f"data.shards={digits_shards}", "--out", run, "train.ckpt_every=2"]
     script = str(ROOT / "launch" / "two_nodes_local.sh")
-    r = subprocess.run([script, "1", *map(str, common), "train.steps=4"], capture_output=True, text=True, cwd=ROOT,
-                       env=script_env(), timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [script, "1", *map(str, common), "train.steps=4"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=script_env(),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = checkpoint.load(run / "checkpoints" / "step-00000004")
     assert ckpt.meta["data"]["world_size"] == 2 and len(set(ckpt.meta["fingerprints"])) == 1
-    r = subprocess.run([script, "1", *map(str, common), "train.steps=6", "--resume", "auto"], capture_output=True,
-                       text=True, cwd=ROOT, env=script_env(), timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [script, "1", *map(str, common), "train.steps=6", "--resume", "auto"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=script_env(),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run) if m.get("event") == "resume"] == [4]
     assert checkpoint.list_steps(run)[-1].name == "step-00000006"
@@ -306,9 +359,22 @@ def test_two_nodes_on_loopback_train_checkpoint_and_resume(tmp_path, digits_shar
 
 def test_cpu_ddp_script_runs_n_ranks(tmp_path, digits_shards):
     run = tmp_path / "run"
-    r = subprocess.run([str(ROOT / "launch" / "cpu_ddp.sh"), "2", *FAST, f"data.shards={digits_shards}", "--out",
-                        str(run), "train.steps=2"], capture_output=True, text=True, cwd=ROOT, env=script_env(),
-                       timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            str(ROOT / "launch" / "cpu_ddp.sh"),
+            "2",
+            *FAST,
+            f"data.shards={digits_shards}",
+            "--out",
+            str(run),
+            "train.steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=script_env(),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert checkpoint.load(run / "checkpoints" / "step-00000002").meta["data"]["world_size"] == 2
 
@@ -331,8 +397,18 @@ def test_gradient_penalty_under_ddp(tmp_path, digits_shards, d, env):
     """WGAN-GP on 2 ranks: D on real, fake and x_hat (and real again for R1), then one backward
     through create_graph; the ranks stay identical."""
     run = tmp_path / "run"
-    r = launch("--preset", "digits-wgan-gp", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=2",
-               "variant.n_critic=2", *d, env=env)  # fmt: skip
+    r = launch(
+        "--preset",
+        "digits-wgan-gp",
+        *FAST,
+        f"data.shards={digits_shards}",
+        "--out",
+        run,
+        "train.steps=2",
+        "variant.n_critic=2",
+        *d,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert kernels_used(run) == ("torch" if env else "triton")
     _, meta = read(run / "checkpoints" / "step-00000002" / "state.safetensors")
@@ -346,8 +422,16 @@ def test_gradient_penalty_under_ddp(tmp_path, digits_shards, d, env):
 def test_unrolled_gan_under_ddp(tmp_path, digits_shards):
     """Unrolled GAN on 2 ranks: G runs k+1 times before one backward through the unrolled D steps."""
     run = tmp_path / "run"
-    r = launch("--preset", "digits-unrolled", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=2",
-               "variant.unroll_steps=2")  # fmt: skip
+    r = launch(
+        "--preset",
+        "digits-unrolled",
+        *FAST,
+        f"data.shards={digits_shards}",
+        "--out",
+        run,
+        "train.steps=2",
+        "variant.unroll_steps=2",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     _, meta = read(run / "checkpoints" / "step-00000002" / "state.safetensors")
     assert len(set(meta["fingerprints"])) == 1
@@ -356,8 +440,15 @@ def test_unrolled_gan_under_ddp(tmp_path, digits_shards):
 def test_two_ranks_share_one_adaptive_p_and_one_process_keeps_it(tmp_path, digits_shards):
     """ADA's p comes from r_t summed over both ranks, so it is one number everywhere; a resume with
     another number of processes (not exact) still continues with it."""
-    common = [*FAST, f"data.shards={digits_shards}", "data.augment=translation", "data.augment_p=auto",
-              "data.augment_target=0.2", "train.log_every=1", "train.ckpt_every=1000"]  # fmt: skip
+    common = [
+        *FAST,
+        f"data.shards={digits_shards}",
+        "data.augment=translation",
+        "data.augment_p=auto",
+        "data.augment_target=0.2",
+        "train.log_every=1",
+        "train.ckpt_every=1000",
+    ]
     run = tmp_path / "run"
     r = launch(*common, "--out", run, "train.steps=8")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -58,8 +58,12 @@ def test_stacked_metric_counts_1000_modes_of_real_stacked_digits_and_half_of_a_c
     n = 20_000  # P(a mode missing from 20 000 uniform draws) = 1000 e^-20
     x, y, _ = builtin.stacked_digits(n=n, seed=3)
     # each channel resized as the classifier's training digits were (PIL bilinear to 16x16)
-    up = np.stack([np.stack([np.asarray(Image.fromarray(img[..., c]).resize((16, 16), Image.BILINEAR))
-                             for c in range(3)]) for img in x])  # fmt: skip
+    up = np.stack(
+        [
+            np.stack([np.asarray(Image.fromarray(img[..., c]).resize((16, 16), Image.BILINEAR)) for c in range(3)])
+            for img in x
+        ]
+    )
     samples = torch.from_numpy(up).float() / 127.5 - 1
     cfg = config.load_config("stacked-digits-r1")
     real = metrics.compute(samples, ["stacked"], cfg, None)
@@ -96,8 +100,20 @@ def test_eval_reports_fid_kid_and_digit_judgement_on_a_digits_run(tmp_path, digi
     assert code == 2 and "does not apply" in err
     # swd is in the default set (against the training images), and --heldout swaps in other shards
     assert "training images, 300 of each" in result["swd_reference"] and set(result["swd_levels"]) == {"16"}
-    code, _, err = run_main(capsys, "eval", "--ckpt", run, "--n", "200", "--metrics", "swd", "--heldout", digits_shards,
-                "--json", tmp_path / "s.json")  # fmt: skip
+    code, _, err = run_main(
+        capsys,
+        "eval",
+        "--ckpt",
+        run,
+        "--n",
+        "200",
+        "--metrics",
+        "swd",
+        "--heldout",
+        digits_shards,
+        "--json",
+        tmp_path / "s.json",
+    )
     assert code == 0, err[-3000:]
     got = json.loads((tmp_path / "s.json").read_text())
     from distgan.data import stream
@@ -126,12 +142,25 @@ def test_eval_with_a_torchscript_feature_network(tmp_path, digits_shards):
     torch.jit.save(net, str(tmp_path / "features.pt"))
     run = tmp_path / "run"
     assert run_cli("train", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=1").returncode == 0
-    r = run_cli("eval", "--ckpt", run, "--n", "200", "--metrics", "fid", "--features", tmp_path / "features.pt",
-                "--json", tmp_path / "e.json", f"data.shards={digits_shards}")  # fmt: skip
+    r = run_cli(
+        "eval",
+        "--ckpt",
+        run,
+        "--n",
+        "200",
+        "--metrics",
+        "fid",
+        "--features",
+        tmp_path / "features.pt",
+        "--json",
+        tmp_path / "e.json",
+        f"data.shards={digits_shards}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "e.json").read_text())["fid"] > 0
-    r = run_cli("eval", "--ckpt", run, "--metrics", "fid", "--features", tmp_path / "nope.pt",
-                f"data.shards={digits_shards}")  # fmt: skip
+    r = run_cli(
+        "eval", "--ckpt", run, "--metrics", "fid", "--features", tmp_path / "nope.pt", f"data.shards={digits_shards}"
+    )
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
@@ -144,8 +173,18 @@ def test_stacked_digits_r1_preset_trains(tmp_path, capsys):
     x, y, classes = builtin.stacked_digits(n=400, seed=0)
     shards.write_arrays(x, y, classes, tmp_path / "stacked", source="test", maxcount=200, progress=False)
     run = tmp_path / "run"
-    code, _, err = run_main(capsys, "train", "--preset", "stacked-digits-r1", *FAST, f"data.shards={tmp_path / 'stacked'}", "--out", run,
-                "train.steps=4", "train.log_every=1")  # fmt: skip
+    code, _, err = run_main(
+        capsys,
+        "train",
+        "--preset",
+        "stacked-digits-r1",
+        *FAST,
+        f"data.shards={tmp_path / 'stacked'}",
+        "--out",
+        run,
+        "train.steps=4",
+        "train.log_every=1",
+    )
     assert code == 0, err[-3000:]
     logged = [m for m in read_metrics(run) if "loss/d" in m]
     assert [m["lr/factor"] for m in logged] == pytest.approx([1, 1, 1, 0.5])  # decay over the second half

@@ -72,8 +72,15 @@ def _write_forever(run, first_step, forever=True):
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(step)
-        checkpoint.save(run, step, models={"G": model}, optimizers={"G": opt},
-                        state_tensors={"step": torch.tensor([step])}, meta={"step_check": step}, keep_last=2)  # fmt: skip
+        checkpoint.save(
+            run,
+            step,
+            models={"G": model},
+            optimizers={"G": opt},
+            state_tensors={"step": torch.tensor([step])},
+            meta={"step_check": step},
+            keep_last=2,
+        )
         if not forever:
             return
         step += 1
@@ -119,16 +126,21 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path):
     (newest / "optimizer.safetensors").write_bytes(b"\0" * 100)  # damage from outside: a bad copy
     picked = run_state.find_resume("auto", tmp_path / "run")
     assert picked.step == 1
-    np.testing.assert_array_equal([p.name for p in checkpoint.list_steps(tmp_path / "run")],
-                                  ["step-00000001", "step-00000002"])  # fmt: skip
+    np.testing.assert_array_equal(
+        [p.name for p in checkpoint.list_steps(tmp_path / "run")], ["step-00000001", "step-00000002"]
+    )
 
 
 def test_consecutive_nan_steps_stop_after_max_nan_skips(tmp_path):
     """train.on_nan=skip, but 3 bad batches in a row with train.max_nan_skips=3: the third stops the run."""
-    cfg = config.load_config("digits-dcgan", overrides=[*FAST, "train.steps=8", "train.ckpt_every=2",
-                                                        "train.max_nan_skips=3"])  # fmt: skip
-    with pytest.raises(RunFailed, match=r"step 5: NaN/Inf gradients in D; stopping \(3 steps in a row "
-                       r"\(train.max_nan_skips=3\)\)"):  # fmt: skip
+    cfg = config.load_config(
+        "digits-dcgan", overrides=[*FAST, "train.steps=8", "train.ckpt_every=2", "train.max_nan_skips=3"]
+    )
+    with pytest.raises(
+        RunFailed,
+        match=r"step 5: NaN/Inf gradients in D; stopping \(3 steps in a row "
+        r"\(train.max_nan_skips=3\)\)",
+    ):
         trainer.train(cfg, tmp_path / "run", data=digit_batches(nan_at={2, 3, 4}))
     skipped = [m["step"] for m in read_metrics(tmp_path / "run") if m.get("event") == "nonfinite"]
     assert skipped == [3, 4]  # the third is not logged: the run stopped there

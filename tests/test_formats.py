@@ -46,8 +46,13 @@ def shardwriter(folder, samples, maxcount=6):
 
 
 def first_batch(urls, **kw):
-    opts = dict(batch_size=kw.pop("batch_size", 4), resolution=kw.pop("resolution", 16), channels=kw.pop("channels", 3),
-                seed=0, shuffle_buffer=1)  # fmt: skip
+    opts = dict(
+        batch_size=kw.pop("batch_size", 4),
+        resolution=kw.pop("resolution", 16),
+        channels=kw.pop("channels", 3),
+        seed=0,
+        shuffle_buffer=1,
+    )
     return next(iter(stream.ShardStream([str(u) for u in urls], **opts, **kw)))
 
 
@@ -55,27 +60,61 @@ def test_shardwriter_jpeg_shards_without_manifest_train_and_resume_exactly(tmp_p
     from test_augment import split_run_resumes_exactly
 
     imgs = photos(18)
-    shardwriter(tmp_path / "jpg", ({"__key__": f"{i:06d}", "jpg": encode(im, "JPEG", quality=90), "cls": i % 3}
-                                   for i, im in enumerate(imgs)))  # fmt: skip
+    shardwriter(
+        tmp_path / "jpg",
+        ({"__key__": f"{i:06d}", "jpg": encode(im, "JPEG", quality=90), "cls": i % 3} for i, im in enumerate(imgs)),
+    )
     assert not (tmp_path / "jpg" / "manifest.json").exists()
-    common = [*FAST, f"data.shards={tmp_path / 'jpg'}/train-{{000000..000002}}.tar", "data.channels=3",
-              "data.batch_size=6", "train.ckpt_every=1000"]  # fmt: skip
+    common = [
+        *FAST,
+        f"data.shards={tmp_path / 'jpg'}/train-{{000000..000002}}.tar",
+        "data.channels=3",
+        "data.batch_size=6",
+        "train.ckpt_every=1000",
+    ]
     split_run_resumes_exactly(tmp_path, common, total=4, at=2)
     # conditional: the .cls labels (0, 1, 2) reach the training step: 3 classes train; with 2, label 2
     # is refused by name (an unread label would be -1 and pass as "unlabelled" nowhere)
-    r = cli(capsys, "train", "--preset", "digits-cgan", *common, "model.num_classes=3", "--out", tmp_path / "c",
-            "train.steps=2")  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        "--preset",
+        "digits-cgan",
+        *common,
+        "model.num_classes=3",
+        "--out",
+        tmp_path / "c",
+        "train.steps=2",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    r = cli(capsys, "train", "--preset", "digits-cgan", *common, "model.num_classes=2", "--out", tmp_path / "c2",
-            "train.steps=2")  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        "--preset",
+        "digits-cgan",
+        *common,
+        "model.num_classes=2",
+        "--out",
+        tmp_path / "c2",
+        "train.steps=2",
+    )
     assert r.returncode == 2 and "label 2 is out of range (model.num_classes=2)" in r.stderr, r.stderr[-3000:]
 
 
 def test_webp_with_a_json_label_and_a_conditional_model_needs_labels(tmp_path, capsys):
     imgs = photos(8)
-    urls = shardwriter(tmp_path / "w", ({"__key__": f"{i:06d}", "webp": encode(im, "WEBP", quality=90),
-                                         "json": json.dumps({"label": i % 4, "caption": "x"}).encode()}
-                                        for i, im in enumerate(imgs)), maxcount=100)  # fmt: skip
+    urls = shardwriter(
+        tmp_path / "w",
+        (
+            {
+                "__key__": f"{i:06d}",
+                "webp": encode(im, "WEBP", quality=90),
+                "json": json.dumps({"label": i % 4, "caption": "x"}).encode(),
+            }
+            for i, im in enumerate(imgs)
+        ),
+        maxcount=100,
+    )
     b = first_batch(urls, label_key="json:label", batch_size=8)  # one shard, read in order
     assert b["image"].shape == (8, 3, 16, 16) and sorted(b["label"].tolist()) == sorted(i % 4 for i in range(8))
     assert first_batch(urls, batch_size=8)["label"].tolist() == [-1] * 8  # no cls: unlabelled is fine
@@ -83,8 +122,18 @@ def test_webp_with_a_json_label_and_a_conditional_model_needs_labels(tmp_path, c
         first_batch(urls, num_classes=4)
     with pytest.raises(UserError, match="label 3 is out of range \\(model.num_classes=3\\)"):
         first_batch(urls, label_key="json:label", num_classes=3, batch_size=8)
-    r = cli(capsys, "train", "--preset", "digits-cgan", *FAST, f"data.shards={tmp_path / 'w'}", "data.channels=3",
-                "train.steps=1", "--out", tmp_path / "r")  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        "--preset",
+        "digits-cgan",
+        *FAST,
+        f"data.shards={tmp_path / 'w'}",
+        "data.channels=3",
+        "train.steps=1",
+        "--out",
+        tmp_path / "r",
+    )
     assert r.returncode == 2 and "which a conditional variant needs (set data.on_error=skip" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -92,8 +141,9 @@ def test_webp_with_a_json_label_and_a_conditional_model_needs_labels(tmp_path, c
 def test_the_first_image_extension_present_is_taken_unless_image_key_names_one(tmp_path):
     red, blue = np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)
     red[..., 0], blue[..., 2] = 255, 255
-    urls = shardwriter(tmp_path / "s", [{"__key__": "a", "png": encode(red, "PNG"), "jpg": encode(blue, "JPEG"),
-                                         "cls": "2"}])  # fmt: skip
+    urls = shardwriter(
+        tmp_path / "s", [{"__key__": "a", "png": encode(red, "PNG"), "jpg": encode(blue, "JPEG"), "cls": "2"}]
+    )
     png = first_batch(urls, batch_size=1)
     assert png["image"][0, 0].min() == 1.0 and png["label"].tolist() == [2]  # red: the png
     jpg = first_batch(urls, batch_size=1, image_key="jpg")
@@ -143,8 +193,10 @@ def test_jpeg_draft_decoding_stays_close_to_the_full_decode(tmp_path):
 
 def test_bad_labels_are_skipped_and_counted_or_named(tmp_path):
     imgs = photos(6, sizes=((16, 16),))
-    samples = [{"__key__": f"{i:06d}", "png": encode(im, "PNG"), "cls": b"seven" if i == 2 else str(i).encode()}
-               for i, im in enumerate(imgs)]  # fmt: skip
+    samples = [
+        {"__key__": f"{i:06d}", "png": encode(im, "PNG"), "cls": b"seven" if i == 2 else str(i).encode()}
+        for i, im in enumerate(imgs)
+    ]
     urls = shardwriter(tmp_path / "s", samples)
     with pytest.raises(UserError, match="sample '000002' of shard .*: label b'seven' is not an integer"):
         first_batch(urls, batch_size=6)
@@ -192,8 +244,18 @@ def test_a_brace_list_override_is_taken_literally(tmp_path, digits_shards, capsy
 
 
 def _stream_batches(urls, n, cache_bytes, workers=0, rank=0, world=1, start=None, offset=0):
-    ds = stream.ShardStream([str(u) for u in urls], batch_size=8, resolution=16, channels=1, seed=3, rank=rank,
-                            world_size=world, shuffle_buffer=20, on_error="skip", cache_bytes=cache_bytes)  # fmt: skip
+    ds = stream.ShardStream(
+        [str(u) for u in urls],
+        batch_size=8,
+        resolution=16,
+        channels=1,
+        seed=3,
+        rank=rank,
+        world_size=world,
+        shuffle_buffer=20,
+        on_error="skip",
+        cache_bytes=cache_bytes,
+    )
     if start is not None:
         ds.start_positions, ds.worker_offset = start, offset
     it = iter(stream.make_loader(ds, workers))
@@ -243,8 +305,18 @@ def test_training_with_the_cache_equals_training_without(tmp_path, small_digits,
     from test_train import assert_bitwise_equal
 
     for mode in ("ram", "off"):
-        r = cli(capsys, "train", *FAST, f"data.shards={small_digits[0].parent}", f"data.cache={mode}", "train.steps=6",
-                    "data.on_error=skip", "data.shuffle_buffer=20", "--out", tmp_path / mode)  # fmt: skip
+        r = cli(
+            capsys,
+            "train",
+            *FAST,
+            f"data.shards={small_digits[0].parent}",
+            f"data.cache={mode}",
+            "train.steps=6",
+            "data.on_error=skip",
+            "data.shuffle_buffer=20",
+            "--out",
+            tmp_path / mode,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
     assert_bitwise_equal(*(tmp_path / m / "checkpoints" / "step-00000006" for m in ("ram", "off")))
     r = cli(capsys, "config", "data.cache=ram", "data.crop=random")
@@ -264,8 +336,16 @@ def _read_every_shard_then_move_them(ds, urls):
 
 def test_the_ram_cache_serves_shards_without_reading_them_again(tmp_path, small_digits):
     """After every shard was read once, the files are moved away: the cached stream goes on."""
-    ds = stream.ShardStream([str(u) for u in small_digits], batch_size=8, resolution=16, channels=1, seed=0,
-                            shuffle_buffer=1, on_error="skip", cache_bytes=10**9)  # fmt: skip
+    ds = stream.ShardStream(
+        [str(u) for u in small_digits],
+        batch_size=8,
+        resolution=16,
+        channels=1,
+        seed=0,
+        shuffle_buffer=1,
+        on_error="skip",
+        cache_bytes=10**9,
+    )
     it = _read_every_shard_then_move_them(ds, small_digits)
     for _ in range(30):
         assert next(it)["image"].shape == (8, 1, 16, 16)

@@ -16,8 +16,19 @@ READS = ("item", "__bool__", "tolist", "numpy", "cpu", "__float__", "__int__", "
 # aten ops that make the host wait for the device on CUDA: a value read (item, bool, float, int all
 # end in _local_scalar_dense), an output whose size depends on the data (boolean-mask indexing,
 # nonzero, masked_select, unique), or a bool answer (equal, is_nonzero)
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_unique", "_unique2",
-            "unique_dim", "unique_consecutive", "unique_dim_consecutive", "repeat_interleave"}  # fmt: skip
+SYNC_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "equal",
+    "is_nonzero",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "unique_dim_consecutive",
+    "repeat_interleave",
+}
 
 
 def _is_cpu(device) -> bool:
@@ -47,8 +58,18 @@ class SyncOps(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("extra", [[], ["data.augment=translation,cutout", "data.augment_p=auto",
-                                         "train.lr_decay=linear", "model.d.spectral_norm=true"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        [
+            "data.augment=translation,cutout",
+            "data.augment_p=auto",
+            "train.lr_decay=linear",
+            "model.d.spectral_norm=true",
+        ],
+    ],
+)
 def test_steps_read_no_tensor_on_the_host_between_log_steps(tmp_path, monkeypatch, extra):
     """12 steps, log_every=10, from the real digit shards: every host read of a tensor value inside the
     loop (Tensor.item, __bool__, tolist, numpy, cpu, .to(cpu), float/int) and every aten op that waits
@@ -56,8 +77,17 @@ def test_steps_read_no_tensor_on_the_host_between_log_steps(tmp_path, monkeypatc
     the host) happens in the periodic jobs of step 10 (the log) or of the last step, none in the steps
     themselves (NaN guard and stop flag included; also with ADA's adaptive p, a learning-rate
     schedule and spectral norm)."""
-    cfg = config.load_config("digits-dcgan", overrides=[*FAST, "train.steps=12", "train.log_every=10",
-                                                        "train.ckpt_every=1000", "train.sample_every=1000", *extra])  # fmt: skip
+    cfg = config.load_config(
+        "digits-dcgan",
+        overrides=[
+            *FAST,
+            "train.steps=12",
+            "train.log_every=10",
+            "train.ckpt_every=1000",
+            "train.sample_every=1000",
+            *extra,
+        ],
+    )
     where = {"phase": "setup", "steps": 0}
     reads: list[tuple[str, int, str]] = []
 
@@ -135,8 +165,10 @@ def test_compiled_training_matches_eager_and_resumes_exactly(tmp_path, kernels_o
     runs = {}
     for name, compiled, plan in (("eager", False, [5]), ("compiled", True, [5]), ("split", True, [3, 5])):
         for steps in plan:
-            cfg = config.load_config("digits-sngan", overrides=[*COMPILED, *extra, f"train.steps={steps}",
-                                                                 f"train.compile={str(compiled).lower()}"])  # fmt: skip
+            cfg = config.load_config(
+                "digits-sngan",
+                overrides=[*COMPILED, *extra, f"train.steps={steps}", f"train.compile={str(compiled).lower()}"],
+            )
             assert trainer.train(cfg, tmp_path / name, resume="auto" if steps != plan[0] else None) == 0
         runs[name] = _final_models(tmp_path / name)
     for k, v in runs["eager"].items():
@@ -163,8 +195,10 @@ def test_channels_last_trains_like_contiguous(tmp_path, monkeypatch):
         settings(cfg, device, models)
         layouts[cfg.train.channels_last] = [
             (name, p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous())
-            for m in models for name, p in m.named_parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1
-        ]  # fmt: skip
+            for m in models
+            for name, p in m.named_parameters()
+            if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1
+        ]
 
     monkeypatch.setattr(cluster, "gpu_settings", recording)
     for flag in ("false", "true"):
@@ -191,8 +225,9 @@ def test_gpu_suite_dry_run(tmp_path):
 
     # the interpreter running these tests, whatever venv it lives in (the script's own default is .venv/bin/python)
     env = {**os.environ, "DISTGAN_BENCH_RESULTS": str(tmp_path), "PYTHON": sys.executable}
-    r = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=900)  # fmt: skip
+    r = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     names = {p.name for p in tmp_path.iterdir()}
     for stem in ("gpu_check", "bench_minibatch_l1", "bench_spectral_norm", "bench_spectral_norm_roofline", "gpu_steps"):

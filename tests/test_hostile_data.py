@@ -137,17 +137,36 @@ def _cls(name):
     return info
 
 
-RSS = ("import resource, sys\nfrom distgan.cli import main\ncode = main(sys.argv[1:])\n"
-       "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(code)")  # fmt: skip
+RSS = (
+    "import resource, sys\nfrom distgan.cli import main\ncode = main(sys.argv[1:])\n"
+    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(code)"
+)
 
 
 def train_rss(out, shards_spec, *extra):
     """A real training run in a fresh process: (CompletedProcess, its peak RSS in MB)."""
     import subprocess
 
-    r = subprocess.run([sys.executable, "-c", RSS, "train", *FAST, f"data.shards={shards_spec}", "--out", str(out),
-                        "train.steps=12", "data.shuffle_buffer=50", "data.cache=off", *extra],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RSS,
+            "train",
+            *FAST,
+            f"data.shards={shards_spec}",
+            "--out",
+            str(out),
+            "train.steps=12",
+            "data.shuffle_buffer=50",
+            "data.cache=off",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     peak = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
     return r, (peak[0] / 1024 if peak else None)
 
@@ -183,8 +202,16 @@ def test_over_the_bounds_raise_names_shard_key_member_and_bound(hostile, tmp_pat
     with pytest.raises(UserError, match="member 'zeros.png' not read: 300000000 bytes"):
         next(iter(ds))
     # a bound set by the user applies, and the good samples around a refused one still come
-    ds = stream.ShardStream([str(hostile / "hostile" / "h-0.tar")], batch_size=60, resolution=8, channels=1, seed=0, on_error="skip",
-                            max_member_bytes=1000, shuffle_buffer=1)  # fmt: skip
+    ds = stream.ShardStream(
+        [str(hostile / "hostile" / "h-0.tar")],
+        batch_size=60,
+        resolution=8,
+        channels=1,
+        seed=0,
+        on_error="skip",
+        max_member_bytes=1000,
+        shuffle_buffer=1,
+    )
     b = next(iter(ds))
     assert b["skipped"] >= 1 and len(b["label"]) == 60
 
@@ -319,16 +346,27 @@ def test_bad_labels_give_one_short_line_or_are_skipped(tmp_path):
     for key, (ext, data) in bad.items():
         write_tar(tmp_path / f"{key}.tar", [(f"{key}.png", x), (f"{key}.{ext}", data)])
         label_key = "json:label" if ext == "json" else ""
-        ds = stream.ShardStream([str(tmp_path / f"{key}.tar")], batch_size=1, resolution=8, channels=1, seed=0,
-                                label_key=label_key)  # fmt: skip
+        ds = stream.ShardStream(
+            [str(tmp_path / f"{key}.tar")], batch_size=1, resolution=8, channels=1, seed=0, label_key=label_key
+        )
         with pytest.raises(UserError) as err:
             next(iter(ds))
         assert len(str(err.value)) < 800 and f"sample '{key}'" in str(err.value), (key, str(err.value)[:1000])
         # skip mode: skipped and counted, the good sample after it comes
-        write_tar(tmp_path / f"{key}2.tar", [(f"{key}.png", x), (f"{key}.{ext}", data), ("ok.png", x),
-                                              ("ok.cls", b"1"), ("ok.json", b'{"label": 1}')])  # fmt: skip
-        ds = stream.ShardStream([str(tmp_path / f"{key}2.tar")], batch_size=1, resolution=8, channels=1, seed=0,
-                                label_key=label_key, on_error="skip", shuffle_buffer=1)  # fmt: skip
+        write_tar(
+            tmp_path / f"{key}2.tar",
+            [(f"{key}.png", x), (f"{key}.{ext}", data), ("ok.png", x), ("ok.cls", b"1"), ("ok.json", b'{"label": 1}')],
+        )
+        ds = stream.ShardStream(
+            [str(tmp_path / f"{key}2.tar")],
+            batch_size=1,
+            resolution=8,
+            channels=1,
+            seed=0,
+            label_key=label_key,
+            on_error="skip",
+            shuffle_buffer=1,
+        )
         b = next(iter(ds))
         assert b["label"].tolist() == [1] and b["skipped"] == 1, key
 
@@ -393,8 +431,9 @@ def _cache_memory(urls, cache_bytes, batches=60):
     batches, the stream (and its cache) still alive at the end."""
     import tracemalloc
 
-    ds = stream.ShardStream(urls, batch_size=20, resolution=64, channels=3, seed=0, shuffle_buffer=1,
-                            cache_bytes=cache_bytes)  # fmt: skip
+    ds = stream.ShardStream(
+        urls, batch_size=20, resolution=64, channels=3, seed=0, shuffle_buffer=1, cache_bytes=cache_bytes
+    )
     tracemalloc.start()
     try:
         it = iter(ds)

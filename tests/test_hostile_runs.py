@@ -38,8 +38,9 @@ def bad_digits(tmp_path_factory):
 def test_stats_eval_and_training_share_one_checked_cache_and_follow_on_error(weights, bad_digits, tmp_path, capsys):
     net = inception.FeatureNet(weights)
     with pytest.raises(UserError, match="sample 'broken'"):  # data.on_error=raise, the default
-        standard.reference_stats(str(bad_digits), resolution=16, channels=1, net=net, split=standard.Split(),
-                                 progress=False)  # fmt: skip
+        standard.reference_stats(
+            str(bad_digits), resolution=16, channels=1, net=net, split=standard.Split(), progress=False
+        )
     stats = ["stats", "--shards", bad_digits, "--inception", weights, "--resolution", "16", "--channels", "1"]
     code, out, err = run_main(capsys, *stats, "--on-error", "skip")
     assert code == 0, err[-2000:]
@@ -47,8 +48,19 @@ def test_stats_eval_and_training_share_one_checked_cache_and_follow_on_error(wei
     cached = out.split("computed, cached in ")[1].split()[0]
     # a run that skips bad samples evaluates on the same shards, from the same cached statistics
     run = tmp_path / "run"
-    code, _, err = run_main(capsys, "train", *FAST, f"data.shards={bad_digits}", "data.on_error=skip", "--out", run,
-                       "train.steps=2", "train.eval_every=2", "train.eval_n=4", f"train.eval_inception={weights}")  # fmt: skip
+    code, _, err = run_main(
+        capsys,
+        "train",
+        *FAST,
+        f"data.shards={bad_digits}",
+        "data.on_error=skip",
+        "--out",
+        run,
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.eval_n=4",
+        f"train.eval_inception={weights}",
+    )
     assert code == 0, err[-3000:]
     assert f"reference statistics: cached {cached}" in err, err[-3000:]
     assert any("eval/fid" in m for m in read_metrics(run))
@@ -92,8 +104,16 @@ def test_unusable_reference_statistics_are_named(tmp_path):
     # a run given such statistics stops before it writes anything
     from distgan import config, trainer
 
-    cfg = config.load_config(None, None, ["tracking.wandb.mode=disabled", f"train.eval_ref={tmp_path / 'inf.npz'}",
-                                          "train.eval_inception=x.pth", "train.eval_every=2"])  # fmt: skip
+    cfg = config.load_config(
+        None,
+        None,
+        [
+            "tracking.wandb.mode=disabled",
+            f"train.eval_ref={tmp_path / 'inf.npz'}",
+            "train.eval_inception=x.pth",
+            "train.eval_every=2",
+        ],
+    )
     with pytest.raises(UserError, match="cannot be used: mu or sigma holds NaN/Inf"):
         trainer.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -137,8 +157,15 @@ def _step(run, step, fid):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.Adam(model.parameters())
     meta = {"config": {}, "keep_best": {"name": "best-fid", "fid": fid}}
-    checkpoint.save(run, step, models={"G": model}, optimizers={"G": opt}, state_tensors={"x": torch.zeros(1)},
-                    meta=meta, keep_last=3)  # fmt: skip
+    checkpoint.save(
+        run,
+        step,
+        models={"G": model},
+        optimizers={"G": opt},
+        state_tensors={"x": torch.zeros(1)},
+        meta=meta,
+        keep_last=3,
+    )
 
 
 FS_OPS = ("rename", "replace", "symlink", "link", "mkdir", "unlink")
@@ -201,15 +228,29 @@ def test_a_kill_before_keep_best_leaves_the_best_to_resume(tmp_path):
     _step(run, 2, 3.0)
     _step(run, 3, 4.0)  # an improvement over step 1 at its time, but not the best
     model = torch.nn.Linear(2, 2)  # step 4: no improvement recorded; keep_last prunes step 1
-    checkpoint.save(run, 4, models={"G": model}, optimizers={}, state_tensors={"x": torch.zeros(1)},
-                    meta={"config": {}}, keep_last=3)  # fmt: skip
+    checkpoint.save(
+        run,
+        4,
+        models={"G": model},
+        optimizers={},
+        state_tensors={"x": torch.zeros(1)},
+        meta={"config": {}},
+        keep_last=3,
+    )
     assert checkpoint.read_best(run, "best-fid")["step"] == 1
     assert checkpoint.recover_best(run, "best-fid", "fid") == {"step": 2, "fid": 3.0}
     assert checkpoint.load(run / "checkpoints" / "best-fid").step == 2
     # the step folders rotate on; the best copy stays whole (hard links, not the step folder)
     for step in (5, 6, 7):
-        checkpoint.save(run, step, models={"G": model}, optimizers={}, state_tensors={"x": torch.zeros(1)},
-                        meta={"config": {}}, keep_last=3)  # fmt: skip
+        checkpoint.save(
+            run,
+            step,
+            models={"G": model},
+            optimizers={},
+            state_tensors={"x": torch.zeros(1)},
+            meta={"config": {}},
+            keep_last=3,
+        )
     assert not (run / "checkpoints" / "step-00000002").exists()
     assert checkpoint.load(run / "checkpoints" / "best-fid").step == 2
 
@@ -219,8 +260,9 @@ def test_optimizer_settings_given_on_resume_take_effect_and_are_logged(tmp_path,
     common = [*FAST, f"data.shards={digits_shards}", "--out", run]
     code, _, err = run_main(capsys, "train", *common, "train.steps=2")
     assert code == 0, err[-2000:]
-    code, _, err = run_main(capsys, "train", *common, "train.steps=4", "--resume", "auto", "train.lr_g=1e-5",
-                       "train.beta2=0.99")  # fmt: skip
+    code, _, err = run_main(
+        capsys, "train", *common, "train.steps=4", "--resume", "auto", "train.lr_g=1e-5", "train.beta2=0.99"
+    )
     assert code == 0, err[-2000:]
     assert "applied: G.lr 0.0002 -> 1e-05, G.betas [0.5, 0.999] -> [0.5, 0.99], D.betas" in err, err[-2000:]
     resume = next(m for m in read_metrics(run) if m.get("event") == "resume")
@@ -230,8 +272,18 @@ def test_optimizer_settings_given_on_resume_take_effect_and_are_logged(tmp_path,
     assert groups["G"]["param_groups"][0]["betas"] == [0.5, 0.99]
     assert groups["D"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
     # with a learning-rate decay, the base rate is what a resume compares (here: no change, so no note)
-    code, _, err = run_main(capsys, "train", *common, "train.steps=8", "--resume", "auto", "train.lr_g=1e-5",
-                       "train.beta2=0.99", "train.lr_decay=linear", "train.lr_decay_start=0.5")  # fmt: skip
+    code, _, err = run_main(
+        capsys,
+        "train",
+        *common,
+        "train.steps=8",
+        "--resume",
+        "auto",
+        "train.lr_g=1e-5",
+        "train.beta2=0.99",
+        "train.lr_decay=linear",
+        "train.lr_decay_start=0.5",
+    )
     assert code == 0 and "applied:" not in err, err[-2000:]
     groups = checkpoint.load(run / "checkpoints" / "step-00000008").optimizer_meta["G"]["param_groups"][0]
     assert groups["initial_lr"] == pytest.approx(1e-5) and groups["lr"] < 1e-5

@@ -27,14 +27,14 @@ TINY = {
         "model.g.blocks=1",
         "model.d.width=4",
         "variant.pretrain_steps=2",
-    ],  # fmt: skip
+    ],
     "cyclegan-digits-thin2thick": [
         "data.batch_size=2",
         "model.g.width=8",
         "model.g.blocks=1",
         "model.d.width=8",
         "variant.pool_size=3",
-    ],  # fmt: skip
+    ],
 }
 QUIET = ["train.log_every=1", "train.sample_every=1000", "tracking.wandb.mode=disabled"]
 
@@ -53,8 +53,9 @@ def test_psnr_and_ssim_match_scikit_image():
     for i in range(3):
         a, b = ((x[i] + 1) / 2).permute(1, 2, 0).double().numpy(), ((y[i] + 1) / 2).permute(1, 2, 0).double().numpy()
         assert im.psnr(x, y)[i].item() == pytest.approx(peak_signal_noise_ratio(b, a, data_range=1), abs=1e-6)
-        ref = structural_similarity(b, a, data_range=1, channel_axis=2, gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=False)  # fmt: skip
+        ref = structural_similarity(
+            b, a, data_range=1, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
         assert im.ssim(x, y)[i].item() == pytest.approx(ref, abs=1e-6)
     assert im.ssim(y, y).allclose(torch.ones(3, dtype=torch.float64))
     assert torch.isinf(im.psnr(y, y)).logical_not().all() and (im.psnr(y, y) > 100).all()
@@ -308,8 +309,9 @@ def test_presets_train_resume_exactly_and_evaluate(tmp_path, preset):
     cfg = config.load_config(preset, overrides=[*common, "train.steps=6"])
     assert trainer.train(cfg, tmp_path / "split", resume="auto") == 0
     assert_resumed(tmp_path / "split", 3)
-    assert_bitwise_equal(tmp_path / "full" / "checkpoints" / "step-00000006",
-                         tmp_path / "split" / "checkpoints" / "step-00000006")  # fmt: skip
+    assert_bitwise_equal(
+        tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path / "split" / "checkpoints" / "step-00000006"
+    )
     lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     evals = [x for x in lines if any(k.startswith("eval/") for k in x)]
     assert [x["step"] for x in evals] == [3, 6]
@@ -334,8 +336,13 @@ def test_cyclegan_pools_are_saved_per_rank(tmp_path):
 @pytest.mark.slow  # 16 s; 2-rank bitwise resume: tests/test_ddp.py in `make test`
 def test_cyclegan_under_two_rank_ddp_resumes_bitwise(tmp_path):
     run = tmp_path / "run"
-    common = ["--preset", "cyclegan-digits-thin2thick", *TINY["cyclegan-digits-thin2thick"], *QUIET,
-              "train.ckpt_every=1000"]  # fmt: skip
+    common = [
+        "--preset",
+        "cyclegan-digits-thin2thick",
+        *TINY["cyclegan-digits-thin2thick"],
+        *QUIET,
+        "train.ckpt_every=1000",
+    ]
     r = launch(*common, "--out", run, "train.steps=4")
     assert r.returncode == 0, r.stderr[-3000:]
     # stopped at 2 and resumed: both domains' streams, per-rank pools and RNG continue exactly
@@ -391,13 +398,19 @@ def test_shards_from_users_pairs_and_flat_folders(tmp_path, capsys):
         Image.fromarray(photo).save(tmp_path / "photos" / f"{name}.png")
         pairs[name] = (edge, photo)
     out = tmp_path / "paired"
-    assert cli.main(["shards", "--pairs", str(tmp_path / "edges"), str(tmp_path / "photos"), "--out", str(out),
-                     "--rgb"]) == 0  # fmt: skip
+    assert (
+        cli.main(["shards", "--pairs", str(tmp_path / "edges"), str(tmp_path / "photos"), "--out", str(out), "--rgb"])
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "paired" and manifest["count"] == 3
     assert manifest["input_shape"] == [20, 24, 1] and manifest["image_shape"] == [20, 24, 3]
-    got = stream.read_all(stream.resolve(str(out)), resolution=20, channels=3,
-                          fields={"image": ("target.png", 3), "input": ("input.png", 1)})  # fmt: skip
+    got = stream.read_all(
+        stream.resolve(str(out)),
+        resolution=20,
+        channels=3,
+        fields={"image": ("target.png", 3), "input": ("input.png", 1)},
+    )
     assert got["image"].shape == (3, 3, 20, 20) and got["input"].shape == (3, 1, 20, 20)  # 20x24 resized
     # every sample holds its own input with its own target, losslessly (read with tarfile, not our reader)
     import io
@@ -418,14 +431,20 @@ def test_shards_from_users_pairs_and_flat_folders(tmp_path, capsys):
     assert seen == set(pairs)
     # a missing partner is an error, not a silently dropped image
     (tmp_path / "photos" / "b.png").unlink()
-    assert cli.main(["shards", "--pairs", str(tmp_path / "edges"), str(tmp_path / "photos"), "--out",
-                     str(tmp_path / "p2")]) == 2  # fmt: skip
+    assert (
+        cli.main(
+            ["shards", "--pairs", str(tmp_path / "edges"), str(tmp_path / "photos"), "--out", str(tmp_path / "p2")]
+        )
+        == 2
+    )
     assert "no partner, e.g. the input 'b'" in capsys.readouterr().err
     # images beside class subfolders would belong to no class: an error, not a silent drop
     assert cli.main(["shards", "--images", str(tmp_path / "photos"), "--out", str(tmp_path / "mixed")]) == 2
     assert "also images directly in it" in capsys.readouterr().err
     # a flat folder of images (SR, one CycleGAN domain): unlabelled shards
-    assert cli.main(["shards", "--images", str(tmp_path / "photos" / "sub"), "--out", str(tmp_path / "flat"),
-                     "--rgb"]) == 0  # fmt: skip
+    assert (
+        cli.main(["shards", "--images", str(tmp_path / "photos" / "sub"), "--out", str(tmp_path / "flat"), "--rgb"])
+        == 0
+    )
     flat = json.loads((tmp_path / "flat" / "manifest.json").read_text())
     assert flat["count"] == 1 and flat["classes"] == [] and flat["kind"] == "images"

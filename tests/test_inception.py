@@ -63,8 +63,9 @@ class NvidiaInterface(torch.nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False
+    ) -> torch.Tensor:
         x = img.double() / 255.0
         x = resize_matrix(x.shape[2], 299) @ x @ resize_matrix(x.shape[3], 299).t()
         feats = self.net.pool_features((x * 2 - 1).float())
@@ -91,8 +92,9 @@ class TinyNvidiaFile(torch.nn.Module):
         self.fc = torch.nn.Parameter(torch.randn(2048, 1008, generator=g) * 0.05)
         self.bias = torch.nn.Parameter(torch.randn(1008, generator=g))
 
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False
+    ) -> torch.Tensor:
         x = F.interpolate(img.float() / 255.0, size=(32, 32), mode="bilinear", align_corners=False) * 2 - 1
         x = F.relu(F.conv2d(x, self.c1, stride=2, padding=1))
         x = F.relu(F.conv2d(x, self.c2, stride=2, padding=1))
@@ -358,18 +360,34 @@ def digits_run(tmp_path_factory, digits_shards):
     from distgan.cli import main
 
     run = tmp_path_factory.mktemp("inc-run") / "run"
-    code = main(["train", "--preset", "digits-cgan", *FAST, f"data.shards={digits_shards}", "--out", str(run),
-                 "train.steps=1"])  # fmt: skip
+    code = main(
+        ["train", "--preset", "digits-cgan", *FAST, f"data.shards={digits_shards}", "--out", str(run), "train.steps=1"]
+    )
     assert code == 0
     return run
 
 
-def test_eval_with_inception_reports_every_standard_metric_with_its_n(weight_files, tiny_file, digits_run,
-                                                                     digits_shards, tmp_path, capsys):  # fmt: skip
+def test_eval_with_inception_reports_every_standard_metric_with_its_n(
+    weight_files, tiny_file, digits_run, digits_shards, tmp_path, capsys
+):
     # in this process (the CLI's own code, without a process start per command)
-    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", tiny_file, "--n", "12",
-                              "--ref-n", "16", "--chunk", "8", "--json", tmp_path / "e.json",
-                              f"data.shards={digits_shards}")  # fmt: skip
+    code, out, err = run_main(
+        capsys,
+        "eval",
+        "--ckpt",
+        digits_run,
+        "--inception",
+        tiny_file,
+        "--n",
+        "12",
+        "--ref-n",
+        "16",
+        "--chunk",
+        "8",
+        "--json",
+        tmp_path / "e.json",
+        f"data.shards={digits_shards}",
+    )
     assert code == 0, err[-3000:]
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["n"] == 12 and res["n_ref"] == 16 and res["pr_n"] == 12 and res["kid_subsets"] == "100 of 12"
@@ -379,21 +397,64 @@ def test_eval_with_inception_reports_every_standard_metric_with_its_n(weight_fil
     assert "nvidia-torchscript" in res["feature_space"] and "one process, in chunks of 8" in res["computed"]
     assert "fid" in out and "precision" in out
     # the same reference from `distgan stats`, written elsewhere: the same numbers
-    code, out, err = run_main(capsys, "stats", "--shards", digits_shards, "--inception", tiny_file,
-                              "--resolution", "16", "--channels", "1", "--n", "16", "--out", tmp_path / "ref.npz")  # fmt: skip
+    code, out, err = run_main(
+        capsys,
+        "stats",
+        "--shards",
+        digits_shards,
+        "--inception",
+        tiny_file,
+        "--resolution",
+        "16",
+        "--channels",
+        "1",
+        "--n",
+        "16",
+        "--out",
+        tmp_path / "ref.npz",
+    )
     assert code == 0 and "reference statistics of 16 images" in out, err[-2000:]
-    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", tiny_file, "--ref",
-                              tmp_path / "ref.npz", "--n", "12", "--chunk", "8", "--metrics", "fid,is", "--json",
-                              tmp_path / "f.json")  # fmt: skip
+    code, out, err = run_main(
+        capsys,
+        "eval",
+        "--ckpt",
+        digits_run,
+        "--inception",
+        tiny_file,
+        "--ref",
+        tmp_path / "ref.npz",
+        "--n",
+        "12",
+        "--chunk",
+        "8",
+        "--metrics",
+        "fid,is",
+        "--json",
+        tmp_path / "f.json",
+    )
     # (no data.shards: with --ref the training shards are not read)
     assert code == 0, err[-3000:]
     other = json.loads((tmp_path / "f.json").read_text())
     assert other["fid"] == pytest.approx(res["fid"], rel=1e-6) and other["is"] == pytest.approx(res["is"], rel=1e-6)
     # pytorch-fid's file through the CLI: the full 299 x 299 graph (test_both_file_formats_... compares
     # its features with the TorchScript path's)
-    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", weight_files[0], "--n", "6",
-                              "--ref-n", "6", "--metrics", "fid", "--json", tmp_path / "p.json",
-                              f"data.shards={digits_shards}")  # fmt: skip
+    code, out, err = run_main(
+        capsys,
+        "eval",
+        "--ckpt",
+        digits_run,
+        "--inception",
+        weight_files[0],
+        "--n",
+        "6",
+        "--ref-n",
+        "6",
+        "--metrics",
+        "fid",
+        "--json",
+        tmp_path / "p.json",
+        f"data.shards={digits_shards}",
+    )
     assert code == 0, err[-3000:]
     res = json.loads((tmp_path / "p.json").read_text())
     assert "pytorch-fid" in res["feature_space"] and res["n"] == 6 and res["fid"] > 0
@@ -401,25 +462,51 @@ def test_eval_with_inception_reports_every_standard_metric_with_its_n(weight_fil
 
 def test_eval_without_inception_falls_back_and_says_so(digits_run, digits_shards, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DISTGAN_INCEPTION", "")
-    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--n", "50", "--metrics", "fid", "--json",
-                              tmp_path / "e.json", f"data.shards={digits_shards}")  # fmt: skip
+    code, out, err = run_main(
+        capsys,
+        "eval",
+        "--ckpt",
+        digits_run,
+        "--n",
+        "50",
+        "--metrics",
+        "fid",
+        "--json",
+        tmp_path / "e.json",
+        f"data.shards={digits_shards}",
+    )
     assert code == 0, err[-3000:]
     res = json.loads((tmp_path / "e.json").read_text())
     assert "digits MLP" in res["feature_space"] and "pt_inception-2015-12-05" in res["inception"]
     assert "note: not given" in err
     code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--metrics", "is", f"data.shards={digits_shards}")
     assert code == 2 and "need --inception FILE" in err
-    code, out, err = run_main(capsys, "eval", "--ckpt", digits_run, "--inception", tmp_path / "nope.pth",
-                              f"data.shards={digits_shards}")  # fmt: skip
+    code, out, err = run_main(
+        capsys, "eval", "--ckpt", digits_run, "--inception", tmp_path / "nope.pth", f"data.shards={digits_shards}"
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "inception-2015-12-05.pt" in err
 
 
-def test_a_two_rank_eval_equals_the_single_process_one(tiny_file, digits_run, digits_shards, tmp_path, capsys,
-                                                       monkeypatch):  # fmt: skip
+def test_a_two_rank_eval_equals_the_single_process_one(
+    tiny_file, digits_run, digits_shards, tmp_path, capsys, monkeypatch
+):
     from test_ddp import launch
 
-    args = ["--ckpt", str(digits_run), "--inception", str(tiny_file), "--n", "12", "--ref-n", "12",
-            "--chunk", "4", "--metrics", "fid,kid,is,pr", f"data.shards={digits_shards}"]  # fmt: skip
+    args = [
+        "--ckpt",
+        str(digits_run),
+        "--inception",
+        str(tiny_file),
+        "--n",
+        "12",
+        "--ref-n",
+        "12",
+        "--chunk",
+        "4",
+        "--metrics",
+        "fid,kid,is,pr",
+        f"data.shards={digits_shards}",
+    ]
     monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "c1"))
     code, out, err = run_main(capsys, "eval", *args, "--json", tmp_path / "one.json")
     assert code == 0, err[-3000:]
@@ -440,9 +527,18 @@ def test_training_evaluations_log_the_standard_metrics_and_keep_the_best_fid_che
     x, y, classes = builtin.digits()
     shards.write_arrays(x[:16], y[:16], classes, tmp_path / "d", source="test", maxcount=8, progress=False)
     run = tmp_path / "run"
-    common = [*FAST, f"data.shards={tmp_path / 'd'}", "--out", run, "train.eval_every=2", "train.eval_n=10",
-              f"train.eval_inception={tiny_file}", "train.keep_best=fid", "train.keep_last=1",
-              "train.ckpt_every=100"]  # fmt: skip
+    common = [
+        *FAST,
+        f"data.shards={tmp_path / 'd'}",
+        "--out",
+        run,
+        "train.eval_every=2",
+        "train.eval_n=10",
+        f"train.eval_inception={tiny_file}",
+        "train.keep_best=fid",
+        "train.keep_last=1",
+        "train.ckpt_every=100",
+    ]
     code, out, err = run_main(capsys, "train", *common, "train.steps=4")
     assert code == 0, err[-3000:]
     assert "reference statistics: computed, cached in" in err
@@ -458,11 +554,20 @@ def test_training_evaluations_log_the_standard_metrics_and_keep_the_best_fid_che
     kept = checkpoint.load(run / "checkpoints" / "best-fid")
     assert kept.step == best["step"]
     assert [p.name for p in checkpoint.list_steps(run)] == ["step-00000006"]  # keep_last=1; best-fid beside it
-    code, out, err = run_main(capsys, "sample", "--ckpt", run / "checkpoints" / "best-fid", "--n", "4", "--out",
-                              tmp_path / "s.png")  # fmt: skip
+    code, out, err = run_main(
+        capsys, "sample", "--ckpt", run / "checkpoints" / "best-fid", "--n", "4", "--out", tmp_path / "s.png"
+    )
     assert code == 0, err[-2000:]
     code, out, err = run_main(capsys, "train", *FAST, "--out", tmp_path / "r2", "train.keep_best=fid")
     assert code == 2 and "needs evaluations" in err
-    code, out, err = run_main(capsys, "train", "--preset", "grid-gan-r1", "--out", tmp_path / "r3",
-                              "train.keep_best=fid", "train.eval_every=5")  # fmt: skip
+    code, out, err = run_main(
+        capsys,
+        "train",
+        "--preset",
+        "grid-gan-r1",
+        "--out",
+        tmp_path / "r3",
+        "train.keep_best=fid",
+        "train.eval_every=5",
+    )
     assert code == 2 and "no fid applies to this run" in err  # before the first step

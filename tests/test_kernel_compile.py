@@ -17,17 +17,38 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 def compile_report(tmp_path, launches, archs="80,90"):
     (tmp_path / "records.json").write_text(json.dumps(launches))
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    r = subprocess.run([sys.executable, "-m", "kernels.aot", "compile", str(tmp_path / "records.json"), "--archs",
-                        archs, "--out", str(tmp_path / "report.json")], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=900)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kernels.aot",
+            "compile",
+            str(tmp_path / "records.json"),
+            "--archs",
+            archs,
+            "--out",
+            str(tmp_path / "report.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
     return r, json.loads((tmp_path / "report.json").read_text())
 
 
 def test_every_launched_specialisation_compiles_for_sm80_and_sm90(tmp_path):
     launches = aot.representative_launches()
     kernels_seen = {launch["kernel"] for launch in launches}
-    assert kernels_seen == {"minibatch_l1_forward_kernel", "minibatch_l1_backward_kernel", "_wv_kernel",
-                            "_wtu_kernel", "_reduce_kernel", "_scale_kernel"}  # fmt: skip
+    assert kernels_seen == {
+        "minibatch_l1_forward_kernel",
+        "minibatch_l1_backward_kernel",
+        "_wv_kernel",
+        "_wtu_kernel",
+        "_reduce_kernel",
+        "_scale_kernel",
+    }
 
     def dtypes(names):
         return {a["tensor"] for x in launches if x["kernel"] in names for a in x["args"].values() if "tensor" in a}

@@ -60,8 +60,16 @@ def mixture_shards(name, n, out):
     """n points of mixture `name` as shards with the mixture in the manifest (the builtin writes 100k)."""
     x, y, classes = builtin.mixture(name, n=n)
     centres, std = builtin.mixture_spec(name)
-    shards.write_arrays(x, y, classes, out, source="test", maxcount=1000, progress=False,
-                        extra_manifest={"mixture": {"centres": centres.tolist(), "std": std}})  # fmt: skip
+    shards.write_arrays(
+        x,
+        y,
+        classes,
+        out,
+        source="test",
+        maxcount=1000,
+        progress=False,
+        extra_manifest={"mixture": {"centres": centres.tolist(), "std": std}},
+    )
     return x
 
 
@@ -69,8 +77,19 @@ def test_grid_preset_trains_samples_and_evaluates(tmp_path, capsys):
     """grid-pacgan on 4000 grid points."""
     mixture_shards("grid", 4000, tmp_path / "grid")
     run = tmp_path / "run"
-    r = cli(capsys, "train", "--preset", "grid-pacgan", "--out", run, f"data.shards={tmp_path / 'grid'}", "train.steps=20",
-                "train.log_every=10", "tracking.wandb.mode=disabled", "train.sample_every=20")  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        "--preset",
+        "grid-pacgan",
+        "--out",
+        run,
+        f"data.shards={tmp_path / 'grid'}",
+        "train.steps=20",
+        "train.log_every=10",
+        "tracking.wandb.mode=disabled",
+        "train.sample_every=20",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "samples" / "latest.png").stat().st_size > 0
     data = f"data.shards={tmp_path / 'grid'}"  # never taken from the checkpoint (distgan/trust.py)
@@ -98,8 +117,16 @@ def test_lr_decay_and_r1_resume_exactly(tmp_path):
 
     mixture_shards("grid", 2000, tmp_path / "grid")
     # grid-gan-r1 (maxout D, R1, decay over the second half, no EMA) with small MLPs
-    common = ["--preset", "grid-gan-r1", f"data.shards={tmp_path / 'grid'}", "model.g.width=32", "model.d.width=16",
-              "train.log_every=1", "train.ckpt_every=3", "tracking.wandb.mode=disabled"]  # fmt: skip
+    common = [
+        "--preset",
+        "grid-gan-r1",
+        f"data.shards={tmp_path / 'grid'}",
+        "model.g.width=32",
+        "model.d.width=16",
+        "train.log_every=1",
+        "train.ckpt_every=3",
+        "tracking.wandb.mode=disabled",
+    ]
     # the schedule depends on train.steps, so the second half resumes from the full run's step 3
     for out, extra in (("full", []), ("split", ["--resume", tmp_path / "full" / "checkpoints" / "step-00000003"])):
         r = run_cli("train", *common, "--out", tmp_path / out, "train.steps=6", *extra)
@@ -122,8 +149,19 @@ def test_lr_decay_and_r1_resume_exactly(tmp_path):
     # ... with D first trained further against the frozen G; the checkpoint itself is left as it was
     model_file = tmp_path / "full" / "checkpoints" / step / "model.safetensors"
     before = model_file.read_bytes()
-    r = run_cli("eval", "--ckpt", tmp_path / "full", "--n", "300", "--drs", "--drs-calibrate", "20",
-                "--json", tmp_path / "cal.json", data)  # fmt: skip
+    r = run_cli(
+        "eval",
+        "--ckpt",
+        tmp_path / "full",
+        "--n",
+        "300",
+        "--drs",
+        "--drs-calibrate",
+        "20",
+        "--json",
+        tmp_path / "cal.json",
+        data,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     cal = json.loads((tmp_path / "cal.json").read_text())
     assert cal["drs_calibrate_steps"] == 20 and 0 < cal["drs_calibrate_loss"] < 10 and cal["samples"] == 300
@@ -195,8 +233,19 @@ def test_rejection_sampling_draws_from_the_data_distribution():
 def test_eval_every_logs_the_metrics_during_training(tmp_path, capsys):
     mixture_shards("ring", 2000, tmp_path / "ring")
     run = tmp_path / "run"
-    r = cli(capsys, "train", "--preset", "ring-gan", "--out", run, f"data.shards={tmp_path / 'ring'}", "train.steps=10",
-                "train.eval_every=5", "train.eval_n=300", "tracking.wandb.mode=disabled")  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        "--preset",
+        "ring-gan",
+        "--out",
+        run,
+        f"data.shards={tmp_path / 'ring'}",
+        "train.steps=10",
+        "train.eval_every=5",
+        "train.eval_n=300",
+        "tracking.wandb.mode=disabled",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     from conftest import read_metrics
 

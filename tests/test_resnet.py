@@ -25,8 +25,7 @@ def test_shapes_at_every_resolution(resolution):
     torch.manual_seed(0)
     blocks = len(resnet.LAYOUTS[resolution][0])
     z_dim = 4 * (blocks + 1)
-    G = resnet.Generator(z_dim, 3, resolution, width=2, num_classes=3, embed_dim=4, hierarchical=True,
-                         attention=16)  # fmt: skip
+    G = resnet.Generator(z_dim, 3, resolution, width=2, num_classes=3, embed_dim=4, hierarchical=True, attention=16)
     D = resnet.Discriminator(3, resolution, width=2, num_classes=3, attention=16)
     assert len(G.attn) == 1 and len(D.attn) == 1
     z, y = torch.randn(2, z_dim), torch.tensor([0, 2])
@@ -97,8 +96,11 @@ def test_minibatch_discrimination_in_the_resnet_d_sees_the_batch_and_leaves_the_
 
 
 def test_resnet_d_with_minibatch_discrimination_builds_from_the_config_and_backpropagates():
-    cfg = config.load_config("digits-biggan", None, [*TINY, "model.d.minibatch_discrimination=true",
-                                                     "model.d.mbd_kernels=4", "model.d.mbd_kernel_dim=3"])  # fmt: skip
+    cfg = config.load_config(
+        "digits-biggan",
+        None,
+        [*TINY, "model.d.minibatch_discrimination=true", "model.d.mbd_kernels=4", "model.d.mbd_kernel_dim=3"],
+    )
     v = variants.get(cfg.variant.name)(cfg)
     D = v.models["D"]
     assert D.mbd is not None and D.mbd.num_kernels == 4
@@ -200,8 +202,11 @@ def test_d_step_adds_r1_r2_and_lecam_to_d_loss_with_the_papers_anchors_and_emas(
 
     from distgan import step
 
-    cfg = config.load_config("digits-r3gan", None, [*TINY, "variant.r1_gamma=0.1", "variant.r2_gamma=0.3",
-                                                    "variant.lecam_weight=0.5", "variant.lecam_decay=0.9"])  # fmt: skip
+    cfg = config.load_config(
+        "digits-r3gan",
+        None,
+        [*TINY, "variant.r1_gamma=0.1", "variant.r2_gamma=0.3", "variant.lecam_weight=0.5", "variant.lecam_decay=0.9"],
+    )
     v = variants.get(cfg.variant.name)(cfg)
     shape = (1, 32, 32)
     v.models["D"], v.models["G"] = LinearD(shape), ZeroG(shape)
@@ -270,8 +275,17 @@ def test_biggan_samples_by_class(tmp_path):
 
 def test_biggan_on_two_ranks_keeps_identical_models(tmp_path, digits_shards):
     run = tmp_path / "run"
-    r = launch("--preset", "digits-biggan", *FAST[3:], *TINY, f"data.shards={digits_shards}", "--out", run,
-               "train.steps=4", env=FALLBACK)  # fmt: skip
+    r = launch(
+        "--preset",
+        "digits-biggan",
+        *FAST[3:],
+        *TINY,
+        f"data.shards={digits_shards}",
+        "--out",
+        run,
+        "train.steps=4",
+        env=FALLBACK,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     _, meta = read(run / "checkpoints" / "step-00000004" / "state.safetensors")
     assert meta["data"]["world_size"] == 2

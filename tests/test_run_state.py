@@ -18,18 +18,29 @@ def test_saved_run_state_restores_every_ranks_part(tmp_path):
         main.restore([10 * rank + w for w in range(workers)], [rank, 0, 1], torch.tensor([1, rank, 0, 1, 0]))
         domain = Feed("a", ShardSource(["a0.tar", "a1.tar"], None), None, workers)
         domain.restore([7, 8, 9 + rank], [0, 0, 0], torch.tensor([rank, 1]))
-        pool = {"pool.images": torch.full((2, 3), float(rank)), "pool.count": torch.tensor([rank + 1]),
-                "shared.strength": torch.tensor([0.25], dtype=torch.float64)}  # fmt: skip
+        pool = {
+            "pool.images": torch.full((2, 3), float(rank)),
+            "pool.count": torch.tensor([rank + 1]),
+            "shared.strength": torch.tensor([0.25], dtype=torch.float64),
+        }
         parts.append(checkpoint.rank_state(rng.get_state(), [main, domain], pool, fingerprint_value=1234))
         feeds_of.append((main, domain))
     gathered = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}  # what accelerator.gather gives
     state, fingerprints = checkpoint.gather_rank_states(gathered)
     assert fingerprints == [1234, 1234] and "rng.rank.torch" in state
-    meta = checkpoint.run_meta({"train": {"steps": 9}}, fingerprints, "gan", batches=42, world=world,
-                               num_workers=workers)  # fmt: skip
+    meta = checkpoint.run_meta(
+        {"train": {"steps": 9}}, fingerprints, "gan", batches=42, world=world, num_workers=workers
+    )
     model = torch.nn.Linear(2, 2)
-    checkpoint.save(tmp_path, 5, models={"G": model}, optimizers={"G": torch.optim.Adam(model.parameters())},
-                    state_tensors=state, meta=meta, keep_last=1)  # fmt: skip
+    checkpoint.save(
+        tmp_path,
+        5,
+        models={"G": model},
+        optimizers={"G": torch.optim.Adam(model.parameters())},
+        state_tensors=state,
+        meta=meta,
+        keep_last=1,
+    )
     ckpt = checkpoint.load(tmp_path)
     for rank in range(world):
         point = checkpoint.resume_point(ckpt, rank, world, workers)
@@ -64,10 +75,19 @@ def test_a_saved_run_restores_every_field_of_its_state(tmp_path, digits_shards):
     from distgan import run as run_state
     from distgan.data import feeds
 
-    cfg = config.load_config("digits-dcgan", overrides=[
-        *[o for o in FAST if not o.startswith("tracking")], f"data.shards={digits_shards}", "tracking.wandb.mode=offline",
-        "variant.lecam_weight=0.1", "data.augment=translation", "data.augment_p=auto", "train.keep_best=fid",
-        "train.eval_every=100"])  # fmt: skip
+    cfg = config.load_config(
+        "digits-dcgan",
+        overrides=[
+            *[o for o in FAST if not o.startswith("tracking")],
+            f"data.shards={digits_shards}",
+            "tracking.wandb.mode=offline",
+            "variant.lecam_weight=0.1",
+            "data.augment=translation",
+            "data.augment_p=auto",
+            "train.keep_best=fid",
+            "train.eval_every=100",
+        ],
+    )
     run_dir = tmp_path / "run"
 
     def built(ckpt):

@@ -23,9 +23,18 @@ def evil_run(tmp_path_factory, digits_shards):
     marker = root / "PWNED"
     shard = sorted(digits_shards.glob("*.tar"))[0]
     run = root / "run"
-    r = run_cli("train", *QUIET, "--out", run, "train.steps=2", "train.ckpt_every=1",
-                f"data.shards=pipe:touch {marker}; cat {shard}", "tracking.wandb.mode=disabled",
-                "tracking.wandb.project=authors-project", "tracking.wandb.entity=author")  # fmt: skip
+    r = run_cli(
+        "train",
+        *QUIET,
+        "--out",
+        run,
+        "train.steps=2",
+        "train.ckpt_every=1",
+        f"data.shards=pipe:touch {marker}; cat {shard}",
+        "tracking.wandb.mode=disabled",
+        "tracking.wandb.project=authors-project",
+        "tracking.wandb.entity=author",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert marker.exists()  # the author's own command did run it
     marker.unlink()
@@ -57,8 +66,9 @@ def test_resume_eval_and_sample_never_run_a_stored_pipe_command(tmp_path, evil_r
     assert r.returncode == 0, r.stderr[-3000:]
     assert not marker.exists()
     # the user names the data: training and eval go on, saying what was not used
-    r = cli(capsys, "train", "--resume", ckpt, "--out", tmp_path / "victim", "train.steps=2",
-                f"data.shards={digits_shards}")  # fmt: skip
+    r = cli(
+        capsys, "train", "--resume", ckpt, "--out", tmp_path / "victim", "train.steps=2", f"data.shards={digits_shards}"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "note: the checkpoint was made with data.shards='pipe:touch" in r.stderr
     assert [m["step"] for m in read_metrics(tmp_path / "victim") if m.get("event") == "resume"] == [1]
@@ -69,8 +79,16 @@ def test_resume_eval_and_sample_never_run_a_stored_pipe_command(tmp_path, evil_r
 
 def test_trust_checkpoint_config_does_what_it_says(tmp_path, evil_run, capsys):
     run, marker = evil_run
-    r = cli(capsys, "train", "--resume", run / "checkpoints" / "step-00000001", "--out", tmp_path / "trusting",
-                "train.steps=2", trust.TRUST_FLAG)  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        "--resume",
+        run / "checkpoints" / "step-00000001",
+        "--out",
+        tmp_path / "trusting",
+        "train.steps=2",
+        trust.TRUST_FLAG,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "using the checkpoint's data.shards='pipe:touch" in r.stderr
     assert marker.exists()  # the user asked for it
@@ -80,8 +98,17 @@ def test_trust_checkpoint_config_does_what_it_says(tmp_path, evil_run, capsys):
 def test_stored_wandb_destination_is_never_used(tmp_path, evil_run, digits_shards, capsys):
     run, _ = evil_run
     victim = tmp_path / "victim"
-    r = cli(capsys, "train", "--resume", run / "checkpoints" / "step-00000001", "--out", victim, "train.steps=2",
-                f"data.shards={digits_shards}", "tracking.wandb.mode=offline")  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        "--resume",
+        run / "checkpoints" / "step-00000001",
+        "--out",
+        victim,
+        "train.steps=2",
+        f"data.shards={digits_shards}",
+        "tracking.wandb.mode=offline",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tracking.wandb.project='authors-project'; this run uses 'distgan'" in r.stderr
     assert "tracking.wandb.entity='author'; this run uses None" in r.stderr
@@ -89,9 +116,18 @@ def test_stored_wandb_destination_is_never_used(tmp_path, evil_run, digits_shard
     assert record.project == "distgan" and record.entity == ""
     # ... unless the user passes it
     mine = tmp_path / "mine"
-    r = cli(capsys, "train", "--resume", run / "checkpoints" / "step-00000001", "--out", mine, "train.steps=2",
-                f"data.shards={digits_shards}", "tracking.wandb.mode=offline",
-                "tracking.wandb.project=my-project")  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        "--resume",
+        run / "checkpoints" / "step-00000001",
+        "--out",
+        mine,
+        "train.steps=2",
+        f"data.shards={digits_shards}",
+        "tracking.wandb.mode=offline",
+        "tracking.wandb.project=my-project",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert run_record(next(mine.glob("wandb/offline-run-*/run-*.wandb"))).project == "my-project"
 
@@ -170,8 +206,16 @@ def test_a_copied_wandb_run_id_that_is_not_an_id_is_replaced(tmp_path, digits_sh
     run = tmp_path / "run"
     run.mkdir()
     (run / "wandb_run_id").write_text("../../x\n")
-    r = cli(capsys, "train", *QUIET, f"data.shards={digits_shards}", "--out", run, "train.steps=1",
-                "tracking.wandb.mode=offline")  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        *QUIET,
+        f"data.shards={digits_shards}",
+        "--out",
+        run,
+        "train.steps=1",
+        "tracking.wandb.mode=offline",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is not a W&B run id" in r.stderr
     new = (run / "wandb_run_id").read_text()
@@ -186,21 +230,46 @@ def test_a_cyclegan_checkpoint_never_runs_its_stored_domain_commands(tmp_path, c
         shards.write_builtin(name, root / name, maxcount=200, progress=False)
     marker = root / "PWNED"
     first = {n: sorted((root / n).glob("*.tar"))[0] for n in ("digits-thin", "digits-thick")}
-    tiny = ["data.batch_size=2", "model.g.width=8", "model.g.blocks=1", "model.d.width=8", "variant.pool_size=3",
-            "train.eval_every=0", "tracking.wandb.mode=disabled"]  # fmt: skip
+    tiny = [
+        "data.batch_size=2",
+        "model.g.width=8",
+        "model.g.blocks=1",
+        "model.d.width=8",
+        "variant.pool_size=3",
+        "train.eval_every=0",
+        "tracking.wandb.mode=disabled",
+    ]
     for key, domain in (("data.shards_a", "digits-thin"), ("data.shards_b", "digits-thick")):
         other = "data.shards_b" if key == "data.shards_a" else "data.shards_a"
         other_domain = "digits-thick" if domain == "digits-thin" else "digits-thin"
         run = root / f"run-{key}"
-        r = cli(capsys, "train", "--preset", "cyclegan-digits-thin2thick", *tiny, "--out", run, "train.steps=1",
-                f"{key}=pipe:touch {marker}; cat {first[domain]}", f"{other}={root / other_domain}")  # fmt: skip
+        r = cli(
+            capsys,
+            "train",
+            "--preset",
+            "cyclegan-digits-thin2thick",
+            *tiny,
+            "--out",
+            run,
+            "train.steps=1",
+            f"{key}=pipe:touch {marker}; cat {first[domain]}",
+            f"{other}={root / other_domain}",
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert marker.exists()  # the author's own command did run
         marker.unlink()
         ckpt = run / "checkpoints" / "step-00000001"
         # the other domain's folder named again (a path is never taken from a checkpoint either)
-        r = cli(capsys, "train", "--resume", ckpt, "--out", tmp_path / "victim", "train.steps=2",
-                f"{other}={root / other_domain}")  # fmt: skip
+        r = cli(
+            capsys,
+            "train",
+            "--resume",
+            ckpt,
+            "--out",
+            tmp_path / "victim",
+            "train.steps=2",
+            f"{other}={root / other_domain}",
+        )
         refused(r, key)
         assert not marker.exists() and not (tmp_path / "victim").exists()
 

@@ -17,10 +17,14 @@ from torch.nn.utils import parametrize
 import kernels
 
 BACKENDS = [
-    pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                    reason="the Triton kernels run on the CPU under the interpreter")),
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernels run on the CPU under the interpreter"
+        ),
+    ),
     "torch",
-]  # fmt: skip
+]
 
 
 def sn(module, backend, name="weight"):
@@ -131,8 +135,12 @@ def test_load_state_dict(backend, forwards):
     for _ in range(forwards):
         m(x)
     state = copy.deepcopy(m.state_dict())
-    assert set(state) == {"parametrizations.weight.original", "bias", "parametrizations.weight.0._u",
-                          "parametrizations.weight.0._v"}  # fmt: skip
+    assert set(state) == {
+        "parametrizations.weight.original",
+        "bias",
+        "parametrizations.weight.0._u",
+        "parametrizations.weight.0._v",
+    }
     loose = copy.deepcopy(state)
     loose["nonsense"] = "nonsense"
     with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "nonsense"'):

@@ -149,9 +149,16 @@ def discriminator(torch_sn=False, scale="weight"):
     (ConvTranspose keeps "weight", the only one it has)."""
     torch.manual_seed(0)
     D = nn.Sequential(
-        nn.Conv2d(3, 16, 4, 2, 1), nn.LeakyReLU(0.2), nn.ConvTranspose2d(16, 8, 3, 1, 1), nn.LeakyReLU(0.2),
-        nn.Conv2d(8, 32, 4, 2, 1), nn.Flatten(), nn.Linear(32 * 4 * 4, 130), nn.LeakyReLU(0.2), nn.Linear(130, 1),
-    )  # fmt: skip
+        nn.Conv2d(3, 16, 4, 2, 1),
+        nn.LeakyReLU(0.2),
+        nn.ConvTranspose2d(16, 8, 3, 1, 1),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(8, 32, 4, 2, 1),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 130),
+        nn.LeakyReLU(0.2),
+        nn.Linear(130, 1),
+    )
     for m in D:
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             if torch_sn:
@@ -337,8 +344,11 @@ def test_output_scale_is_the_same_layer(kind, backend):
         torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-6)
         for a, b in zip(ref.state_dict().values(), out.state_dict().values()):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-        for a, b in ((ref.parametrizations.weight.original.grad, out.parametrizations.weight.original.grad),
-                     (ref.bias.grad, out.bias.grad), (x1.grad, x2.grad)):  # fmt: skip
+        for a, b in (
+            (ref.parametrizations.weight.original.grad, out.parametrizations.weight.original.grad),
+            (ref.bias.grad, out.bias.grad),
+            (x1.grad, x2.grad),
+        ):
             scale = max(a.abs().max().item(), 1.0)
             torch.testing.assert_close(b / scale, a / scale, rtol=1e-5, atol=1e-6)
         for p in (*ref.parameters(), *out.parameters()):
@@ -363,8 +373,11 @@ def test_output_scale_grouped_writes_no_weight(monkeypatch):
     def d(scale):
         torch.manual_seed(0)
         convs = [nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2), nn.Conv2d(8, 4, 3)]
-        net = nn.Sequential(*(kernels.spectral_norm(c, backend="triton", scale=scale) for c in convs),
-                            nn.Flatten(), kernels.spectral_norm(nn.Linear(4 * 2 * 2, 1), backend="triton", scale=scale))  # fmt: skip
+        net = nn.Sequential(
+            *(kernels.spectral_norm(c, backend="triton", scale=scale) for c in convs),
+            nn.Flatten(),
+            kernels.spectral_norm(nn.Linear(4 * 2 * 2, 1), backend="triton", scale=scale),
+        )
         return kernels.spectral_norm_all(net)
 
     ref, grouped, per_layer = d("weight"), d("output"), d("output")

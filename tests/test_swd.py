@@ -39,8 +39,13 @@ def test_descriptors_are_the_drawn_neighbourhoods_normalised_per_channel():
     top, left = torch.randint(14, (4, 10), generator=gen), torch.randint(14, (4, 10), generator=gen)
     t, lft = int(top[0, 0]), int(left[0, 0])
     patch = x[0, :, t : t + 7, lft : lft + 7].reshape(3, 49)
-    raw = torch.stack([x[i, :, int(top[i, j]) : int(top[i, j]) + 7, int(left[i, j]) : int(left[i, j]) + 7]
-                       for i in range(4) for j in range(10)])  # fmt: skip
+    raw = torch.stack(
+        [
+            x[i, :, int(top[i, j]) : int(top[i, j]) + 7, int(left[i, j]) : int(left[i, j]) + 7]
+            for i in range(4)
+            for j in range(10)
+        ]
+    )
     mean, std = raw.mean(dim=(0, 2, 3)), raw.std(dim=(0, 2, 3))
     assert torch.allclose(per_channel[0], (patch - mean[:, None]) / std[:, None], atol=1e-4)
 

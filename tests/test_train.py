@@ -51,10 +51,18 @@ def test_exact_resume(tmp_path, digits_shards, extra, n):
 
 def test_checkpoint_contents_sample_and_keep_last(tmp_path, digits_shards, capsys):
     run = tmp_path / "run"
-    r = cli(capsys,
-        "train", *FAST, f"data.shards={digits_shards}", "--out", run,
-        "train.steps=6", "train.ckpt_every=2", "train.keep_last=2", "train.sample_every=3",
-    )  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        *FAST,
+        f"data.shards={digits_shards}",
+        "--out",
+        run,
+        "train.steps=6",
+        "train.ckpt_every=2",
+        "train.keep_last=2",
+        "train.sample_every=3",
+    )
     assert r.returncode == 0, r.stderr
     steps = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert steps == ["step-00000004", "step-00000006"]  # the last 2 kept, no temp folders left
@@ -114,8 +122,16 @@ def test_checkpoint_contents_sample_and_keep_last(tmp_path, digits_shards, capsy
 def test_wandb_offline_run_directory(tmp_path, digits_shards):
     run = tmp_path / "run"
     overrides = [o for o in FAST if not o.startswith("tracking")]
-    r = run_cli("train", *overrides, f"data.shards={digits_shards}", "--out", run,
-                "train.steps=4", "train.sample_every=2", "tracking.wandb.mode=auto")  # fmt: skip
+    r = run_cli(
+        "train",
+        *overrides,
+        f"data.shards={digits_shards}",
+        "--out",
+        run,
+        "train.steps=4",
+        "train.sample_every=2",
+        "tracking.wandb.mode=auto",
+    )
     assert r.returncode == 0, r.stderr
     runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -157,19 +173,39 @@ def test_bf16_mixed_precision_trains_close_to_fp32(tmp_path, digits_shards, caps
     batches) and close to it (bf16 keeps 8 bits: a few parts in a thousand per op)."""
     losses = {}
     for precision in ("no", "bf16"):
-        r = cli(capsys, "train", *FAST, f"data.shards={digits_shards}", "--out", tmp_path / precision,
-                    "train.steps=4", "train.log_every=1", f"train.mixed_precision={precision}")  # fmt: skip
+        r = cli(
+            capsys,
+            "train",
+            *FAST,
+            f"data.shards={digits_shards}",
+            "--out",
+            tmp_path / precision,
+            "train.steps=4",
+            "train.log_every=1",
+            f"train.mixed_precision={precision}",
+        )
         assert r.returncode == 0, r.stderr
-        losses[precision] = np.array([[m["loss/d"], m["loss/g"]] for m in read_metrics(tmp_path / precision)
-                                      if "loss/d" in m])  # fmt: skip
+        losses[precision] = np.array(
+            [[m["loss/d"], m["loss/g"]] for m in read_metrics(tmp_path / precision) if "loss/d" in m]
+        )
     assert losses["bf16"].shape == (4, 2) and np.isfinite(losses["bf16"]).all()
     gap = np.abs(losses["bf16"] - losses["no"])
     assert gap[0].max() > 0 and gap.max() < 0.05, gap
 
 
 def test_digits_mlp_preset_runs(tmp_path, digits_shards, capsys):
-    r = cli(capsys, "train", "--preset", "digits-mlp", "--out", tmp_path / "run", f"data.shards={digits_shards}",
-                "train.steps=3", "train.log_every=1", "tracking.wandb.mode=disabled")  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        "--preset",
+        "digits-mlp",
+        "--out",
+        tmp_path / "run",
+        f"data.shards={digits_shards}",
+        "train.steps=3",
+        "train.log_every=1",
+        "tracking.wandb.mode=disabled",
+    )
     assert r.returncode == 0, r.stderr
     model, _ = tensors(tmp_path / "run" / "checkpoints" / "step-00000003" / "model.safetensors")
     assert model["G.net.0.weight"].shape == (256, 100)  # the seed's z(100) -> 256 first layer
@@ -206,8 +242,19 @@ def test_grad_accum_equals_bigger_batch(tmp_path, digits_shards, capsys):
 
 @pytest.mark.parametrize("extra", [[], ["model.g.arch=mlp", "model.d.arch=mlp"]])
 def test_minibatch_discrimination_preset_trains(tmp_path, digits_shards, extra, capsys):
-    r = cli(capsys, "train", "--preset", "digits-minibatch", *FAST, f"data.shards={digits_shards}", "--out", tmp_path / "run",
-                "train.steps=3", "model.d.mbd_kernels=8", *extra)  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        "--preset",
+        "digits-minibatch",
+        *FAST,
+        f"data.shards={digits_shards}",
+        "--out",
+        tmp_path / "run",
+        "train.steps=3",
+        "model.d.mbd_kernels=8",
+        *extra,
+    )
     assert r.returncode == 0, r.stderr
     model, _ = tensors(tmp_path / "run" / "checkpoints" / "step-00000003" / "model.safetensors")
     (t_key,) = [k for k in model if k.startswith("D.") and k.endswith(".T")]
@@ -221,8 +268,18 @@ def test_sngan_preset_trains(tmp_path, digits_shards, capsys):
     models = {}
     for scale in ("weight", "output"):
         run = tmp_path / scale
-        r = cli(capsys, "train", "--preset", "digits-sngan", *FAST, f"data.shards={digits_shards}", "--out", run,
-                "train.steps=3", f"train.sn_scale={scale}")  # fmt: skip
+        r = cli(
+            capsys,
+            "train",
+            "--preset",
+            "digits-sngan",
+            *FAST,
+            f"data.shards={digits_shards}",
+            "--out",
+            run,
+            "train.steps=3",
+            f"train.sn_scale={scale}",
+        )
         assert r.returncode == 0, r.stderr
         models[scale], _ = tensors(run / "checkpoints" / "step-00000003" / "model.safetensors")
         assert all(np.isfinite(m["loss/d"]) for m in read_metrics(run) if "loss/d" in m)

@@ -27,16 +27,25 @@ def sig(x):
 @pytest.mark.parametrize(
     "kind, d_expected, g_expected",
     [
-        ("ns", mean(lambda r: -math.log(sig(r)), REAL) + mean(lambda f: -math.log(1 - sig(f)), FAKE),
-         mean(lambda f: -math.log(sig(f)), FAKE)),
-        ("minimax", mean(lambda r: -math.log(sig(r)), REAL) + mean(lambda f: -math.log(1 - sig(f)), FAKE),
-         mean(lambda f: math.log(1 - sig(f)), FAKE)),
+        (
+            "ns",
+            mean(lambda r: -math.log(sig(r)), REAL) + mean(lambda f: -math.log(1 - sig(f)), FAKE),
+            mean(lambda f: -math.log(sig(f)), FAKE),
+        ),
+        (
+            "minimax",
+            mean(lambda r: -math.log(sig(r)), REAL) + mean(lambda f: -math.log(1 - sig(f)), FAKE),
+            mean(lambda f: math.log(1 - sig(f)), FAKE),
+        ),
         ("hinge", mean(lambda r: max(0, 1 - r), REAL) + mean(lambda f: max(0, 1 + f), FAKE), mean(lambda f: -f, FAKE)),
-        ("ls", mean(lambda r: (r - 1) ** 2 / 2, REAL) + mean(lambda f: f**2 / 2, FAKE),
-         mean(lambda f: (f - 1) ** 2 / 2, FAKE)),
+        (
+            "ls",
+            mean(lambda r: (r - 1) ** 2 / 2, REAL) + mean(lambda f: f**2 / 2, FAKE),
+            mean(lambda f: (f - 1) ** 2 / 2, FAKE),
+        ),
         ("wasserstein", mean(lambda f: f, FAKE) - mean(lambda r: r, REAL), mean(lambda f: -f, FAKE)),
     ],
-)  # fmt: skip
+)
 def test_losses_match_their_formulas(kind, d_expected, g_expected):
     assert losses.d_loss(kind, REAL, FAKE).item() == pytest.approx(d_expected, rel=1e-6)
     assert losses.g_loss(kind, FAKE).item() == pytest.approx(g_expected, rel=1e-6)
@@ -119,8 +128,19 @@ def test_wgan_needs_the_wasserstein_loss():
 )
 def test_variant_presets_train(tmp_path, digits_shards, preset, extra, capsys):
     run = tmp_path / "run"
-    r = cli(capsys, "train", "--preset", preset, *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=2",
-                "variant.n_critic=2", *extra)  # fmt: skip
+    r = cli(
+        capsys,
+        "train",
+        "--preset",
+        preset,
+        *FAST,
+        f"data.shards={digits_shards}",
+        "--out",
+        run,
+        "train.steps=2",
+        "variant.n_critic=2",
+        *extra,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     logged = [m for m in read_metrics(run) if "loss/d" in m]
     assert logged and all(math.isfinite(m["loss/d"]) and math.isfinite(m["loss/g"]) for m in logged)
@@ -150,8 +170,9 @@ def test_pacgan_packs_consecutive_samples_along_channels():
 
 def test_cgan_samples_a_class_or_a_row_per_class(tmp_path, digits_shards, capsys):
     run = tmp_path / "run"
-    r = cli(capsys, "train", "--preset", "digits-cgan", *FAST, f"data.shards={digits_shards}", "--out", run,
-                "train.steps=2")  # fmt: skip
+    r = cli(
+        capsys, "train", "--preset", "digits-cgan", *FAST, f"data.shards={digits_shards}", "--out", run, "train.steps=2"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     r = cli(capsys, "sample", "--ckpt", run, "--class", "all", "--n", "3", "--out", tmp_path / "all.npy")
     assert r.returncode == 0, r.stderr
@@ -223,8 +244,16 @@ def test_unrolled_generator_gradient_matches_finite_differences(full):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        cfg = config.load_config("digits-unrolled", overrides=[*FAST, "variant.unroll_steps=2", "model.g.arch=mlp",
-                                 "model.d.arch=mlp", f"variant.unroll_grad={str(full).lower()}"])  # fmt: skip
+        cfg = config.load_config(
+            "digits-unrolled",
+            overrides=[
+                *FAST,
+                "variant.unroll_steps=2",
+                "model.g.arch=mlp",
+                "model.d.arch=mlp",
+                f"variant.unroll_grad={str(full).lower()}",
+            ],
+        )
         torch.manual_seed(0)
         v = get("unrolled")(cfg)
         G, D = v.models["G"], v.models["D"]

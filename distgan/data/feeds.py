@@ -47,8 +47,19 @@ class Feed:
             self.shards_read = shards_read.clone()
 
 
-def open_feeds(cfg, variant, sources: dict, expected: dict, *, rank: int, world: int, num_workers: int,
-               device: torch.device, resume=None, data: Iterable[dict] | None = None) -> list[Feed]:  # fmt: skip
+def open_feeds(
+    cfg,
+    variant,
+    sources: dict,
+    expected: dict,
+    *,
+    rank: int,
+    world: int,
+    num_workers: int,
+    device: torch.device,
+    resume=None,
+    data: Iterable[dict] | None = None,
+) -> list[Feed]:
     """The run's feeds, each positioned where `resume` (a checkpoint.ResumePoint) left it. With
     `data` (the benchmarks' in-memory batches), one unnamed feed over it, whose position is not kept."""
     logical_workers = max(num_workers, 1)

@@ -54,8 +54,7 @@ def convert(img: Image.Image, mode: str) -> Image.Image:
     if img.mode == "LAB":
         from PIL import ImageCms
 
-        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
-                                            "LAB", "RGB")  # fmt: skip
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
         img = ImageCms.applyTransform(img, transform)
         return img if mode == "RGB" else img.convert(mode)
     if img.mode in ("La", "RGBa"):

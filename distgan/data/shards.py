@@ -96,8 +96,10 @@ def _folder_entries(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
         return flat, []
     loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
     if loose:  # they would belong to no class: say so rather than leave them out
-        raise UserError(f"image folder '{root}' has class subfolders and also images directly in it (e.g. "
-                        f"'{loose[0].name}'); put every image in a class subfolder, or use a flat folder")  # fmt: skip
+        raise UserError(
+            f"image folder '{root}' has class subfolders and also images directly in it (e.g. "
+            f"'{loose[0].name}'); put every image in a class subfolder, or use a flat folder"
+        )
     entries = [(f, idx) for idx, name in enumerate(classes) for f in _images_in(root / name)]
     if not entries:
         raise UserError(f"image folder '{root}' has no images in its class subfolders")
@@ -111,8 +113,11 @@ def _images_in(folder: Path) -> list[Path]:
     regular = [f for f in found if f.is_file()]
     odd = [f for f in found if not f.is_file() and not f.is_dir()]
     if odd:
-        print(f"note: skipped {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} of '{folder}' that "
-              f"{'is' if len(odd) == 1 else 'are'} not a regular file (e.g. '{odd[0]}')", file=sys.stderr)  # fmt: skip
+        print(
+            f"note: skipped {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} of '{folder}' that "
+            f"{'is' if len(odd) == 1 else 'are'} not a regular file (e.g. '{odd[0]}')",
+            file=sys.stderr,
+        )
     return sorted(regular)
 
 
@@ -122,8 +127,10 @@ def _open(path: Path, mode: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             if img.size[0] * img.size[1] > pixels.MAX_IMAGE_PIXELS:
-                raise UserError(f"image '{path}' has {img.size[0]}x{img.size[1]} pixels, over "
-                                f"{pixels.MAX_IMAGE_PIXELS}; shrink it first")  # fmt: skip
+                raise UserError(
+                    f"image '{path}' has {img.size[0]}x{img.size[1]} pixels, over "
+                    f"{pixels.MAX_IMAGE_PIXELS}; shrink it first"
+                )
             img.load()
             return pixels.convert(img, mode)
     except UserError:
@@ -132,8 +139,16 @@ def _open(path: Path, mode: str) -> Image.Image:
         raise UserError(f"image '{path}' cannot be decoded: {str(exc)[:200]}") from None
 
 
-def write_pairs(input_dir: str, target_dir: str, out_dir, *, resize: int | None = None, rgb: bool = False,
-                input_rgb: bool = False, **kw) -> dict:  # fmt: skip
+def write_pairs(
+    input_dir: str,
+    target_dir: str,
+    out_dir,
+    *,
+    resize: int | None = None,
+    rgb: bool = False,
+    input_rgb: bool = False,
+    **kw,
+) -> dict:
     """Paired shards (KEY.input.png + KEY.target.png) from two folders whose images pair up by
     relative path without the suffix (edges/0001.png <-> photos/0001.jpg). Every image must have
     its partner and the same size (`resize` center-crops and resizes both alike)."""
@@ -147,8 +162,10 @@ def write_pairs(input_dir: str, target_dir: str, out_dir, *, resize: int | None 
     alone = sorted(set(found["input"]) ^ set(found["target"]))
     if alone:
         which = "input" if alone[0] in found["input"] else "target"
-        raise UserError(f"--pairs: {len(alone)} image(s) have no partner, e.g. the {which} '{alone[0]}'; every "
-                        "input needs a target of the same name (any image suffix)")  # fmt: skip
+        raise UserError(
+            f"--pairs: {len(alone)} image(s) have no partner, e.g. the {which} '{alone[0]}'; every "
+            "input needs a target of the same name (any image suffix)"
+        )
     if not keys:
         raise UserError(f"--pairs: no images in '{input_dir}' and '{target_dir}'")
 
@@ -157,8 +174,10 @@ def write_pairs(input_dir: str, target_dir: str, out_dir, *, resize: int | None 
             a = _open(found["input"][k], "RGB" if input_rgb else "L")
             b = _open(found["target"][k], "RGB" if rgb else "L")
             if a.size != b.size:
-                raise UserError(f"--pairs: '{k}' is {a.size[0]}x{a.size[1]} as input but {b.size[0]}x{b.size[1]} "
-                                "as target; pairs must be aligned, same size")  # fmt: skip
+                raise UserError(
+                    f"--pairs: '{k}' is {a.size[0]}x{a.size[1]} as input but {b.size[0]}x{b.size[1]} "
+                    "as target; pairs must be aligned, same size"
+                )
             if resize:
                 a, b = _center_square(a, resize), _center_square(b, resize)
             a, b = np.asarray(a), np.asarray(b)
@@ -359,15 +378,19 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     heldout = manifest.get("heldout")
     for name in [*(names if isinstance(names, list) else [names]), *([heldout] if heldout else [])]:
         if not _plain_name(name):
-            raise UserError(f"manifest '{path}' names {str(name)[:200]!r}; a manifest may only name files in its "
-                            "own folder")  # fmt: skip
+            raise UserError(
+                f"manifest '{path}' names {str(name)[:200]!r}; a manifest may only name files in its own folder"
+            )
     _check_keys(manifest, path)
     return manifest
 
 
 def _is_shape(value, lengths: tuple[int, ...]) -> bool:
-    return (isinstance(value, list) and len(value) in lengths
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))  # fmt: skip
+    return (
+        isinstance(value, list)
+        and len(value) in lengths
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
 
 
 def _is_number(value) -> bool:
@@ -382,14 +405,14 @@ MANIFEST_KEYS = {
     "image_shape": (
         "[H, W, C] (C 1 to 4), or [D] for points",
         lambda v: _is_shape(v, (1, 3)) and (len(v) == 1 or v[2] <= 4),
-    ),  # fmt: skip
+    ),
     "input_shape": ("[H, W, C] (C 1 to 4)", lambda v: _is_shape(v, (3,)) and v[2] <= 4),
     "kind": ("images, points or paired", lambda v: v in ("images", "points", "paired")),
     "classes": ("a list of class names", lambda v: isinstance(v, list)),
     "count": (
         "a number of samples (an integer >= 0)",
         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-    ),  # fmt: skip
+    ),
     "heldout": ("a folder name", lambda v: isinstance(v, str)),
     "mixture": (
         '{"centres": [[x, y], ...], "std": s}',
@@ -399,7 +422,7 @@ MANIFEST_KEYS = {
             and all(isinstance(c, list) and len(c) == 2 and all(_is_number(x) for x in c) for c in v["centres"])
             and _is_number(v.get("std"))
         ),
-    ),  # fmt: skip
+    ),
 }
 
 

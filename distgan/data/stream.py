@@ -71,8 +71,14 @@ def stream_options(cfg) -> dict:
     """The ShardStream keywords that come from data.*: how members, labels and crops are read, their
     bounds, and what a bad sample does."""
     d = cfg.data
-    return {"image_key": d.image_key, "label_key": d.label_key, "crop": d.crop, "on_error": d.on_error,
-            "max_member_bytes": int(d.max_member_bytes), "max_image_pixels": int(d.max_image_pixels)}  # fmt: skip
+    return {
+        "image_key": d.image_key,
+        "label_key": d.label_key,
+        "crop": d.crop,
+        "on_error": d.on_error,
+        "max_member_bytes": int(d.max_member_bytes),
+        "max_image_pixels": int(d.max_image_pixels),
+    }
 
 
 def from_config(cfg, urls, *, seed: int, fixed: bool = False, **overrides) -> ShardStream:
@@ -81,8 +87,15 @@ def from_config(cfg, urls, *, seed: int, fixed: bool = False, **overrides) -> Sh
     reads); `overrides`: any other ShardStream keyword (rank, batch_size, cache_bytes ...)."""
     d = cfg.data
     options = stream_options(cfg)
-    kwargs = dict(batch_size=d.batch_size, resolution=d.resolution, channels=d.channels, seed=seed,
-                  shuffle_buffer=d.shuffle_buffer, points=d.kind == "points", **(_fixed(options) if fixed else options))  # fmt: skip
+    kwargs = dict(
+        batch_size=d.batch_size,
+        resolution=d.resolution,
+        channels=d.channels,
+        seed=seed,
+        shuffle_buffer=d.shuffle_buffer,
+        points=d.kind == "points",
+        **(_fixed(options) if fixed else options),
+    )
     kwargs.update(overrides)
     return ShardStream(list(urls), **kwargs)
 
@@ -250,8 +263,9 @@ class ShardStream(IterableDataset):
             try:
                 label = json.loads(raw)[field_name]
             except (ValueError, KeyError, TypeError, RecursionError) as exc:
-                self._fail(f"no label field '{field_name}' in its .json ({type(exc).__name__}: {_short(str(exc))})",
-                           url, key)  # fmt: skip
+                self._fail(
+                    f"no label field '{field_name}' in its .json ({type(exc).__name__}: {_short(str(exc))})", url, key
+                )
                 return None
         else:
             label = next((sample[k] for k in ((lk,) if lk else ("cls", "label")) if sample.get(k) is not None), None)
@@ -313,8 +327,11 @@ class ShardStream(IterableDataset):
             self._fail(f"corrupt .npy ({exc})", url, key)
             return None
         if arr.shape != (self.channels,) or not np.isfinite(arr).all():
-            self._fail(f"point of shape {arr.shape} (finite: {bool(np.isfinite(arr).all())}), expected ({self.channels},)",
-                       url, key)  # fmt: skip
+            self._fail(
+                f"point of shape {arr.shape} (finite: {bool(np.isfinite(arr).all())}), expected ({self.channels},)",
+                url,
+                key,
+            )
             return None
         label = self._label(sample, url, key)
         return None if label is None else (arr.astype(np.float32), label, self._shard_index.get(url, -1))
@@ -325,8 +342,9 @@ class ShardStream(IterableDataset):
         if found is None:
             looked = self.image_key or "/".join(IMAGE_EXTS)
             name = f"{base}.{looked}" if base else looked
-            self._fail(f"no .{name} member (members: {', '.join(k for k in sample if not k.startswith('__'))})",
-                       url, key)  # fmt: skip
+            self._fail(
+                f"no .{name} member (members: {', '.join(k for k in sample if not k.startswith('__'))})", url, key
+            )
             return None
         what = "image" if not base else f"image .{found}"
         mode = "RGB" if channels == 3 else "L"
@@ -339,8 +357,12 @@ class ShardStream(IterableDataset):
                     # libjpeg decodes at 1/2, 1/4 or 1/8 scale, keeping the short side >= the target
                     img.draft(mode, (-(-stored[0] * r // side), -(-stored[1] * r // side)))
                 if img.size[0] * img.size[1] > self.max_image_pixels:  # known from the header: not decoded
-                    self._fail(f"{what} of {stored[0]}x{stored[1]} pixels ({found}) is over "
-                               f"data.max_image_pixels={self.max_image_pixels}", url, key)  # fmt: skip
+                    self._fail(
+                        f"{what} of {stored[0]}x{stored[1]} pixels ({found}) is over "
+                        f"data.max_image_pixels={self.max_image_pixels}",
+                        url,
+                        key,
+                    )
                     return None
                 img.load()
                 img = pixels.convert(img, mode)
@@ -357,8 +379,11 @@ class ShardStream(IterableDataset):
             return None
         expected = self.expected_shape if not base else None
         if expected and (stored[1], stored[0]) != expected[:2]:
-            self._fail(f"{what} of size {stored[1]}x{stored[0]} (H x W), the manifest says {expected[0]}x{expected[1]}",
-                       url, key)  # fmt: skip
+            self._fail(
+                f"{what} of size {stored[1]}x{stored[0]} (H x W), the manifest says {expected[0]}x{expected[1]}",
+                url,
+                key,
+            )
             return None
         return arr.reshape(r, r, channels)
 
@@ -368,8 +393,12 @@ class ShardStream(IterableDataset):
         w, h = img.size
         if self.crop == "none":
             if min(stored) < self.resolution:
-                self._fail(f"{what} of {stored[0]}x{stored[1]} is smaller than data.resolution={self.resolution} "
-                           "(data.crop=none does not upscale)", url, key)  # fmt: skip
+                self._fail(
+                    f"{what} of {stored[0]}x{stored[1]} is smaller than data.resolution={self.resolution} "
+                    "(data.crop=none does not upscale)",
+                    url,
+                    key,
+                )
                 return None
             return img
         side = min(w, h)
@@ -455,8 +484,12 @@ class ShardStream(IterableDataset):
                 failures, self._capture = self._capture, None
             if decoded is not None:  # arrays that own their bytes (not views of PIL's buffers), to count them
                 decoded = ({k: np.array(a, copy=True) for k, a in decoded[0].items()}, *decoded[1:])
-            return {"__key__": sample.get("__key__"), "__url__": sample.get("__url__"), "__cached__": decoded,
-                    "__failures__": failures}  # fmt: skip
+            return {
+                "__key__": sample.get("__key__"),
+                "__url__": sample.get("__url__"),
+                "__cached__": decoded,
+                "__failures__": failures,
+            }
 
         def shard_samples():
             # One shard at a time, so that a shard read whole can be kept (data.cache=ram) and later
@@ -469,8 +502,9 @@ class ShardStream(IterableDataset):
                 keep = [] if budget[0] > 0 else None
                 used = 0
                 errors = self._tar_errors
-                for sample in tarstream.samples([url], select=select, max_member=self.max_member_bytes,
-                                                handler=self._tar_error):  # fmt: skip
+                for sample in tarstream.samples(
+                    [url], select=select, max_member=self.max_member_bytes, handler=self._tar_error
+                ):
                     if keep is None:
                         yield sample
                         continue
@@ -496,8 +530,10 @@ class ShardStream(IterableDataset):
             if decoded is None:
                 bad_run += 1
                 if bad_run >= MAX_BAD_RUN:  # data.on_error=skip on shards with nothing usable: never hang
-                    raise UserError(f"{bad_run} samples in a row were bad and skipped (shards {_short(str(mine[:3]))}); "
-                                    "see data.on_error=raise for what is wrong with them")  # fmt: skip
+                    raise UserError(
+                        f"{bad_run} samples in a row were bad and skipped (shards {_short(str(mine[:3]))}); "
+                        "see data.on_error=raise for what is wrong with them"
+                    )
                 continue
             bad_run = 0
             items.append(decoded)
@@ -554,8 +590,9 @@ def shutdown(loader_iter) -> None:
 def _each_decoded(source: ShardSource, ds: ShardStream):
     """Every sample of `source`'s shards once, in order, decoded by `ds` (undecodable ones as ds.on_error says)."""
     ds._skipped = 0
-    for sample in tarstream.samples(source.urls, select=ds._selector(), max_member=ds.max_member_bytes,
-                                    handler=ds._tar_error):  # fmt: skip
+    for sample in tarstream.samples(
+        source.urls, select=ds._selector(), max_member=ds.max_member_bytes, handler=ds._tar_error
+    ):
         decoded = ds._decode(sample)
         if decoded is not None:
             yield decoded
@@ -569,14 +606,23 @@ def _fixed(options: dict | None) -> dict:
     return options
 
 
-def read_all(source: ShardSource, *, resolution: int, channels: int, fields=None, limit: int | None = None,
-             progress: bool = False, options: dict | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+def read_all(
+    source: ShardSource,
+    *,
+    resolution: int,
+    channels: int,
+    fields=None,
+    limit: int | None = None,
+    progress: bool = False,
+    options: dict | None = None,
+) -> dict[str, torch.Tensor]:
     """Every sample of `source`'s shards once, in order (held-out sets, classifier training data):
     {field: (N, C, H, W) in [-1, 1], "label": (N,)}; at most `limit` samples. `options`: stream_options."""
     from tqdm import tqdm
 
-    ds = ShardStream(source.urls, batch_size=1, resolution=resolution, channels=channels, seed=0, fields=fields,
-                     **_fixed(options))  # fmt: skip
+    ds = ShardStream(
+        source.urls, batch_size=1, resolution=resolution, channels=channels, seed=0, fields=fields, **_fixed(options)
+    )
     items = []
     for decoded in tqdm(_each_decoded(source, ds), desc="read", disable=not progress, total=limit):
         items.append(decoded)
@@ -588,12 +634,12 @@ def read_all(source: ShardSource, *, resolution: int, channels: int, fields=None
     return {k: v for k, v in out.items() if torch.is_tensor(v)}
 
 
-def iter_all(source: ShardSource, *, resolution: int, channels: int, batch: int, limit: int = 0,
-             options: dict | None = None):  # fmt: skip
+def iter_all(
+    source: ShardSource, *, resolution: int, channels: int, batch: int, limit: int = 0, options: dict | None = None
+):
     """The images of `source`'s shards, each once, in order, as (<= batch, C, H, W) tensors in [-1, 1]
     (reference statistics: a pass over a set too big to hold); the first `limit` when > 0."""
-    ds = ShardStream(source.urls, batch_size=batch, resolution=resolution, channels=channels, seed=0,
-                     **_fixed(options))  # fmt: skip
+    ds = ShardStream(source.urls, batch_size=batch, resolution=resolution, channels=channels, seed=0, **_fixed(options))
     items, total = [], 0
     for decoded in _each_decoded(source, ds):
         items.append(decoded)

@@ -71,8 +71,9 @@ def real_images(cfg, n: int) -> torch.Tensor:
     from distgan.data import stream
 
     src = stream.resolve(cfg.data.shards, progress=False)
-    ds = stream.from_config(cfg, src.urls, seed=0, fixed=True, batch_size=min(n, 256), shuffle_buffer=1000,
-                            points=False)  # fmt: skip
+    ds = stream.from_config(
+        cfg, src.urls, seed=0, fixed=True, batch_size=min(n, 256), shuffle_buffer=1000, points=False
+    )
     out, got = [], 0
     for batch in ds:
         out.append(batch["image"])
@@ -82,8 +83,14 @@ def real_images(cfg, n: int) -> torch.Tensor:
     return torch.cat(out)[:n]
 
 
-def compute(samples: torch.Tensor, names: list[str], cfg, manifest: dict | None, features: str | None = None,
-            reference: torch.Tensor | None = None) -> dict:  # fmt: skip
+def compute(
+    samples: torch.Tensor,
+    names: list[str],
+    cfg,
+    manifest: dict | None,
+    features: str | None = None,
+    reference: torch.Tensor | None = None,
+) -> dict:
     """The metrics `names` of `samples` (as variant.sample returns them). `reference`: real images for
     swd instead of the training images (a held-out set)."""
     from distgan.metrics.digits import DigitFeatures

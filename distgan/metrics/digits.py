@@ -103,8 +103,13 @@ class DigitFeatures:
         clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=seed).fit(x_tr, y_tr)
         from distgan import files
 
-        arrays = dict(w1=clf.coefs_[0], b1=clf.intercepts_[0], w2=clf.coefs_[1], b2=clf.intercepts_[1],
-                      test_accuracy=clf.score(x_te, y_te))  # fmt: skip
+        arrays = dict(
+            w1=clf.coefs_[0],
+            b1=clf.intercepts_[0],
+            w2=clf.coefs_[1],
+            b2=clf.intercepts_[1],
+            test_accuracy=clf.score(x_te, y_te),
+        )
         files.write_atomic(path, lambda fh: np.savez(fh, **arrays))
 
     def features(self, images: torch.Tensor) -> np.ndarray:

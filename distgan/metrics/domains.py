@@ -17,9 +17,14 @@ from torch import nn
 
 def _net(channels: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(channels, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 2),
-    )  # fmt: skip
+        nn.Conv2d(channels, 16, 3, 2, 1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, 2, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 2),
+    )
 
 
 class DomainClassifier:
@@ -33,8 +38,10 @@ class DomainClassifier:
         from distgan.data import stream
         from distgan.data.shards import cache_root
 
-        sources = [stream.resolve(s, progress=False, key=f"data.shards_{k}")
-                   for k, s in (("a", cfg.data.shards_a), ("b", cfg.data.shards_b))]  # fmt: skip
+        sources = [
+            stream.resolve(s, progress=False, key=f"data.shards_{k}")
+            for k, s in (("a", cfg.data.shards_a), ("b", cfg.data.shards_b))
+        ]
         ident = json.dumps([[s.urls, (s.manifest or {}).get("count")] for s in sources], sort_keys=True)
         key = hashlib.sha1(f"{ident}|{cfg.data.resolution}|{cfg.data.channels}|{epochs}".encode()).hexdigest()[:16]
         path = cache_root() / "eval" / f"domains-{key}.safetensors"
@@ -42,9 +49,16 @@ class DomainClassifier:
         if path.is_file():
             net.load_state_dict(load_file(str(path)))
             return cls(net)
-        x = [stream.read_all(s, resolution=cfg.data.resolution, channels=cfg.data.channels, limit=5000,
-                                   options=stream.stream_options(cfg))["image"]
-             for s in sources]  # fmt: skip
+        x = [
+            stream.read_all(
+                s,
+                resolution=cfg.data.resolution,
+                channels=cfg.data.channels,
+                limit=5000,
+                options=stream.stream_options(cfg),
+            )["image"]
+            for s in sources
+        ]
         data = torch.cat(x)
         labels = torch.cat([torch.zeros(len(x[0]), dtype=torch.long), torch.ones(len(x[1]), dtype=torch.long)])
         gen = torch.Generator().manual_seed(0)

@@ -84,5 +84,6 @@ def upscale_bicubic(lr: torch.Tensor, scale: int) -> torch.Tensor:
 
 def downscale_bicubic(hr: torch.Tensor, scale: int) -> torch.Tensor:
     """The LR image of an HR one: bicubic with antialiasing (as PIL's and MATLAB's imresize)."""
-    return F.interpolate(hr.float(), scale_factor=1 / scale, mode="bicubic", align_corners=False,
-                         antialias=True).clamp(-1, 1)  # fmt: skip
+    return F.interpolate(hr.float(), scale_factor=1 / scale, mode="bicubic", align_corners=False, antialias=True).clamp(
+        -1, 1
+    )

@@ -281,8 +281,10 @@ class FeatureNet:
         except Exception as exc:
             raise UserError(f"Inception file '{self.path}' ({self.kind}) fails on a 299x299 image: {exc}") from None
         if f.shape != (1, FEATURES) or p.shape != (1, CLASSES):
-            raise UserError(f"Inception file '{self.path}' ({self.kind}) gives outputs of shape {tuple(f.shape)} and "
-                            f"{tuple(p.shape)}; expected (1, {FEATURES}) and (1, {CLASSES})")  # fmt: skip
+            raise UserError(
+                f"Inception file '{self.path}' ({self.kind}) gives outputs of shape {tuple(f.shape)} and "
+                f"{tuple(p.shape)}; expected (1, {FEATURES}) and (1, {CLASSES})"
+            )
 
     def _run(self, x: torch.Tensor, outputs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x.to(self.device)
@@ -306,8 +308,10 @@ def _load_state_dict(path: str) -> FIDInception3:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"Inception file '{path}' is neither NVIDIA's TorchScript file nor a readable state dict "
-                        f"(pytorch-fid's .pth): {str(exc).splitlines()[0]}") from None  # fmt: skip
+        raise UserError(
+            f"Inception file '{path}' is neither NVIDIA's TorchScript file nor a readable state dict "
+            f"(pytorch-fid's .pth): {str(exc).splitlines()[0]}"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"Inception file '{path}' holds no state dict of tensors")
     net = FIDInception3()

@@ -83,8 +83,9 @@ def _features(net, images: torch.Tensor, batch: int, outputs: bool) -> tuple[np.
     return np.concatenate(fs), np.concatenate(ps)
 
 
-def generated_features(sample, n: int, net, split: Split, seed: int = 0, batch: int = 50, bar=None,
-                       outputs: bool = True):  # fmt: skip
+def generated_features(
+    sample, n: int, net, split: Split, seed: int = 0, batch: int = 50, bar=None, outputs: bool = True
+):
     """Features (and, with `outputs`, the class outputs for IS) of n generated images;
     `sample(k, generator)` draws k images in [-1, 1]."""
     from distgan.data.stream import stream_seed
@@ -101,8 +102,18 @@ def generated_features(sample, n: int, net, split: Split, seed: int = 0, batch: 
     return split.gather(local)
 
 
-def real_features(source, *, resolution: int, channels: int, net, split: Split, limit: int = 0, batch: int = 50,
-                  bar=None, options: dict | None = None):  # fmt: skip
+def real_features(
+    source,
+    *,
+    resolution: int,
+    channels: int,
+    net,
+    split: Split,
+    limit: int = 0,
+    batch: int = 50,
+    bar=None,
+    options: dict | None = None,
+):
     """Features of the shard set's images, each once, in shard order (the first `limit` when > 0)."""
     from distgan.data.stream import iter_all
 
@@ -149,8 +160,10 @@ class RefStats:
         try:
             with np.load(path, allow_pickle=False) as z:
                 if "mu" not in z or "sigma" not in z:
-                    raise UserError(f"reference statistics '{path}' hold no 'mu' and 'sigma' arrays "
-                                    f"(pytorch-fid's .npz layout); they hold {', '.join(z.files) or 'nothing'}")  # fmt: skip
+                    raise UserError(
+                        f"reference statistics '{path}' hold no 'mu' and 'sigma' arrays "
+                        f"(pytorch-fid's .npz layout); they hold {', '.join(z.files) or 'nothing'}"
+                    )
                 mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
                 feats = z["features"] if "features" in z else None
                 n = int(z["n"]) if "n" in z else 0
@@ -160,8 +173,10 @@ class RefStats:
         except Exception as exc:
             raise UserError(f"reference statistics '{path}' are not a readable .npz: {exc}") from None
         if mu.shape != (inception.FEATURES,) or sigma.shape != (inception.FEATURES, inception.FEATURES):
-            raise UserError(f"reference statistics '{path}' have mu {mu.shape} and sigma {sigma.shape}; Inception "
-                            f"pool features need ({inception.FEATURES},) and ({inception.FEATURES}, {inception.FEATURES})")  # fmt: skip
+            raise UserError(
+                f"reference statistics '{path}' have mu {mu.shape} and sigma {sigma.shape}; Inception "
+                f"pool features need ({inception.FEATURES},) and ({inception.FEATURES}, {inception.FEATURES})"
+            )
         problem = _unusable(mu, sigma, n, feats)
         if problem:
             raise UserError(f"reference statistics '{path}' cannot be used: {problem}")
@@ -230,11 +245,19 @@ def image_options(options: dict | None) -> dict:
     return {"image_key": fixed.get("image_key", "").lstrip("."), "crop": fixed.get("crop", "center")}
 
 
-def cache_identity(shards_sha256: str, net_digest: str, resolution: int, channels: int, limit: int,
-                   options: dict | None = None) -> dict:  # fmt: skip
+def cache_identity(
+    shards_sha256: str, net_digest: str, resolution: int, channels: int, limit: int, options: dict | None = None
+) -> dict:
     """What cached statistics were computed from: they are used only for exactly this."""
-    return {"stats_version": STATS_VERSION, "shards_sha256": shards_sha256, "inception_sha256": net_digest,
-            "resolution": resolution, "channels": channels, "limit": limit, **image_options(options)}  # fmt: skip
+    return {
+        "stats_version": STATS_VERSION,
+        "shards_sha256": shards_sha256,
+        "inception_sha256": net_digest,
+        "resolution": resolution,
+        "channels": channels,
+        "limit": limit,
+        **image_options(options),
+    }
 
 
 def cache_path(identity: dict) -> Path:
@@ -258,9 +281,18 @@ def _cached(path: Path, identity: dict) -> tuple[RefStats | None, str]:
     return stats, ""
 
 
-def reference_stats(spec: str, *, resolution: int, channels: int, net, split: Split, limit: int = 0,
-                    progress: bool = True, key: str = "data.shards",
-                    options: dict | None = None) -> tuple[RefStats, str]:  # fmt: skip
+def reference_stats(
+    spec: str,
+    *,
+    resolution: int,
+    channels: int,
+    net,
+    split: Split,
+    limit: int = 0,
+    progress: bool = True,
+    key: str = "data.shards",
+    options: dict | None = None,
+) -> tuple[RefStats, str]:
     """The statistics of shard set `spec`'s images, from the cache when they are there; also says
     where they came from ("cached FILE", "computed, cached in FILE", "computed (remote shards: not cached)")."""
     from tqdm import tqdm
@@ -286,8 +318,16 @@ def reference_stats(spec: str, *, resolution: int, channels: int, net, split: Sp
     total = (source.manifest or {}).get("count")
     total = min(total, limit) if total and limit else (total or limit or None)
     with tqdm(total=total, desc="reference features", unit="img", disable=not progress or split.rank != 0) as bar:
-        feats, _ = real_features(source, resolution=resolution, channels=channels, net=net, split=split,
-                                 limit=limit, bar=bar, options=options)  # fmt: skip
+        feats, _ = real_features(
+            source,
+            resolution=resolution,
+            channels=channels,
+            net=net,
+            split=split,
+            limit=limit,
+            bar=bar,
+            options=options,
+        )
     meta = {"shards": spec, "inception": net.describe(), **(identity or {"shards_sha256": None})}
     stats = RefStats.of(feats, meta)
     if path is None:
@@ -322,8 +362,10 @@ def compute(fake: np.ndarray, outputs: np.ndarray, ref: RefStats, names, probabi
         out["fid"] = fid.frechet_distance(*fid.moments(fake64), ref.mu, ref.sigma)
     needs_features = [m for m in names if m in ("kid", "pr")]
     if needs_features and ref.features is None:
-        missing.append(f"{' and '.join(needs_features)}: the reference statistics hold only mu and sigma "
-                       "(pytorch-fid's layout); `distgan stats` keeps features too")  # fmt: skip
+        missing.append(
+            f"{' and '.join(needs_features)}: the reference statistics hold only mu and sigma "
+            "(pytorch-fid's layout); `distgan stats` keeps features too"
+        )
         names = [m for m in names if m not in needs_features]
     n_ref = len(ref.features) if ref.features is not None else 0
     if "kid" in names:

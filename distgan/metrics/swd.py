@@ -79,8 +79,9 @@ def descriptors(level: torch.Tensor, per_image: int, gen: torch.Generator) -> to
     return ((patches - mean) / std).permute(0, 2, 1).reshape(len(patches), -1)
 
 
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, gen: torch.Generator, repeats: int = 4,
-                       directions: int = 128) -> float:  # fmt: skip
+def sliced_wasserstein(
+    a: torch.Tensor, b: torch.Tensor, gen: torch.Generator, repeats: int = 4, directions: int = 128
+) -> float:
     """Mean over random unit directions of the 1-D Wasserstein-1 distance between the projections of
     the rows of a and of b (two sets of the same size)."""
     if a.shape != b.shape:

@@ -26,8 +26,11 @@ def check_config(cfg) -> None:
     for key, arch in (("model.g.arch", cfg.model.g.arch), ("model.d.arch", cfg.model.d.arch)):
         _family(arch, key).check_resolution(cfg.data.resolution, key)
     g, d = cfg.model.g, cfg.model.d
-    for key, value, arch in (("model.g.attention", g.attention, g.arch), ("model.d.attention", d.attention, d.arch),
-                             ("model.g.hierarchical", g.hierarchical, g.arch)):  # fmt: skip
+    for key, value, arch in (
+        ("model.g.attention", g.attention, g.arch),
+        ("model.d.attention", d.attention, d.arch),
+        ("model.g.hierarchical", g.hierarchical, g.arch),
+    ):
         if value and arch != "resnet":
             raise UserError(f"config key '{key}' applies to the resnet models; got arch '{arch}'")
 
@@ -39,8 +42,13 @@ def build_generator(cfg, z_dim: int | None = None, num_classes: int = 0) -> nn.M
     family = _family(g.arch, "model.g.arch")
     kwargs = {}
     if g.arch == "resnet":
-        kwargs = {"num_classes": num_classes, "embed_dim": g.embed_dim, "hierarchical": g.hierarchical,
-                  "attention": g.attention, "normalize": g.batchnorm}  # fmt: skip
+        kwargs = {
+            "num_classes": num_classes,
+            "embed_dim": g.embed_dim,
+            "hierarchical": g.hierarchical,
+            "attention": g.attention,
+            "normalize": g.batchnorm,
+        }
     G = family.Generator(
         z_dim=z_dim or g.z_dim, channels=cfg.data.channels, resolution=cfg.data.resolution, width=g.width, **kwargs
     )

@@ -30,8 +30,17 @@ def _norm(kind: str, channels: int) -> nn.Module:
 class _UNetBlock(nn.Module):
     """down -> [inner] -> up, with the input concatenated to the output (the skip)."""
 
-    def __init__(self, outer: int, inner: int, in_ch: int, sub: nn.Module | None, outermost: bool, out_ch: int,
-                 norm: str, dropout: bool):  # fmt: skip
+    def __init__(
+        self,
+        outer: int,
+        inner: int,
+        in_ch: int,
+        sub: nn.Module | None,
+        outermost: bool,
+        out_ch: int,
+        norm: str,
+        dropout: bool,
+    ):
         super().__init__()
         down = [nn.Conv2d(in_ch, inner, 4, 2, 1, bias=norm != "batch")]
         if not outermost:
@@ -80,9 +89,14 @@ class _ResBlock(nn.Module):
     def __init__(self, ch: int, norm: str):
         super().__init__()
         self.body = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), _norm(norm, ch), nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), _norm(norm, ch),
-        )  # fmt: skip
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(ch, ch, 3),
+            _norm(norm, ch),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(ch, ch, 3),
+            _norm(norm, ch),
+        )
 
     def forward(self, x):
         return x + self.body(x)
@@ -157,8 +171,9 @@ class SRResNet(nn.Module):
         self.scale = scale
         self.residual = in_channels == out_channels
         self.head = nn.Sequential(nn.Conv2d(in_channels, width, 9, 1, 4), nn.PReLU(width))
-        self.body = nn.Sequential(*[_SRBlock(width) for _ in range(blocks)],
-                                  nn.Conv2d(width, width, 3, 1, 1), nn.BatchNorm2d(width))  # fmt: skip
+        self.body = nn.Sequential(
+            *[_SRBlock(width) for _ in range(blocks)], nn.Conv2d(width, width, 3, 1, 1), nn.BatchNorm2d(width)
+        )
         up = []
         for _ in range(int(math.log2(scale))):
             up += [nn.Conv2d(width, width * 4, 3, 1, 1), nn.PixelShuffle(2), nn.PReLU(width)]
@@ -191,8 +206,13 @@ class SRDiscriminator(nn.Module):
             seq.append(nn.LeakyReLU(0.2, True))
             ch = width * mult
         self.features = nn.Sequential(*seq)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, width * 16),
-                                  nn.LeakyReLU(0.2, True), nn.Linear(width * 16, 1))  # fmt: skip
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(ch, width * 16),
+            nn.LeakyReLU(0.2, True),
+            nn.Linear(width * 16, 1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)).flatten()
@@ -236,7 +256,7 @@ class VGGFeatures(nn.Module):
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise UserError(f"variant.vgg_weights: '{path}' cannot be read: {exc}") from None
-        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}  # fmt: skip
+        state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         own = self.features.state_dict()
         missing = [k for k in own if k not in state or state[k].shape != own[k].shape]
         if missing:
@@ -261,8 +281,10 @@ def build_generator(cfg, in_channels: int, out_channels: int, norm: str = "batch
         return ResnetGenerator(in_channels, out_channels, g.width, g.blocks, norm)
     if g.arch == "srresnet":
         return SRResNet(in_channels, out_channels, cfg.variant.scale, g.width, g.blocks)
-    raise UserError(f"config key 'model.g.arch' must be one of {', '.join(GENERATORS)} for variant "
-                    f"'{cfg.variant.name}'; got '{g.arch}'")  # fmt: skip
+    raise UserError(
+        f"config key 'model.g.arch' must be one of {', '.join(GENERATORS)} for variant "
+        f"'{cfg.variant.name}'; got '{g.arch}'"
+    )
 
 
 def build_discriminator(cfg, in_channels: int, norm: str = "batch") -> nn.Module:
@@ -272,8 +294,10 @@ def build_discriminator(cfg, in_channels: int, norm: str = "batch") -> nn.Module
     elif d.arch == "srgan":
         D = SRDiscriminator(in_channels, d.width)
     else:
-        raise UserError(f"config key 'model.d.arch' must be one of {', '.join(DISCRIMINATORS)} for variant "
-                        f"'{cfg.variant.name}'; got '{d.arch}'")  # fmt: skip
+        raise UserError(
+            f"config key 'model.d.arch' must be one of {', '.join(DISCRIMINATORS)} for variant "
+            f"'{cfg.variant.name}'; got '{d.arch}'"
+        )
     if d.spectral_norm:
         from distgan.models.layers import apply_spectral_norm
 

@@ -57,8 +57,9 @@ class ImagePool:
     def load(self, state: dict[str, torch.Tensor], prefix: str) -> None:
         images = state[f"{prefix}.images"]
         if images.shape != self.images.shape:
-            raise UserError(f"checkpoint's {prefix} buffer has shape {tuple(images.shape)}, expected "
-                            f"{tuple(self.images.shape)}")  # fmt: skip
+            raise UserError(
+                f"checkpoint's {prefix} buffer has shape {tuple(images.shape)}, expected {tuple(self.images.shape)}"
+            )
         self.images = images.clone()
         self.count = int(state[f"{prefix}.count"][0])
 
@@ -70,8 +71,10 @@ class CycleGAN(Translation):
     def __init__(self, cfg):
         super().__init__(cfg)
         if not cfg.data.shards_a or not cfg.data.shards_b:
-            raise UserError("variant 'cyclegan' needs both domains: set data.shards_a and data.shards_b "
-                            "(e.g. builtin:digits-thin and builtin:digits-thick)")  # fmt: skip
+            raise UserError(
+                "variant 'cyclegan' needs both domains: set data.shards_a and data.shards_b "
+                "(e.g. builtin:digits-thin and builtin:digits-thick)"
+            )
         c, r = cfg.data.channels, cfg.data.resolution
         self.models = {
             "G_ab": image2image.build_generator(cfg, c, c, norm="instance"),
@@ -153,9 +156,12 @@ class CycleGAN(Translation):
             src = stream.heldout_source(getattr(self.cfg.data, f"shards_{k}"), key=f"data.shards_{k}")
             if src is None:
                 return None
-            out[f"image_{k}"] = stream.read_all(src, resolution=self.cfg.data.resolution,
-                                                channels=self.cfg.data.channels,
-                                                options=stream.stream_options(self.cfg))["image"]  # fmt: skip
+            out[f"image_{k}"] = stream.read_all(
+                src,
+                resolution=self.cfg.data.resolution,
+                channels=self.cfg.data.channels,
+                options=stream.stream_options(self.cfg),
+            )["image"]
         return out
 
     def preview(self, gens, batch):

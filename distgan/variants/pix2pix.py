@@ -20,14 +20,18 @@ class Pix2Pix(Translation):
     def __init__(self, cfg):
         super().__init__(cfg)
         if cfg.data.kind != "paired":
-            raise UserError("variant 'pix2pix' needs paired shards (KEY.input.png + KEY.target.png): set "
-                            "data.kind=paired (e.g. data.shards=builtin:edges2photos)")  # fmt: skip
+            raise UserError(
+                "variant 'pix2pix' needs paired shards (KEY.input.png + KEY.target.png): set "
+                "data.kind=paired (e.g. data.shards=builtin:edges2photos)"
+            )
         self.in_channels = cfg.data.input_channels or cfg.data.channels
         G = image2image.build_generator(cfg, self.in_channels, cfg.data.channels, norm="batch")
         D = image2image.build_discriminator(cfg, self.in_channels + cfg.data.channels, norm="batch")
         self.models = {"G": G, "D": D}
-        self.optimizers = {"G": self.optimizer(G.parameters(), cfg.train.lr_g),
-                           "D": self.optimizer(D.parameters(), cfg.train.lr_d)}  # fmt: skip
+        self.optimizers = {
+            "G": self.optimizer(G.parameters(), cfg.train.lr_g),
+            "D": self.optimizer(D.parameters(), cfg.train.lr_d),
+        }
 
     def fields(self):
         return {"image": ("target.png", self.cfg.data.channels), "input": ("input.png", self.in_channels)}

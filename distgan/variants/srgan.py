@@ -34,15 +34,19 @@ class SRGAN(Translation):
             raise UserError(f"variant 'srgan' trains on plain images (the HR ones); data.kind={cfg.data.kind}")
         size = v.crop or cfg.data.resolution
         if size % v.scale or v.crop > cfg.data.resolution:
-            raise UserError(f"variant.crop={v.crop} must be <= data.resolution={cfg.data.resolution} and the HR "
-                            f"size a multiple of variant.scale={v.scale}")  # fmt: skip
+            raise UserError(
+                f"variant.crop={v.crop} must be <= data.resolution={cfg.data.resolution} and the HR "
+                f"size a multiple of variant.scale={v.scale}"
+            )
         self.scale = v.scale
         c = cfg.data.channels
         G = image2image.build_generator(cfg, c, c)
         D = image2image.build_discriminator(cfg, c)
         self.models = {"G": G, "D": D}
-        self.optimizers = {"G": self.optimizer(G.parameters(), cfg.train.lr_g),
-                           "D": self.optimizer(D.parameters(), cfg.train.lr_d)}  # fmt: skip
+        self.optimizers = {
+            "G": self.optimizer(G.parameters(), cfg.train.lr_g),
+            "D": self.optimizer(D.parameters(), cfg.train.lr_d),
+        }
         self.vgg = image2image.VGGFeatures(v.vgg_weights) if v.vgg_weights else None
         self.noted = False
 
@@ -77,8 +81,11 @@ class SRGAN(Translation):
         adversarial = ctx.global_step >= v.pretrain_steps
         if not self.noted and self.main and self.vgg is None and v.vgg_weight > 0:
             self.noted = True
-            print("srgan: no variant.vgg_weights file given, so no perceptual (VGG) loss: G learns from the "
-                  "pixel loss and, after pre-training, the adversarial loss", file=sys.stderr)  # fmt: skip
+            print(
+                "srgan: no variant.vgg_weights file given, so no perceptual (VGG) loss: G learns from the "
+                "pixel loss and, after pre-training, the adversarial loss",
+                file=sys.stderr,
+            )
         device = batches[0]["image"].device
         keys = ("loss/pixel", "loss/g", "loss/d", "loss/vgg", "d/real", "d/fake")
         stats = {k: torch.zeros((), device=device) for k in keys}

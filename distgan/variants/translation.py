@@ -74,8 +74,13 @@ class Translation(Variant):
         src = stream.heldout_source(self.cfg.data.shards)
         if src is None:
             return None
-        return stream.read_all(src, resolution=self.cfg.data.resolution, channels=self.cfg.data.channels,
-                               fields=self.fields(), options=stream.stream_options(self.cfg))  # fmt: skip
+        return stream.read_all(
+            src,
+            resolution=self.cfg.data.resolution,
+            channels=self.cfg.data.channels,
+            fields=self.fields(),
+            options=stream.stream_options(self.cfg),
+        )
 
     def fields(self):
         return None
@@ -88,8 +93,9 @@ class Translation(Variant):
         for g in gens.values():
             g.eval()
         try:
-            return torch.cat([self.translate(gens, x[i : i + chunk].to(device)).float().cpu()
-                              for i in range(0, len(x), chunk)])  # fmt: skip
+            return torch.cat(
+                [self.translate(gens, x[i : i + chunk].to(device)).float().cpu() for i in range(0, len(x), chunk)]
+            )
         finally:
             for n, g in gens.items():
                 g.train(was[n])
