@@ -1,6 +1,6 @@
 """Minibatch discrimination's pairwise L1: time and peak memory of each implementation.
 
-Implementations: naive (materialises B x B x O x K), the chunked fallback (kernels/reference.py),
+Implementations: naive (materialises B x B x O x K), the chunked fallback (kernels/minibatch/reference.py),
 torch.compile of naive, a torch.cdist(p=1) formulation, and Triton (GPU only: under the CPU
 interpreter its timings mean nothing). Modes: forward (no grad) and forward + backward.
 Sizes: B in {64, 256, 1024, 4096} at O=128, K=16 (headline) and the paper's B=100, O=100, K=5.
@@ -40,7 +40,8 @@ def cdist_formulation(m: torch.Tensor) -> torch.Tensor:
 
 
 def build(impl: str):
-    from kernels import minibatch_discrimination, reference
+    from kernels import minibatch_discrimination
+    from kernels.minibatch import reference
 
     if impl == "naive":
         return reference.minibatch_l1_naive

@@ -206,7 +206,7 @@ PASSES = {"floor (2 reads)": 2, "ours scale=output": 2, "ours scale=weight": 4, 
 def roofline(sizes: list[int], repeats: int, bandwidth: float, device: str) -> list[dict]:
     """The power iteration alone on N x N fp32 linear layers: measured ms against bytes / bandwidth."""
     import kernels
-    from kernels import power_iteration
+    from kernels.spectral import triton as power_iteration
 
     rows = []
     for n in sizes:

@@ -28,7 +28,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_minibatch(device, sizes, dtypes) -> list[dict]:
     import kernels
-    from kernels import reference
+    from kernels.minibatch import reference
 
     rows = []
     for b, o, k in sizes:
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         dtypes = [torch.float32, torch.bfloat16]
     rows = check_minibatch(device, mb_sizes, dtypes) + check_spectral_norm(device, sn_sizes, dtypes)
     notes = (
-        "Each Triton kernel against the float64 PyTorch reference (kernels/reference.py) on the same inputs: "
+        "Each Triton kernel against the float64 PyTorch reference (kernels/*/reference.py) on the same inputs: "
         "max relative error of outputs (and u, v) and of the input gradients. "
         + ("Dry run: CPU interpreter, toy sizes." if args.dry_run else "CUDA, compiled kernels.")
     )

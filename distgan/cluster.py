@@ -89,7 +89,7 @@ def average_buffers(modules: list[torch.nn.Module], world: int) -> None:
     own buffer broadcast is off). One all-reduce for all of them keeps every rank's model identical.
     Spectral norm's u, v are left out: they are a deterministic function of the (identical)
     weights and their own previous values, so they are already identical on every rank."""
-    from kernels.reference import SpectralNorm
+    from kernels.spectral.reference import SpectralNorm
 
     buffers = [
         b

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 BACKENDS = ("triton", "torch")
-# Under torch.compile: call the kernels as custom ops (kernels/ops.py: one opaque op each, Triton on
+# Under torch.compile: call the kernels as custom ops (kernels/*/op.py: one opaque op each, Triton on
 # CUDA), or trace their PyTorch fallbacks for Inductor to fuse (False). Eager mode ignores it.
 compile_ops = True
 _warned: set[str] = set()

@@ -187,7 +187,7 @@ def d_step(D, real, fake):
 
 
 def test_grouped_equals_per_layer_in_four_launches(monkeypatch):
-    from kernels import power_iteration
+    from kernels.spectral import triton as power_iteration
 
     counters = {}
     for name in ("_wv_kernel", "_wtu_kernel", "_reduce_kernel", "_scale_kernel"):
@@ -225,7 +225,7 @@ def test_grouped_equals_per_layer_in_four_launches(monkeypatch):
     [(g, o, "weight") for g in (False, True) for o in (True, False)] + [(g, True, "output") for g in (False, True)],
 )
 def test_torch_compile_has_no_graph_breaks(group, ops, scale, monkeypatch):
-    """Compiled, with the custom ops (kernels/ops.py: the Triton kernels, one opaque op per layer) or
+    """Compiled, with the custom ops (kernels/spectral/op.py: the Triton kernels, one opaque op per layer) or
     with the traced fallback for Inductor (compile_ops=False): one graph, no breaks, and the eager
     outputs, gradients and u, v; also with scale="output", whose gradient reaches W through sigma."""
     from kernels import _backend
@@ -358,7 +358,7 @@ def test_output_scale_is_the_same_layer(kind, backend):
 def test_output_scale_grouped_writes_no_weight(monkeypatch):
     """Grouped, scale="output": 4 launches per forward, the last one a program per layer (sigma and v:
     no W / sigma), and the same u, v, outputs and gradients as scale="weight", bitwise per layer vs grouped."""
-    from kernels import power_iteration
+    from kernels.spectral import triton as power_iteration
 
     grids = []
     original = power_iteration._scale_kernel
@@ -410,7 +410,7 @@ def test_output_scale_is_refused_where_it_is_not_exact():
 
 def test_large_layers_fill_the_chip():
     """Every pass over a 4096 x 4096 weight runs at least 4 x 132 programs (an H100/H200's SMs)."""
-    from kernels import power_iteration
+    from kernels.spectral import triton as power_iteration
 
     geo = power_iteration.layer_geometry(4096, 4096)
     assert geo["pass1"] >= 4 * 132 and geo["pass2"] >= 4 * 132 and geo["pass4"] >= 4 * 132, geo

@@ -1,15 +1,11 @@
-"""The kernels as PyTorch custom ops, for torch.compile: a compiled graph calls them as single opaque
-ops (0 graph breaks), with fake-tensor implementations for tracing and their backward registered.
+"""Spectral norm as a PyTorch custom op, for torch.compile: a compiled graph calls it as one opaque op
+(0 graph breaks), with a fake-tensor implementation for tracing and its backward registered.
 
-- `distgan::spectral_norm(weight, u, v, n_power_iterations, eps, dim, write_w)` -> (W / sigma or an
-  empty tensor, t = W v, s = W^T u, sigma, new u, new v): one layer's training-mode power iteration
-  (functional: the caller copies u, v into the buffers); the Triton kernels of kernels/power_iteration.py where `_backend.choose` picks Triton,
-  else the same arithmetic in torch ops. Gradient: reference.SNWeights' (and SNSigma's for sigma).
-- `distgan::minibatch_l1(m, exclude_self, group_size)` and its backward: minibatch discrimination.
-
-`kernels.SpectralNorm` and `kernels.minibatch_discrimination` call these only while compiling and
-only when `_backend.compile_ops` is on (distgan's train.compile_kernels); otherwise a compiled graph
-traces their PyTorch fallbacks, which Inductor fuses itself. Eager mode never goes through here.
+`distgan::spectral_norm(weight, u, v, n_power_iterations, eps, dim, write_w)` -> (W / sigma or an empty
+tensor, t = W v, s = W^T u, sigma, new u, new v): one layer's training-mode power iteration (functional:
+the caller copies u, v into the buffers); the Triton kernels of spectral/triton.py where `_backend.choose`
+picks Triton, else the same arithmetic in torch ops. Gradient: reference.SNWeights' (SNSigma's for sigma).
+The parametrization calls it only while compiling with `_backend.compile_ops` on (train.compile_kernels).
 """
 
 from __future__ import annotations
@@ -18,16 +14,17 @@ import types
 
 import torch
 
-from kernels import _backend, reference
+from kernels import _backend
+from kernels.spectral import reference
 
 # per (u, v) buffer pair: the vectors the kernels update in the op's place, so that the launch plan
-# (kernels/power_iteration.py caches it by pointers) is built once, not rebuilt on every call
+# (kernels/spectral/triton.py caches it by pointers) is built once, not rebuilt on every call
 _scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _sn_impl(weight, u, v, n_power_iterations, eps, dim, write_w):
     if _backend.choose("spectral_norm", None, weight) == "triton":
-        from kernels import power_iteration
+        from kernels.spectral import triton as power_iteration
 
         key = (u.data_ptr(), v.data_ptr(), u.shape, v.shape, u.dtype, u.device)
         if key not in _scratch:
@@ -109,55 +106,3 @@ def spectral_norm(sn: reference.SpectralNorm, weight: torch.Tensor, write_w: boo
 
 
 # -- minibatch discrimination --------------------------------------------------------------------------
-
-
-def _use_triton(m: torch.Tensor) -> bool:
-    return _backend.choose("minibatch_discrimination", None, m) == "triton"
-
-
-@torch.library.custom_op("distgan::minibatch_l1", mutates_args=())
-def minibatch_l1_op(m: torch.Tensor, exclude_self: bool, group_size: int) -> torch.Tensor:
-    group = group_size or None
-    if _use_triton(m):
-        from kernels import minibatch_l1
-
-        return minibatch_l1.minibatch_l1_forward(m, exclude_self, group)
-    with torch.no_grad():
-        return reference.minibatch_l1(m, exclude_self, group).clone()
-
-
-@minibatch_l1_op.register_fake
-def _(m, exclude_self, group_size):
-    return m.new_empty(m.shape[:2])
-
-
-@torch.library.custom_op("distgan::minibatch_l1_backward", mutates_args=())
-def minibatch_l1_backward_op(m: torch.Tensor, grad: torch.Tensor, group_size: int) -> torch.Tensor:
-    group = group_size or None
-    if _use_triton(m):
-        from kernels import minibatch_l1
-
-        return minibatch_l1.minibatch_l1_backward(m, grad, group)
-    return reference.minibatch_l1_backward(m, grad, group, reference.DEFAULT_MEMORY_BUDGET)
-
-
-@minibatch_l1_backward_op.register_fake
-def _(m, grad, group_size):
-    return torch.empty_like(m)
-
-
-def _mb_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.group_size = inputs[2]
-
-
-def _mb_backward(ctx, grad):
-    (m,) = ctx.saved_tensors
-    return minibatch_l1_backward_op(m, grad.contiguous(), ctx.group_size), None, None
-
-
-minibatch_l1_op.register_autograd(_mb_backward, setup_context=_mb_setup)
-
-
-def minibatch_discrimination(m: torch.Tensor, exclude_self: bool, group_size: int | None) -> torch.Tensor:
-    return minibatch_l1_op(m, exclude_self, group_size or 0)

@@ -1,6 +1,6 @@
 """Minibatch discrimination's pairwise L1 as fused Triton kernels (forward and backward).
 
-The math is in `kernels/reference.py`'s docstring; each kernel's docstring states the part it
+The math is in `kernels/minibatch/reference.py`'s docstring; each kernel's docstring states the part it
 computes. Neither kernel materialises the (B, B, O, K) differences nor the (B, B, O) similarities:
 a program owns BLOCK_I rows i of one kernel b, keeps them in registers, and walks over the rows j
 of their groups BLOCK_J at a time, so extra memory is the output alone, O(B*O*K).
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
+from kernels.minibatch import reference
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Spectral norm's power iteration as fused Triton kernels, for one layer or many at once.
 
-The math is in `kernels/reference.py` (spectral norm section). For a group of L layers (one, or
+The math is in `kernels/spectral/reference.py`. For a group of L layers (one, or
 every spectral-normed layer of a module), one training forward is four launches whatever L is:
 
 1. `_wv_kernel`:     t = W v                                  (pass 1 over W, a program per BM1 rows)
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
+from kernels.spectral import reference
 
 # fields of a layer's record in the int64 table
 # (w, u, v addresses; rows M, columns N, inner size Q; offsets into t, s, partial sums and output; number
