@@ -60,6 +60,13 @@ def choose(op: str, backend: str | None, t: torch.Tensor) -> str:
     return "torch"
 
 
+def compiled_op(backend: str | None, t: torch.Tensor) -> bool:
+    """Under torch.compile: call the op's custom op (one opaque call, the Triton kernels on CUDA), or
+    let Inductor trace the PyTorch fallback (False: train.compile_kernels off, backend "torch", or
+    float64, which the kernels never compute)."""
+    return compile_ops and backend != "torch" and t.dtype != torch.float64
+
+
 def auto(device: torch.device | str) -> str:
     """What backend=None picks for tensors on `device` ('triton' or 'torch'), e.g. to log it."""
     return choose("auto", None, torch.empty(0, device=device))

@@ -43,7 +43,7 @@ def minibatch_discrimination(
     if group_size is not None and group_size < 1:
         raise ValueError(f"group_size must be >= 1 or None; got {group_size}")
     if torch.compiler.is_compiling():  # one custom op, or the fallback's torch ops for Inductor to fuse
-        if _backend.compile_ops and backend != "torch" and m.dtype != torch.float64:
+        if _backend.compiled_op(backend, m):
             return op.minibatch_discrimination(m, exclude_self, group_size)
         return reference.minibatch_l1(m, exclude_self, group_size, memory_budget)
     if _backend.choose("minibatch_discrimination", backend, m) == "triton":

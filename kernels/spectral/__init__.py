@@ -23,7 +23,7 @@ class SpectralNorm(reference.SpectralNorm):
 
     def fused(self, weight: torch.Tensor, write_w: bool = True) -> torch.Tensor | None:
         if torch.compiler.is_compiling():
-            if not _backend.compile_ops or weight.dtype == torch.float64:
+            if not _backend.compiled_op(self.backend, weight):
                 return None  # Inductor traces and fuses the fallback's torch ops
             return op.spectral_norm(self, weight, write_w)
         if not weight.is_contiguous() or _backend.choose("spectral_norm", self.backend, weight) != "triton":
