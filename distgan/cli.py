@@ -40,33 +40,17 @@ def _shards(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from distgan import checkpoint, config, trainer, trust
+    from distgan import config, trainer
+    from distgan import run as run_state
 
     out = (
         Path(args.out)
         if args.out
         else Path("runs") / (args.preset or (Path(args.config).stem if args.config else config.DEFAULT_PRESET))
     )
-    stored = base = None
-    if args.resume:
-        target = checkpoint.list_steps(out)[-1:] if args.resume == "auto" else [args.resume]
-        if target:  # its metadata only: the trainer reads the checkpoint whole
-            folder, meta = checkpoint.read_meta(target[0])
-            stored = meta["config"]
-    if stored is not None and args.preset is None and args.config is None:
-        # Continue a run with its own config unless told otherwise; values that reach outside the
-        # process only from this command line (distgan/trust.py).
-        base, notes = trust.checkpoint_config(
-            stored,
-            given=trust.override_keys(args.overrides),
-            needed=trust.stream_keys(stored) | set(trust.FILE_KEYS),
-            trust=args.trust_checkpoint_config,
-            where=str(folder),
-        )
-        trust.say(notes)
-    cfg = config.load_config(args.preset, args.config, args.overrides, base=base)
-    if stored is not None:
-        trust.say(trust.differences(stored, cfg))
+    cfg = run_state.resume_config(
+        out, args.resume, args.preset, args.config, args.overrides, trust=args.trust_checkpoint_config
+    )
     code = trainer.train(cfg, out, resume=args.resume)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is written and closed by now (checkpoints fsynced, logs closed, loader workers

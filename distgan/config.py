@@ -31,6 +31,45 @@ def at_least(low: float, default: float):
     return field(default=default, metadata={"min": low})
 
 
+def checked(default, check):
+    """A key with a grammar of its own: `check(key, value)` raises a UserError for a bad value."""
+    return field(default=default, metadata={"check": check})
+
+
+def _augment_policy(key: str, value: str) -> None:
+    augment.parse(value)
+
+
+def _probability_or_auto(key: str, value: str) -> None:
+    if value == "auto":
+        return
+    try:
+        p = float(value)
+    except ValueError:
+        p = -1.0
+    if not 0.0 <= p <= 1.0:
+        raise UserError(f"config key '{key}' must be a probability in [0, 1] or auto; got '{value}'")
+
+
+def _image_member(key: str, value: str) -> None:
+    from distgan.data.stream import IMAGE_EXTS
+
+    if value.lstrip(".") not in ("", *IMAGE_EXTS):
+        raise UserError(
+            f"config key '{key}' must be '' (the first present) or one of {', '.join(IMAGE_EXTS)}; got '{value}'"
+        )
+
+
+def _label_member(key: str, value: str) -> None:
+    if value not in ("", "cls", "label") and not (value.startswith("json:") and len(value) > 5):
+        raise UserError(f"config key '{key}' must be '' (cls, else label), cls, label or json:FIELD; got '{value}'")
+
+
+def _maxout_pieces(key: str, value: int) -> None:
+    if value < 0 or value == 1:
+        raise UserError(f"config key '{key}' must be 0 (off) or >= 2 pieces, got {value}")
+
+
 def between(low: float, high: float, default: float, low_open: bool = False):
     """A key whose value must lie in [low, high) ((low, high) with `low_open`)."""
     return field(default=default, metadata={"range": (low, high, low_open)})
@@ -65,10 +104,10 @@ class DataConfig:
     max_image_pixels: float = at_least(1, 50e6)
     # the image member of each sample: "" takes the first present of png, jpg, jpeg, webp, ppm, bmp,
     # tif, tiff (paired data: input.EXT and target.EXT); or name one extension
-    image_key: str = ""
+    image_key: str = checked("", _image_member)
     # the label: "" takes KEY.cls, else KEY.label (text or int); or cls, label, json:FIELD (a field of
     # KEY.json, as img2dataset writes). No label is fine for unconditional variants
-    label_key: str = ""
+    label_key: str = checked("", _label_member)
     # images that are not square: center (crop the centred square), random (a square at a place
     # drawn per sample, reproducible on resume), none (no crop: the whole image squeezed to the square;
     # images smaller than data.resolution are refused). Then resized, PIL bilinear, to data.resolution
@@ -81,10 +120,10 @@ class DataConfig:
     cache_bytes: float = at_least(0, 4e9)
     # DiffAugment (Zhao et al. 2020) of every image D sees in training, real and fake: a comma-separated
     # list of color, translation, cutout (distgan/augment.py); empty: none
-    augment: str = ""
+    augment: str = checked("", _augment_policy)
     # probability of each augmentation op per image, in [0, 1]; auto: ADA's adaptive p (Karras et al.
     # 2020), from 0, raised while E[sign D(real)] > data.augment_target; logged as augment/p
-    augment_p: str = "1.0"
+    augment_p: str = checked("1.0", _probability_or_auto)
     augment_target: float = between(0.0, 1.0, 0.6, low_open=True)  # data.augment_p=auto: the target of E[sign D(real)]
 
 
@@ -119,7 +158,8 @@ class DiscriminatorConfig:
     batchnorm: bool | None = None
     # cgan: projection (Miyato & Koyama 2018) or concat (the label as an extra input channel)
     conditioning: str = one_of("projection", ("projection", "concat"))
-    maxout: int = 0  # toy D (2-D mixtures): maxout units of this many pieces (PacGAN's D: 5); 0: LeakyReLU
+    # toy D (2-D mixtures): maxout units of this many pieces (PacGAN's D: 5); 0: LeakyReLU
+    maxout: int = checked(0, _maxout_pieces)
     attention: int = 0  # resnet: SAGAN self-attention after the block of this resolution; 0: none
     layers: int = at_least(1, 3)  # patchgan: strided conv layers (3: the 70x70 PatchGAN of pix2pix/CycleGAN)
 
@@ -378,14 +418,15 @@ def _bounded(cfg, node=None, prefix: str = ""):
 
 
 def validate(cfg: Config) -> None:
-    """A key's own rules live beside its field (one_of, at_least, between: checked here from the field
-    metadata); below are the keys with a grammar of their own (augment, augment_p, image_key,
-    label_key, maxout) and the rules between keys, then the variant's own (Variant.check_config)."""
+    """A key's own rules live beside its field (one_of, at_least, between, checked: read here from the
+    field metadata); below are only the rules between keys, then the variant's own (Variant.check_config)."""
     for key, meta, value in _bounded(cfg):
         if "min" in meta and value < meta["min"]:
             raise UserError(f"config key '{key}' must be >= {meta['min']}, got {value}")
         if "choices" in meta and value not in meta["choices"]:
             raise UserError(f"config key '{key}' must be one of {_listed(meta['choices'])}; got '{value}'")
+        if "check" in meta:
+            meta["check"](key, value)
         if "range" in meta:
             low, high, low_open = meta["range"]
             if not (low < value if low_open else low <= value) or not value < high:
@@ -394,34 +435,10 @@ def validate(cfg: Config) -> None:
                 )
     if cfg.data.kind != "points" and cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
-    augment.parse(cfg.data.augment)
-    if cfg.data.augment_p != "auto":
-        try:
-            p = float(cfg.data.augment_p)
-        except ValueError:
-            p = -1.0
-        if not 0.0 <= p <= 1.0:
-            raise UserError(
-                f"config key 'data.augment_p' must be a probability in [0, 1] or auto; got '{cfg.data.augment_p}'"
-            )
-    if cfg.model.d.maxout < 0 or cfg.model.d.maxout == 1:
-        raise UserError(f"config key 'model.d.maxout' must be 0 (off) or >= 2 pieces, got {cfg.model.d.maxout}")
-    from distgan.data.stream import IMAGE_EXTS
-
-    if cfg.data.image_key.lstrip(".") not in ("", *IMAGE_EXTS):
-        raise UserError(
-            f"config key 'data.image_key' must be '' (the first present) or one of {', '.join(IMAGE_EXTS)}; "
-            f"got '{cfg.data.image_key}'"
-        )
     if cfg.data.cache == "ram" and cfg.data.crop == "random":
         raise UserError(
             "config key 'data.cache=ram' keeps decoded crops, so it cannot combine with data.crop=random; "
             "use data.crop=center or data.cache=off"
-        )
-    lk = cfg.data.label_key
-    if lk not in ("", "cls", "label") and not (lk.startswith("json:") and len(lk) > 5):
-        raise UserError(
-            f"config key 'data.label_key' must be '' (cls, else label), cls, label or json:FIELD; got '{lk}'"
         )
     if cfg.train.keep_best and not cfg.train.eval_every:
         raise UserError("config key 'train.keep_best=fid' needs evaluations: set train.eval_every too")

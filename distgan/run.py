@@ -1,7 +1,8 @@
 """The state of a training run, and both directions of a checkpoint side by side.
 
 `Run` is what outlives a step: config, models (in the variant), EMA copies, feeds, tracker, counters.
-A checkpoint is written by `save(run, step)` and read back by `find_resume` (which one),
+A checkpoint is written by `save(run, step)` and read back by `resume_config` (the stored config as
+the base of `distgan train --resume` without a preset, under distgan/trust.py), `find_resume` (which one),
 `check_compatible` (whether this config may continue it), `restore_models` (models, EMA, optimizers,
 then this invocation's optimizer settings over the checkpoint's) and `restore` (RNG, step, variant
 rank state, best FID); the feeds take their positions from the resume point `restore` returns
@@ -83,6 +84,40 @@ class Run:
     def source(self):
         """The main stream: its manifest drives previews and evaluation."""
         return next(iter(self.sources.values()), None)
+
+
+def resume_config(
+    out: Path,
+    resume: str | None,
+    preset: str | None,
+    config_file: str | None,
+    overrides: list[str],
+    trust: bool = False,
+) -> config.Config:
+    """The config of `distgan train`: the preset, file and overrides given; when resuming without a preset
+    or file, the checkpoint's stored config is the base instead, its values that reach outside the
+    process taken only as distgan/trust.py allows (notes on stderr say what differs)."""
+    from distgan import trust as trusted
+
+    stored = base = None
+    if resume:
+        target = checkpoint.list_steps(out)[-1:] if resume == "auto" else [resume]
+        if target:  # its metadata only: find_resume reads the checkpoint whole
+            folder, meta = checkpoint.read_meta(target[0])
+            stored = meta["config"]
+    if stored is not None and preset is None and config_file is None:
+        base, notes = trusted.checkpoint_config(
+            stored,
+            given=trusted.override_keys(overrides),
+            needed=trusted.stream_keys(stored) | set(trusted.FILE_KEYS),
+            trust=trust,
+            where=str(folder),
+        )
+        trusted.say(notes)
+    cfg = config.load_config(preset, config_file, overrides, base=base)
+    if stored is not None:
+        trusted.say(trusted.differences(stored, cfg))
+    return cfg
 
 
 def find_resume(resume: str | None, run_dir: Path) -> checkpoint.Checkpoint | None:

@@ -143,11 +143,16 @@ def test_config_rules_live_beside_their_fields():
     meta = {k: m for k, m, _ in config._bounded(config.Config())}
     assert meta["variant.scale"]["choices"] == (2, 4) and meta["train.steps"]["min"] == 1
     assert meta["train.ema_beta"]["range"] == (0.0, 1.0, False)
+    assert {"data.augment", "data.augment_p", "data.image_key", "data.label_key", "model.d.maxout"} <= {
+        k for k, m in meta.items() if "check" in m
+    }
     for override, said in (
         ("variant.scale=3", "'variant.scale' must be one of 2, 4; got '3'"),
         ("train.ema_beta=1.0", "'train.ema_beta' must be in [0, 1), got 1.0"),
         ("data.augment_target=0", "'data.augment_target' must be in (0, 1), got 0"),
         ("train.keep_best=best", "'train.keep_best' must be one of '', fid; got 'best'"),
+        ("model.d.maxout=1", "'model.d.maxout' must be 0 (off) or >= 2 pieces, got 1"),
+        ("data.label_key=json:", "'data.label_key' must be '' (cls, else label), cls, label or json:FIELD"),
     ):
         with pytest.raises(UserError, match=re.escape(said)):
             config.load_config(overrides=[override])
