@@ -1,7 +1,11 @@
 """The typed config tree: YAML presets shipped in the package + a user YAML + dotted overrides.
 
 The schema is a tree of dataclasses; OmegaConf checks every key and type against it, and
-this module turns OmegaConf's errors into one-line `UserError`s that list the valid keys.
+this module turns OmegaConf's errors into one-line `UserError`s that list the valid keys. Everything
+about one key sits on its field: type, default, its doc (the comment on or above it, which
+docs/config.md is generated from) and its own rule (`one_of`, `at_least`, `between`, `checked`).
+`validate` checks those rules and then only the rules between keys; a variant's own rules are its
+`check_config` (distgan/variants/base.py).
 """
 
 from __future__ import annotations
