@@ -164,6 +164,8 @@ def torchscript_features(path: str, images: torch.Tensor, batch: int = 256) -> n
     """Features from a user's TorchScript network: images (N, C, H, W) in [-1, 1] -> (N, D)."""
     from pathlib import Path
 
+    import torch
+
     from distgan.errors import UserError
 
     if not Path(path).is_file():
