@@ -5,6 +5,13 @@ in this process on the preset's real shards, for --steps steps; the rate is read
 
     python benchmarks/gpu_steps.py [--presets digits-dcgan digits-sngan photos-biggan-64] [--steps 300]
         [--dry-run]   (CPU, width 4, a few steps: the same code path, no meaningful figures)
+    python benchmarks/gpu_steps.py --sync-check [--presets ...]
+
+--sync-check runs the presets' steps under torch.cuda.set_sync_debug_mode("error") from the end of each
+step's batch draw to the start of its periodic jobs (which read the host on purpose, at log steps): a
+step that makes the host wait for the GPU fails there, with its traceback in the table. It is the GPU
+side of tests/test_gpu_path.py::test_steps_read_no_tensor_on_the_host_between_log_steps; without CUDA
+it says so and checks nothing.
 """
 
 from __future__ import annotations
@@ -60,13 +67,71 @@ def run(preset: str, mode: str, steps: int, log_every: int, extra: list[str]) ->
     }
 
 
+def sync_check(preset: str, steps: int, extra: list[str]) -> dict:
+    """`steps` steps of `preset` with every synchronising CUDA call inside a step an error."""
+    import traceback
+
+    import torch
+
+    from distgan import config, periodic, trainer
+    from distgan.data import feeds
+
+    if not torch.cuda.is_available():
+        return {"preset": preset, "mode": "sync check", "note": "no CUDA: nothing checked"}
+    draw, jobs = feeds.draw, periodic.periodic
+
+    def drawing(*args, **kwargs):
+        out = draw(*args, **kwargs)
+        torch.cuda.set_sync_debug_mode("error")  # the step proper starts
+        return out
+
+    def periodic_jobs(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)  # log, grid, checkpoint: host reads on purpose
+        return jobs(*args, **kwargs)
+
+    overrides = [
+        f"train.steps={steps}",
+        f"train.log_every={max(steps // 2, 1)}",
+        "tracking.wandb.mode=disabled",
+        "train.sample_every=1000000000",
+        "train.ckpt_every=1000000000",
+        *extra,
+    ]
+    feeds.draw, periodic.periodic = drawing, periodic_jobs
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer.train(config.load_config(preset, overrides=overrides), f"{tmp}/run")
+        return {"preset": preset, "mode": "sync check", "steps/s": None, "note": None}
+    except RuntimeError as exc:
+        where = [
+            f for f in traceback.extract_tb(exc.__traceback__) if "/distgan/" in f.filename or "/kernels/" in f.filename
+        ]
+        at = f" at {where[-1].filename.split('/')[-1]}:{where[-1].lineno} {where[-1].name}" if where else ""
+        return {"preset": preset, "mode": "sync check", "note": f"failed: a step synchronised{at}: {exc}"[:200]}
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        feeds.draw, periodic.periodic = draw, jobs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["digits-dcgan", "digits-sngan", "photos-biggan-64"])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--modes", nargs="+", default=list(MODES))
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--sync-check", action="store_true", help="steps under torch.cuda.set_sync_debug_mode('error')")
     args = p.parse_args(argv)
+    if args.sync_check:
+        rows = [sync_check(preset, 20, []) for preset in args.presets]
+        for row in rows:
+            print(row, flush=True)
+        common.write(
+            "gpu_sync",
+            rows,
+            ["preset", "mode", "note"],
+            "20 steps each; set_sync_debug_mode('error') from each step's batch draw to its periodic jobs",
+        )
+        return 1 if any((r.get("note") or "").startswith("failed") for r in rows) else 0
     steps, log_every, extra = args.steps, max(args.steps // 6, 1), []
     if args.dry_run:
         steps, log_every = 4, 2

@@ -230,7 +230,14 @@ def test_gpu_suite_dry_run(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     names = {p.name for p in tmp_path.iterdir()}
-    for stem in ("gpu_check", "bench_minibatch_l1", "bench_spectral_norm", "bench_spectral_norm_roofline", "gpu_steps"):
+    for stem in (
+        "gpu_check",
+        "bench_minibatch_l1",
+        "bench_spectral_norm",
+        "bench_spectral_norm_roofline",
+        "gpu_steps",
+        "gpu_sync",
+    ):
         assert f"{stem}-cpu{os.cpu_count()}.json" in names, names
     assert any(n.endswith(".png") for n in names)
     checks = json.loads((tmp_path / f"gpu_check-cpu{os.cpu_count()}.json").read_text())["rows"]
