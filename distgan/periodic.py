@@ -164,8 +164,8 @@ def _evaluate(run: Run, step: int) -> dict:
     manifest = source.manifest if source else None
     names = metrics.applicable(run.cfg, manifest, inception=bool(t.eval_inception))
     split = standard.Split(run.rank, run.world)
-    if t.eval_inception and not run.standard and evaluation.split_names(names, True)[0]:
-        run.standard["inception"] = evaluation.Inception.load(
+    if t.eval_inception and run.inception is None and evaluation.split_names(names, True)[0]:
+        run.inception = evaluation.Inception.load(
             run.cfg, inception.resolve_path(t.eval_inception), run.device, split, ref=t.eval_ref or None, say=run.main
         )
     result = evaluation.measure(
@@ -177,7 +177,7 @@ def _evaluate(run: Run, step: int) -> dict:
         seed=t.seed + 1,
         split=split,
         manifest=manifest,
-        inception=run.standard.get("inception"),
+        inception=run.inception,
         main=run.main,
     )
     if run.main and result:

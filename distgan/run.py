@@ -43,7 +43,7 @@ class Run:
     heldout: dict | None = None
     heldout_read: bool = False
     fixed_noise: torch.Generator | None = None  # sample grids and evaluations: the same noise every time
-    standard: dict = field(default_factory=dict)  # train.eval_inception: the network and reference, loaded once
+    inception: object | None = None  # train.eval_inception: evaluation.Inception (network + reference), loaded once
     best_fid: float = float("inf")  # train.keep_best=fid: the lowest eval/fid so far (RUN/checkpoints/best-fid)
 
     @property

@@ -39,13 +39,18 @@ def triton_can_run(t: torch.Tensor) -> bool:
     return triton_importable() and (t.is_cuda or interpreter_on())
 
 
+def kernels_compute(t: torch.Tensor) -> bool:
+    """The kernels compute in fp32: a float64 tensor always takes the PyTorch path, whatever was asked
+    (a float64 model, as in gradcheck and PyTorch's own tests, expects float64 arithmetic)."""
+    return t.dtype != torch.float64
+
+
 def choose(op: str, backend: str | None, t: torch.Tensor) -> str:
-    """'triton' or 'torch' for `op` on tensor `t`. float64 is always 'torch', whatever was asked: the
-    kernels compute in fp32, and a float64 model (gradcheck, PyTorch's own tests) expects float64."""
+    """'triton' or 'torch' for `op` on tensor `t` (float64: always 'torch', see kernels_compute)."""
     requested = backend or os.environ.get("DISTGAN_KERNELS") or None
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None; got {requested!r}")
-    if requested == "torch" or t.dtype == torch.float64:
+    if requested == "torch" or not kernels_compute(t):
         return "torch"
     if triton_can_run(t):
         return "triton"
@@ -64,7 +69,7 @@ def compiled_op(backend: str | None, t: torch.Tensor) -> bool:
     """Under torch.compile: call the op's custom op (one opaque call, the Triton kernels on CUDA), or
     let Inductor trace the PyTorch fallback (False: train.compile_kernels off, backend "torch", or
     float64, which the kernels never compute)."""
-    return compile_ops and backend != "torch" and t.dtype != torch.float64
+    return compile_ops and backend != "torch" and kernels_compute(t)
 
 
 def auto(device: torch.device | str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from distgan.errors import UserError
+
 
 class Variant:
     # -- capabilities: what the rest of distgan may rely on, read from the class ---------------------
@@ -42,7 +44,12 @@ class Variant:
     @classmethod
     def check_config(cls, cfg) -> None:
         """This variant's rules on the config, raised as UserError (config.validate calls it; the rules
-        between keys that hold for every variant live in config.validate)."""
+        between keys that hold for every variant live in config.validate). Subclasses call it too."""
+        if cfg.data.augment and (cls.image_to_image or cfg.data.kind != "images"):
+            raise UserError(
+                "config key 'data.augment' applies to image GANs (gan, wgan, wgan-gp, sngan, cgan, "
+                f"unrolled); leave it empty for variant '{cfg.variant.name}' on data.kind={cfg.data.kind}"
+            )
 
     @classmethod
     def differentiates_twice(cls, cfg) -> bool:

@@ -40,11 +40,7 @@ class GAN(Variant):
     @classmethod
     def check_config(cls, cfg) -> None:
         models.check_config(cfg)  # the model families of models/ (image-to-image variants check their own)
-        if cfg.data.augment and cfg.data.kind != "images":
-            raise UserError(
-                "config key 'data.augment' applies to image GANs (gan, wgan, wgan-gp, sngan, cgan, "
-                f"unrolled); leave it empty for variant '{cfg.variant.name}' on data.kind={cfg.data.kind}"
-            )
+        super().check_config(cfg)
 
     @classmethod
     def differentiates_twice(cls, cfg) -> bool:

@@ -26,12 +26,8 @@ class Translation(Variant):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
         name = cfg.variant.name
-        if cfg.data.augment:
-            raise UserError(
-                "config key 'data.augment' applies to image GANs (gan, wgan, wgan-gp, sngan, cgan, "
-                f"unrolled); leave it empty for variant '{name}' on data.kind={cfg.data.kind}"
-            )
         for key in ("r1_gamma", "r2_gamma", "lecam_weight", "ortho_reg"):
             if getattr(cfg.variant, key) > 0:
                 raise UserError(f"config key 'variant.{key}' is not used by variant '{name}'; leave it at 0")
