@@ -95,11 +95,12 @@ def test_trust_checkpoint_config_does_what_it_says(tmp_path, evil_run, capsys):
     marker.unlink()
 
 
-def test_stored_wandb_destination_is_never_used(tmp_path, evil_run, digits_shards, capsys):
+def test_stored_wandb_destination_is_never_used(tmp_path, evil_run, digits_shards):
+    # (a process per run: in-process, a suite run once read the offline run file before W&B had
+    # written its run record into it)
     run, _ = evil_run
     victim = tmp_path / "victim"
-    r = cli(
-        capsys,
+    r = run_cli(
         "train",
         "--resume",
         run / "checkpoints" / "step-00000001",
@@ -116,8 +117,7 @@ def test_stored_wandb_destination_is_never_used(tmp_path, evil_run, digits_shard
     assert record.project == "distgan" and record.entity == ""
     # ... unless the user passes it
     mine = tmp_path / "mine"
-    r = cli(
-        capsys,
+    r = run_cli(
         "train",
         "--resume",
         run / "checkpoints" / "step-00000001",
