@@ -49,9 +49,15 @@ VARIANTS = {
     "pacgan4": ["variant.pack=4"],
     "gan-r1": [],  # the ring-gan-r1 / grid-gan-r1 presets: maxout D, R1, TTUR, lr decay, no EMA
     "r3gan": [],  # grid-r3gan: the same MLPs with RpGAN + R1 + R2 (R3GAN's recipe), no DRS
+    # the same recipe with the penalties that compile (distgan/penalties.py): a finite difference, or
+    # exact every 16th D step in a step of its own (StyleGAN2's lazy R1)
+    "r3gan-approx": ["variant.penalty_mode=approx"],
+    "r3gan-lazy": ["variant.penalty_mode=lazy", "variant.penalty_every=16"],
 }
-PRESET = {"gan-r1": "{dataset}-gan-r1", "r3gan": "{dataset}-r3gan"}  # default: {dataset}-gan
-STACKED_PRESET = {"gan-r1": "stacked-digits-r1", "r3gan": "stacked-digits-r3gan"}  # default: stacked-digits-dcgan
+R3GAN = ("r3gan", "r3gan-approx", "r3gan-lazy")
+PRESET = {"gan-r1": "{dataset}-gan-r1", **{v: "{dataset}-r3gan" for v in R3GAN}}  # default: {dataset}-gan
+# default: stacked-digits-dcgan
+STACKED_PRESET = {"gan-r1": "stacked-digits-r1", **{v: "stacked-digits-r3gan" for v in R3GAN}}
 DRS_VARIANTS = ("gan-r1",)  # also measured with discriminator rejection sampling (eval --drs)
 DRS_CALIBRATE = 6000  # ... and with D first trained this many steps against the final G (--drs-calibrate)
 STACKED_N = 26_000  # samples per stacked-digits evaluation, as VEEGAN and PacGAN count the 1000 modes

@@ -47,9 +47,13 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return torch.rand(x.size(0), 1, 1, 1, dtype=x.dtype, device=x.device)
 
 
+def draw_color(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return _uniform(x), _uniform(x), _uniform(x)
+
+
 def color(x: torch.Tensor, params: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """params: per-image U(0, 1) draws (brightness, saturation, contrast), each (N, 1, 1, 1)."""
-    b, s, c = params if params is not None else (_uniform(x), _uniform(x), _uniform(x))
+    b, s, c = params if params is not None else draw_color(x)
     x = x + (b - 0.5)
     if x.size(1) == 3:
         mean = x.mean(dim=1, keepdim=True)
@@ -58,13 +62,19 @@ def color(x: torch.Tensor, params: tuple[torch.Tensor, ...] | None = None) -> to
     return (x - mean) * (c + 0.5) + mean
 
 
+def draw_translation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, _, h, w = x.shape
+    sh, sw = int(h / 8 + 0.5), int(w / 8 + 0.5)
+    return torch.randint(-sh, sh + 1, (n,), device=x.device), torch.randint(-sw, sw + 1, (n,), device=x.device)
+
+
 def translation(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """params: per-image integer shifts (dy, dx), each (N,) in [-r, r], r = round(size / 8):
     out[i, j] = x[i - dy, j - dx], -1 where that falls outside."""
     n, _, h, w = x.shape
     sh, sw = int(h / 8 + 0.5), int(w / 8 + 0.5)
     if params is None:
-        params = (torch.randint(-sh, sh + 1, (n,), device=x.device), torch.randint(-sw, sw + 1, (n,), device=x.device))
+        params = draw_translation(x)
     dy, dx = (p.to(x.device).view(n, 1) for p in params)
     padded = torch.nn.functional.pad(x, (sw, sw, sh, sh), value=-1.0)
     rows = torch.arange(h, device=x.device)[None, :] + sh - dy  # (n, h)
@@ -74,16 +84,22 @@ def translation(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | Non
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def draw_cutout(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, _, h, w = x.shape
+    kh, kw = int(h / 2 + 0.5), int(w / 2 + 0.5)
+    return (
+        torch.randint(0, h + (1 - kh % 2), (n,), device=x.device),
+        torch.randint(0, w + (1 - kw % 2), (n,), device=x.device),
+    )
+
+
 def cutout(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """params: per-image centres (cy, cx), each (N,): the square of side k = round(size / 2) with top
     left corner (cy - k // 2, cx - k // 2) is set to 0 (clipped at the border)."""
     n, _, h, w = x.shape
     kh, kw = int(h / 2 + 0.5), int(w / 2 + 0.5)
     if params is None:
-        params = (
-            torch.randint(0, h + (1 - kh % 2), (n,), device=x.device),
-            torch.randint(0, w + (1 - kw % 2), (n,), device=x.device),
-        )
+        params = draw_cutout(x)
     cy, cx = (p.to(x.device).view(n, 1) for p in params)
     ys = torch.arange(h, device=x.device)[None, :] - (cy - kh // 2)
     xs = torch.arange(w, device=x.device)[None, :] - (cx - kw // 2)
@@ -92,20 +108,44 @@ def cutout(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None = N
 
 
 FUNCTIONS = {"color": color, "translation": translation, "cutout": cutout}
+DRAWS = {"color": draw_color, "translation": draw_translation, "cutout": draw_cutout}
+
+# One batch's random draws, op by op: (keep mask or None, the op's parameters), None for an op not applied.
+Draws = list[tuple[torch.Tensor | None, tuple[torch.Tensor, ...]] | None]
 
 
-def apply(ops: tuple[str, ...], x: torch.Tensor, p: float | torch.Tensor = 1.0) -> torch.Tensor:
+def draw(ops: tuple[str, ...], x: torch.Tensor, p: float | torch.Tensor = 1.0) -> Draws:
+    """The random draws `apply` makes for a batch shaped like x, in the order it makes them, so a
+    second batch (x perturbed, for the approximate gradient penalties) can get exactly the same
+    augmentation: each op's keep mask (rand >= p, when p < 1 or p is a tensor), then its parameters."""
+    on_device = isinstance(p, torch.Tensor)
+    out: Draws = []
+    for op in ops:
+        if not on_device and p >= 1.0:
+            out.append((None, DRAWS[op](x)))
+        elif on_device or p > 0.0:
+            keep = torch.rand(x.size(0), 1, 1, 1, device=x.device) >= p
+            out.append((keep, DRAWS[op](x)))
+        else:
+            out.append(None)
+    return out
+
+
+def apply(
+    ops: tuple[str, ...], x: torch.Tensor, p: float | torch.Tensor = 1.0, draws: Draws | None = None
+) -> torch.Tensor:
     """x (N, C, H, W) through the policy's ops, each image with its own random draw; with p < 1 each
     op is applied to each image with probability p (ADA's strength), and p = 0 is the identity.
     A tensor p (ADA's, on the device) is never read on the host: every op is drawn and kept where
-    rand >= p, which is the identity at p = 0 too."""
-    on_device = isinstance(p, torch.Tensor)
-    for op in ops:
-        if not on_device and p >= 1.0:
-            x = FUNCTIONS[op](x)
-        elif on_device or p > 0.0:
-            keep = torch.rand(x.size(0), 1, 1, 1, device=x.device) >= p
-            x = torch.where(keep, x, FUNCTIONS[op](x))
+    rand >= p, which is the identity at p = 0 too. `draws` (from `draw`) replays given draws."""
+    if not ops:
+        return x
+    for op, drawn in zip(ops, draws if draws is not None else draw(ops, x, p)):
+        if drawn is None:
+            continue
+        keep, params = drawn
+        out = FUNCTIONS[op](x, params)
+        x = out if keep is None else torch.where(keep, x, out)
     return x
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from distgan import augment, losses
+from distgan import augment, losses, penalties
 from distgan.errors import UserError
 
 DEFAULT_PRESET = "digits-dcgan"
@@ -190,6 +190,15 @@ class VariantConfig:
     r1_gamma: float = at_least(0, 0.0)
     # R2: D's loss gets r2_gamma / 2 * E_fake |grad_x D(G(z))|^2 (R3GAN uses R1 + R2); 0 = off
     r2_gamma: float = at_least(0, 0.0)
+    # how R1, R2 and WGAN-GP's penalty are computed (distgan/penalties.py): exact (differentiated twice;
+    # no train.compile), approx (a finite difference with step variant.penalty_sigma: first derivatives
+    # only, compiles) or lazy (exact, every variant.penalty_every-th D step, StyleGAN2's lazy R1)
+    penalty_mode: str = one_of("exact", penalties.MODES)
+    # approx: the finite-difference step sigma of (D(x + sigma eps) - D(x)) / sigma, on D's input scale
+    penalty_sigma: float = between(0.0, 1.0, 0.01, low_open=True)
+    # lazy: a regularisation step (weight x k, own optimizer step) after every k-th D step; D's Adam lr
+    # and betas are rescaled by k / (k + 1)
+    penalty_every: int = at_least(1, 16)
     # LeCam (Tseng et al. 2021): D's loss gets lecam_weight * (E|D(x) - a_F|^2 + E|D(G(z)) - a_R|^2), with
     # a_R, a_F EMAs (variant.lecam_decay) of D's mean real/fake outputs, kept in checkpoints; 0 = off
     lecam_weight: float = at_least(0, 0.0)
@@ -453,11 +462,11 @@ def validate(cfg: Config) -> None:
     variant = variants.get(cfg.variant.name)  # (an unknown name: one line listing the known ones)
     variant.check_config(cfg)
     v = cfg.variant
-    if cfg.train.compile and variant.differentiates_twice(cfg):
+    twice = variant.differentiates_twice(cfg)
+    if cfg.train.compile and twice:
         raise UserError(
-            f"train.compile=true cannot train {v.name} with gradient penalties or unrolled D steps "
-            f"(variant.r1_gamma={v.r1_gamma}, variant.r2_gamma={v.r2_gamma}): they differentiate D's "
-            "gradients again, which torch.compile does not support; set train.compile=false"
+            f"train.compile=true cannot train {v.name} with {twice}: they differentiate D's gradients again, "
+            f"which torch.compile does not support. {variant.compile_hint(cfg)}"
         )
 
 

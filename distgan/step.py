@@ -86,6 +86,39 @@ class StepContext:
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model)
 
+    @property
+    def mixed_precision(self) -> bool:
+        """Whether the models' forwards run under bf16/fp16 autocast (Accelerate's)."""
+        return self.accelerator.mixed_precision in ("bf16", "fp16")
+
+    @contextlib.contextmanager
+    def full_precision(self, model: torch.nn.Module):
+        """`model`'s forward without Accelerate's autocast (fp32) inside the block; the approximate
+        penalties' finite difference needs it. Nothing changes without mixed precision."""
+        plain = self.unwrap(model)
+        wrapped = plain.__dict__.get("forward")
+        original = getattr(plain, "_original_forward", None)
+        if wrapped is None or original is None:
+            yield
+            return
+        plain.forward = original
+        try:
+            yield
+        finally:
+            plain.forward = wrapped
+
+    @contextlib.contextmanager
+    def eager(self, model: torch.nn.Module):
+        """`model` without its torch.compile (train.compile) inside the block: the lazy penalties'
+        regularisation step differentiates its forward twice, which a compiled module cannot."""
+        plain = self.unwrap(model)
+        compiled = getattr(plain, "_compiled_call_impl", None)
+        plain._compiled_call_impl = None
+        try:
+            yield
+        finally:
+            plain._compiled_call_impl = compiled
+
     @contextlib.contextmanager
     def frozen(self, model: torch.nn.Module):
         """The plain (non-DDP) module with its parameters frozen: use it as a fixed function,

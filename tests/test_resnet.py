@@ -12,6 +12,7 @@ from test_train import assert_bitwise_equal
 from distgan import config, losses, models, variants
 from distgan.errors import UserError
 from distgan.models import resnet
+from distgan.variants.gan import Judged
 
 # the resnet presets at a width a CPU runs in seconds (2 x BigGAN's multipliers)
 TINY = ["model.g.width=2", "model.d.width=2", "model.g.embed_dim=8", "data.batch_size=8"]
@@ -165,7 +166,7 @@ def test_r2_is_r1_on_the_fakes_and_both_enter_d_loss():
     v = variants.get(cfg.variant.name)(cfg)
     D = v.models["D"]
     real, fake = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32)
-    terms = v.d_penalty(D, real, fake)
+    terms = v.d_penalty(D, Judged(real, None, None), Judged(fake, None, None), None, "exact")
     for name, x in (("loss/r1", real), ("loss/r2", fake)):
         x = x.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(D(x).sum(), x)  # per-sample gradients: D's outputs are independent

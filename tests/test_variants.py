@@ -8,9 +8,10 @@ from conftest import FAST, cli, read_metrics
 from test_train import tensors
 
 from distgan import config, losses
+from distgan.penalties import exact_gp, exact_sq_grad
 from distgan.variants import get
-from distgan.variants.gan import r1_penalty
-from distgan.variants.wgan import gradient_penalty
+from distgan.variants.gan import Judged
+from distgan.variants.wgan import interpolate
 
 REAL = torch.tensor([2.0, -1.0, 0.5])
 FAKE = torch.tensor([-3.0, 0.0, 1.5])
@@ -57,7 +58,7 @@ def test_gradient_penalty_of_a_linear_critic():
     a = torch.tensor([3.0, 4.0, 0.0, 0.0], requires_grad=True)
     D = lambda x: x.flatten(1) @ a  # noqa: E731
     real, fake = torch.randn(5, 1, 2, 2), torch.randn(5, 1, 2, 2)
-    gp = gradient_penalty(D, real, fake)
+    gp = exact_gp(D, interpolate(real, fake))
     assert gp.item() == pytest.approx((5.0 - 1.0) ** 2)
     gp.backward()
     torch.testing.assert_close(a.grad, 2 * (5.0 - 1.0) * a.detach() / 5.0)
@@ -70,11 +71,11 @@ def test_r1_penalty_of_a_quadratic_critic():
     c = torch.tensor(3.0, requires_grad=True)
     real = torch.randn(6, 2)
     sq = real.square().sum(1)
-    r1 = r1_penalty(lambda x: c / 2 * x.square().sum(1), real)
+    r1 = exact_sq_grad(lambda x: c / 2 * x.square().sum(1), real)
     assert r1.item() == pytest.approx(9.0 * sq.mean().item(), rel=1e-6)
     r1.backward()
     assert c.grad.item() == pytest.approx(6.0 * sq.mean().item(), rel=1e-6)
-    packed = r1_penalty(lambda x: c / 2 * x.reshape(3, 4).square().sum(1), real)
+    packed = exact_sq_grad(lambda x: c / 2 * x.reshape(3, 4).square().sum(1), real)
     assert packed.item() == pytest.approx(9.0 * sq.sum().item() / 3, rel=1e-6)
 
 
@@ -82,14 +83,13 @@ def test_r1_gamma_adds_the_weighted_penalty_to_d_loss():
     cfg = config.load_config("grid-gan", overrides=["variant.r1_gamma=0.5"])
     variant = get("gan")(cfg)
     D = lambda x: 2.0 * x.sum(1)  # noqa: E731  grad = (2, 2): |grad|^2 = 8
-    terms = variant.d_penalty(D, torch.randn(4, 2), torch.randn(4, 2))
+    real, fake = Judged(torch.randn(4, 2), None, None), Judged(torch.randn(4, 2), None, None)
+    terms = variant.d_penalty(D, real, fake, None, "exact")
     assert terms["loss/r1"].item() == pytest.approx(0.5 / 2 * 8.0)
-    assert get("gan")(config.load_config("grid-gan")).d_penalty(D, torch.randn(4, 2), None) == {}
+    assert get("gan")(config.load_config("grid-gan")).d_penalty(D, real, fake, None, "exact") == {}
     gp = get("wgan-gp")(config.load_config("digits-wgan-gp", overrides=["variant.r1_gamma=0.5"]))
-    assert set(gp.d_penalty(lambda x: x.flatten(1).sum(1), torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8))) == {
-        "loss/r1",
-        "loss/gp",
-    }
+    images = Judged(torch.randn(2, 1, 8, 8), None, None), Judged(torch.randn(2, 1, 8, 8), None, None)
+    assert set(gp.d_penalty(lambda x: x.flatten(1).sum(1), *images, None, "exact")) == {"loss/r1", "loss/gp"}
 
 
 def test_wgan_clips_the_critic_and_takes_n_critic_batches():

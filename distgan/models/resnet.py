@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distgan.errors import UserError
+from distgan.models import attention
 from distgan.models.layers import MinibatchDiscrimination
 
 # resolution -> (G's per-block output multipliers from 4x4 up, D's per-block output multipliers,
@@ -75,8 +76,9 @@ class SelfAttention(nn.Module):
         theta = self.theta(x).flatten(2)  # (n, c/8, hw)
         phi = F.max_pool2d(self.phi(x), 2).flatten(2)  # (n, c/8, hw/4)
         g = F.max_pool2d(self.g(x), 2).flatten(2)  # (n, c/2, hw/4)
-        attn = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)  # (n, hw, hw/4)
-        o = (g @ attn.transpose(1, 2)).view(n, g.size(1), h, w)
+        # softmax(theta^T phi) over the pooled positions, unscaled as in SAGAN: (n, hw, c/2)
+        o = attention.attend(theta.transpose(1, 2), phi.transpose(1, 2), g.transpose(1, 2), scale=1.0)
+        o = o.transpose(1, 2).reshape(n, g.size(1), h, w)
         return x + self.gamma * self.out(o)
 
 

@@ -52,10 +52,16 @@ class Variant:
             )
 
     @classmethod
-    def differentiates_twice(cls, cfg) -> bool:
-        """Whether a step differentiates D's gradients again (gradient penalties, unrolled D steps):
-        torch.compile cannot, so train.compile is refused."""
-        return False
+    def differentiates_twice(cls, cfg) -> str:
+        """What in a step differentiates D's gradients again (exact gradient penalties, unrolled D
+        steps), said for an error message; "" for nothing. torch.compile cannot, so train.compile
+        is refused when it is not empty."""
+        return ""
+
+    @classmethod
+    def compile_hint(cls, cfg) -> str:
+        """What to change so that train.compile can train this config (said after the refusal)."""
+        return "Set train.compile=false"
 
     # -- training ------------------------------------------------------------------------------------
     def train_step(self, batches: list[dict], ctx) -> dict[str, torch.Tensor]:

@@ -55,8 +55,8 @@ class CGAN(GAN):
     def generate(self, G, z, y):
         return G(z, y)
 
-    def discriminate(self, D, x, y):
-        return D(self.augmented(x), y)
+    def discriminate(self, D, x, y, draws=None):
+        return D(self.augmented(x, draws), y)
 
     @torch.no_grad()
     def sample(self, G, n, generator=None, labels=None):

@@ -13,9 +13,11 @@ m consecutive samples stacked along channels, real with real and fake with fake.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from distgan import augment, losses, models
+from distgan import augment, losses, models, penalties
 from distgan.errors import UserError
 from distgan.models import resnet
 from distgan.variants.base import Variant
@@ -25,13 +27,15 @@ from distgan.variants.base import Variant
 CAPTURABLE = torch.cuda.is_available()
 
 
-def r1_penalty(D, real: torch.Tensor) -> torch.Tensor:
-    """E |grad_x D(x)|^2 over D's inputs x (real data), differentiable in D's parameters
-    (create_graph=True). With packing one D input holds m samples: their squared gradients add up."""
-    x = real.detach().requires_grad_(True)
-    logits = D(x).float()
-    (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
-    return grad.float().square().sum() / logits.numel()
+@dataclasses.dataclass
+class Judged:
+    """One side (real or fake) of a D micro-step: D's input images before augmentation, their labels,
+    the augmentation draws they were judged with and D's logits (None once their graph is gone)."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    draws: augment.Draws | None
+    logits: torch.Tensor | None = None
 
 
 class GAN(Variant):
@@ -43,8 +47,25 @@ class GAN(Variant):
         super().check_config(cfg)
 
     @classmethod
-    def differentiates_twice(cls, cfg) -> bool:
-        return cfg.variant.r1_gamma > 0 or cfg.variant.r2_gamma > 0
+    def differentiates_twice(cls, cfg) -> str:
+        v = cfg.variant
+        if v.penalty_mode != "exact" or not cls.penalties(cfg):
+            return ""
+        return f"exact gradient penalties ({', '.join(cls.penalties(cfg))})"
+
+    @classmethod
+    def penalties(cls, cfg) -> list[str]:
+        """The gradient penalties of D's loss, as config settings (variant.penalty_mode applies to them)."""
+        v = cfg.variant
+        return [f"variant.{k}={getattr(v, k)}" for k in ("r1_gamma", "r2_gamma") if getattr(v, k) > 0]
+
+    @classmethod
+    def compile_hint(cls, cfg) -> str:
+        return (
+            "Set variant.penalty_mode=approx (a finite difference: the whole step compiles) or "
+            "variant.penalty_mode=lazy (the exact penalty every variant.penalty_every D steps, in an eager "
+            "step of its own; the other steps compile), or train.compile=false"
+        )
 
     def __init__(self, cfg):
         if cfg.variant.loss not in losses.LOSSES:
@@ -68,6 +89,8 @@ class GAN(Variant):
         G, D = self.build(cfg)
         self.models = {"G": G, "D": D}
         self.optimizers = {"G": self.optimizer(G, cfg.train.lr_g), "D": self.optimizer(D, cfg.train.lr_d)}
+        if cfg.variant.penalty_mode == "lazy" and self.penalties(cfg):  # k + 1 D updates per k batches
+            penalties.rescale_for_lazy(self.optimizers["D"], cfg.variant.penalty_every)
 
     def build(self, cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
         return models.build_generator(cfg), models.build_discriminator(cfg, channels=cfg.data.channels * self.pack)
@@ -79,16 +102,30 @@ class GAN(Variant):
     def generate(self, G, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return G(z)
 
-    def discriminate(self, D, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """D's logits in training: after data.augment (DiffAugment, on real and fake alike) and packing."""
-        x = self.augmented(x)
+    def discriminate(self, D, x: torch.Tensor, y: torch.Tensor | None, draws: augment.Draws | None = None):
+        """D's logits in training: after data.augment (DiffAugment, on real and fake alike; `draws`
+        replays given random draws, else fresh ones) and packing."""
+        x = self.augmented(x, draws)
         if self.pack > 1:  # (B, C, H, W) -> (B / m, m C, H, W): m consecutive samples per D input
             x = x.reshape(x.size(0) // self.pack, self.pack * x.size(1), *x.shape[2:])
         return D(x)
 
-    def augmented(self, x: torch.Tensor) -> torch.Tensor:
+    def augment_strength(self) -> float | torch.Tensor:
+        return self.ada.p if self.ada is not None else self.augment_p
+
+    def augmented(self, x: torch.Tensor, draws: augment.Draws | None = None) -> torch.Tensor:
         """x through data.augment at the current strength (the identity without augmentation)."""
-        return augment.apply(self.augment, x, self.ada.p if self.ada is not None else self.augment_p)
+        return augment.apply(self.augment, x, self.augment_strength(), draws)
+
+    def side(self, x: torch.Tensor, y: torch.Tensor | None) -> Judged:
+        """x and its labels with fresh augmentation draws, to be judged (maybe more than once) by D."""
+        return Judged(x, y, augment.draw(self.augment, x, self.augment_strength()) if self.augment else None)
+
+    def judge(self, D, x: torch.Tensor, y: torch.Tensor | None) -> Judged:
+        """D's logits for x with the augmentation draws kept (the penalties replay them)."""
+        side = self.side(x, y)
+        side.logits = self.discriminate(D, x, y, side.draws)
+        return side
 
     def optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -99,16 +136,29 @@ class GAN(Variant):
             return torch.randn(n, self.z_dim, generator=generator, device=generator.device).to(device)
         return torch.randn(n, self.z_dim, device=device)
 
-    def d_penalty(self, D, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+    def d_penalty(self, D, real: Judged, fake: Judged, ctx, mode: str) -> dict[str, torch.Tensor]:
         """Extra terms of D's loss (named, weighted): the R1 penalty on reals when variant.r1_gamma > 0
-        and R2, the same on fakes, when variant.r2_gamma > 0 (R3GAN uses both).
-        `D` is a function of images alone (labels, packing already bound)."""
+        and R2, the same on fakes, when variant.r2_gamma > 0 (R3GAN uses both), each computed as
+        `mode` says (exact or approx; distgan/penalties.py), on the augmentation draws D judged with."""
         v, terms = self.cfg.variant, {}
         if v.r1_gamma > 0:
-            terms["loss/r1"] = v.r1_gamma / 2 * r1_penalty(D, real)
+            terms["loss/r1"] = v.r1_gamma / 2 * self.sq_grad(D, real, ctx, mode)
         if v.r2_gamma > 0:
-            terms["loss/r2"] = v.r2_gamma / 2 * r1_penalty(D, fake)
+            terms["loss/r2"] = v.r2_gamma / 2 * self.sq_grad(D, fake, ctx, mode)
         return terms
+
+    def critic(self, D, side: Judged):
+        """D as a function of images alone: labels bound, packing and augmentation draws fixed."""
+        return lambda x: self.discriminate(D, x, side.y, side.draws)
+
+    def sq_grad(self, D, side: Judged, ctx, mode: str) -> torch.Tensor:
+        """E |grad_x D(x)|^2 on one side, exact or by the finite difference (in fp32; reusing D's logits
+        when the step already computed them in fp32)."""
+        if mode != "approx":
+            return penalties.exact_sq_grad(self.critic(D, side), side.x)
+        base = None if ctx.mixed_precision else side.logits
+        sigma = self.cfg.variant.penalty_sigma
+        return penalties.approx_sq_grad(self.critic(D, side), side.x, sigma, base, ctx.full_precision(D))
 
     def lecam_term(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
         """variant.lecam_weight * LeCam's regulariser, then the EMAs of D's mean outputs move on
@@ -124,31 +174,62 @@ class GAN(Variant):
     def after_d_step(self, D: torch.nn.Module) -> None:
         """Called after each D optimizer step (WGAN clips the weights here)."""
 
-    def d_step(self, batches: list[dict], ctx, stats: dict) -> None:
+    def d_step(self, batches: list[dict], ctx, stats: dict, index: int = 0) -> None:
+        """D step `index` of this step (0 .. n_critic - 1): D's loss with LeCam and the penalties, one
+        optimizer step; with variant.penalty_mode=lazy the penalties instead come in a regularisation
+        step of their own after every variant.penalty_every-th D step of the run."""
         D, G, opt_d = self.models["D"], self.models["G"], self.optimizers["D"]
+        v = self.cfg.variant
         device = batches[0]["image"].device
         share = 1.0 / (len(batches) * self.n_critic)  # of the step's mean, per micro-batch
+        lazy = v.penalty_mode == "lazy"
+        regularise = lazy and penalties.regularises(ctx.global_step * self.n_critic + index, v.penalty_every)
+        sides = []  # (real, fake) per micro-batch, for the lazy regularisation step
         opt_d.zero_grad(set_to_none=True)
         for mb in ctx.micro(D, batches):
-            real, y_real = mb["image"], mb["label"]
-            y_fake = self.labels(real.size(0), device)
+            y_fake = self.labels(mb["image"].size(0), device)
             with torch.no_grad():
-                fake = self.generate(G, self.noise(real.size(0), device), y_fake)
-            real_logits, fake_logits = self.discriminate(D, real, y_real), self.discriminate(D, fake, y_fake)
+                fake_x = self.generate(G, self.noise(mb["image"].size(0), device), y_fake)
+            real, fake = self.judge(D, mb["image"], mb["label"]), self.judge(D, fake_x, y_fake)
             if self.ada is not None:
-                self.ada.observe(real_logits, real.size(0))
-            loss = losses.d_loss(self.loss, real_logits, fake_logits)
-            if self.cfg.variant.lecam_weight > 0:
-                term = self.lecam_term(real_logits, fake_logits)
+                self.ada.observe(real.logits, real.x.size(0))
+            loss = losses.d_loss(self.loss, real.logits, fake.logits)
+            if v.lecam_weight > 0:
+                term = self.lecam_term(real.logits, fake.logits)
                 loss = loss + term
                 stats["loss/lecam"] = stats.get("loss/lecam", 0) + term.detach() * share
-            for name, term in self.d_penalty(lambda x, y=y_real: self.discriminate(D, x, y), real, fake).items():
-                loss = loss + term
-                stats[name] = stats.get(name, 0) + term.detach() * share
+            if not lazy:
+                for name, term in self.d_penalty(D, real, fake, ctx, v.penalty_mode).items():
+                    loss = loss + term
+                    stats[name] = stats.get(name, 0) + term.detach() * share
             ctx.backward(loss)
             stats["loss/d"] += loss.detach() * share
-            stats["d/real"] += real_logits.detach().float().mean() * share
-            stats["d/fake"] += fake_logits.detach().float().mean() * share
+            stats["d/real"] += real.logits.detach().float().mean() * share
+            stats["d/fake"] += fake.logits.detach().float().mean() * share
+            if regularise:
+                real.logits = fake.logits = None
+                sides.append((real, fake))
+        ctx.step(opt_d)
+        self.after_d_step(ctx.unwrap(D))
+        if regularise:
+            self.regularisation_step(batches, sides, ctx, stats)
+
+    def regularisation_step(self, batches: list[dict], sides: list[tuple[Judged, Judged]], ctx, stats) -> None:
+        """Lazy regularisation (StyleGAN2): the exact penalties on the D step's own real and fake
+        micro-batches (and augmentation draws), weighted by variant.penalty_every, in an optimizer step
+        of their own. D runs uncompiled here (its forward is differentiated twice). The logged terms
+        carry the weight k, so their average over steps compares with the exact mode's."""
+        D, opt_d = self.models["D"], self.optimizers["D"]
+        every = self.cfg.variant.penalty_every
+        share = 1.0 / (len(batches) * self.n_critic)
+        opt_d.zero_grad(set_to_none=True)
+        with ctx.eager(D):
+            for _, (real, fake) in zip(ctx.micro(D, batches), sides):
+                terms = self.d_penalty(D, real, fake, ctx, "exact")
+                loss = sum(terms.values()) * every
+                for name, term in terms.items():
+                    stats[name] = stats.get(name, 0) + term.detach() * every * share
+                ctx.backward(loss)
         ctx.step(opt_d)
         self.after_d_step(ctx.unwrap(D))
 
@@ -157,7 +238,7 @@ class GAN(Variant):
         stats = {k: torch.zeros((), device=device) for k in ("loss/d", "loss/g", "d/real", "d/fake")}
         per = len(batches) // self.n_critic
         for i in range(self.n_critic):
-            self.d_step(batches[i * per : (i + 1) * per], ctx, stats)
+            self.d_step(batches[i * per : (i + 1) * per], ctx, stats, i)
 
         self.g_step(batches[:per], ctx, stats)
         if self.ada is not None:

@@ -19,13 +19,18 @@ import torch
 from torch.func import functional_call
 
 from distgan import losses
+from distgan.models import attention
 from distgan.variants.gan import GAN
 
 
 class UnrolledGAN(GAN):
     @classmethod
-    def differentiates_twice(cls, cfg) -> bool:
-        return True  # G's loss goes through D's unrolled steps (and their gradients)
+    def differentiates_twice(cls, cfg) -> str:
+        return "unrolled D steps (G's loss goes through D's unrolled updates, their gradients included)"
+
+    @classmethod
+    def compile_hint(cls, cfg) -> str:
+        return "Set train.compile=false"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -53,31 +58,35 @@ class UnrolledGAN(GAN):
         params = {n: p.detach().requires_grad_(True) for n, p in d_plain.named_parameters()}
         buffers = {n: b.clone() for n, b in d_plain.named_buffers()}
         lr, adam = self._rule(d_plain)
-        for _ in range(self.unroll_steps):
-            with torch.enable_grad() if self.unroll_grad else torch.no_grad():
-                fake = self.generate(self.models["G"], self.noise(real.size(0), device), None)
+        # the unrolled updates' gradients are differentiated again (unroll_grad): attention runs its math backend
+        with attention.math_only():
+            for _ in range(self.unroll_steps):
+                with torch.enable_grad() if self.unroll_grad else torch.no_grad():
+                    fake = self.generate(self.models["G"], self.noise(real.size(0), device), None)
 
-            def d_fn(x, params=params):
-                return functional_call(d_plain, (params, buffers), (x,))
+                def d_fn(x, params=params):
+                    return functional_call(d_plain, (params, buffers), (x,))
 
-            loss = losses.d_loss(self.loss, self.discriminate(d_fn, real, None), self.discriminate(d_fn, fake, None))
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=self.unroll_grad)
-            new = {}
-            for (name, p), g in zip(params.items(), grads):
-                if adam is None:
-                    upd = g
-                else:
-                    (b1, b2), eps, moments = adam
-                    m, v, t = moments[name]
-                    m = (1 - b1) * g if m is None else b1 * m + (1 - b1) * g
-                    v = (1 - b2) * g * g if v is None else b2 * v + (1 - b2) * g * g
-                    t += 1
-                    moments[name] = (m, v, t)
-                    # sqrt(v_hat + eps^2), not sqrt(v_hat) + eps: the same step up to ~eps, and
-                    # differentiable twice where v_hat = 0 (a parameter with a zero gradient)
-                    upd = (m / (1 - b1**t)) / (v / (1 - b2**t) + eps * eps).sqrt()
-                q = p - lr * upd
-                new[name] = q if self.unroll_grad else q.detach().requires_grad_(True)
-            params = new
+                loss = losses.d_loss(
+                    self.loss, self.discriminate(d_fn, real, None), self.discriminate(d_fn, fake, None)
+                )
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=self.unroll_grad)
+                new = {}
+                for (name, p), g in zip(params.items(), grads):
+                    if adam is None:
+                        upd = g
+                    else:
+                        (b1, b2), eps, moments = adam
+                        m, v, t = moments[name]
+                        m = (1 - b1) * g if m is None else b1 * m + (1 - b1) * g
+                        v = (1 - b2) * g * g if v is None else b2 * v + (1 - b2) * g * g
+                        t += 1
+                        moments[name] = (m, v, t)
+                        # sqrt(v_hat + eps^2), not sqrt(v_hat) + eps: the same step up to ~eps, and
+                        # differentiable twice where v_hat = 0 (a parameter with a zero gradient)
+                        upd = (m / (1 - b1**t)) / (v / (1 - b2**t) + eps * eps).sqrt()
+                    q = p - lr * upd
+                    new[name] = q if self.unroll_grad else q.detach().requires_grad_(True)
+                params = new
         frozen = {n: p if self.unroll_grad else p.detach() for n, p in params.items()}
         return lambda x: functional_call(d_plain, (frozen, buffers), (x,))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from distgan import penalties
 from distgan.errors import UserError
 from distgan.variants.gan import CAPTURABLE, GAN
 
@@ -38,29 +39,33 @@ class WGAN(GAN):
         torch._foreach_clamp_max_(list(D.parameters()), c)
 
 
-def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """mean over samples of (|d D(x_hat) / d x_hat|_2 - 1)^2, x_hat = e real + (1 - e) fake, e ~ U(0, 1)
-    per sample; differentiable in D's parameters (create_graph=True)."""
+def interpolate(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """x_hat = e real + (1 - e) fake, e ~ U(0, 1) per sample: where WGAN-GP's penalty is taken."""
     e = torch.rand(real.size(0), *([1] * (real.ndim - 1)), device=real.device, dtype=real.dtype)
-    x_hat = (e * real + (1 - e) * fake.detach()).requires_grad_(True)
-    (grad,) = torch.autograd.grad(D(x_hat).float().sum(), x_hat, create_graph=True)
-    return (grad.flatten(1).float().norm(dim=1) - 1.0).square().mean()
+    return e * real.detach() + (1 - e) * fake.detach()
 
 
 class WGANGP(GAN):
     supports_drs = False
 
     @classmethod
-    def differentiates_twice(cls, cfg) -> bool:
-        return True  # the gradient penalty
+    def penalties(cls, cfg) -> list[str]:
+        return [*super().penalties(cfg), f"the WGAN-GP penalty (variant.gp_weight={cfg.variant.gp_weight})"]
 
     def __init__(self, cfg):
         if cfg.variant.loss != "wasserstein":
             raise UserError(f"variant 'wgan-gp' needs variant.loss=wasserstein; got '{cfg.variant.loss}'")
         super().__init__(cfg)
 
-    def d_penalty(self, D, real, fake):
-        return {
-            **super().d_penalty(D, real, fake),
-            "loss/gp": self.cfg.variant.gp_weight * gradient_penalty(D, real, fake),
-        }
+    def d_penalty(self, D, real, fake, ctx, mode):
+        """R1/R2 if set, and the gradient penalty lambda * E (|grad D(x_hat)| - 1)^2 (penalties.exact_gp,
+        or its unbiased finite-difference estimate penalties.approx_gp), with fresh augmentation draws
+        for x_hat shared by its D evaluations."""
+        x_hat = interpolate(real.x, fake.x)
+        side = self.side(x_hat, real.y)
+        critic, v = self.critic(D, side), self.cfg.variant
+        if mode == "approx":
+            gp = penalties.approx_gp(critic, x_hat, v.penalty_sigma, ctx.full_precision(D))
+        else:
+            gp = penalties.exact_gp(critic, x_hat)
+        return {**super().d_penalty(D, real, fake, ctx, mode), "loss/gp": v.gp_weight * gp}
