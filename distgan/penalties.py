@@ -43,7 +43,14 @@ def exact_sq_grad(critic, x: torch.Tensor) -> torch.Tensor:
     with attention.math_only():  # the only SDPA backend with a derivative of its backward
         logits = critic(x).float()
         (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
-    return grad.float().square().sum() / logits.numel()
+    return grad.float().square().sum() / logits.numel() + _touch(logits)
+
+
+def _touch(logits: torch.Tensor) -> torch.Tensor:
+    """0 x D's output: the parameters a penalty does not depend on (D's output bias) still get a
+    (zero) gradient, which DDP wants of every parameter when the penalty is a step's whole loss (the
+    lazy regularisation step; StyleGAN2 adds the same zero)."""
+    return 0.0 * logits.sum()
 
 
 def finite_difference(critic, x: torch.Tensor, sigma: float, base: torch.Tensor | None = None, fp32=None):
@@ -68,8 +75,9 @@ def exact_gp(critic, x_hat: torch.Tensor) -> torch.Tensor:
     """WGAN-GP's mean over samples of (|grad D(x_hat)|_2 - 1)^2, differentiable in D's parameters."""
     x_hat = x_hat.detach().requires_grad_(True)
     with attention.math_only():
-        (grad,) = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
-    return (grad.flatten(1).float().norm(dim=1) - 1.0).square().mean()
+        logits = critic(x_hat).float()
+        (grad,) = torch.autograd.grad(logits.sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).float().norm(dim=1) - 1.0).square().mean() + _touch(logits)
 
 
 def approx_gp(critic, x_hat: torch.Tensor, sigma: float, fp32=None) -> torch.Tensor:

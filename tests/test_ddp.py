@@ -384,6 +384,8 @@ def test_cpu_ddp_script_runs_n_ranks(tmp_path, digits_shards):
     [
         # BatchNorm buffers updated by four D calls before backward (real, fake, x_hat, R1's real)
         (["model.d.batchnorm=true", "variant.r1_gamma=1"], {}),
+        # lazy: regularisation steps of their own (exact, D steps 0 and 2), each all-reduced
+        (["model.d.batchnorm=true", "variant.r1_gamma=1", "variant.penalty_mode=lazy", "variant.penalty_every=2"], {}),
         (["model.d.spectral_norm=true"], {}),  # u, v updated in place by three D calls (Triton, interpreted)
         pytest.param(["model.d.spectral_norm=true"], FALLBACK, marks=pytest.mark.slow),  # ... PyTorch fallback
         (["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=8"], {}),  # its double backward
@@ -391,7 +393,7 @@ def test_cpu_ddp_script_runs_n_ranks(tmp_path, digits_shards):
             ["model.d.minibatch_discrimination=true", "model.d.mbd_kernels=8"], FALLBACK, marks=pytest.mark.slow
         ),
     ],
-    ids=["bn-r1", "sn-triton", "sn-fallback", "mbd-triton", "mbd-fallback"],
+    ids=["bn-r1", "bn-r1-lazy", "sn-triton", "sn-fallback", "mbd-triton", "mbd-fallback"],
 )
 def test_gradient_penalty_under_ddp(tmp_path, digits_shards, d, env):
     """WGAN-GP on 2 ranks: D on real, fake and x_hat (and real again for R1), then one backward

@@ -177,14 +177,6 @@ def test_compiled_training_matches_eager_and_resumes_exactly(tmp_path, kernels_o
         assert torch.equal(runs["split"][k], runs["compiled"][k]), k
 
 
-def test_compile_is_refused_with_gradient_penalties():
-    from distgan.errors import UserError
-
-    for preset, extra, name in (("digits-dcgan", ["variant.r1_gamma=1"], "gan"), ("digits-wgan-gp", [], "wgan-gp")):
-        with pytest.raises(UserError, match=f"train.compile=true cannot train {name} with gradient penalties"):
-            config.load_config(preset, overrides=[*FAST, "train.compile=true", *extra])
-
-
 def test_channels_last_trains_like_contiguous(tmp_path, monkeypatch):
     """train.channels_last: the same function in another memory layout (SN weights stay contiguous,
     so the kernels still read them): 4 steps within float tolerance of the default layout, with the

@@ -51,13 +51,14 @@ class GAN(Variant):
         v = cfg.variant
         if v.penalty_mode != "exact" or not cls.penalties(cfg):
             return ""
-        return f"exact gradient penalties ({', '.join(cls.penalties(cfg))})"
+        return f"exact gradient penalties ({', '.join(cls.penalties(cfg).values())})"
 
     @classmethod
-    def penalties(cls, cfg) -> list[str]:
-        """The gradient penalties of D's loss, as config settings (variant.penalty_mode applies to them)."""
+    def penalties(cls, cfg) -> dict[str, str]:
+        """The gradient penalties of D's loss (variant.penalty_mode applies to them): their logged
+        names and the settings that turn them on."""
         v = cfg.variant
-        return [f"variant.{k}={getattr(v, k)}" for k in ("r1_gamma", "r2_gamma") if getattr(v, k) > 0]
+        return {f"loss/{k[:2]}": f"variant.{k}={getattr(v, k)}" for k in ("r1_gamma", "r2_gamma") if getattr(v, k) > 0}
 
     @classmethod
     def compile_hint(cls, cfg) -> str:
@@ -209,6 +210,9 @@ class GAN(Variant):
             if regularise:
                 real.logits = fake.logits = None
                 sides.append((real, fake))
+            elif lazy:  # the penalties' log keys on every step (their average over steps is then per step)
+                for name in self.penalties(self.cfg):
+                    stats.setdefault(name, torch.zeros((), device=device))
         ctx.step(opt_d)
         self.after_d_step(ctx.unwrap(D))
         if regularise:

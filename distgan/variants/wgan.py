@@ -49,8 +49,8 @@ class WGANGP(GAN):
     supports_drs = False
 
     @classmethod
-    def penalties(cls, cfg) -> list[str]:
-        return [*super().penalties(cfg), f"the WGAN-GP penalty (variant.gp_weight={cfg.variant.gp_weight})"]
+    def penalties(cls, cfg) -> dict[str, str]:
+        return {**super().penalties(cfg), "loss/gp": f"the WGAN-GP penalty (variant.gp_weight={cfg.variant.gp_weight})"}
 
     def __init__(self, cfg):
         if cfg.variant.loss != "wasserstein":
