@@ -229,6 +229,7 @@ def test_gpu_suite_dry_run(tmp_path):
         "bench_spectral_norm_roofline",
         "gpu_steps",
         "gpu_sync",
+        "penalty_cost",
     ):
         assert f"{stem}-cpu{os.cpu_count()}.json" in names, names
     assert any(n.endswith(".png") for n in names)
@@ -238,3 +239,8 @@ def test_gpu_suite_dry_run(tmp_path):
     steps = json.loads((tmp_path / f"gpu_steps-cpu{os.cpu_count()}.json").read_text())["rows"]
     assert [s["mode"] for s in steps] == ["eager", "compile", "compile, inductor SN"]
     assert all(s["steps/s"] > 0 for s in steps)
+    cost = json.loads((tmp_path / f"penalty_cost-cpu{os.cpu_count()}.json").read_text())["rows"]
+    assert [(c["mode"], c["speed_vs_exact_eager"] > 0, c["peak_mb"] > 0) for c in cost] == [
+        ("exact eager", True, True),
+        ("lazy compiled", True, True),
+    ]

@@ -162,9 +162,10 @@ class Recording(step.StepContext):
         super().step(optimizer)
 
 
-def test_lazy_regularisation_steps_carry_k_times_the_exact_penalty_and_adam_is_rescaled():
-    """penalty_mode=lazy, k = 4, over 8 steps with lr 0 (D fixed): a regularisation step follows the D
-    steps 0 and 4 only; its gradient is k times the exact R1 + R2 gradient (for D = <w, x>:
+@pytest.mark.parametrize("n_critic", [1, 2])
+def test_lazy_regularisation_steps_carry_k_times_the_exact_penalty_and_adam_is_rescaled(n_critic):
+    """penalty_mode=lazy, k = 4, over 8 D steps (8 / n_critic steps) with lr 0 (D fixed): a
+    regularisation step follows the D steps 0 and 4 only (counted over D steps, not steps); its gradient is k times the exact R1 + R2 gradient (for D = <w, x>:
     (r1 + r2) w per step), the other optimizer steps carry D's loss alone, so over k steps the penalty
     gradient sums to what k exact steps give. D's Adam has lr * k/(k+1) and betas ** (k/(k+1))
     (StyleGAN2's mb_ratio), G's is untouched."""
@@ -178,7 +179,7 @@ def test_lazy_regularisation_steps_carry_k_times_the_exact_penalty_and_adam_is_r
             "digits-r3gan",
             None,
             [*TINY, "variant.r1_gamma=0.1", "variant.r2_gamma=0.3", f"variant.penalty_mode={mode}"]
-            + ["variant.penalty_every=4", "train.lr_d=0", "train.lr_g=0"],
+            + ["variant.penalty_every=4", "train.lr_d=0", "train.lr_g=0", f"variant.n_critic={n_critic}"],
         )
         v = variants.get(cfg.variant.name)(cfg)
         if mode == "lazy":
@@ -193,10 +194,11 @@ def test_lazy_regularisation_steps_carry_k_times_the_exact_penalty_and_adam_is_r
         v.optimizers = {n: torch.optim.Adam(v.models[n].parameters(), lr=0.0) for n in ("G", "D")}
         try:
             ctx = Recording(accelerate.Accelerator(cpu=True), accum=1, D=D)
-            for s in range(8):
+            for s in range(8 // n_critic):
                 ctx.global_step = s
-                real = torch.randn(4, *shape, generator=torch.Generator().manual_seed(s))
-                v.train_step([{"image": real, "label": None}], ctx)
+                seeds = range(s * n_critic, (s + 1) * n_critic)
+                reals = [torch.randn(4, *shape, generator=torch.Generator().manual_seed(i)) for i in seeds]
+                v.train_step([{"image": real, "label": None} for real in reals], ctx)
         finally:
             AcceleratorState._reset_state(reset_partial_state=True)
         grads[mode] = ctx.grads

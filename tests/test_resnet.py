@@ -242,10 +242,12 @@ RESUME = [
 ]
 
 
-# stacked-digits-r3gan (17 s) in `make test-all`: the same recipe as digits-r3gan on another data set
+# In `make test-all`: stacked-digits-r3gan (17 s), the same recipe as digits-r3gan on another data set,
+# and grid-r3gan (40 s), whose exact resume in the approx and lazy penalty modes make test checks
+# (tests/test_penalties.py), as it does the exact mode's on digits-r3gan here.
 @pytest.mark.parametrize(
     "preset, extra",
-    [pytest.param(p, e, marks=pytest.mark.slow) if p.startswith("stacked") else (p, e) for p, e in RESUME],
+    [pytest.param(p, e, marks=pytest.mark.slow) if p.startswith(("stacked", "grid")) else (p, e) for p, e in RESUME],
     ids=[p for p, _ in RESUME],
 )
 def test_new_presets_resume_exactly(tmp_path, preset, extra):
