@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's distgan, whatever is installed
 import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
