@@ -42,13 +42,15 @@ class StepContext:
         self.accelerator.backward(loss / self.accum)
 
     def step(self, optimizer) -> None:
-        """optimizer.step(), unless a gradient is NaN or Inf: then the update is undone, decided on the
-        device without a host sync. The step runs, and the parameters and optimizer state take their
-        previous values back where the gradients were not finite (torch.where); the flag goes into
-        `nonfinite`, which the trainer reads at the next log or checkpoint step (train.on_nan).
-        Gradients are all-reduced by then, so every rank decides the same. With fp16, the gradient
-        scaler makes this decision itself (an overflow there is routine: it lowers the scale and
-        skips the step, reading its flag on the host as GradScaler always does)."""
+        """optimizer.step(), unless a gradient is NaN or Inf: then there is no update, decided on the
+        device without a host sync; the flag goes into `nonfinite`, which the trainer reads at the next
+        log or checkpoint step (train.on_nan). Gradients are all-reduced by then, so every rank decides
+        the same. A fused optimizer (distgan's Adams are `fused=True`) takes the flag itself as
+        `found_inf`, as under GradScaler, and skips its update on the device: nothing is copied. Any
+        other optimizer (WGAN's RMSprop) steps, then its parameters and state take their previous
+        values back where the flag is set (torch.where on a copy made before the step). With fp16,
+        the gradient scaler makes this decision itself (an overflow there is routine: it lowers the
+        scale and skips the step, reading its flag on the host as GradScaler always does)."""
         if self.accelerator.scaler is not None:  # its own skip is routine (the scale drops): not a NaN step
             optimizer.step()
             return
@@ -58,6 +60,14 @@ class StepContext:
             optimizer.step()
             return
         bad = ~torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()
+        self.nonfinite.append((self.optimizer_names.get(id(optimizer), "optimizer"), bad))
+        if inner.defaults.get("fused"):
+            inner.found_inf = bad.float()
+            try:
+                optimizer.step()
+            finally:
+                del inner.found_inf
+            return
         before = [p.detach().clone() for p in params]
         state_before = {
             (i, k): v.clone()
@@ -73,7 +83,6 @@ class StepContext:
                     if isinstance(v, torch.Tensor):  # state made by this very step goes back to zeros
                         old_v = state_before.get((i, k))
                         v.copy_(torch.where(bad, old_v if old_v is not None else torch.zeros_like(v), v))
-        self.nonfinite.append((self.optimizer_names.get(id(optimizer), "optimizer"), bad))
 
     def pop_nonfinite(self) -> tuple[list[str], torch.Tensor] | None:
         """(optimizer names, their NaN/Inf flags as one device tensor) of this step, or None."""

@@ -43,12 +43,60 @@ def test_nan_gradients_skip_the_update_and_undo_buffer_updates(tmp_path):
     assert any("running_mean" in k for k in d_before)  # BatchNorm stats: undone too
     for k in d_before:
         assert torch.equal(d_before[k], d_after[k]), f"D.{k} changed in the skipped step"
+    # D's Adam (fused: it skipped its own update on the flag) kept its moments and its step count
+    opt_before, opt_after = before.optimizer_state("D")["state"], after.optimizer_state("D")["state"]
+    assert opt_before and opt_before.keys() == opt_after.keys()
+    for i in opt_before:
+        for k, v in opt_before[i].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt_after[i][k])), f"D's Adam {i}.{k} changed"
     assert not torch.equal(before.model_state("G")["net.0.weight"], after.model_state("G")["net.0.weight"])
     for ckpt in (after, read_step(tmp_path / "run", 4)):
         assert all(torch.isfinite(v).all() for v in ckpt.models.values())
     metrics = read_metrics(tmp_path / "run")
     assert [(m["step"], m["skipped"]) for m in metrics if m.get("event") == "nonfinite"] == [(3, "D")]
     assert [m["train/nan_skipped_steps"] for m in metrics if "loss/d" in m] == [0, 1]
+
+
+@pytest.mark.parametrize("variant", ["digits-dcgan", "digits-wgan"])
+def test_the_nan_guard_copies_no_parameter_of_a_fused_optimizer(variant):
+    """StepContext.step with a NaN gradient: distgan's fused Adam skips its update on the device
+    from the flag, so the step clones no tensor (the model and Adam's state are not copied); WGAN's
+    RMSprop, which takes no flag, still steps on a copy and puts it back. Either way nothing changes."""
+    import accelerate
+    from accelerate.state import AcceleratorState
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from distgan import step, variants
+
+    class Clones(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten.clone.default
+            return func(*args, **(kwargs or {}))
+
+    cfg = config.load_config(variant, overrides=FAST)
+    v = variants.get(cfg.variant.name)(cfg)
+    D, opt = v.models["D"], v.optimizers["D"]
+    try:
+        ctx = step.StepContext(accelerate.Accelerator(cpu=True), accum=1)
+        for bad in (False, True):
+            for p in D.parameters():
+                p.grad = torch.full_like(p, float("nan") if bad else 0.01)
+            before = [p.detach().clone() for p in D.parameters()]
+            state = [{k: t.clone() for k, t in opt.state[p].items()} for p in D.parameters() if opt.state.get(p)]
+            with Clones() as clones:
+                ctx.step(opt)
+            _, flags = ctx.pop_nonfinite()
+            assert flags.tolist() == [bad]
+        assert all(torch.equal(a, p) for a, p in zip(before, D.parameters()))
+        after = [{k: t for k, t in opt.state[p].items()} for p in D.parameters() if opt.state.get(p)]
+        assert all(torch.equal(s[k], a[k]) for s, a in zip(state, after) for k in s)
+        assert (clones.n == 0) == (variant == "digits-dcgan"), clones.n
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_nan_gradients_stop_the_run_when_asked_and_keep_the_last_checkpoint(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from distgan import losses
 from distgan.errors import UserError
 from distgan.variants.base import Variant
-from distgan.variants.gan import CAPTURABLE
+from distgan.variants.gan import adam
 
 
 class Translation(Variant):
@@ -39,7 +39,7 @@ class Translation(Variant):
 
     def optimizer(self, params, lr: float) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return torch.optim.Adam(params, lr=lr, betas=(t.beta1, t.beta2), capturable=CAPTURABLE)
+        return adam(params, lr, (t.beta1, t.beta2))
 
     def sample(self, G, n, generator=None, labels=None):
         raise UserError(
