@@ -43,7 +43,7 @@ MODES = {
 }
 # small widths; photos-biggan-64 with R1 (its preset has none) and SAGAN attention in D at 32 px
 PRESETS = {
-    "digits-r3gan": ["model.g.width=16", "model.d.width=16"],
+    "digits-r3gan": ["model.g.width=8", "model.d.width=8"],
     "photos-biggan-64": ["model.g.width=8", "model.d.width=8", "variant.r1_gamma=1", "model.d.attention=32"],
     "r3gan-256": ["data.shards=builtin:photos-hr", "data.num_workers=4"],
     "grid-r3gan": ["data.batch_size=32", "model.g.width=16", "model.d.width=16"],  # (gpu_suite.sh --dry-run)
