@@ -411,15 +411,27 @@ class ResumePoint:
     variant: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def resume_point(ckpt: Checkpoint, rank: int, world: int, num_workers: int) -> ResumePoint:
+def resume_point(
+    ckpt: Checkpoint, rank: int, world: int, num_workers: int, additive: tuple[str, ...] = ()
+) -> ResumePoint:
     """Rank `rank`'s part of `ckpt`, for a run of `world` processes with `num_workers` loader workers
-    each. With another layout the stream positions and RNG states do not map to this run's: then
-    only the step (and the models, loaded elsewhere) carry over."""
+    each. With another layout the stream positions and RNG states do not map to this run's (the
+    caller reseeds them from the step), and the variant's per-rank state is redistributed by rule:
+    rank r takes old rank (r mod old world)'s rows (`shared.*` keys are the same on every rank anyway),
+    except the `additive` keys (partial sums over ranks, e.g. ADA's), whose sum over the old ranks
+    goes to rank 0 and zeros to the others, so their total over ranks is unchanged."""
     data = ckpt.meta["data"]
     if data["world_size"] != world or data["num_workers"] != num_workers:
-        # variant.shared.* tensors are the same on every rank (e.g. ADA's p): they carry over anyway
-        shared = {k[len("variant.") :]: v[0] for k, v in ckpt.state.items() if k.startswith("variant.shared.")}
-        return ResumePoint(ckpt.step, exact=False, variant=shared)
+        old = data["world_size"]
+        own = {}
+        for k, v in ckpt.state.items():
+            if k.startswith("variant."):
+                name = k[len("variant.") :]
+                if name in additive:
+                    own[name] = v.sum(0) if rank == 0 else torch.zeros_like(v[0])
+                else:
+                    own[name] = v[rank % old]
+        return ResumePoint(ckpt.step, exact=False, variant=own)
     feeds = {}
     for key, v in ckpt.state.items():
         if key.startswith("data.") and key.endswith(".positions"):

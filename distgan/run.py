@@ -11,6 +11,7 @@ rank state, best FID); the feeds take their positions from the resume point `res
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from distgan import checkpoint, config, rng
+from distgan.data import stream
 from distgan.errors import RunFailed, UserError
 
 BEST = "best-fid"  # RUN/checkpoints/best-fid: train.keep_best=fid's copy
@@ -172,6 +174,49 @@ def check_compatible(ckpt: checkpoint.Checkpoint, cfg: config.Config) -> None:
         )
 
 
+def keep_global_batch(ckpt: checkpoint.Checkpoint, cfg: config.Config, world: int, main: bool) -> config.Config:
+    """A resume on another number of processes keeps the global batch (data.batch_size per rank x
+    train.grad_accum x processes), so the training dynamics do not change with the GPUs a job gets
+    back. The rule: the per-rank batch stays and train.grad_accum takes up the difference (rank 0 says
+    so); when no whole number of accumulation steps keeps it, the resume is refused with the setting
+    that would. A run resumed on the same number of processes keeps whatever batch its config says."""
+    old_world = ckpt.meta["data"]["world_size"]
+    if old_world == world:
+        return cfg
+    theirs = ckpt.meta.get("config", {})
+    batch = theirs.get("data", {}).get("batch_size", cfg.data.batch_size)
+    accum = theirs.get("train", {}).get("grad_accum", 1)
+    total = batch * accum * old_world
+    if cfg.data.batch_size * cfg.train.grad_accum * world == total:
+        return cfg
+    if total % (cfg.data.batch_size * world) == 0:
+        new = total // (cfg.data.batch_size * world)
+        if main:
+            print(
+                f"note: checkpoint '{ckpt.path}' trained on {old_world} processes x data.batch_size={batch} x "
+                f"train.grad_accum={accum} = {total} images per step; on {world} processes train.grad_accum={new} "
+                "keeps that",
+                file=sys.stderr,
+            )
+        cfg = copy.deepcopy(cfg)
+        cfg.train.grad_accum = new
+        return cfg
+    if total % world == 0:  # a per-process batch that divides the per-process share, as near ours as can be
+        per = total // world
+        fit = max(b for b in range(1, min(per, cfg.data.batch_size) + 1) if per % b == 0)
+        how = (
+            f"data.batch_size={fit} train.grad_accum={per // fit}, which changes the per-process batch that "
+            "BatchNorm and minibatch discrimination see"
+        )
+    else:
+        how = f"a number of processes that divides {total}"
+    raise UserError(
+        f"checkpoint '{ckpt.path}' trained with {total} images per step ({old_world} processes x data.batch_size="
+        f"{batch} x train.grad_accum={accum}); with {world} processes and data.batch_size={cfg.data.batch_size} no "
+        f"whole train.grad_accum keeps that. Resume with {how}"
+    )
+
+
 def _changed_leaves(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     """(dotted key, a's value, b's value) of every leaf where two config trees differ."""
     out = []
@@ -255,19 +300,24 @@ def restore(run: Run, ckpt: checkpoint.Checkpoint, changed: dict | None = None) 
     step and batch count, the variant's rank state, the best FID so far (keep-best recovered), and the
     `resume` event. Returns the resume point, whose stream positions `feeds.open_feeds` takes. A warning
     when the process/worker layout differs, so it cannot be exact."""
-    point = checkpoint.resume_point(ckpt, run.rank, run.world, run.num_workers)
+    point = checkpoint.resume_point(
+        ckpt, run.rank, run.world, run.num_workers, additive=run.variant.additive_rank_state
+    )
     run.step = point.step
+    data = ckpt.meta["data"]
     if point.exact:
         run.batches_done = point.batches
         rng.set_state(point.rng)
+    else:  # statistically equivalent: this rank's randomness from (seed, rank, step), not a replay of step 0's
+        rng.seed_all(stream.stream_seed(run.cfg.train.seed, run.rank, 2, point.step))
     if point.variant:
-        run.variant.load_rank_state(point.variant)  # not exact: only its variant.shared.* part
+        run.variant.load_rank_state(point.variant)
     if not point.exact and run.main:
-        data = ckpt.meta["data"]
         print(
-            f"warning: checkpoint was made with {data['world_size']} processes x {data['num_workers']} workers, "
-            f"this run has {run.world} x {run.num_workers}: the data stream and RNG restart, so the resume is "
-            "not exact",
+            f"note: checkpoint was made with {data['world_size']} processes x {data['num_workers']} workers, "
+            f"this run has {run.world} x {run.num_workers}: models, optimizers, EMA, step and schedules "
+            "continue exactly; the data order and per-rank randomness continue from new seeds (statistically "
+            "equivalent, not the same draws), and per-rank state is redistributed (docs/distributed.md)",
             file=sys.stderr,
         )
     if run.cfg.train.keep_best == "fid":
@@ -277,7 +327,12 @@ def restore(run: Run, ckpt: checkpoint.Checkpoint, changed: dict | None = None) 
         if best is not None:
             run.best_fid = float(best["fid"])
     # `optimizer`: settings of this invocation's config applied over the checkpoint's ({"G.lr": [old, new]})
-    run.tracker.event("resume", point.step, checkpoint=str(ckpt.path), **({"optimizer": changed} if changed else {}))
+    layout = {}
+    if not point.exact:  # the layout change, [checkpoint's, this run's]
+        layout = {"world_size": [data["world_size"], run.world], "num_workers": [data["num_workers"], run.num_workers]}
+    run.tracker.event(
+        "resume", point.step, checkpoint=str(ckpt.path), **layout, **({"optimizer": changed} if changed else {})
+    )
     return point
 
 

@@ -48,6 +48,8 @@ def train(
     ckpt = run_state.find_resume(resume, run_dir)
     check(cfg, ckpt)
     accelerator = cluster.make_accelerator(cfg, with_wandb=cfg.tracking.wandb.mode != "disabled")
+    if ckpt is not None:  # another number of processes: the same images per step (a rule, or a refusal)
+        cfg = run_state.keep_global_batch(ckpt, cfg, accelerator.num_processes, accelerator.is_main_process)
     start = ckpt.step if ckpt else 0
     if start >= cfg.train.steps:
         if accelerator.is_main_process:

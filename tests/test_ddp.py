@@ -439,9 +439,11 @@ def test_unrolled_gan_under_ddp(tmp_path, digits_shards):
     assert len(set(meta["fingerprints"])) == 1
 
 
-def test_two_ranks_share_one_adaptive_p_and_one_process_keeps_it(tmp_path, digits_shards):
-    """ADA's p comes from r_t summed over both ranks, so it is one number everywhere; a resume with
-    another number of processes (not exact) still continues with it."""
+def test_two_ranks_share_one_adaptive_p_and_resume_on_one_process_and_back(tmp_path, digits_shards):
+    """ADA's p comes from r_t summed over both ranks, so it is one number everywhere. The run then
+    resumes on 1 process and back on 2 (docs/distributed.md's contract): the global batch is kept by
+    train.grad_accum (2, then 1 again), the models and optimizer states load bitwise, p carries over
+    and ADA's partial sums keep their total over ranks, and each `resume` event records the change."""
     common = [
         *FAST,
         f"data.shards={digits_shards}",
@@ -465,7 +467,71 @@ def test_two_ranks_share_one_adaptive_p_and_one_process_keeps_it(tmp_path, digit
     unit = 2 * 4 * 16 / 500e3
     moves = [(b - a, b) for a, b in zip([0.0, *logged], logged) if b != a]
     assert moves and all(abs(d) == pytest.approx(unit) or b == 0 for d, b in moves), moves
+    _loads_bitwise_on_one_process(run / "checkpoints" / "step-00000008", common, tmp_path / "probe")
     r = run_cli("train", *common, "--out", run, "train.steps=9", "--resume", "auto", env=ENV)
-    assert r.returncode == 0 and "not exact" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0 and "on 1 processes train.grad_accum=2 keeps that" in r.stderr, r.stderr[-3000:]
     after = [m for m in read_metrics(run) if m.get("step") == 9 and "augment/p" in m]
     assert after[0]["augment/p"] == pytest.approx(p[0, 0].item())  # step 9 moves nothing (every 4 steps)
+    assert "grad_accum: 2" in (run / "config.yaml").read_text()
+    r = launch(*common, "--out", run, "train.steps=10", "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumes = [m for m in read_metrics(run) if m.get("event") == "resume"]
+    assert [(m["step"], m["world_size"]) for m in resumes] == [(8, [2, 1]), (9, [1, 2])]
+    assert "grad_accum: 1" in (run / "config.yaml").read_text()
+    _, meta = read(run / "checkpoints" / "step-00000010" / "state.safetensors")
+    assert meta["fingerprints"][0] == meta["fingerprints"][1] and meta["data"]["world_size"] == 2
+
+
+def _loads_bitwise_on_one_process(path, overrides, probe):
+    """trainer.build on 1 process from a 2-process checkpoint: models and optimizer states equal to the
+    checkpoint's, bitwise; ADA's p carried, its partial sums' total kept on rank 0."""
+    from distgan import cluster, config, trainer
+    from distgan import run as run_state
+    from distgan.data import feeds
+
+    ckpt = checkpoint.load(path)
+    cfg = config.load_config(None, overrides=[*overrides, "tracking.wandb.mode=disabled", "train.steps=9"])
+    cfg = run_state.keep_global_batch(ckpt, cfg, 1, True)
+    assert cfg.train.grad_accum == 2
+    acc = cluster.make_accelerator(cfg, with_wandb=False)
+    sources, expected = trainer.open_sources(cfg, acc)
+    run = trainer.build(cfg, probe, acc, ckpt, sources, expected)
+    try:
+        for name, model in run.plain().items():
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, ckpt.model_state(name)[k]), f"{name}.{k}"
+        for name, opt in run.variant.optimizers.items():
+            want = ckpt.optimizer_state(name)["state"]
+            have = opt.state_dict()["state"]
+            assert have.keys() == want.keys()
+            assert all(
+                torch.equal(torch.as_tensor(have[i][k]), torch.as_tensor(v)) for i in want for k, v in want[i].items()
+            )
+        ada = run.variant.ada
+        assert ada.p.item() == ckpt.state["variant.shared.augment_p"][0, 0].item()
+        total = ckpt.state["variant.augment_sums"].sum(0)
+        if total[1] > 0:
+            assert torch.equal(ada.sums.double(), total)
+    finally:
+        feeds.close(run.feeds)
+        run.tracker.close()
+        cluster.release(1)
+
+
+@pytest.mark.slow  # 4 ranks on 2 cores: about a minute
+def test_resume_on_four_processes_refuses_a_changed_batch_then_keeps_it(tmp_path, digits_shards):
+    """2 processes x 16 = 32 images per step, resumed on 4: 16 per process cannot keep 32, so the
+    resume is refused (exit 2, nothing trained) naming data.batch_size=8; with it the run continues
+    on 4 ranks, identical models on every rank, and the `resume` event records 2 -> 4."""
+    common = [*FAST, f"data.shards={digits_shards}", "train.ckpt_every=1000"]
+    run = tmp_path / "run"
+    r = launch(*common, "--out", run, "train.steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(*common, "--out", run, "train.steps=3", "--resume", "auto", processes=4)
+    assert r.returncode != 0 and "Resume with data.batch_size=8 train.grad_accum=1" in r.stderr, r.stderr[-3000:]
+    assert checkpoint.list_steps(run)[-1].name == "step-00000002"
+    r = launch(*common, "--out", run, "train.steps=3", "--resume", "auto", "data.batch_size=8", processes=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["world_size"] for m in read_metrics(run) if m.get("event") == "resume"] == [[2, 4]]
+    _, meta = read(run / "checkpoints" / "step-00000003" / "state.safetensors")
+    assert len(set(meta["fingerprints"])) == 1 and meta["data"]["world_size"] == 4

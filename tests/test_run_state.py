@@ -1,9 +1,10 @@
 """A checkpoint's run state, saved and restored without the training loop: `checkpoint.rank_state`
 + `gather_rank_states` + `save`, then `load` + `resume_point`, give every rank back what it put in."""
 
+import pytest
 import torch
 
-from distgan import checkpoint, rng, step
+from distgan import checkpoint, config, rng, step
 from distgan.data.feeds import Feed
 from distgan.data.stream import ShardSource
 
@@ -57,11 +58,16 @@ def test_saved_run_state_restores_every_ranks_part(tmp_path):
         want = torch.rand(4)
         rng.set_state(point.rng)
         assert torch.equal(torch.rand(4), want)
-    # another process or worker layout: only the step and the variant's shared.* state carry over
+    # another process or worker layout: the step, and the variant's state by rule: rank r takes old rank
+    # (r mod old world)'s rows, an additive key's total goes to rank 0 (zeros elsewhere); no feeds, no RNG
     for other in ((1, workers), (world, 1), (3, workers)):
-        point = checkpoint.resume_point(ckpt, min(other[0] - 1, 2), *other)
+        rank = min(other[0] - 1, 2)
+        point = checkpoint.resume_point(ckpt, rank, *other, additive=("pool.count",))
         assert not point.exact and point.step == 5 and point.batches == 0 and point.feeds == {}
-        assert point.variant.keys() == {"shared.strength"} and point.variant["shared.strength"].tolist() == [0.25]
+        assert point.rng is None and point.variant.keys() == {"pool.images", "pool.count", "shared.strength"}
+        assert torch.equal(point.variant["pool.images"], torch.full((2, 3), float(rank % world)))
+        assert point.variant["pool.count"].tolist() == ([3] if rank == 0 else [0])
+        assert point.variant["shared.strength"].tolist() == [0.25]
 
 
 def test_a_saved_run_restores_every_field_of_its_state(tmp_path, digits_shards):
@@ -157,3 +163,29 @@ def test_a_saved_run_restores_every_field_of_its_state(tmp_path, digits_shards):
         feeds.close(after.feeds)
         after.tracker.close()
         cluster.release(1)
+
+
+def test_another_number_of_processes_keeps_the_global_batch():
+    """run.keep_global_batch: 16 per process x 2 processes = 32 images per step. The same number of
+    processes leaves the config alone; 1 process takes train.grad_accum=2 (and 2 processes from a
+    1-process run with accumulation 2 take 1 again); 4 processes cannot keep 16 per process, and the
+    refusal names the setting that keeps 32; 3 processes cannot keep it at all."""
+    from types import SimpleNamespace
+
+    from distgan import run as run_state
+    from distgan.errors import UserError
+
+    def ckpt(world, batch, accum):
+        theirs = {"data": {"batch_size": batch}, "train": {"grad_accum": accum}}
+        return SimpleNamespace(path="ck", meta={"data": {"world_size": world}, "config": theirs})
+
+    cfg = config.load_config(None, overrides=["data.batch_size=16"])
+    assert run_state.keep_global_batch(ckpt(2, 16, 1), cfg, 2, False) is cfg
+    assert run_state.keep_global_batch(ckpt(2, 16, 1), cfg, 1, False).train.grad_accum == 2
+    assert cfg.train.grad_accum == 1  # (a copy: the caller's config is not changed)
+    back = config.load_config(None, overrides=["data.batch_size=16", "train.grad_accum=2"])
+    assert run_state.keep_global_batch(ckpt(1, 16, 2), back, 2, False).train.grad_accum == 1
+    with pytest.raises(UserError, match=r"32 images per step .* Resume with data.batch_size=8 train.grad_accum=1"):
+        run_state.keep_global_batch(ckpt(2, 16, 1), cfg, 4, False)
+    with pytest.raises(UserError, match="a number of processes that divides 32"):
+        run_state.keep_global_batch(ckpt(2, 16, 1), cfg, 3, False)

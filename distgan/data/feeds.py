@@ -66,13 +66,15 @@ def open_feeds(
     if data is not None:
         return [Feed("", None, iter(data), logical_workers)]
     batches = resume.batches if resume is not None else 0
+    # a resume on another process/worker layout draws a new order from (seed, step): not step 0's again
+    seed = cfg.train.seed if resume is None or resume.exact else stream.stream_seed(cfg.train.seed, resume.step)
     feeds = []
     for name, source in sources.items():
         ds = stream.from_config(
             cfg,
             source.urls,
             # each domain its own sample order, from the same seed
-            seed=cfg.train.seed if not name else stream.stream_seed(cfg.train.seed, *name.encode()),
+            seed=seed if not name else stream.stream_seed(seed, *name.encode()),
             rank=rank,
             world_size=world,
             expected_shape=expected[name],

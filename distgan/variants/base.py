@@ -28,6 +28,10 @@ class Variant:
     # log p_data / p_G for unconditional samples (also needs a logistic loss and no packing)
     supports_drs: bool = False
 
+    # keys of `rank_state` that are partial sums over ranks: on a resume with another number of
+    # processes their total moves to rank 0 (checkpoint.resume_point); other keys go by rank mod old world
+    additive_rank_state: tuple[str, ...] = ()
+
     models: dict[str, torch.nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
 

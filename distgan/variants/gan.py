@@ -46,6 +46,7 @@ class Judged:
 
 class GAN(Variant):
     supports_drs = True
+    additive_rank_state = ("augment_sums",)  # ADA's partial sums (augment.Adaptive.state)
 
     @classmethod
     def check_config(cls, cfg) -> None:
