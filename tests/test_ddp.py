@@ -507,6 +507,13 @@ def _loads_bitwise_on_one_process(path, overrides, probe):
             assert all(
                 torch.equal(torch.as_tensor(have[i][k]), torch.as_tensor(v)) for i in want for k, v in want[i].items()
             )
+        # the per-rank RNG continues from (seed, rank, step), not from step 0's (seed, rank) again
+        from distgan import rng
+        from distgan.data import stream
+
+        now = torch.get_rng_state()
+        rng.seed_all(stream.stream_seed(cfg.train.seed, 0, 2))
+        assert not torch.equal(now, torch.get_rng_state())
         ada = run.variant.ada
         assert ada.p.item() == ckpt.state["variant.shared.augment_p"][0, 0].item()
         total = ckpt.state["variant.augment_sums"].sum(0)
