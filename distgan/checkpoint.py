@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from distgan import files
-from distgan.errors import UserError
+from distgan.errors import RunFailed, UserError
 
 FORMAT = 1
 FILES = ("model.safetensors", "optimizer.safetensors", "state.safetensors")
@@ -116,23 +117,46 @@ def save(
     keep_last: int,
 ) -> Path:
     """Write step `step` atomically and drop all but the newest `keep_last` step folders."""
+    return write(run_dir, step, snapshot(models, optimizers, state_tensors), meta, keep_last)
+
+
+@dataclass
+class Snapshot:
+    """A checkpoint's tensors copied to host memory: what training may change from now on is not in it."""
+
+    models: dict[str, torch.Tensor]
+    optimizers: dict[str, torch.Tensor]
+    optimizer_meta: dict[str, dict]
+    state: dict[str, torch.Tensor]
+
+
+def snapshot(
+    models: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], state_tensors: dict
+) -> Snapshot:
+    """Copy the models, optimizer states and run state to host memory (the part of a save the step
+    waits for when the files are written in the background)."""
+    model_tensors = {f"{n}.{k}": _plain(v) for n, m in models.items() for k, v in m.state_dict().items()}
+    opt_tensors, opt_meta = {}, {}
+    for name, opt in optimizers.items():
+        t, m = optimizer_tensors(name, opt)
+        opt_tensors.update(t)
+        opt_meta[name] = m
+    return Snapshot(model_tensors, opt_tensors, opt_meta, {k: _plain(v) for k, v in state_tensors.items()})
+
+
+def write(run_dir: Path, step: int, snap: Snapshot, meta: dict, keep_last: int) -> Path:
+    """Write a snapshot as step `step`: a temporary folder, fsynced, renamed (atomic), then all but the
+    newest `keep_last` step folders dropped. Safe on a thread of its own (train.ckpt_async)."""
     folder = checkpoints_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=folder))
     try:
-        model_tensors = {f"{n}.{k}": _plain(v) for n, m in models.items() for k, v in m.state_dict().items()}
-        opt_tensors, opt_meta = {}, {}
-        for name, opt in optimizers.items():
-            t, m = optimizer_tensors(name, opt)
-            opt_tensors.update(t)
-            opt_meta[name] = m
         header = {"distgan": json.dumps({**meta, "format": FORMAT, "step": step}), "format": "pt"}
-        save_file(model_tensors, str(tmp / "model.safetensors"), metadata=header)
-        save_file(
-            opt_tensors, str(tmp / "optimizer.safetensors"), metadata={**header, "optimizers": json.dumps(opt_meta)}
-        )
-        save_file({k: _plain(v) for k, v in state_tensors.items()}, str(tmp / "state.safetensors"), metadata=header)
+        save_file(snap.models, str(tmp / "model.safetensors"), metadata=header)
+        optimizer_header = {**header, "optimizers": json.dumps(snap.optimizer_meta)}
+        save_file(snap.optimizers, str(tmp / "optimizer.safetensors"), metadata=optimizer_header)
+        save_file(snap.state, str(tmp / "state.safetensors"), metadata=header)
         for f in FILES:  # make the bytes durable before the rename publishes them
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -147,6 +171,40 @@ def save(
         if stale.name.startswith((".tmp-step-", ".del-")) and stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+class BackgroundWriter:
+    """train.ckpt_async: checkpoint files written on a thread while training goes on, at most one
+    save in flight. `submit` first waits for the pending save (so saves land in order and never
+    pile up); `wait` is called before anything reads the files (keep-best's copy) and when the run
+    ends, by error or signal too. A write that failed raises RunFailed at the next `wait`. The
+    thread is not a daemon: an interpreter that exits still finishes the pending save."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.step = -1
+
+    def submit(self, step: int, write_fn) -> None:
+        self.wait()
+
+        def run():
+            try:
+                write_fn()
+            except BaseException as exc:  # handed to the training thread at its next wait
+                self.error = exc
+
+        self.step = step
+        self.thread = threading.Thread(target=run, name=f"distgan-checkpoint-{step}", daemon=False)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            exc, self.error = self.error, None
+            raise RunFailed(f"checkpoint step {self.step} could not be written: {exc}") from exc
 
 
 def keep_copy(run_dir: Path, step: int, name: str, info: dict) -> Path:

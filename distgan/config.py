@@ -247,6 +247,9 @@ class TrainConfig:
     sample_every: int = at_least(1, 500)  # steps between sample grids (RUN_DIR/samples/)
     ckpt_every: int = at_least(1, 1000)  # steps between checkpoints (also written at the end and on SIGINT/SIGTERM)
     keep_last: int = at_least(1, 3)  # checkpoints kept; older ones are deleted
+    # write checkpoint files on a background thread: the step waits only for the copy to host memory
+    # (at most one save in flight; a run waits for it before it ends). null (auto): on with CUDA
+    ckpt_async: bool | None = None
     n_samples: int = at_least(1, 100)  # images in each sample grid
     # every eval_every steps (0: never) rank 0 draws eval_n samples from EMA-G and logs the metrics
     # `distgan eval` would give (eval/...), where the data has some

@@ -13,7 +13,7 @@ import torch
 
 from distgan import checkpoint, images, rng
 from distgan.errors import RunFailed
-from distgan.run import BEST, Run, save
+from distgan.run import BEST, Run, finish_saves, save
 
 
 class MetricLog:
@@ -188,6 +188,7 @@ def _evaluate(run: Run, step: int) -> dict:
 def keep_best(run: Run, step: int) -> None:
     """RUN/checkpoints/best-fid/: step `step`'s checkpoint (just written), hard-linked, with best.json."""
     if run.main:
+        finish_saves(run)  # its files complete first (train.ckpt_async)
         folder = checkpoint.keep_copy(run.run_dir, step, BEST, {"step": step, "fid": run.best_fid})
         run.tracker.event("best", step, fid=run.best_fid, path=str(folder))
     run.accelerator.wait_for_everyone()

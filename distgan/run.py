@@ -46,6 +46,8 @@ class Run:
     heldout_read: bool = False
     fixed_noise: torch.Generator | None = None  # sample grids and evaluations: the same noise every time
     inception: object | None = None  # train.eval_inception: evaluation.Inception (network + reference), loaded once
+    # train.ckpt_async: the thread that writes checkpoint files (rank 0); None: written in the step
+    writer: checkpoint.BackgroundWriter | None = None
     best_fid: float = float("inf")  # train.keep_best=fid: the lowest eval/fid so far (RUN/checkpoints/best-fid)
 
     @property
@@ -260,18 +262,23 @@ def save(run: Run, step: int, improved: bool = False) -> None:
         )
         if improved:  # recorded before the step is published: resume finishes keep_best after a kill
             meta["keep_best"] = {"name": BEST, "fid": run.best_fid}
-        path = checkpoint.save(
-            run.run_dir,
-            step,
-            models={**plain, **emas},
-            optimizers=run.variant.optimizers,
-            state_tensors=state,
-            meta=meta,
-            keep_last=run.cfg.train.keep_last,
-        )
-        run.tracker.event("checkpoint", step, path=str(path))
+        snap = checkpoint.snapshot({**plain, **emas}, run.variant.optimizers, state)  # the step waits for this
+        keep_last = run.cfg.train.keep_last
+        if run.writer is None:
+            path = checkpoint.write(run.run_dir, step, snap, meta, keep_last)
+            run.tracker.event("checkpoint", step, path=str(path))
+        else:  # the files are written while training goes on (published by rename when complete)
+            run.writer.submit(step, lambda: checkpoint.write(run.run_dir, step, snap, meta, keep_last))
+            path = checkpoint.checkpoints_dir(run.run_dir) / f"step-{step:08d}"
+            run.tracker.event("checkpoint", step, path=str(path), background=True)
     run.accelerator.wait_for_everyone()
     run.saved_at = step
+
+
+def finish_saves(run: Run) -> None:
+    """Wait for a checkpoint being written in the background (train.ckpt_async); raise if it failed."""
+    if run.writer is not None:
+        run.writer.wait()
 
 
 def restore_models(variant, emas: dict[str, torch.nn.Module], ckpt: checkpoint.Checkpoint, main: bool) -> dict:

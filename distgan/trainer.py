@@ -63,7 +63,10 @@ def train(
         return _finish(run, _loop(run))
     finally:
         if run is not None:
-            run.tracker.close()
+            try:
+                run_state.finish_saves(run)  # a checkpoint written in the background completes, on any exit
+            finally:
+                run.tracker.close()
         cluster.release(accelerator.num_processes)
 
 
@@ -134,6 +137,8 @@ def build(
             num_workers=stream.auto_workers(cfg.data.num_workers, device.type == "cuda"),
             fixed_noise=torch.Generator(device="cpu").manual_seed(t.seed),
         )
+        if main and (t.ckpt_async if t.ckpt_async is not None else device.type == "cuda"):
+            run.writer = checkpoint.BackgroundWriter()
         # Per-rank randomness (noise, dropout) from the same seed, restored exactly on resume.
         rng.seed_all(stream.stream_seed(t.seed, run.rank, 2))
         resume = run_state.restore(run, ckpt, changed) if ckpt is not None else None

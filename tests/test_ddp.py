@@ -195,9 +195,11 @@ def start_ranks(*args, n=2):
 
 def test_sigterm_to_every_rank_checkpoints_once_then_requeue_resumes(tmp_path, digits_shards):
     """What SLURM does at preemption: SIGTERM to every rank at once. The ranks agree on a step,
-    write one checkpoint there and exit 143; --resume auto continues from it."""
+    write one checkpoint there and exit 143; --resume auto continues from it. Checkpoints are written
+    in the background (train.ckpt_async=true; the SIGINT test in test_train.py writes them in the
+    step): the signal may land while one is pending, and the exit waits for the last."""
     run = tmp_path / "run"
-    procs = start_ranks(*LONG, f"data.shards={digits_shards}", "--out", run)
+    procs = start_ranks(*LONG, f"data.shards={digits_shards}", "--out", run, "train.ckpt_async=true")
     wait_for(run / "checkpoints" / "step-00000004", procs[0])
     for proc in procs:
         os.kill(proc.pid, signal.SIGTERM)

@@ -110,40 +110,43 @@ def test_nan_gradients_stop_the_run_when_asked_and_keep_the_last_checkpoint(tmp_
     assert all(torch.isfinite(v).all() for v in checkpoint.load(steps[0]).models.values())
 
 
-def _write_forever(run, first_step, forever=True):
-    """Checkpoints of a ~6 MB model whose every value is its step number, one after another."""
+def _write_forever(run, first_step, forever=True, background=False):
+    """Checkpoints of a ~6 MB model whose every value is its step number, one after another. In the
+    background (train.ckpt_async's writer) the model already moves on to the next step's values while
+    the previous snapshot is written."""
     torch.set_num_threads(1)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 1024))
     opt = torch.optim.Adam(model.parameters())
+    writer = checkpoint.BackgroundWriter() if background else None
     step = first_step
     while True:
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(step)
-        checkpoint.save(
-            run,
-            step,
-            models={"G": model},
-            optimizers={"G": opt},
-            state_tensors={"step": torch.tensor([step])},
-            meta={"step_check": step},
-            keep_last=2,
-        )
+        snap = checkpoint.snapshot({"G": model}, {"G": opt}, {"step": torch.tensor([step])})
+        if writer is None:
+            checkpoint.write(run, step, snap, {"step_check": step}, keep_last=2)
+        else:
+            writer.submit(step, lambda s=snap, n=step: checkpoint.write(run, n, s, {"step_check": n}, keep_last=2))
         if not forever:
+            if writer is not None:
+                writer.wait()
             return
         step += 1
 
 
-def test_sigkill_while_writing_checkpoints_never_leaves_a_partial_one(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_sigkill_while_writing_checkpoints_never_leaves_a_partial_one(tmp_path, background):
     """20 writers killed with SIGKILL at random moments: every step folder resume could pick reads
-    back whole, with the values of its step, and the newest is never older than the one before."""
+    back whole, with the values of its step, and the newest is never older than the one before. The
+    same with the files written on a background thread while the model already changes (async)."""
     run = tmp_path / "run"
-    _write_forever(tmp_path / "warm-up", 0, forever=False)  # import everything before forking
+    _write_forever(tmp_path / "warm-up", 0, forever=False, background=background)  # import everything before forking
     ctx = multiprocessing.get_context("fork")
     rnd = random.Random(0)
     newest, mid_write = -1, 0
     for trial in range(20):
-        proc = ctx.Process(target=_write_forever, args=(run, newest + 1), daemon=True)
+        proc = ctx.Process(target=_write_forever, args=(run, newest + 1, True, background), daemon=True)
         proc.start()
         time.sleep(rnd.uniform(0.05, 0.6))
         os.kill(proc.pid, signal.SIGKILL)
@@ -165,6 +168,27 @@ def test_sigkill_while_writing_checkpoints_never_leaves_a_partial_one(tmp_path):
     assert mid_write >= 5  # and many kills landed in the middle of writing one
     leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
     assert len(leftovers) <= 2, leftovers  # a killed writer's temp folder is cleaned by the next one
+
+
+def test_async_checkpoints_are_the_synchronous_ones_and_complete_before_the_run_ends(tmp_path):
+    """train.ckpt_async=true: the same tensors, bitwise, as synchronous checkpoints at every step
+    written; the last one is complete when train() returns, and its event says it was written in
+    the background. A write that fails surfaces as RunFailed, not as a lost checkpoint."""
+    from test_train import assert_bitwise_equal
+
+    for mode in ("true", "false"):
+        cfg = config.load_config(
+            "digits-dcgan", overrides=[*FAST, "train.steps=4", "train.ckpt_every=2", f"train.ckpt_async={mode}"]
+        )
+        assert trainer.train(cfg, tmp_path / mode, data=digit_batches(nan_at=-1)) == 0
+    for step in ("step-00000002", "step-00000004"):
+        assert_bitwise_equal(tmp_path / "true" / "checkpoints" / step, tmp_path / "false" / "checkpoints" / step)
+    events = [m for m in read_metrics(tmp_path / "true") if m.get("event") == "checkpoint"]
+    assert [(m["step"], m.get("background")) for m in events] == [(2, True), (4, True)]
+    writer = checkpoint.BackgroundWriter()
+    writer.submit(7, lambda: checkpoint.write(tmp_path / "nowhere" / "\0", 7, None, {}, 1))
+    with pytest.raises(RunFailed, match="checkpoint step 7 could not be written"):
+        writer.wait()
 
 
 def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path):
