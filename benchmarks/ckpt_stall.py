@@ -1,0 +1,151 @@
+"""How long a checkpoint blocks the step, synchronous vs in the background, and what the NaN guard
+copies, at the cluster templates' full width, on this machine.
+
+For each preset (biggan-128, r3gan-256 by default) the variant's G and D are built at full width with
+an EMA copy of G and Adam states filled by one step, as a run holds them at a checkpoint. Then, with
+`--repeats` rounds alternating the two:
+
+- synchronous (`train.ckpt_async=false`): `checkpoint.save`, the host copy and the files (written,
+  fsynced, renamed): the step waits for all of it;
+- in the background (`train.ckpt_async=true`): `checkpoint.snapshot` (the host copy) is what the
+  step waits for; `checkpoint.write` (timed too) runs on the writer thread.
+
+And the NaN/Inf guard (`step.StepContext.step`) on D's optimizer, no NaN: distgan's fused Adam,
+which takes the flag as `found_inf`, against the same Adam unfused, which the guard steps on a copy
+(the code before this change): time per step and the bytes the guard clones.
+
+    python benchmarks/ckpt_stall.py [--presets biggan-128 r3gan-256] [--repeats 3] [--dir /tmp]
+
+Writes results/ckpt_stall-<machine>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+from distgan import checkpoint, config, variants  # noqa: E402
+
+
+def built(preset: str):
+    cfg = config.load_config(preset)
+    v = variants.get(cfg.variant.name)(cfg)
+    for name, opt in v.optimizers.items():  # Adam's moments exist after a first step
+        for p in v.models[name].parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    models = {**v.models, "G_ema": copy.deepcopy(v.models["G"])}
+    return cfg, v, models
+
+
+def clone_bytes(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.clone.default:
+                Count.n += out.numel() * out.element_size()
+            return out
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def guard_rows(preset: str, v, repeats: int) -> list[dict]:
+    import accelerate
+
+    from distgan import step
+
+    D = v.models["D"]
+    ctx = step.StepContext(accelerate.Accelerator(cpu=True), accum=1)
+    t = v.cfg.train
+    rows = []
+    for label, fused in (("fused Adam, found_inf (now)", True), ("Adam stepped on a copy (before)", False)):
+        opt = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2), fused=fused or None)
+        for p in D.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        ctx.step(opt)  # moments exist
+        ctx.pop_nonfinite()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            ctx.step(opt)
+            times.append(time.perf_counter() - start)
+            ctx.pop_nonfinite()
+        cloned = clone_bytes(lambda o=opt: ctx.step(o))
+        ctx.pop_nonfinite()
+        rows.append(
+            {
+                "preset": preset,
+                "what": f"NaN guard, D's step: {label}",
+                "seconds": statistics.median(times),
+                "mb": cloned / 2**20,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=["biggan-128", "r3gan-256"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dir", default=None, help="where the checkpoints are written (a temporary folder in it)")
+    args = p.parse_args()
+    rows = []
+    for preset in args.presets:
+        cfg, v, models = built(preset)
+        params = sum(p.numel() for m in models.values() for p in m.parameters())
+        state = {"step": torch.tensor([1])}
+        sync, stall, background = [], [], []
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            for r in range(args.repeats):
+                start = time.perf_counter()
+                path = checkpoint.save(
+                    Path(tmp), 2 * r, models=models, optimizers=v.optimizers, state_tensors=state, meta={}, keep_last=2
+                )
+                sync.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                snap = checkpoint.snapshot(models, v.optimizers, state)
+                stall.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                checkpoint.write(Path(tmp), 2 * r + 1, snap, {}, keep_last=2)
+                background.append(time.perf_counter() - start)
+            size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+        for what, times in (
+            ("checkpoint, synchronous: the step waits for", sync),
+            ("checkpoint, background: the step waits for", stall),
+            ("checkpoint, background: the writer thread takes", background),
+        ):
+            rows.append({"preset": preset, "what": what, "seconds": statistics.median(times), "mb": size})
+        rows += guard_rows(preset, v, args.repeats)
+        print(f"{preset}: {params / 1e6:.1f} M parameters in G, D and G_ema", flush=True)
+        rows[-5]["parameters_m"] = params / 1e6
+    command = "python benchmarks/ckpt_stall.py " + " ".join(sys.argv[1:])
+    notes = (
+        f"Command: `{command}`. Full-width models of each preset (G, D, G's EMA copy, two Adams with their "
+        "moments); median of the repeats. Checkpoint rows: mb is the step folder's size on disk (three "
+        "safetensors files), written under --dir (the default temporary folder), fsynced. NaN guard rows: "
+        "one StepContext.step of D's optimizer with finite gradients; mb is what the guard clones per step "
+        "(the model and Adam moments it copies before the step, for the unfused optimizer)."
+    )
+    common.write("ckpt_stall", rows, ["preset", "what", "seconds", "mb", "parameters_m"], notes, {"command": command})
+
+
+if __name__ == "__main__":
+    main()
