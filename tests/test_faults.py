@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
 import time
 
 import numpy as np
@@ -181,6 +182,9 @@ def test_async_checkpoints_are_the_synchronous_ones_and_complete_before_the_run_
             "digits-dcgan", overrides=[*FAST, "train.steps=4", "train.ckpt_every=2", f"train.ckpt_async={mode}"]
         )
         assert trainer.train(cfg, tmp_path / mode, data=digit_batches(nan_at=-1)) == 0
+        # the run waited for its last save: no writer thread left, the last step folder published
+        assert not [t for t in threading.enumerate() if t.name.startswith("distgan-checkpoint")]
+        assert checkpoint.list_steps(tmp_path / mode)[-1].name == "step-00000004"
     for step in ("step-00000002", "step-00000004"):
         assert_bitwise_equal(tmp_path / "true" / "checkpoints" / step, tmp_path / "false" / "checkpoints" / step)
     events = [m for m in read_metrics(tmp_path / "true") if m.get("event") == "checkpoint"]
