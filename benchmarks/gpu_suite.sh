@@ -6,7 +6,7 @@
 #      roofline table and its PNG);
 #   4. trainer steps/s of digits-dcgan, digits-sngan and photos-biggan-64, compile off and on (gpu_steps.py);
 #   5. the gradient-penalty modes' step cost (penalty_cost.py): exact eager, approx and lazy eager and
-#      compiled, on r3gan-256 and digits-r3gan;
+#      compiled, on r3gan-256;
 #   6. digits-dcgan and digits-sngan steps under torch.cuda.set_sync_debug_mode("error") (gpu_steps.py
 #      --sync-check): a step that makes the host wait for the GPU fails the suite.
 # Everything lands in benchmarks/results/*-gpu-<name>.{json,md,png} (DISTGAN_BENCH_RESULTS overrides).
@@ -45,7 +45,7 @@ else
   step "$PYTHON" benchmarks/bench_minibatch_l1.py --sizes 256 1024 4096 --repeats 5 --timeout 240
   step "$PYTHON" benchmarks/bench_spectral_norm.py --repeats 20
   step "$PYTHON" benchmarks/gpu_steps.py --steps 300
-  step "$PYTHON" benchmarks/penalty_cost.py --presets r3gan-256 digits-r3gan --rounds 1 --intervals 6
+  step "$PYTHON" benchmarks/penalty_cost.py --presets r3gan-256 --rounds 1 --intervals 3
   step "$PYTHON" benchmarks/gpu_steps.py --sync-check --presets digits-dcgan digits-sngan
 fi
 exit $status
