@@ -3,7 +3,8 @@ copies, at the cluster templates' full width, on this machine.
 
 For each preset (biggan-128, r3gan-256 by default) the variant's G and D are built at full width with
 an EMA copy of G and Adam states filled by one step, as a run holds them at a checkpoint. Then, with
-`--repeats` rounds alternating the two:
+`--repeats` rounds, the two in alternating order (the first save of a round pays for the previous
+round's write-back):
 
 - synchronous (`train.ckpt_async=false`): `checkpoint.save`, the host copy and the files (written,
   fsynced, renamed): the step waits for all of it;
@@ -115,17 +116,28 @@ def main() -> None:
         sync, stall, background = [], [], []
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             for r in range(args.repeats):
-                start = time.perf_counter()
-                path = checkpoint.save(
-                    Path(tmp), 2 * r, models=models, optimizers=v.optimizers, state_tensors=state, meta={}, keep_last=2
-                )
-                sync.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                snap = checkpoint.snapshot(models, v.optimizers, state)
-                stall.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                checkpoint.write(Path(tmp), 2 * r + 1, snap, {}, keep_last=2)
-                background.append(time.perf_counter() - start)
+                for kind in ("sync", "background") if r % 2 == 0 else ("background", "sync"):  # alternating
+                    step = 2 * r + (kind == "background")
+                    if kind == "sync":
+                        start = time.perf_counter()
+                        path = checkpoint.save(
+                            Path(tmp),
+                            step,
+                            models=models,
+                            optimizers=v.optimizers,
+                            state_tensors=state,
+                            meta={},
+                            keep_last=2,
+                        )
+                        sync.append(time.perf_counter() - start)
+                    else:
+                        start = time.perf_counter()
+                        snap = checkpoint.snapshot(models, v.optimizers, state)
+                        stall.append(time.perf_counter() - start)
+                        start = time.perf_counter()
+                        checkpoint.write(Path(tmp), step, snap, {}, keep_last=2)
+                        background.append(time.perf_counter() - start)
+                        del snap
             size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
         for what, times in (
             ("checkpoint, synchronous: the step waits for", sync),
