@@ -305,8 +305,9 @@ def restore_models(variant, emas: dict[str, torch.nn.Module], ckpt: checkpoint.C
 def restore(run: Run, ckpt: checkpoint.Checkpoint, changed: dict | None = None) -> checkpoint.ResumePoint:
     """The rest of `ckpt` into the run (after `restore_models`, once the run exists): this rank's RNG,
     step and batch count, the variant's rank state, the best FID so far (keep-best recovered), and the
-    `resume` event. Returns the resume point, whose stream positions `feeds.open_feeds` takes. A warning
-    when the process/worker layout differs, so it cannot be exact."""
+    `resume` event. Returns the resume point, whose stream positions `feeds.open_feeds` takes. When the
+    process/worker layout differs (not exact), the RNG is reseeded from the step and a note says what
+    carries over (docs/distributed.md)."""
     point = checkpoint.resume_point(
         ckpt, run.rank, run.world, run.num_workers, additive=run.variant.additive_rank_state
     )
