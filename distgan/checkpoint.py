@@ -144,12 +144,17 @@ def snapshot(
     return Snapshot(model_tensors, opt_tensors, opt_meta, {k: _plain(v) for k, v in state_tensors.items()})
 
 
+def step_path(run_dir: Path, step: int) -> Path:
+    """RUN/checkpoints/step-NNNNNNNN: where step `step`'s checkpoint is (or will be) published."""
+    return checkpoints_dir(run_dir) / f"step-{step:08d}"
+
+
 def write(run_dir: Path, step: int, snap: Snapshot, meta: dict, keep_last: int) -> Path:
     """Write a snapshot as step `step`: a temporary folder, fsynced, renamed (atomic), then all but the
     newest `keep_last` step folders dropped. Safe on a thread of its own (train.ckpt_async)."""
-    folder = checkpoints_dir(run_dir)
+    final = step_path(run_dir, step)
+    folder = final.parent
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=folder))
     try:
         header = {"distgan": json.dumps({**meta, "format": FORMAT, "step": step}), "format": "pt"}
@@ -216,7 +221,7 @@ def keep_copy(run_dir: Path, step: int, name: str, info: dict) -> Path:
     which a folder cannot). A kill anywhere leaves `<name>` on a complete copy, the old or the new;
     `recover_best` finishes the job on resume."""
     folder = checkpoints_dir(run_dir)
-    source, link = folder / f"step-{step:08d}", folder / name
+    source, link = step_path(run_dir, step), folder / name
     target = folder / f".{name}-{step:08d}"
     if not _complete(target) or read_best_in(target) != info:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{name}-", dir=folder))

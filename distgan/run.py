@@ -269,8 +269,7 @@ def save(run: Run, step: int, improved: bool = False) -> None:
             run.tracker.event("checkpoint", step, path=str(path))
         else:  # the files are written while training goes on (published by rename when complete)
             run.writer.submit(step, lambda: checkpoint.write(run.run_dir, step, snap, meta, keep_last))
-            path = checkpoint.checkpoints_dir(run.run_dir) / f"step-{step:08d}"
-            run.tracker.event("checkpoint", step, path=str(path), background=True)
+            run.tracker.event("checkpoint", step, path=str(checkpoint.step_path(run.run_dir, step)), background=True)
     run.accelerator.wait_for_everyone()
     run.saved_at = step
 

@@ -55,10 +55,10 @@ class GAN(Variant):
 
     @classmethod
     def differentiates_twice(cls, cfg) -> str:
-        v = cfg.variant
-        if v.penalty_mode != "exact" or not cls.penalties(cfg):
+        settings = cls.penalties(cfg)
+        if cfg.variant.penalty_mode != "exact" or not settings:
             return ""
-        return f"exact gradient penalties ({', '.join(cls.penalties(cfg).values())})"
+        return f"exact gradient penalties ({', '.join(settings.values())})"
 
     @classmethod
     def penalties(cls, cfg) -> dict[str, str]:
@@ -97,7 +97,8 @@ class GAN(Variant):
         G, D = self.build(cfg)
         self.models = {"G": G, "D": D}
         self.optimizers = {"G": self.optimizer(G, cfg.train.lr_g), "D": self.optimizer(D, cfg.train.lr_d)}
-        if cfg.variant.penalty_mode == "lazy" and self.penalties(cfg):  # k + 1 D updates per k batches
+        self.penalty_terms = tuple(self.penalties(cfg))  # their log names ("loss/r1", ...)
+        if cfg.variant.penalty_mode == "lazy" and self.penalty_terms:  # k + 1 D updates per k batches
             penalties.rescale_for_lazy(self.optimizers["D"], cfg.variant.penalty_every)
 
     def build(self, cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -218,7 +219,7 @@ class GAN(Variant):
                 real.logits = fake.logits = None
                 sides.append((real, fake))
             elif lazy:  # the penalties' log keys on every step (their average over steps is then per step)
-                for name in self.penalties(self.cfg):
+                for name in self.penalty_terms:
                     stats.setdefault(name, torch.zeros((), device=device))
         ctx.step(opt_d)
         self.after_d_step(ctx.unwrap(D))
