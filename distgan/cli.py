@@ -478,12 +478,39 @@ def _config(args: argparse.Namespace) -> int:
     """Print the resolved config (preset or file, plus overrides) as YAML, or with --doc the reference."""
     from distgan import config
 
+    if args.params:
+        return _params(args)
     if args.doc or args.flags:
         if args.preset or args.config or args.overrides or (args.doc and args.flags):
             raise UserError("--doc and --flags print a reference; they take no preset, file, overrides or each other")
         print(config.reference_markdown() if args.doc else flags_markdown(), end="")
         return 0
     print(config.to_yaml(config.load_config(args.preset, args.config, args.overrides)), end="")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    """`distgan import --from r3gan SNAPSHOT --out RUN_DIR`: an ordinary distgan checkpoint of its networks."""
+    from distgan import importer
+
+    folder = importer.import_r3gan(args.snapshot, args.out, args.preset, args.overrides)
+    print(f"imported {args.snapshot} -> {folder}")
+    print(f"sample:    distgan sample --ckpt {folder} --out samples.png")
+    print(f"fine-tune: distgan train --resume {folder} --out RUN data.shards=YOUR_SHARDS")
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    """`distgan config --params`: each model's parameter count under the resolved config."""
+    import torch
+
+    from distgan import config, variants
+
+    cfg = config.load_config(args.preset, args.config, args.overrides)
+    with torch.device("meta"):  # shapes only: a 100 M-parameter template takes no memory or time
+        variant = variants.get(cfg.variant.name)(cfg)
+    for name, model in variant.models.items():
+        print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters")
     return 0
 
 
@@ -758,8 +785,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the reference of every command's flags (the end of docs/usage.md) instead",
     )
+    c.add_argument("--params", action="store_true", help="print each model's parameter count instead")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
     c.set_defaults(func=_config)
+
+    i = sub.add_parser(
+        "import",
+        help="turn another trainer's network snapshot into a distgan run directory (read without running its code)",
+    )
+    i.add_argument("snapshot", help="the snapshot file, e.g. R3GAN's network-snapshot-NNNNNNNNN.pkl")
+    i.add_argument("--from", dest="source", required=True, choices=("r3gan",), help="the trainer that wrote it")
+    i.add_argument("--out", required=True, help="a new run directory (gets checkpoints/step-00000000)")
+    i.add_argument(
+        "--preset", help="the preset for the run's other settings (default: the r3gan-* template of its resolution)"
+    )
+    i.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of those settings")
+    i.set_defaults(func=_import)
 
     r = sub.add_parser("presets", help="list the presets")
     r.set_defaults(func=_presets)

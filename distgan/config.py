@@ -36,7 +36,10 @@ def at_least(low: float, default: float):
 
 
 def checked(default, check):
-    """A key with a grammar of its own: `check(key, value)` raises a UserError for a bad value."""
+    """A key with a grammar of its own: `check(key, value)` raises a UserError for a bad value. A
+    callable `default` is a factory (lists)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"check": check})
     return field(default=default, metadata={"check": check})
 
 
@@ -133,8 +136,8 @@ class DataConfig:
 
 @dataclass
 class GeneratorConfig:
-    # dcgan, resnet (BigGAN-style, 32-256 px), mlp or toy; image-to-image: unet, resnet (cyclegan's)
-    # or srresnet (srgan)
+    # dcgan, resnet (BigGAN-style, 32-256 px), r3gan (R3GAN's, model.r3gan), mlp or toy; image-to-image:
+    # unet, resnet (cyclegan's) or srresnet (srgan)
     arch: str = "dcgan"
     z_dim: int = at_least(1, 64)  # size of the latent noise z
     width: int = at_least(1, 64)  # base channel width (DCGAN, resnet: times BigGAN's multipliers) or hidden width (MLP)
@@ -149,7 +152,9 @@ class GeneratorConfig:
 
 @dataclass
 class DiscriminatorConfig:
-    arch: str = "dcgan"  # dcgan, resnet (BigGAN-style, 32-256 px), mlp or toy; image-to-image: patchgan or srgan
+    # dcgan, resnet (BigGAN-style, 32-256 px), r3gan (R3GAN's, model.r3gan), mlp or toy; image-to-image:
+    # patchgan or srgan
+    arch: str = "dcgan"
     width: int = at_least(1, 64)  # base channel width (DCGAN) or hidden width (toy MLP)
     # Minibatch discrimination (Salimans et al. 2016) before D's last layer, via kernels/.
     minibatch_discrimination: bool = False
@@ -168,11 +173,39 @@ class DiscriminatorConfig:
     layers: int = at_least(1, 3)  # patchgan: strided conv layers (3: the 70x70 PatchGAN of pix2pix/CycleGAN)
 
 
+def _stage_list(key: str, value: list) -> None:
+    if not value or any(v < 1 for v in value):
+        raise UserError(f"config key '{key}' needs one entry >= 1 per stage (4x4 first); got {list(value)}")
+
+
+@dataclass
+class R3GANConfig:
+    """R3GAN's networks (model.g.arch / model.d.arch = r3gan, distgan/models/r3gan.py). The lists have one
+    entry per stage from 4x4 up to data.resolution, in G's order; D mirrors them."""
+
+    # channels of each stage (R3GAN's CIFAR-10: 768 x 4)
+    widths: list[int] = checked(lambda: [64, 64, 64, 64], _stage_list)
+    # groups of each stage's grouped 3x3 convs (R3GAN's CIFAR-10: 96 x 4)
+    cardinalities: list[int] = checked(lambda: [8, 8, 8, 8], _stage_list)
+    blocks: list[int] = checked(lambda: [1, 1, 1, 1], _stage_list)  # residual blocks of each stage (R3GAN: 2)
+    expansion: int = at_least(1, 2)  # channel expansion inside a block (R3GAN: 2)
+    # that many of the lowest-resolution stages (G's first, D's last) compute in fp32 even under
+    # train.mixed_precision (R3GAN: the 4x4 stage at 32 px, up to the 16x16 one at 256 px)
+    fp32_stages: int = at_least(0, 0)
+    # conditional: G's label embedding, concatenated to z (0: model.g.z_dim); D's embedding is its 4x4 width
+    embed_dim: int = at_least(0, 0)
+
+
 @dataclass
 class ModelConfig:
     g: GeneratorConfig = field(default_factory=GeneratorConfig)
     d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     num_classes: int = 0  # cgan: classes of the labels (the shards' .cls); 0: unconditional
+    r3gan: R3GANConfig = field(default_factory=R3GANConfig)
+    # r3gan: how the grouped 3x3 convs run: native (conv2d with groups), block_diagonal (a dense conv with
+    # a block-diagonal weight: the same values, faster on GPUs at small maps) or auto (block_diagonal on
+    # CUDA at maps up to 16x16)
+    grouped_conv: str = one_of("native", ("native", "block_diagonal", "auto"))
 
 
 @dataclass

@@ -183,7 +183,7 @@ def keep_global_batch(ckpt: checkpoint.Checkpoint, cfg: config.Config, world: in
     so); when no whole number of accumulation steps keeps it, the resume is refused with the setting
     that would. A run resumed on the same number of processes keeps whatever batch its config says."""
     old_world = ckpt.meta["data"]["world_size"]
-    if old_world == world:
+    if old_world == world or ckpt.meta.get("imported"):  # (an import has no batch of ours to keep)
         return cfg
     theirs = ckpt.meta.get("config", {})
     batch = theirs.get("data", {}).get("batch_size", cfg.data.batch_size)
@@ -319,7 +319,14 @@ def restore(run: Run, ckpt: checkpoint.Checkpoint, changed: dict | None = None) 
         rng.seed_all(stream.stream_seed(run.cfg.train.seed, run.rank, 2, point.step))
     if point.variant:
         run.variant.load_rank_state(point.variant)
-    if not point.exact and run.main:
+    imported = ckpt.meta.get("imported")
+    if imported and run.main:
+        print(
+            f"note: starting from networks imported from {imported['from']} ({imported['file']}): models and "
+            "optimizer states as imported; data streams and per-rank randomness start from the seed",
+            file=sys.stderr,
+        )
+    elif not point.exact and run.main:
         print(
             f"note: checkpoint was made with {data['world_size']} processes x {data['num_workers']} workers, "
             f"this run has {run.world} x {run.num_workers}: models, optimizers, EMA, step and schedules "
@@ -335,7 +342,7 @@ def restore(run: Run, ckpt: checkpoint.Checkpoint, changed: dict | None = None) 
             run.best_fid = float(best["fid"])
     # `optimizer`: settings of this invocation's config applied over the checkpoint's ({"G.lr": [old, new]})
     layout = {}
-    if not point.exact:  # the layout change, [checkpoint's, this run's]
+    if not point.exact and not imported:  # the layout change, [checkpoint's, this run's]
         layout = {"world_size": [data["world_size"], run.world], "num_workers": [data["num_workers"], run.num_workers]}
     run.tracker.event(
         "resume", point.step, checkpoint=str(ckpt.path), **layout, **({"optimizer": changed} if changed else {})

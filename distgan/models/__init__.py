@@ -9,10 +9,11 @@ from __future__ import annotations
 from torch import nn
 
 from distgan.errors import UserError
-from distgan.models import dcgan, mlp, resnet, toy
+from distgan.models import dcgan, mlp, r3gan, resnet, toy
 from distgan.models.layers import apply_spectral_norm  # noqa: F401  (models.apply_spectral_norm)
 
-FAMILIES = {"dcgan": dcgan, "mlp": mlp, "resnet": resnet, "toy": toy}
+FAMILIES = {"dcgan": dcgan, "mlp": mlp, "r3gan": r3gan, "resnet": resnet, "toy": toy}
+NATIVE_CONDITIONAL = ("resnet", "r3gan")  # families that take labels themselves: G(z, y), D(x, y)
 
 
 def _family(arch: str, key: str):
@@ -33,11 +34,26 @@ def check_config(cfg) -> None:
     ):
         if value and arch != "resnet":
             raise UserError(f"config key '{key}' applies to the resnet models; got arch '{arch}'")
+    if "r3gan" in (g.arch, d.arch):
+        r3gan.check_config(cfg)
+
+
+def _r3gan_shape(cfg) -> dict:
+    r = cfg.model.r3gan
+    return {
+        "widths": list(r.widths),
+        "cardinalities": list(r.cardinalities),
+        "blocks": list(r.blocks),
+        "expansion": r.expansion,
+        "fp32_stages": r.fp32_stages,
+        "grouped_conv": cfg.model.grouped_conv,
+    }
 
 
 def build_generator(cfg, z_dim: int | None = None, num_classes: int = 0) -> nn.Module:
     """G from the config; `z_dim` overrides model.g.z_dim (a conditional G's input is z + embedding).
-    `num_classes` > 0 (resnet only): G(z, y) with class-conditional BatchNorm."""
+    `num_classes` > 0 (resnet, r3gan): G(z, y) (resnet: class-conditional BatchNorm; r3gan: an embedding
+    of the one-hot label concatenated to z)."""
     g = cfg.model.g
     family = _family(g.arch, "model.g.arch")
     kwargs = {}
@@ -49,9 +65,19 @@ def build_generator(cfg, z_dim: int | None = None, num_classes: int = 0) -> nn.M
             "attention": g.attention,
             "normalize": g.batchnorm,
         }
-    G = family.Generator(
-        z_dim=z_dim or g.z_dim, channels=cfg.data.channels, resolution=cfg.data.resolution, width=g.width, **kwargs
-    )
+    if g.arch == "r3gan":
+        G = r3gan.Generator(
+            z_dim=z_dim or g.z_dim,
+            channels=cfg.data.channels,
+            resolution=cfg.data.resolution,
+            num_classes=num_classes,
+            embed_dim=cfg.model.r3gan.embed_dim,
+            **_r3gan_shape(cfg),
+        )
+    else:
+        G = family.Generator(
+            z_dim=z_dim or g.z_dim, channels=cfg.data.channels, resolution=cfg.data.resolution, width=g.width, **kwargs
+        )
     if g.spectral_norm:
         apply_spectral_norm(G, cfg.train.sn_scale)
     return G
@@ -59,7 +85,7 @@ def build_generator(cfg, z_dim: int | None = None, num_classes: int = 0) -> nn.M
 
 def build_discriminator(cfg, channels: int | None = None, num_classes: int = 0) -> nn.Module:
     """D from the config; `channels` overrides data.channels (packed or label-concatenated inputs).
-    `num_classes` > 0 (resnet only): D(x, y) with its projection term."""
+    `num_classes` > 0 (resnet, r3gan): D(x, y) with its projection term."""
     d = cfg.model.d
     family = _family(d.arch, "model.d.arch")
     mbd = (d.mbd_kernels, d.mbd_kernel_dim) if d.minibatch_discrimination else None
@@ -67,9 +93,23 @@ def build_discriminator(cfg, channels: int | None = None, num_classes: int = 0) 
     kwargs = {"batchnorm": batchnorm} if d.arch == "dcgan" else {"maxout": d.maxout} if d.arch == "toy" else {}
     if d.arch == "resnet":
         kwargs = {"num_classes": num_classes, "attention": d.attention}
-    D = family.Discriminator(
-        channels=channels or cfg.data.channels, resolution=cfg.data.resolution, width=d.width, minibatch=mbd, **kwargs
-    )
+    if d.arch == "r3gan":
+        if mbd:
+            raise UserError("model.d.minibatch_discrimination does not apply to model.d.arch=r3gan")
+        D = r3gan.Discriminator(
+            channels=channels or cfg.data.channels,
+            resolution=cfg.data.resolution,
+            num_classes=num_classes,
+            **_r3gan_shape(cfg),
+        )
+    else:
+        D = family.Discriminator(
+            channels=channels or cfg.data.channels,
+            resolution=cfg.data.resolution,
+            width=d.width,
+            minibatch=mbd,
+            **kwargs,
+        )
     if d.spectral_norm:
         apply_spectral_norm(D, cfg.train.sn_scale)
     return D

@@ -30,15 +30,17 @@ class CGAN(GAN):
 
     def build(self, cfg):
         g, d = cfg.model.g, cfg.model.d
-        if g.arch == "resnet":  # class-conditional BatchNorm inside
+        if g.arch in models.NATIVE_CONDITIONAL:  # resnet: class-conditional BatchNorm; r3gan: an embedding
             G = models.build_generator(cfg, num_classes=self.num_classes)
         else:
             G = conditional.ConditionalGenerator(
                 models.build_generator(cfg, z_dim=g.z_dim + g.embed_dim), self.num_classes, g.embed_dim
             )
-        if d.arch == "resnet":
+        if d.arch in models.NATIVE_CONDITIONAL:
             if d.conditioning != "projection":
-                raise UserError("the resnet D is conditioned by projection only; set model.d.conditioning=projection")
+                raise UserError(
+                    f"the {d.arch} D is conditioned by projection only; set model.d.conditioning=projection"
+                )
             D = models.build_discriminator(cfg, num_classes=self.num_classes)
         elif d.conditioning == "concat":
             base = models.build_discriminator(cfg, channels=cfg.data.channels + 1)
