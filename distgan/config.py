@@ -232,6 +232,8 @@ class VariantConfig:
     # lazy: a regularisation step (weight x k, own optimizer step) after every k-th D step; D's Adam lr
     # and betas are rescaled by k / (k + 1)
     penalty_every: int = at_least(1, 16)
+    # train.schedule_images: r1_gamma and r2_gamma end at this multiple of themselves (R3GAN: 0.1)
+    gamma_end_factor: float = at_least(0, 0.1)
     # LeCam (Tseng et al. 2021): D's loss gets lecam_weight * (E|D(x) - a_F|^2 + E|D(G(z)) - a_R|^2), with
     # a_R, a_F EMAs (variant.lecam_decay) of D's mean real/fake outputs, kept in checkpoints; 0 = off
     lecam_weight: float = at_least(0, 0.0)
@@ -270,6 +272,16 @@ class TrainConfig:
     lr_decay: str = one_of("none", ("none", "linear"))
     # fraction of train.steps after which train.lr_decay starts
     lr_decay_start: float = between(0.0, 1.0, 0.0)
+    # R3GAN's schedules: over this many images (steps x data.batch_size x grad_accum x processes) the lrs go
+    # x1 -> train.lr_end_factor, Adam beta2 train.beta2_start -> train.beta2, R1/R2 gamma x1 ->
+    # variant.gamma_end_factor, a fixed data.augment_p from 0 up, the EMA half-life 0 ->
+    # train.ema_halflife_images, each along half a cosine, then held; logged as schedule/*. 0: off
+    schedule_images: int = at_least(0, 0)
+    lr_end_factor: float = at_least(0, 0.25)  # train.schedule_images: the lrs' final multiplier (R3GAN: 5e-5 / 2e-4)
+    beta2_start: float = between(0.0, 1.0, 0.9)  # train.schedule_images: Adam beta2 at the start (R3GAN: 0.9)
+    # train.schedule_images: the EMA of G with a half-life in images ramped from 0 to this (R3GAN: 5e5 at
+    # 64-256 px); 0: train.ema_beta
+    ema_halflife_images: float = at_least(0, 0.0)
     grad_accum: int = at_least(1, 1)  # micro-batches per step, for G and D alike
     mixed_precision: str = one_of("auto", ("auto", "no", "bf16", "fp16"))
     on_nan: str = one_of("skip", ("skip", "stop"))
@@ -488,6 +500,11 @@ def validate(cfg: Config) -> None:
         raise UserError(
             "config key 'data.cache=ram' keeps decoded crops, so it cannot combine with data.crop=random; "
             "use data.crop=center or data.cache=off"
+        )
+    if cfg.train.schedule_images and cfg.train.lr_decay != "none":
+        raise UserError(
+            "train.schedule_images schedules the learning rate itself; it cannot combine with train.lr_decay "
+            f"'{cfg.train.lr_decay}' (set train.lr_decay=none)"
         )
     if cfg.train.keep_best and not cfg.train.eval_every:
         raise UserError("config key 'train.keep_best=fid' needs evaluations: set train.eval_every too")

@@ -360,6 +360,8 @@ def _hyper(group: dict) -> dict:
     out = {k: group[k] for k in HYPER if k in group}
     if "lr" in out:
         out["lr"] = group.get("initial_lr", group["lr"])
+    if "betas" in out:  # (train.schedule_images moves beta2 from its base)
+        out["betas"] = group.get("initial_betas", group["betas"])
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
@@ -376,5 +378,7 @@ def apply_hyperparameters(optimizers: dict, configured: dict[str, list[dict]]) -
                 changed.setdefault(f"{name}.{key}", [had.get(key), value])
                 group[key] = tuple(value) if key == "betas" else value
                 if key == "lr":
-                    group["initial_lr"] = value  # set_lr scales it from the next step on
+                    group["initial_lr"] = value  # the schedule scales it from the next step on
+                if key == "betas":
+                    group["initial_betas"] = tuple(value)
     return changed

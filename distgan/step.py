@@ -1,13 +1,15 @@
 """One training step's machinery around the variant's `train_step`: `StepContext` (micro-batches,
 backward, the optimizer step and its NaN/Inf undo, decided on the device), `NanGuard` (the whole
 NaN/Inf guard: buffers put back, flags kept and read at log steps, train.on_nan), the EMA update
-and the learning-rate schedule.
+and the schedules (learning rate, Adam beta2, penalty weight, augmentation strength, EMA half-life).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -251,12 +253,61 @@ def lr_factor(t: config.TrainConfig, step: int) -> float:
     return (t.steps - step) / (t.steps - start)
 
 
-def set_lr(optimizers, t: config.TrainConfig, step: int) -> float | None:
-    """Every optimizer's learning rates at `step` under train.lr_decay; the factor, or None without decay."""
-    if t.lr_decay == "none":
-        return None
-    factor = lr_factor(t, step)
+def cosine(start: float, end: float, images: float, horizon: float) -> float:
+    """start -> end along half a cosine over `horizon` images, then end (R3GAN's schedules)."""
+    if images >= horizon:
+        return end
+    return start + (end - start) * 0.5 * (1.0 - math.cos(math.pi * images / horizon))
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """Every scheduled value at one step: functions of the step (and so of the images seen) alone, so a
+    resumed run follows the same schedule."""
+
+    images: int  # images seen before this step: step x data.batch_size x train.grad_accum x processes
+    lr_factor: float | None  # multiplies every base learning rate; None: constant
+    beta2: float | None  # Adam's beta2 (before lazy regularisation's rescaling); None: constant
+    gamma_factor: float = 1.0  # multiplies variant.r1_gamma and r2_gamma
+    augment_factor: float = 1.0  # multiplies a fixed data.augment_p
+    ema_beta: float = 0.0  # the EMA decay of this step
+    ema_halflife: float | None = None  # images; None: from train.ema_beta
+
+
+def schedule(cfg: config.Config, step: int, world: int) -> Scheduled:
+    """The schedules at 0-based `step` of a run of `world` processes: train.lr_decay, or with
+    train.schedule_images > 0 R3GAN's cosine ramps over that many images (lr x 1 -> train.lr_end_factor,
+    beta2 train.beta2_start -> train.beta2, gamma x 1 -> variant.gamma_end_factor, a fixed augment p
+    x 0 -> 1, the EMA half-life 0 -> train.ema_halflife_images), held at their ends afterwards."""
+    t = cfg.train
+    images = step * cfg.data.batch_size * t.grad_accum * world
+    horizon = t.schedule_images
+    if not horizon:
+        lr = None if t.lr_decay == "none" else lr_factor(t, step)
+        return Scheduled(images, lr, None, ema_beta=ema_beta(t.ema_beta, step))
+    halflife = cosine(0.0, t.ema_halflife_images, images, horizon) if t.ema_halflife_images else None
+    per_step = cfg.data.batch_size * t.grad_accum * world
+    beta = 0.5 ** (per_step / max(halflife, 1e-8)) if halflife is not None else ema_beta(t.ema_beta, step)
+    return Scheduled(
+        images,
+        cosine(1.0, t.lr_end_factor, images, horizon),
+        cosine(t.beta2_start, t.beta2, images, horizon),
+        cosine(1.0, cfg.variant.gamma_end_factor, images, horizon),
+        cosine(0.0, 1.0, images, horizon),
+        beta,
+        halflife,
+    )
+
+
+def apply_schedule(optimizers, t: config.TrainConfig, s: Scheduled) -> None:
+    """Set every optimizer's learning rates and Adam beta2 to the schedule's values. A group's base
+    values are its `initial_lr` / `initial_betas` (lazy regularisation's rescaled ones for its D: the
+    scheduled beta2 gets the same power, beta2^r)."""
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-    return factor
+            if s.lr_factor is not None:
+                group["lr"] = group["initial_lr"] * s.lr_factor
+            if s.beta2 is not None and "betas" in group:
+                b1, b2 = group["initial_betas"]
+                power = math.log(b2) / math.log(t.beta2) if 0.0 < t.beta2 < 1.0 and 0.0 < b2 < 1.0 else 1.0
+                group["betas"] = (b1, s.beta2**power)

@@ -112,7 +112,9 @@ def build(
     changed = run_state.restore_models(variant, emas, ckpt, main) if ckpt is not None else {}
     for opt in variant.optimizers.values():
         for group in opt.param_groups:
-            group.setdefault("initial_lr", group["lr"])  # the base of train.lr_decay
+            group.setdefault("initial_lr", group["lr"])  # the bases of the schedules (step.apply_schedule)
+            if "betas" in group:
+                group.setdefault("initial_betas", tuple(group["betas"]))
     cluster.gpu_settings(cfg, device, variant.models.values())
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -241,15 +243,16 @@ def _loop(run: run_state.Run) -> int:
                 run.preview_batch = run.preview_batch or micro[0]
                 guard.before_step()
                 ctx.global_step = run.step
-                factor = step.set_lr(variant.optimizers.values(), t, run.step)
+                sched = step.schedule(cfg, run.step, world)
+                step.apply_schedule(variant.optimizers.values(), t, sched)
+                variant.set_schedule(sched)
                 metrics = variant.train_step(micro, ctx)
-                if factor is not None:
-                    metrics["lr/factor"] = torch.full((), factor, device=device)  # a fill: no H2D copy
+                metrics.update(_scheduled_metrics(sched, device))
                 log.add(metrics, guard.after_step(ctx, run.step + 1))  # (a NaN/Inf step: undone, on the device)
                 cluster.average_buffers([accelerator.unwrap_model(m) for m in variant.models.values()], world)
                 for name, ema in emas.items():
                     live = accelerator.unwrap_model(variant.models[name[: -len("_ema")]])
-                    step.ema_update(ema, live, step.ema_beta(t.ema_beta, run.step))
+                    step.ema_update(ema, live, sched.ema_beta)
                 run.step += 1
                 bar.update(1)
                 # with several ranks, agreeing on a stop is a host read: every train.stop_check_every
@@ -269,6 +272,17 @@ def _loop(run: run_state.Run) -> int:
     if run.saved_at != run.step:
         run_state.save(run, run.step)
     return stopping
+
+
+def _scheduled_metrics(s: step.Scheduled, device) -> dict[str, torch.Tensor]:
+    """The scheduled values that change, to log (device fills: no host-to-device copy)."""
+    values = {"lr/factor": s.lr_factor}
+    if s.beta2 is not None:  # train.schedule_images
+        values.update({"schedule/beta2": s.beta2, "schedule/gamma_factor": s.gamma_factor})
+        values.update({"schedule/augment_factor": s.augment_factor, "schedule/images": float(s.images)})
+        if s.ema_halflife is not None:
+            values["schedule/ema_halflife_images"] = s.ema_halflife
+    return {k: torch.full((), v, device=device) for k, v in values.items() if v is not None}
 
 
 def _prepare(accelerator, variant, emas) -> None:

@@ -4,6 +4,7 @@ grouped-conv forms against each other to second order, the templates' parameter 
 R3GAN's own, and `distgan import --from r3gan` (distgan/importer.py, distgan/safepickle.py): the same
 images as the pickled G, the optimizer states mapped, nothing in a hostile pickle run."""
 
+import math
 import os
 import pickle
 
@@ -12,10 +13,10 @@ import pytest
 import r3gan_like
 import torch
 import torch.nn.functional as F
-from conftest import cli
+from conftest import assert_resumed, cli, read_metrics
 
 import distgan
-from distgan import checkpoint, config, importer, safepickle, variants
+from distgan import checkpoint, config, importer, safepickle, step, variants
 from distgan.errors import UserError
 from distgan.models import r3gan
 
@@ -257,3 +258,80 @@ def test_an_allowed_class_name_cannot_be_called(tmp_path):
     torch.save({"a": torch.ones(1)}, z)
     with pytest.raises(safepickle.UnsafePickle, match="torch.save's format"):
         safepickle.load(str(z), importer.R3GAN_RECORDS)
+
+
+# -- schedules (train.schedule_images): R3GAN's cosine ramps as functions of the images seen ----------
+
+SCHEDULED = [
+    "train.schedule_images=48",  # 6 steps of 8 images: the whole ramp inside the test
+    "train.ema_halflife_images=16",
+    "train.lr_end_factor=0.25",
+    "train.beta2_start=0.9",
+    "variant.gamma_end_factor=0.1",
+    "data.augment=translation",
+    "data.augment_p=0.5",
+]
+
+
+def _scheduled_cfg():
+    return config.load_config("digits-r3gan-net", None, [*SCHEDULED, "data.batch_size=8"])
+
+
+def test_schedules_follow_r3gans_cosine_and_hold_after_the_horizon():
+    """R3GAN's cosine_decay_with_warmup (no warm-up): base + (1 - (1 + cos(pi t / T)) / 2) (final - base)."""
+    cfg = _scheduled_cfg()
+
+    def r3gan_cosine(base, final, t, total):
+        return final if t > total else base + (1 - 0.5 * (1 + math.cos(math.pi * t / total))) * (final - base)
+
+    for step_, world in ((0, 1), (2, 1), (3, 1), (1, 2), (6, 1), (9, 1)):
+        s = step.schedule(cfg, step_, world)
+        t = step_ * 8 * world
+        assert s.images == t
+        assert s.lr_factor == pytest.approx(r3gan_cosine(1.0, 0.25, t, 48))
+        assert s.beta2 == pytest.approx(r3gan_cosine(0.9, 0.99, t, 48))
+        assert s.gamma_factor == pytest.approx(r3gan_cosine(1.0, 0.1, t, 48))
+        assert s.augment_factor == pytest.approx(r3gan_cosine(0.0, 1.0, t, 48))
+        halflife = r3gan_cosine(0.0, 16.0, t, 48)
+        assert s.ema_beta == pytest.approx(0.5 ** (8 * world / max(halflife, 1e-8)))
+    assert step.schedule(cfg, 3, 1).lr_factor == pytest.approx(0.625)  # half-way: the mean of the ends
+    with pytest.raises(UserError, match="cannot combine with train.lr_decay"):
+        config.load_config("digits-r3gan-net", None, [*SCHEDULED, "train.lr_decay=linear"])
+
+
+def test_scheduled_run_resumes_bitwise_and_logs_its_schedule(tmp_path, capsys, digits_shards):
+    common = [
+        "--preset",
+        "digits-r3gan-net",
+        f"data.shards={digits_shards}",
+        *SCHEDULED,
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "model.r3gan.widths=[8,8,8,8]",
+        "model.r3gan.cardinalities=[2,2,2,2]",
+        "model.g.z_dim=8",
+        "train.log_every=1",
+        "train.ckpt_every=1000",
+        "train.sample_every=1000",
+        "tracking.wandb.mode=disabled",
+    ]
+    assert cli(capsys, "train", *common, "--out", tmp_path / "full", "train.steps=6").returncode == 0
+    assert cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=3").returncode == 0
+    res = cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=6", "--resume", "auto")
+    assert res.returncode == 0, res.stderr
+    assert "optimizer settings differ" not in res.stderr  # the scheduled beta2 is not a config change
+    assert_resumed(tmp_path / "split", 3)
+    a, b = (checkpoint.load(tmp_path / r / "checkpoints" / "step-00000006") for r in ("full", "split"))
+    for name in ("models", "optimizer_tensors", "state"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    assert a.optimizer_meta == b.optimizer_meta
+    logged = {m["step"]: m for m in read_metrics(tmp_path / "split") if "schedule/beta2" in m}
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    for s in (1, 4, 6):  # the value used in step s (0-based s - 1), as the schedule gives it
+        want = step.schedule(_scheduled_cfg(), s - 1, 1)
+        assert logged[s]["schedule/beta2"] == pytest.approx(want.beta2, rel=1e-6)
+        assert logged[s]["lr/factor"] == pytest.approx(want.lr_factor, rel=1e-6)
+        assert logged[s]["schedule/gamma_factor"] == pytest.approx(want.gamma_factor, rel=1e-6)
+    betas = [g["betas"] for g in a.optimizer_meta["G"]["param_groups"]]
+    assert betas[0][1] == pytest.approx(step.schedule(_scheduled_cfg(), 5, 1).beta2)  # step 6's, saved

@@ -72,6 +72,10 @@ class Variant:
         """One optimisation step on `train.grad_accum * data_per_step` micro-batches; the scalars to log."""
         raise NotImplementedError
 
+    def set_schedule(self, scheduled) -> None:
+        """The step's scheduled values (step.Scheduled: penalty weight and augmentation multipliers),
+        before its train_step; variants without such terms ignore them."""
+
     def rank_state(self) -> dict[str, torch.Tensor]:
         """Per-rank tensors saved in checkpoints (one row per rank), e.g. cyclegan's image pools."""
         return {}

@@ -92,6 +92,7 @@ class GAN(Variant):
         if self.augment and cfg.data.augment_p == "auto":
             self.ada = augment.Adaptive(cfg.data.augment_target)
         self.augment_p = 1.0 if cfg.data.augment_p == "auto" else float(cfg.data.augment_p)
+        self.gamma_factor = self.augment_factor = 1.0  # train.schedule_images: set per step (set_schedule)
         if cfg.data.batch_size % self.pack:
             raise UserError(f"data.batch_size={cfg.data.batch_size} must be a multiple of variant.pack={self.pack}")
         G, D = self.build(cfg)
@@ -119,8 +120,11 @@ class GAN(Variant):
             x = x.reshape(x.size(0) // self.pack, self.pack * x.size(1), *x.shape[2:])
         return D(x)
 
+    def set_schedule(self, scheduled) -> None:
+        self.gamma_factor, self.augment_factor = scheduled.gamma_factor, scheduled.augment_factor
+
     def augment_strength(self) -> float | torch.Tensor:
-        return self.ada.p if self.ada is not None else self.augment_p
+        return self.ada.p if self.ada is not None else self.augment_p * self.augment_factor
 
     def augmented(self, x: torch.Tensor, draws: augment.Draws | None = None) -> torch.Tensor:
         """x through data.augment at the current strength (the identity without augmentation)."""
@@ -149,11 +153,11 @@ class GAN(Variant):
         """Extra terms of D's loss (named, weighted): the R1 penalty on reals when variant.r1_gamma > 0
         and R2, the same on fakes, when variant.r2_gamma > 0 (R3GAN uses both), each computed as
         `mode` says (exact or approx; distgan/penalties.py), on the augmentation draws D judged with."""
-        v, terms = self.cfg.variant, {}
+        v, terms, k = self.cfg.variant, {}, self.gamma_factor
         if v.r1_gamma > 0:
-            terms["loss/r1"] = v.r1_gamma / 2 * self.sq_grad(D, real, ctx, mode)
+            terms["loss/r1"] = k * v.r1_gamma / 2 * self.sq_grad(D, real, ctx, mode)
         if v.r2_gamma > 0:
-            terms["loss/r2"] = v.r2_gamma / 2 * self.sq_grad(D, fake, ctx, mode)
+            terms["loss/r2"] = k * v.r2_gamma / 2 * self.sq_grad(D, fake, ctx, mode)
         return terms
 
     def critic(self, D, side: Judged):
