@@ -12,8 +12,10 @@ the same round. `r3gan-256` (the cluster template, on the built-in photos at 256
 (benchmarks/gpu_suite.sh runs it).
 
     python benchmarks/penalty_cost.py [--presets digits-r3gan photos-biggan-64] [--rounds 2] [--intervals 4]
+    python benchmarks/penalty_cost.py --presets r3gan-cifar --modes "exact eager" "approx eager" \
+        "approx compiled" --rounds 1 --intervals 1 --name r3gan_cost     (R3GAN's networks, small)
 
-Writes results/penalty_cost-<machine>.{json,md}. Run it with nothing else on the machine, or with
+Writes results/<--name, default penalty_cost>-<machine>.{json,md}. Run it with nothing else on the machine, or with
 OMP_NUM_THREADS set, for ratios that mean something.
 """
 
@@ -47,6 +49,18 @@ PRESETS = {
     "photos-biggan-64": ["model.g.width=8", "model.d.width=8", "variant.r1_gamma=1", "model.d.attention=32"],
     "r3gan-256": ["data.shards=builtin:photos-hr", "data.num_workers=4"],
     "grid-r3gan": ["data.batch_size=32", "model.g.width=16", "model.d.width=16"],  # (gpu_suite.sh --dry-run)
+    # R3GAN's CIFAR-10 networks at 1/12 of their width (64 per stage, 8 groups), unconditional, on the
+    # built-in photo patches at 32 px, with StyleGAN2-ADA's augmentation: the architecture's step on a CPU
+    "r3gan-cifar": [
+        "data.shards=builtin:photos-hr",
+        "model.num_classes=0",
+        "variant.name=gan",
+        "model.r3gan.widths=[64,64,64,64]",
+        "model.r3gan.cardinalities=[8,8,8,8]",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "train.mixed_precision=no",
+    ],
 }
 CPU_PRESETS = ["digits-r3gan", "photos-biggan-64"]
 
@@ -92,6 +106,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--intervals", type=int, default=4, help="timed log intervals of 16 steps after the first")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--name", default="penalty_cost", help="results file name (results/NAME-<machine>.*)")
     p.add_argument("--cell", nargs=2, metavar=("PRESET", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -137,7 +152,7 @@ def main() -> None:
         "torch.cuda.max_memory_allocated on a GPU."
     )
     cols = ["preset", "mode", "steps_per_sec", "speed_vs_exact_eager", "peak_mb", "memory_vs_exact_eager", "rounds"]
-    common.write("penalty_cost", rows, cols, notes, {"command": command})
+    common.write(args.name, rows, cols, notes, {"command": command})
 
 
 if __name__ == "__main__":

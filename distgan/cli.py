@@ -505,12 +505,24 @@ def _params(args: argparse.Namespace) -> int:
     import torch
 
     from distgan import config, variants
+    from distgan.models import r3gan
 
     cfg = config.load_config(args.preset, args.config, args.overrides)
     with torch.device("meta"):  # shapes only: a 100 M-parameter template takes no memory or time
         variant = variants.get(cfg.variant.name)(cfg)
+        flops = {}
+        if cfg.model.g.arch == "r3gan" and cfg.model.d.arch == "r3gan":  # counted from the layers' shapes
+            y = variant.labels(2, "meta")
+            flops["G"] = r3gan.forward_flops(
+                variant.models["G"], variant.noise(2, "meta"), *([y] if y is not None else [])
+            )
+            x = torch.empty(2, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+            flops["D"] = r3gan.forward_flops(variant.models["D"], x, *([y] if y is not None else []))
     for name, model in variant.models.items():
-        print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters")
+        line = f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters"
+        if name in flops:
+            line += f", {flops[name] / 1e9:.2f} GFLOP per image forward"
+        print(line)
     return 0
 
 
@@ -785,7 +797,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the reference of every command's flags (the end of docs/usage.md) instead",
     )
-    c.add_argument("--params", action="store_true", help="print each model's parameter count instead")
+    c.add_argument(
+        "--params",
+        action="store_true",
+        help="print each model's parameter count instead (r3gan models: and their forward FLOPs per image)",
+    )
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
     c.set_defaults(func=_config)
 

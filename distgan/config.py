@@ -125,8 +125,9 @@ class DataConfig:
     cache: str = one_of("auto", ("auto", "ram", "off"))
     # data.cache: bytes per rank (split over its workers); shards beyond it are re-read
     cache_bytes: float = at_least(0, 4e9)
-    # DiffAugment (Zhao et al. 2020) of every image D sees in training, real and fake: a comma-separated
-    # list of color, translation, cutout (distgan/augment.py); empty: none
+    # augmentation of every image D sees in training, real and fake: a comma-separated list of DiffAugment's
+    # color, translation, cutout (Zhao et al. 2020) and StyleGAN2-ADA's ada-geometric, ada-color; ada: its
+    # pipeline as R3GAN uses it (ada-geometric, ada-color, cutout); distgan/augment.py. Empty: none
     augment: str = checked("", _augment_policy)
     # probability of each augmentation op per image, in [0, 1]; auto: ADA's adaptive p (Karras et al.
     # 2020), from 0, raised while E[sign D(real)] > data.augment_target; logged as augment/p

@@ -181,3 +181,84 @@ def test_training_with_adaptive_p_resumes_exactly_and_saves_p(tmp_path, digits_s
     assert len(set(ps[i] for i in range(0, 10, 4))) > 1  # p moved (every 4 steps, by 16 * 4 / 500k)
     state = checkpoint.load(full).state
     assert state["variant.shared.augment_p"][0, 0].item() == pytest.approx(ps[-1])
+
+
+# -- StyleGAN2-ADA's pipeline (data.augment=ada: ada-geometric, ada-color, cutout) -----------------------
+
+
+def _only(monkeypatch, table: dict, name: str) -> None:
+    """Every transform of `table` (augment.GEOMETRIC or COLOR) off but `name`, which is always on at p = 1."""
+    for k in table:
+        monkeypatch.setitem(table, k, 1.0 if k == name else 0.0)
+
+
+def test_ada_geometric_transforms_match_their_definitions(monkeypatch):
+    x = images(n=32, c=3, h=8, w=8, dtype=torch.float32)
+    _only(monkeypatch, augment.GEOMETRIC, "xflip")
+    out = augment.ada_geometric(x, augment.draw_ada_geometric(x, 1.0))
+    flips = [torch.allclose(o, i, atol=1e-5) or torch.allclose(o, i.flip(-1), atol=1e-5) for o, i in zip(out, x)]
+    assert all(flips) and 0 < sum(torch.allclose(o, i, atol=1e-5) for o, i in zip(out, x)) < 32
+    _only(monkeypatch, augment.GEOMETRIC, "rotate90")
+    out = augment.ada_geometric(x, augment.draw_ada_geometric(x, 1.0))
+    seen = set()
+    for o, i in zip(out, x):
+        k = [q for q in range(4) if torch.allclose(o, torch.rot90(i, q, dims=(1, 2)), atol=1e-5)]
+        assert len(k) == 1
+        seen.add(k[0])
+    assert seen == {0, 1, 2, 3}
+    _only(monkeypatch, augment.GEOMETRIC, "xint")  # a whole-pixel shift of at most 1/8 of the size
+    x16 = images(n=16, c=1, h=16, w=16, dtype=torch.float32)
+    (theta,) = augment.draw_ada_geometric(x16, 1.0)
+    out = augment.ada_geometric(x16, (theta,))
+    for o, i, t in zip(out, x16, theta):
+        dx, dy = (round(float(v) * 8) for v in t[:, 2])  # [-1, 1] units -> pixels (size 16)
+        assert abs(dx) <= 2 and abs(dy) <= 2
+        inner = i[:, 3:13, 3:13]
+        torch.testing.assert_close(o[:, 3 - dy : 13 - dy, 3 - dx : 13 - dx], inner, atol=1e-5, rtol=0)
+
+
+def test_ada_color_transforms_match_their_definitions(monkeypatch):
+    x = images(n=16, c=3, h=4, w=4, dtype=torch.float32)
+    gray = x[:, :1].expand(-1, 3, -1, -1)
+    _only(monkeypatch, augment.COLOR, "brightness")
+    (c,) = augment.draw_ada_color(x, 1.0)
+    torch.testing.assert_close(augment.ada_color(x, (c,)), x + c[:, :, 3, None, None])
+    assert torch.equal(c[:, 0, 3], c[:, 1, 3]) and c[:, 0, 3].std() > 0.05  # the same shift on R, G, B
+    _only(monkeypatch, augment.COLOR, "lumaflip")  # grey pixels flip sign, or stay
+    out = augment.ada_color(gray, augment.draw_ada_color(gray, 1.0))
+    signs = [torch.allclose(o, g, atol=1e-6) or torch.allclose(o, -g, atol=1e-6) for o, g in zip(out, gray)]
+    assert all(signs)
+    for name in ("hue", "saturation"):  # neither moves a grey pixel; both move colours
+        _only(monkeypatch, augment.COLOR, name)
+        torch.testing.assert_close(augment.ada_color(gray, augment.draw_ada_color(gray, 1.0)), gray, atol=1e-5, rtol=0)
+        assert (augment.ada_color(x, augment.draw_ada_color(x, 1.0)) - x).abs().max() > 0.1
+    _only(monkeypatch, augment.COLOR, "contrast")
+    (c,) = augment.draw_ada_color(x, 1.0)
+    torch.testing.assert_close(augment.ada_color(x, (c,)), x * c[:, 0, 0, None, None, None])
+    one = images(n=16, c=1, h=4, w=4, dtype=torch.float32)  # one channel: the same contrast
+    torch.testing.assert_close(augment.ada_color(one, (c,)), one * c[:, 0, 0, None, None, None])
+
+
+def test_ada_pipeline_identity_replay_probability_and_double_derivative():
+    ops = augment.parse("ada")
+    assert ops == ("ada-geometric", "ada-color", "cutout")
+    x = images(n=8, c=3, h=8, w=8)
+    assert torch.equal(augment.apply(ops, x, 0.0), x)
+    torch.manual_seed(0)
+    draws = augment.draw(ops, x, 0.7)
+    assert torch.equal(augment.apply(ops, x, 0.7, draws), augment.apply(ops, x, 0.7, draws))
+    torch.manual_seed(0)
+    assert torch.equal(augment.apply(ops, x, 0.7), augment.apply(ops, x, 0.7, draws))
+    # a device p (ADA's adaptive) at 0 draws every gate off: the identity, to resampling's rounding
+    torch.testing.assert_close(augment.apply(ops, x, torch.tensor(0.0, dtype=torch.float64)), x)
+    # twice differentiable in the image: the exact R1 penalty through the pipeline, checked numerically
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    small = images(n=2, c=3, h=6, w=6)
+    torch.manual_seed(1)
+    small_draws = augment.draw(ops, small, 1.0)
+
+    def d_of(img):
+        return torch.nn.functional.conv2d(augment.apply(ops, img, 1.0, small_draws), w).tanh().sum()
+
+    xi = small.clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(d_of, (xi,), eps=1e-6, atol=1e-5)

@@ -7,6 +7,7 @@ images as the pickled G, the optimizer states mapped, nothing in a hostile pickl
 import math
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -115,7 +116,19 @@ def test_templates_have_r3gans_parameter_counts(capsys, preset, kind):
     res = cli(capsys, "config", "--preset", preset, "--params", *extra)
     assert res.returncode == 0, res.stderr
     g, d = COUNTS[preset, kind]
-    assert res.stdout.splitlines() == [f"G: {g:,} parameters", f"D: {d:,} parameters"]
+    found = [
+        re.fullmatch(r"(G|D): ([\d,]+) parameters, [\d.]+ GFLOP per image forward", x) for x in res.stdout.splitlines()
+    ]
+    assert [(m.group(1), int(m.group(2).replace(",", ""))) for m in found] == [("G", g), ("D", d)]
+
+
+def test_forward_flops_count_each_layer_from_its_shapes():
+    """One block at 8x8, width 12, expansion 2, 3 groups: 2 x 64 positions x (12 x 24 + 24 x 8 x 9 + 24 x 12)."""
+    block = r3gan.Block(12, 3, 2, total_blocks=1, grouped_conv="native")
+    want = 2 * 64 * (12 * 24 + 24 * 8 * 9 + 24 * 12)
+    assert r3gan.forward_flops(block, torch.randn(5, 12, 8, 8)) == want
+    up = r3gan.Resample(up=True)  # 16 taps per output pixel of the transposed conv, 4 of them non-zero
+    assert r3gan.forward_flops(up, torch.randn(1, 3, 4, 4)) == 2 * 3 * 8 * 8 * 4
 
 
 def test_config_errors_name_the_stage_count():
@@ -268,7 +281,7 @@ SCHEDULED = [
     "train.lr_end_factor=0.25",
     "train.beta2_start=0.9",
     "variant.gamma_end_factor=0.1",
-    "data.augment=translation",
+    "data.augment=ada",  # StyleGAN2-ADA's pipeline, under the exact R1/R2 (differentiated twice)
     "data.augment_p=0.5",
 ]
 
@@ -335,3 +348,34 @@ def test_scheduled_run_resumes_bitwise_and_logs_its_schedule(tmp_path, capsys, d
         assert logged[s]["schedule/gamma_factor"] == pytest.approx(want.gamma_factor, rel=1e-6)
     betas = [g["betas"] for g in a.optimizer_meta["G"]["param_groups"]]
     assert betas[0][1] == pytest.approx(step.schedule(_scheduled_cfg(), 5, 1).beta2)  # step 6's, saved
+
+
+def test_the_trainer_hands_the_schedule_to_the_penalties_and_augmentation(tmp_path, capsys, digits_shards):
+    """gamma x 1 at step 0, x 0 once the 8 images of train.schedule_images=8 are seen: R1/R2 vanish from
+    the second step's loss; a fixed augment p scales the same way (0 at the start, p at the end)."""
+    res = cli(
+        capsys,
+        "train",
+        "--preset",
+        "digits-r3gan-net",
+        f"data.shards={digits_shards}",
+        "--out",
+        tmp_path / "run",
+        "train.schedule_images=8",
+        "variant.gamma_end_factor=0",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "model.r3gan.widths=[8,8,8,8]",
+        "model.r3gan.cardinalities=[2,2,2,2]",
+        "train.steps=2",
+        "train.log_every=1",
+        "tracking.wandb.mode=disabled",
+    )
+    assert res.returncode == 0, res.stderr
+    logged = {m["step"]: m for m in read_metrics(tmp_path / "run") if "loss/r1" in m}
+    assert logged[1]["loss/r1"] > 0 and logged[1]["loss/r2"] > 0
+    assert logged[2]["loss/r1"] == 0 and logged[2]["loss/r2"] == 0
+    cfg = config.load_config("digits-r3gan-net", None, ["data.augment=translation", "data.augment_p=0.5"])
+    variant = variants.get(cfg.variant.name)(cfg)
+    variant.set_schedule(step.Scheduled(0, None, None, gamma_factor=0.3, augment_factor=0.5))
+    assert variant.augment_strength() == pytest.approx(0.25)

@@ -199,7 +199,7 @@ class Stage(nn.Module):
         return x if self.transition_first else self.transition(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.low_precision or not torch.is_autocast_enabled(x.device.type):
+        if self.low_precision or x.is_meta or not torch.is_autocast_enabled(x.device.type):
             return self.run(x)
         with torch.autocast(x.device.type, enabled=False):
             return self.run(x.float())
@@ -359,3 +359,34 @@ class Discriminator(nn.Module):
                 raise ValueError("a conditional r3gan D needs labels")
             x = (x * self.embed(F.one_hot(y, self.num_classes).to(x.dtype))).sum(dim=1, keepdim=True)
         return x.flatten()
+
+
+def forward_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """Floating-point operations (a multiply-add is 2) of one forward of `model` on `inputs`, counted from
+    the shapes each layer sees: convs 2 x output elements x (inputs per group x kernel area), linear
+    layers 2 x in x out per row, resampling 2 x output elements x filter taps (per channel). Bias,
+    activations and residual adds are left out. Runs on the meta device as well (no arithmetic done)."""
+    total = 0
+
+    def conv(weight: torch.Tensor, out: torch.Tensor) -> int:
+        return 2 * out.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]
+
+    def hook(module, args, out):
+        nonlocal total
+        if isinstance(module, (Conv, GroupedConv)):
+            total += conv(module.weight, out)
+        elif isinstance(module, DiscriminativeBasis):
+            total += 2 * args[0].shape[0] * module.basis.weight.shape[0] * 16
+        elif isinstance(module, nn.Linear):
+            total += 2 * out.numel() * module.in_features
+        elif isinstance(module, Resample):
+            total += 2 * out.numel() * (module.kernel.numel() // (1 if not module.up else 4))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total // inputs[0].shape[0]
