@@ -7,7 +7,8 @@
 #   4. trainer steps/s of digits-dcgan, digits-sngan and photos-biggan-64, compile off and on (gpu_steps.py);
 #   5. the gradient-penalty modes' step cost (penalty_cost.py): exact eager, approx and lazy eager and
 #      compiled, on r3gan-256;
-#   6. digits-dcgan and digits-sngan steps under torch.cuda.set_sync_debug_mode("error") (gpu_steps.py
+#   6. R3GAN's block with its grouped conv native and block-diagonal, per stage shape (grouped_conv.py);
+#   7. digits-dcgan and digits-sngan steps under torch.cuda.set_sync_debug_mode("error") (gpu_steps.py
 #      --sync-check): a step that makes the host wait for the GPU fails the suite.
 # Everything lands in benchmarks/results/*-gpu-<name>.{json,md,png} (DISTGAN_BENCH_RESULTS overrides).
 #
@@ -40,12 +41,14 @@ if [ ${#DRY[@]} -gt 0 ]; then
     --impls none torch ours-fallback ours-fallback-out
   step "$PYTHON" benchmarks/gpu_steps.py --dry-run --presets digits-sngan
   step "$PYTHON" benchmarks/penalty_cost.py --presets grid-r3gan --rounds 1 --intervals 1 --modes "lazy compiled"
+  step "$PYTHON" benchmarks/grouped_conv.py --shapes cifar-4 --repeats 1 --batch 1
   step "$PYTHON" benchmarks/gpu_steps.py --sync-check --presets digits-sngan
 else
   step "$PYTHON" benchmarks/bench_minibatch_l1.py --sizes 256 1024 4096 --repeats 5 --timeout 240
   step "$PYTHON" benchmarks/bench_spectral_norm.py --repeats 20
   step "$PYTHON" benchmarks/gpu_steps.py --steps 300
   step "$PYTHON" benchmarks/penalty_cost.py --presets r3gan-256 --rounds 1 --intervals 3
+  step "$PYTHON" benchmarks/grouped_conv.py --batch 32 --repeats 10
   step "$PYTHON" benchmarks/gpu_steps.py --sync-check --presets digits-dcgan digits-sngan
 fi
 exit $status

@@ -53,11 +53,18 @@ VARIANTS = {
     # exact every 16th D step in a step of its own (StyleGAN2's lazy R1)
     "r3gan-approx": ["variant.penalty_mode=approx"],
     "r3gan-lazy": ["variant.penalty_mode=lazy", "variant.penalty_every=16"],
+    # stacked digits only: the R3GAN recipe of stacked-digits-r3gan on R3GAN's networks instead of the DCGAN
+    "r3gan-net": [],
 }
+STACKED_ONLY = ("r3gan-net",)
 R3GAN = ("r3gan", "r3gan-approx", "r3gan-lazy")
 PRESET = {"gan-r1": "{dataset}-gan-r1", **{v: "{dataset}-r3gan" for v in R3GAN}}  # default: {dataset}-gan
 # default: stacked-digits-dcgan
-STACKED_PRESET = {"gan-r1": "stacked-digits-r1", **{v: "stacked-digits-r3gan" for v in R3GAN}}
+STACKED_PRESET = {
+    "gan-r1": "stacked-digits-r1",
+    **{v: "stacked-digits-r3gan" for v in R3GAN},
+    "r3gan-net": "stacked-digits-r3gan-net",
+}
 DRS_VARIANTS = ("gan-r1",)  # also measured with discriminator rejection sampling (eval --drs)
 DRS_CALIBRATE = 6000  # ... and with D first trained this many steps against the final G (--drs-calibrate)
 STACKED_N = 26_000  # samples per stacked-digits evaluation, as VEEGAN and PacGAN count the 1000 modes
@@ -92,6 +99,8 @@ def cell(dataset: str, variant: str, seed: int, steps: int, keep_stale: bool = F
         path = CELLS / f"{dataset}-{variant}-n{steps}-e{STACKED_N}-s{seed}.json"
     if dataset == "stacked":
         preset = STACKED_PRESET.get(variant, "stacked-digits-dcgan")
+    elif variant in STACKED_ONLY:
+        raise SystemExit(f"variant {variant} is measured on stacked digits only (--stacked-variants)")
     else:
         preset = PRESET.get(variant, "{dataset}-gan").format(dataset=dataset)
     overrides = [

@@ -162,6 +162,41 @@ def test_two_ranks_resume_is_exact(tmp_path, digits_shards):
     )
 
 
+@pytest.mark.slow
+def test_two_ranks_resume_r3gans_schedules_exactly(tmp_path, digits_shards):
+    """R3GAN's networks with train.schedule_images (lr, beta2, gamma, augment p, EMA half-life, over the
+    images of both ranks) and StyleGAN2-ADA's augmentation: 3 + 3 steps on 2 ranks == 6, bitwise."""
+    common = [
+        "--preset",
+        "digits-r3gan-net",
+        f"data.shards={digits_shards}",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "model.r3gan.widths=[8,8,8,8]",
+        "model.r3gan.cardinalities=[2,2,2,2]",
+        "model.g.z_dim=8",
+        "train.schedule_images=96",  # 6 steps x 8 images x 2 ranks: the whole ramp
+        "train.ema_halflife_images=32",
+        "data.augment=ada",
+        "data.augment_p=0.5",
+        "train.log_every=1",
+        "train.ckpt_every=1000",
+        "train.sample_every=1000",
+        "tracking.wandb.mode=disabled",
+    ]
+    for out, steps in (("full", 6), ("split", 3)):
+        r = launch(*common, "--out", tmp_path / out, f"train.steps={steps}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(*common, "--out", tmp_path / "split", "train.steps=6", "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_resumed(tmp_path / "split", 3)
+    assert_bitwise_equal(
+        tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path / "split" / "checkpoints" / "step-00000006"
+    )
+    images = [m["schedule/images"] for m in read_metrics(tmp_path / "split") if "schedule/images" in m]
+    assert images == [0, 16, 32, 48, 64, 80]  # both ranks' images count
+
+
 LONG = [*FAST, "train.steps=100000", "train.log_every=1", "train.ckpt_every=4"]
 
 

@@ -230,6 +230,7 @@ def test_gpu_suite_dry_run(tmp_path):
         "gpu_steps",
         "gpu_sync",
         "penalty_cost",
+        "grouped_conv",
     ):
         assert f"{stem}-cpu{os.cpu_count()}.json" in names, names
     assert any(n.endswith(".png") for n in names)
