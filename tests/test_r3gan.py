@@ -98,6 +98,21 @@ def test_grouped_conv_forms_agree_in_values_and_first_and_second_derivatives(gro
     assert not bool(w.any())
 
 
+def test_g_and_d_trace_to_one_graph_without_breaks():
+    """Everything is plain PyTorch that torch.compile takes whole: conditional, an fp32 stage inside bf16
+    autocast, and the block-diagonal form (Dynamo's trace only; the compiled training runs are in
+    tests/test_penalties.py)."""
+    G = r3gan.Generator(8, 3, 16, [8, 8, 8], [2, 2, 2], [1, 1, 1], num_classes=3, fp32_stages=1)
+    D = r3gan.Discriminator(
+        3, 16, [8, 8, 8], [2, 2, 2], [1, 1, 1], num_classes=3, fp32_stages=1, grouped_conv="block_diagonal"
+    )
+    y = torch.tensor([0, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for model, x in ((G, torch.randn(2, 8)), (D, torch.randn(2, 3, 16, 16))):
+            found = torch._dynamo.explain(model)(x, y)
+            assert (found.graph_count, found.graph_break_count) == (1, 0), found.break_reasons
+
+
 # R3GAN's parameter counts (its Networks.py instantiated with train.py's presets; CIFAR-10 and FFHQ-256
 # unconditional are the paper's table's 20.73 / 20.68 M and 23.058 / 23.010 M)
 COUNTS = {
