@@ -195,6 +195,40 @@ def test_async_checkpoints_are_the_synchronous_ones_and_complete_before_the_run_
         writer.wait()
 
 
+def test_sigterm_while_a_background_save_is_pending_waits_for_it_then_checkpoints(tmp_path, monkeypatch):
+    """SIGTERM arrives while step 2's files are still being written on the writer thread (the write is
+    made slow: a second's sleep before the real one). The run waits for it, writes its stop checkpoint
+    (step 3) after it, and ends: both complete, in order, no temporary folder left."""
+    real_write, started = checkpoint.write, threading.Event()
+
+    def slow_write(run_dir, step, *args, **kwargs):
+        if step == 2:  # only this save is slow: the stop checkpoint's must wait for it, not overtake it
+            started.set()
+            time.sleep(1.0)
+        return real_write(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write", slow_write)
+
+    def batches():
+        for i, batch in enumerate(digit_batches(nan_at=-1)):
+            if i == 2:  # step 3's batch: step 2's save was submitted at the end of step 2
+                assert started.wait(5) and not checkpoint.list_steps(tmp_path / "run")  # still being written
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    cfg = config.load_config(
+        "digits-dcgan", overrides=[*FAST, "train.steps=8", "train.ckpt_every=2", "train.ckpt_async=true"]
+    )
+    assert trainer.train(cfg, tmp_path / "run", data=batches()) == 128 + signal.SIGTERM  # stopped by the signal
+    assert [p.name for p in checkpoint.list_steps(tmp_path / "run")] == ["step-00000002", "step-00000003"]
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert read_step(tmp_path / "run", 3).step == 3 and read_step(tmp_path / "run", 2).step == 2
+    events = [
+        (m["event"], m["step"]) for m in read_metrics(tmp_path / "run") if m.get("event") in ("checkpoint", "stop")
+    ]
+    assert events[:2] == [("checkpoint", 2), ("checkpoint", 3)], events
+
+
 def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path):
     cfg = config.load_config("digits-dcgan", overrides=[*FAST, "train.steps=2", "train.ckpt_every=1"])
     assert trainer.train(cfg, tmp_path / "run", data=digit_batches(nan_at=-1)) == 0
