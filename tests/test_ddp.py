@@ -566,7 +566,7 @@ def _loads_bitwise_on_one_process(path, overrides, probe):
 def test_resume_on_four_processes_refuses_a_changed_batch_then_keeps_it(tmp_path, digits_shards):
     """2 processes x 16 = 32 images per step, resumed on 4: 16 per process cannot keep 32, so the
     resume is refused (exit 2, nothing trained) naming data.batch_size=8; with it the run continues
-    on 4 ranks, identical models on every rank, and the `resume` event records 2 -> 4."""
+    on 4 ranks, identical models on every rank, and the `resume` event records 2 -> 4; then back on 2."""
     common = [*FAST, f"data.shards={digits_shards}", "train.ckpt_every=1000"]
     run = tmp_path / "run"
     r = launch(*common, "--out", run, "train.steps=2")
@@ -579,3 +579,11 @@ def test_resume_on_four_processes_refuses_a_changed_batch_then_keeps_it(tmp_path
     assert [m["world_size"] for m in read_metrics(run) if m.get("event") == "resume"] == [[2, 4]]
     _, meta = read(run / "checkpoints" / "step-00000003" / "state.safetensors")
     assert len(set(meta["fingerprints"])) == 1 and meta["data"]["world_size"] == 4
+    # and back from 4 to 2 processes: 4 x 8 = 32 per step again with data.batch_size=16 (the rule
+    # raises grad_accum only when it must; 16 x 2 keeps 32 as it is)
+    r = launch(*common, "--out", run, "train.steps=4", "--resume", "auto", processes=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["world_size"] for m in read_metrics(run) if m.get("event") == "resume"] == [[2, 4], [4, 2]]
+    _, meta = read(run / "checkpoints" / "step-00000004" / "state.safetensors")
+    assert len(set(meta["fingerprints"])) == 1 and meta["data"]["world_size"] == 2
+    assert meta["config"]["train"]["grad_accum"] == 1
