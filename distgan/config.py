@@ -137,8 +137,8 @@ class DataConfig:
 
 @dataclass
 class GeneratorConfig:
-    # dcgan, resnet (BigGAN-style, 32-256 px), r3gan (R3GAN's, model.r3gan), mlp or toy; image-to-image:
-    # unet, resnet (cyclegan's) or srresnet (srgan)
+    # dcgan, resnet (BigGAN-style, 32-256 px), r3gan (R3GAN's, model.r3gan), vit (GAT-style transformer,
+    # model.vit), mlp or toy; image-to-image: unet, resnet (cyclegan's) or srresnet (srgan)
     arch: str = "dcgan"
     z_dim: int = at_least(1, 64)  # size of the latent noise z
     width: int = at_least(1, 64)  # base channel width (DCGAN, resnet: times BigGAN's multipliers) or hidden width (MLP)
@@ -153,8 +153,8 @@ class GeneratorConfig:
 
 @dataclass
 class DiscriminatorConfig:
-    # dcgan, resnet (BigGAN-style, 32-256 px), r3gan (R3GAN's, model.r3gan), mlp or toy; image-to-image:
-    # patchgan or srgan
+    # dcgan, resnet (BigGAN-style, 32-256 px), r3gan (R3GAN's, model.r3gan), vit (GAT-style transformer,
+    # model.vit), mlp or toy; image-to-image: patchgan or srgan
     arch: str = "dcgan"
     width: int = at_least(1, 64)  # base channel width (DCGAN) or hidden width (toy MLP)
     # Minibatch discrimination (Salimans et al. 2016) before D's last layer, via kernels/.
@@ -198,11 +198,28 @@ class R3GANConfig:
 
 
 @dataclass
+class ViTConfig:
+    """Transformer G and D in the GAT style (model.g.arch / model.d.arch = vit, distgan/models/vit.py)."""
+
+    # GAT's sizes: S (width 384, depth 12, 6 heads), B (768, 12, 12), L (1024, 24, 16), XL (1152, 28, 16);
+    # custom: model.vit.width, depth, heads
+    size: str = one_of("custom", ("S", "B", "L", "XL", "custom"))
+    width: int = at_least(8, 64)  # size=custom: the token width
+    depth: int = at_least(1, 4)  # size=custom: blocks
+    heads: int = at_least(1, 4)  # size=custom: attention heads (the head dimension a multiple of 4: 2-D RoPE)
+    patch: int = at_least(1, 2)  # pixels (or latent cells) per patch side: GAT's /2, /4, /8
+    mlp_ratio: float = at_least(1, 4.0)  # SwiGLU hidden width = 2/3 x mlp_ratio x width
+    levels: int = at_least(1, 4)  # G's multi-level outputs, summed into the image (GAT: 4)
+    cmap: int = at_least(1, 256)  # D's projection features (GAT: 2048)
+
+
+@dataclass
 class ModelConfig:
     g: GeneratorConfig = field(default_factory=GeneratorConfig)
     d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     num_classes: int = 0  # cgan: classes of the labels (the shards' .cls); 0: unconditional
     r3gan: R3GANConfig = field(default_factory=R3GANConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
     # r3gan: how the grouped 3x3 convs run: native (conv2d with groups), block_diagonal (a dense conv with
     # a block-diagonal weight: the same values, faster on GPUs at small maps) or auto (block_diagonal on
     # CUDA at maps up to 16x16)

@@ -9,11 +9,11 @@ from __future__ import annotations
 from torch import nn
 
 from distgan.errors import UserError
-from distgan.models import dcgan, mlp, r3gan, resnet, toy
+from distgan.models import dcgan, mlp, r3gan, resnet, toy, vit
 from distgan.models.layers import apply_spectral_norm  # noqa: F401  (models.apply_spectral_norm)
 
-FAMILIES = {"dcgan": dcgan, "mlp": mlp, "r3gan": r3gan, "resnet": resnet, "toy": toy}
-NATIVE_CONDITIONAL = ("resnet", "r3gan")  # families that take labels themselves: G(z, y), D(x, y)
+FAMILIES = {"dcgan": dcgan, "mlp": mlp, "r3gan": r3gan, "resnet": resnet, "toy": toy, "vit": vit}
+NATIVE_CONDITIONAL = ("resnet", "r3gan", "vit")  # families that take labels themselves: G(z, y), D(x, y)
 
 
 def _family(arch: str, key: str):
@@ -36,6 +36,12 @@ def check_config(cfg) -> None:
             raise UserError(f"config key '{key}' applies to the resnet models; got arch '{arch}'")
     if "r3gan" in (g.arch, d.arch):
         r3gan.check_config(cfg)
+    for side in ("g", "d"):
+        m = getattr(cfg.model, side)
+        if m.arch == "vit":
+            vit.check(cfg.data.resolution, cfg.model.vit, f"model.{side}.arch")
+            if m.spectral_norm:
+                raise UserError(f"model.{side}.spectral_norm does not apply to model.{side}.arch=vit")
 
 
 def _r3gan_shape(cfg) -> dict:
@@ -65,7 +71,23 @@ def build_generator(cfg, z_dim: int | None = None, num_classes: int = 0) -> nn.M
             "attention": g.attention,
             "normalize": g.batchnorm,
         }
-    if g.arch == "r3gan":
+    if g.arch == "vit":
+        v = cfg.model.vit
+        width, depth, heads = vit.shape_of(v)
+        G = vit.Generator(
+            z_dim=z_dim or g.z_dim,
+            channels=cfg.data.channels,
+            resolution=cfg.data.resolution,
+            width=width,
+            depth=depth,
+            heads=heads,
+            patch=v.patch,
+            mlp_ratio=v.mlp_ratio,
+            num_classes=num_classes,
+            embed_dim=g.embed_dim,
+            levels=v.levels,
+        )
+    elif g.arch == "r3gan":
         G = r3gan.Generator(
             z_dim=z_dim or g.z_dim,
             channels=cfg.data.channels,
@@ -93,7 +115,23 @@ def build_discriminator(cfg, channels: int | None = None, num_classes: int = 0) 
     kwargs = {"batchnorm": batchnorm} if d.arch == "dcgan" else {"maxout": d.maxout} if d.arch == "toy" else {}
     if d.arch == "resnet":
         kwargs = {"num_classes": num_classes, "attention": d.attention}
-    if d.arch == "r3gan":
+    if d.arch == "vit":
+        if mbd:
+            raise UserError("model.d.minibatch_discrimination does not apply to model.d.arch=vit")
+        v = cfg.model.vit
+        width, depth, heads = vit.shape_of(v)
+        D = vit.Discriminator(
+            channels=channels or cfg.data.channels,
+            resolution=cfg.data.resolution,
+            width=width,
+            depth=depth,
+            heads=heads,
+            patch=v.patch,
+            mlp_ratio=v.mlp_ratio,
+            num_classes=num_classes,
+            cmap=v.cmap,
+        )
+    elif d.arch == "r3gan":
         if mbd:
             raise UserError("model.d.minibatch_discrimination does not apply to model.d.arch=r3gan")
         D = r3gan.Discriminator(

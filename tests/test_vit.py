@@ -1,0 +1,108 @@
+"""The GAT-style transformer G and D (distgan/models/vit.py): 2-D RoPE's relative-position property,
+attention against its formula in float64, the multi-level outputs, conditioning, one Dynamo graph, and
+a training run with the approximate penalties that resumes bitwise."""
+
+import pytest
+import torch
+from conftest import assert_resumed, cli
+
+from distgan import checkpoint, config
+from distgan.errors import UserError
+from distgan.models import vit
+
+
+def test_rope_scores_depend_only_on_the_offset_between_tokens():
+    torch.manual_seed(0)
+    side, dim = 4, 8
+    rope = vit.RoPE2D(dim, side).double()
+    q = torch.randn(dim, dtype=torch.float64).expand(1, 1, side * side, dim)
+    k = torch.randn(dim, dtype=torch.float64).expand(1, 1, side * side, dim)
+    s = (rope(q) @ rope(k).transpose(-1, -2))[0, 0]  # (T, T)
+
+    def at(r, c):
+        return r * side + c
+
+    assert s[at(0, 0), at(1, 2)] == pytest.approx(s[at(2, 1), at(3, 3)].item(), abs=1e-6)  # (fp32 cos, sin)
+    assert s[at(3, 0), at(1, 1)] == pytest.approx(s[at(2, 2), at(0, 3)].item(), abs=1e-6)
+    assert s[at(0, 0), at(0, 1)] != pytest.approx(s[at(0, 0), at(1, 0)].item(), abs=1e-3)  # rows and columns differ
+    x = torch.randn(2, 3, 1 + side * side, dim, dtype=torch.float64)  # with a class token in front: untouched
+    out = vit.RoPE2D(dim, side, prefix=1).double()(x)
+    assert torch.equal(out[:, :, 0], x[:, :, 0]) and torch.allclose(out[:, :, 1:], rope(x[:, :, 1:]))
+    assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1))  # a rotation
+
+
+def test_attention_matches_its_formula_in_float64():
+    torch.manual_seed(0)
+    layer = vit.SelfAttention(16, 2, vit.RoPE2D(8, 3)).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    q, k, v = layer.qkv(x).reshape(2, 9, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = layer.rope(layer.q_norm(q)), layer.rope(layer.k_norm(k))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)
+    want = layer.proj((weights @ v).transpose(1, 2).reshape(2, 9, 16))
+    torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
+
+
+def test_g_sums_its_levels_and_is_conditioned_d_projects_on_the_class():
+    torch.manual_seed(0)
+    G = vit.Generator(8, 3, 8, width=16, depth=4, heads=2, patch=2, num_classes=5, embed_dim=4, levels=2)
+    z, y = torch.randn(3, 8), torch.tensor([0, 1, 4])
+    levels = G(z, y, levels=True)
+    assert len(levels) == 2 and levels[-1].shape == (3, 3, 8, 8)
+    assert torch.equal(G(z, y), levels[-1]) and not torch.equal(levels[0], levels[1])
+    assert not torch.allclose(G(z, torch.tensor([2, 2, 2])), levels[-1])  # the label matters
+    with pytest.raises(ValueError, match="needs labels"):
+        G(z)
+    D = vit.Discriminator(3, 8, width=16, depth=2, heads=2, patch=2, num_classes=5, cmap=8)
+    x = torch.randn(3, 3, 8, 8)
+    logits = D(x, y)
+    assert logits.shape == (3,) and logits.dtype == torch.float32
+    feat = D.head(_tokens(D, x)[:, 0])
+    torch.testing.assert_close(logits, (feat * D.embed(y)).sum(1) / 8**0.5)
+
+
+def _tokens(D, x):
+    h = D.patchify(x).flatten(2).transpose(1, 2) + D.positions
+    h = torch.cat([D.cls.expand(x.shape[0], -1, -1), h], dim=1)
+    for block in D.blocks:
+        h = block(h)
+    return h
+
+
+def test_g_and_d_trace_to_one_graph_and_bad_shapes_are_refused():
+    G = vit.Generator(8, 1, 8, width=16, depth=2, heads=2, num_classes=3, embed_dim=4, levels=2)
+    D = vit.Discriminator(1, 8, width=16, depth=2, heads=2, num_classes=3, cmap=8)
+    y = torch.tensor([0, 2])
+    for model, x in ((G, torch.randn(2, 8)), (D, torch.randn(2, 1, 8, 8))):
+        found = torch._dynamo.explain(model)(x, y)
+        assert (found.graph_count, found.graph_break_count) == (1, 0), found.break_reasons
+    with pytest.raises(UserError, match="multiple of 4"):
+        config.load_config("digits-gat", None, ["model.vit.width=24", "model.vit.heads=4"])
+    with pytest.raises(UserError, match="not a multiple of model.vit.patch 3"):
+        config.load_config("digits-gat", None, ["model.vit.patch=3"])
+
+
+def test_digits_gat_trains_with_approx_penalties_and_resumes_bitwise(tmp_path, capsys, digits_shards):
+    common = [
+        "--preset",
+        "digits-gat",
+        f"data.shards={digits_shards}",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "model.vit.width=16",
+        "model.vit.depth=2",
+        "model.vit.heads=2",
+        "model.vit.levels=2",
+        "train.log_every=1",
+        "train.ckpt_every=1000",
+        "train.sample_every=1000",
+        "tracking.wandb.mode=disabled",
+    ]
+    assert cli(capsys, "train", *common, "--out", tmp_path / "full", "train.steps=4").returncode == 0
+    assert cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=2").returncode == 0
+    res = cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=4", "--resume", "auto")
+    assert res.returncode == 0, res.stderr
+    assert_resumed(tmp_path / "split", 2)
+    a, b = (checkpoint.load(tmp_path / r / "checkpoints" / "step-00000004") for r in ("full", "split"))
+    for name in ("models", "optimizer_tensors", "state"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
