@@ -813,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--from", dest="source", required=True, choices=("r3gan",), help="the trainer that wrote it")
     i.add_argument("--out", required=True, help="a new run directory (gets checkpoints/step-00000000)")
     i.add_argument(
-        "--preset", help="the preset for the run's other settings (default: the r3gan-* template of its resolution)"
+        "--preset", help="the preset for the run's other settings (default: the r3gan-* template that fits it)"
     )
     i.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of those settings")
     i.set_defaults(func=_import)
