@@ -524,6 +524,11 @@ def validate(cfg: Config) -> None:
             "train.schedule_images schedules the learning rate itself; it cannot combine with train.lr_decay "
             f"'{cfg.train.lr_decay}' (set train.lr_decay=none)"
         )
+    if cfg.train.ema_halflife_images and not cfg.train.schedule_images:
+        raise UserError(
+            "train.ema_halflife_images ramps the EMA over train.schedule_images, which is 0; set it too, or use "
+            "train.ema_beta for a constant EMA"
+        )
     if cfg.train.keep_best and not cfg.train.eval_every:
         raise UserError("config key 'train.keep_best=fid' needs evaluations: set train.eval_every too")
     if cfg.train.eval_ref and not cfg.train.eval_inception:

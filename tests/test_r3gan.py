@@ -325,6 +325,8 @@ def test_schedules_follow_r3gans_cosine_and_hold_after_the_horizon():
     assert step.schedule(cfg, 3, 1).lr_factor == pytest.approx(0.625)  # half-way: the mean of the ends
     with pytest.raises(UserError, match="cannot combine with train.lr_decay"):
         config.load_config("digits-r3gan-net", None, [*SCHEDULED, "train.lr_decay=linear"])
+    with pytest.raises(UserError, match="ramps the EMA over train.schedule_images, which is 0"):
+        config.load_config("digits-r3gan-net", None, ["train.ema_halflife_images=1000"])
 
 
 def test_scheduled_run_resumes_bitwise_and_logs_its_schedule(tmp_path, capsys, digits_shards):
