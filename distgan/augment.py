@@ -25,8 +25,8 @@ StyleGAN2-ADA's pipeline (Karras et al. 2020, appendix B), as R3GAN uses it (`ad
   image and applied by one bilinear resampling with reflection padding (ADA also oversamples 2x
   through a wavelet filter against aliasing; this does not);
 - `ada-color`: brightness (normal, std 0.2), contrast (log2-normal, std 0.5), luma flip, hue rotation
-  (uniform) and saturation (log2-normal, std 1), each with probability p / 2 (R3GAN's multipliers),
-  composed into one affine colour matrix (on one-channel images, its mean over the colour inputs);
+  (uniform) and saturation (log2-normal, std 1), each with probability p / 2 (R3GAN's multipliers;
+  `data.ada_multipliers` sets any transform's), composed into one affine colour matrix (on one-channel images, its mean over the colour inputs);
 - `cutout` as above (ADA's cutout is the same square of half the size).
 
 All three are differentiable in the image to every order (grid_sample is linear in it), so they
@@ -135,6 +135,23 @@ XINT_MAX, SCALE_STD, ROTATE_MAX, ANISO_STD, XFRAC_STD = 0.125, 0.2, 1.0, 0.2, 0.
 BRIGHTNESS_STD, CONTRAST_STD, HUE_MAX, SATURATION_STD = 0.2, 0.5, 1.0, 1.0
 
 
+def multipliers(spec: str) -> dict[str, float]:
+    """data.ada_multipliers: 'name=value,...' over R3GAN's defaults (GEOMETRIC, COLOR); '' = the defaults."""
+    out = {**GEOMETRIC, **COLOR}
+    for item in filter(None, (t.strip() for t in spec.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if name.strip() not in out or number < 0:
+            raise UserError(
+                f"config key 'data.ada_multipliers' takes name=value (value >= 0) for {', '.join(out)}; got '{item}'"
+            )
+        out[name.strip()] = number
+    return out
+
+
 def _gate(n: int, p, device) -> torch.Tensor:
     """(n,) bool: each image's transform is on with probability p (a float or a device tensor)."""
     return torch.rand(n, device=device) < p
@@ -165,15 +182,16 @@ def _shift(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
     return _affine(one, z, z, one, tx, ty)
 
 
-def draw_ada_geometric(x: torch.Tensor, p=1.0) -> tuple[torch.Tensor]:
+def draw_ada_geometric(x: torch.Tensor, p=1.0, mult: dict[str, float] | None = None) -> tuple[torch.Tensor]:
     """The (n, 2, 3) sampling matrices (output -> input, in grid_sample's [-1, 1] coordinates) of ADA's
-    geometric transforms, each on with probability p x its multiplier."""
+    geometric transforms, each on with probability p x its multiplier (`mult`, default GEOMETRIC)."""
+    mult = {**GEOMETRIC, **(mult or {})}
     n, dev, dt = x.size(0), x.device, torch.float32
     m = _matrices(n, dev, dt)
     eye = _matrices(n, dev, dt)
 
     def gated(name: str, mat: torch.Tensor, prob=None) -> torch.Tensor:
-        on = _gate(n, p * GEOMETRIC[name] if prob is None else prob, dev)[:, None, None]
+        on = _gate(n, p * mult[name] if prob is None else prob, dev)[:, None, None]
         return m @ torch.where(on, mat, eye)
 
     flip = 1 - 2 * torch.randint(0, 2, (n,), device=dev).to(dt)
@@ -184,7 +202,7 @@ def draw_ada_geometric(x: torch.Tensor, p=1.0) -> tuple[torch.Tensor]:
     m = gated("xint", _shift(t[0], t[1]))
     s = torch.exp2(torch.randn(n, device=dev) * SCALE_STD)
     m = gated("scale", _scaling(s, s))
-    p_rot = 1 - (1 - torch.clamp(torch.as_tensor(p * GEOMETRIC["rotate"], device=dev), 0, 1)) ** 0.5
+    p_rot = 1 - (1 - torch.clamp(torch.as_tensor(p * mult["rotate"], device=dev), 0, 1)) ** 0.5
     m = gated("rotate", _rotation(-(torch.rand(n, device=dev) * 2 - 1) * math.pi * ROTATE_MAX), p_rot)
     s = torch.exp2(torch.randn(n, device=dev) * ANISO_STD)
     m = gated("aniso", _scaling(s, 1 / s))
@@ -202,9 +220,10 @@ def ada_geometric(x: torch.Tensor, params: tuple[torch.Tensor] | None = None) ->
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def draw_ada_color(x: torch.Tensor, p=1.0) -> tuple[torch.Tensor]:
+def draw_ada_color(x: torch.Tensor, p=1.0, mult: dict[str, float] | None = None) -> tuple[torch.Tensor]:
     """The (n, 3, 4) affine colour matrices of ADA's colour transforms (on RGB in [-1, 1] around 0),
-    each on with probability p x its multiplier."""
+    each on with probability p x its multiplier (`mult`, default COLOR)."""
+    mult = {**COLOR, **(mult or {})}
     n, dev, dt = x.size(0), x.device, torch.float32
     eye = torch.eye(4, device=dev, dtype=dt).repeat(n, 1, 1)
     c = eye.clone()
@@ -212,7 +231,7 @@ def draw_ada_color(x: torch.Tensor, p=1.0) -> tuple[torch.Tensor]:
     vv = torch.outer(v, v)
 
     def gated(name: str, mat: torch.Tensor) -> torch.Tensor:
-        on = _gate(n, p * COLOR[name], dev)[:, None, None]
+        on = _gate(n, p * mult[name], dev)[:, None, None]
         return torch.where(on, mat, eye) @ c
 
     b = torch.randn(n, device=dev) * BRIGHTNESS_STD
@@ -270,7 +289,9 @@ DRAWS = {
 Draws = list[tuple[torch.Tensor | None, tuple[torch.Tensor, ...]] | None]
 
 
-def draw(ops: tuple[str, ...], x: torch.Tensor, p: float | torch.Tensor = 1.0) -> Draws:
+def draw(
+    ops: tuple[str, ...], x: torch.Tensor, p: float | torch.Tensor = 1.0, mult: dict[str, float] | None = None
+) -> Draws:
     """The random draws `apply` makes for a batch shaped like x, in the order it makes them, so a
     second batch (x perturbed, for the approximate gradient penalties) can get exactly the same
     augmentation: each op's keep mask (rand >= p, when p < 1 or p is a tensor), then its parameters."""
@@ -278,7 +299,7 @@ def draw(ops: tuple[str, ...], x: torch.Tensor, p: float | torch.Tensor = 1.0) -
     out: Draws = []
     for op in ops:
         if op in GATED:  # one gate per sub-transform, inside the draw
-            out.append((None, DRAWS[op](x, p)) if on_device or p > 0.0 else None)
+            out.append((None, DRAWS[op](x, p, mult)) if on_device or p > 0.0 else None)
         elif not on_device and p >= 1.0:
             out.append((None, DRAWS[op](x)))
         elif on_device or p > 0.0:
@@ -290,15 +311,20 @@ def draw(ops: tuple[str, ...], x: torch.Tensor, p: float | torch.Tensor = 1.0) -
 
 
 def apply(
-    ops: tuple[str, ...], x: torch.Tensor, p: float | torch.Tensor = 1.0, draws: Draws | None = None
+    ops: tuple[str, ...],
+    x: torch.Tensor,
+    p: float | torch.Tensor = 1.0,
+    draws: Draws | None = None,
+    mult: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """x (N, C, H, W) through the policy's ops, each image with its own random draw; with p < 1 each
     op is applied to each image with probability p (ADA's strength), and p = 0 is the identity.
     A tensor p (ADA's, on the device) is never read on the host: every op is drawn and kept where
-    rand >= p, which is the identity at p = 0 too. `draws` (from `draw`) replays given draws."""
+    rand >= p, which is the identity at p = 0 too. `draws` (from `draw`) replays given draws; `mult`:
+    the ADA ops' multipliers (`multipliers`)."""
     if not ops:
         return x
-    for op, drawn in zip(ops, draws if draws is not None else draw(ops, x, p)):
+    for op, drawn in zip(ops, draws if draws is not None else draw(ops, x, p, mult)):
         if drawn is None:
             continue
         keep, params = drawn

@@ -47,6 +47,10 @@ def _augment_policy(key: str, value: str) -> None:
     augment.parse(value)
 
 
+def _ada_multipliers(key: str, value: str) -> None:
+    augment.multipliers(value)
+
+
 def _probability_or_auto(key: str, value: str) -> None:
     if value == "auto":
         return
@@ -129,6 +133,9 @@ class DataConfig:
     # color, translation, cutout (Zhao et al. 2020) and StyleGAN2-ADA's ada-geometric, ada-color; ada: its
     # pipeline as R3GAN uses it (ada-geometric, ada-color, cutout); distgan/augment.py. Empty: none
     augment: str = checked("", _augment_policy)
+    # the ada ops' probability multipliers, name=value,... over R3GAN's (xflip, rotate90, xint, scale, rotate,
+    # aniso, xfrac: 1; brightness, contrast, lumaflip, hue, saturation: 0.5); '' = those
+    ada_multipliers: str = checked("", _ada_multipliers)
     # probability of each augmentation op per image, in [0, 1]; auto: ADA's adaptive p (Karras et al.
     # 2020), from 0, raised while E[sign D(real)] > data.augment_target; logged as augment/p
     augment_p: str = checked("1.0", _probability_or_auto)

@@ -265,3 +265,30 @@ def test_ada_pipeline_identity_replay_probability_and_double_derivative():
 
     xi = small.clone().requires_grad_(True)
     assert torch.autograd.gradgradcheck(d_of, (xi,), eps=1e-6, atol=1e-5)
+
+
+def test_ada_multipliers_are_a_config_key_and_gate_each_transform():
+    """data.ada_multipliers: everything off but brightness at p = 1 leaves brightness alone; a bad name or
+    value is refused with the key named."""
+    from distgan import config
+
+    off = ",".join(f"{k}=0" for k in [*augment.GEOMETRIC, *augment.COLOR] if k != "brightness") + ",brightness=1"
+    mult = augment.multipliers(off)
+    x = images(n=16, c=3, h=4, w=4, dtype=torch.float32)
+    torch.manual_seed(0)
+    draws = augment.draw(augment.parse("ada-geometric,ada-color"), x, 1.0, mult)
+    (theta,), (c,) = draws[0][1], draws[1][1]
+    assert torch.equal(theta, torch.eye(3)[:2].expand(16, 2, 3))  # no geometric transform drawn on
+    torch.testing.assert_close(augment.ada_color(x, (c,)), x + c[:, :, 3, None, None])  # brightness only
+    assert c[:, 0, 3].abs().min() > 0  # ... on for every image
+    assert augment.multipliers("")["brightness"] == 0.5 and augment.multipliers("hue=1")["hue"] == 1.0
+    from distgan import variants  # the variant's draws follow the config key
+
+    cfg = config.load_config(
+        "digits-r3gan-net", None, ["data.augment=ada", "data.augment_p=1.0", f"data.ada_multipliers={off}"]
+    )
+    side = variants.get(cfg.variant.name)(cfg).side(x[:, :1], None)
+    assert torch.equal(side.draws[0][1][0], torch.eye(3)[:2].expand(16, 2, 3))
+    for bad in ("sharpness=1", "hue=-1", "hue=lots"):
+        with pytest.raises(UserError, match="data.ada_multipliers"):
+            config.load_config("digits-r3gan-net", None, [f"data.ada_multipliers={bad}"])

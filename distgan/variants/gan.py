@@ -87,6 +87,7 @@ class GAN(Variant):
         self.data_per_step = self.n_critic  # each D step takes its own real batch
         self.pack = cfg.variant.pack
         self.augment = augment.parse(cfg.data.augment)
+        self.ada_multipliers = augment.multipliers(cfg.data.ada_multipliers)
         self.lecam_ema: torch.Tensor | None = None  # LeCam: EMAs of D's mean (real, fake) outputs
         self.ada = None  # data.augment_p=auto: ADA's adaptive strength, else a fixed probability
         if self.augment and cfg.data.augment_p == "auto":
@@ -128,11 +129,13 @@ class GAN(Variant):
 
     def augmented(self, x: torch.Tensor, draws: augment.Draws | None = None) -> torch.Tensor:
         """x through data.augment at the current strength (the identity without augmentation)."""
-        return augment.apply(self.augment, x, self.augment_strength(), draws)
+        return augment.apply(self.augment, x, self.augment_strength(), draws, self.ada_multipliers)
 
     def side(self, x: torch.Tensor, y: torch.Tensor | None) -> Judged:
         """x and its labels with fresh augmentation draws, to be judged (maybe more than once) by D."""
-        return Judged(x, y, augment.draw(self.augment, x, self.augment_strength()) if self.augment else None)
+        return Judged(
+            x, y, augment.draw(self.augment, x, self.augment_strength(), self.ada_multipliers) if self.augment else None
+        )
 
     def judge(self, D, x: torch.Tensor, y: torch.Tensor | None) -> Judged:
         """D's logits for x with the augmentation draws kept (the penalties replay them)."""
