@@ -42,16 +42,15 @@ GROUPED_CONV = ("native", "block_diagonal", "auto")
 AUTO_BLOCK_DIAGONAL_SIDE = 16
 
 
-def stages_for(resolution: int) -> int:
-    """Stages from 4x4 up to `resolution` (a power of two >= 8)."""
-    if resolution < 8 or resolution & (resolution - 1):
-        raise UserError(f"the r3gan models need data.resolution a power of two >= 8; got {resolution}")
-    return int(math.log2(resolution)) - 1
-
-
 def check_resolution(resolution: int, key: str) -> None:
     if resolution < 8 or resolution & (resolution - 1):
         raise UserError(f"{key}=r3gan needs data.resolution a power of two >= 8; got {resolution}")
+
+
+def stages_for(resolution: int) -> int:
+    """Stages from 4x4 up to `resolution` (a power of two >= 8)."""
+    check_resolution(resolution, "model.g.arch / model.d.arch")
+    return int(math.log2(resolution)) - 1
 
 
 def check_config(cfg) -> None:
