@@ -35,14 +35,6 @@ PRESETS = {(True, 32): "r3gan-cifar", (True, 64): "r3gan-imagenet-64", (False, 6
 PRESETS_BY_KIND = {True: "r3gan-cifar", False: "r3gan-ffhq-256"}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tensor(state: dict, key: str) -> torch.Tensor:
     if key not in state:
         raise UnsafePickle(f"the snapshot's module has no tensor '{key}': is it R3GAN's?")
@@ -114,45 +106,46 @@ def describe(G: safepickle.Record, D: safepickle.Record) -> dict:
     }
 
 
-def _g_name(name: str) -> str | None:
-    """R3GAN G's state-dict name (under Model.) -> distgan's r3gan Generator's; None for the resampling
-    filters (buffers distgan rebuilds and checks)."""
-    if name == "AggregationLayer.Layer.weight":
-        return "to_image.weight"
-    if name == "EmbeddingLayer.weight":
-        return "embed.weight"
+# an R3GAN transition layer's tensors -> distgan's (under stages.S.transition.); None: the resampling
+# filter, a buffer distgan rebuilds (and `mapped` checks)
+TRANSITION = {
+    "Basis": "basis",
+    "Basis.weight": "basis.weight",
+    "LinearLayer.weight": "linear.weight",
+    "LinearLayer.Layer.weight": "conv.weight",
+    "Resampler.Kernel": None,
+}
+
+
+G_OUTER = {"AggregationLayer.Layer.weight": "to_image.weight", "EmbeddingLayer.weight": "embed.weight"}
+D_OUTER = {"ExtractionLayer.Layer.weight": "from_image.weight", "EmbeddingLayer.weight": "embed.weight"}
+
+
+def _rename(name: str, outer: dict[str, str], transition_at) -> str | None:
+    """An R3GAN state-dict name (under Model.) -> distgan's: `outer` for the layers outside the stages;
+    in stage S, layer `transition_at(S)` is the transition (None: no such stage) and the others are the
+    blocks in order. "?" for a name with no place."""
+    if name in outer:
+        return outer[name]
     m = re.fullmatch(r"MainLayers\.(\d+)\.Layers\.(\d+)\.(.+)", name)
-    if not m:
+    t = transition_at(int(m.group(1))) if m else None
+    if t is None:
         return "?"
     s, k, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-    if k == 0:
-        return {
-            "Basis": f"stages.{s}.transition.basis",
-            "LinearLayer.weight": f"stages.{s}.transition.linear.weight",
-            "LinearLayer.Layer.weight": f"stages.{s}.transition.conv.weight",
-            "Resampler.Kernel": None,
-        }.get(rest, "?")
-    return _block_name(f"stages.{s}.blocks.{k - 1}.", rest)
+    if k == t:
+        target = TRANSITION.get(rest, "?")
+        return target if target in (None, "?") else f"stages.{s}.transition.{target}"
+    return _block_name(f"stages.{s}.blocks.{k - 1 if k > t else k}.", rest)
+
+
+def _g_name(name: str) -> str | None:
+    """R3GAN G's name -> distgan's r3gan Generator's (each stage's transition comes first)."""
+    return _rename(name, G_OUTER, lambda s: 0)
 
 
 def _d_name(name: str, blocks: list[int]) -> str | None:
-    """R3GAN D's state-dict name (under Model.) -> distgan's r3gan Discriminator's (`blocks` in D's order)."""
-    if name == "ExtractionLayer.Layer.weight":
-        return "from_image.weight"
-    if name == "EmbeddingLayer.weight":
-        return "embed.weight"
-    m = re.fullmatch(r"MainLayers\.(\d+)\.Layers\.(\d+)\.(.+)", name)
-    if not m:
-        return "?"
-    s, k, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-    if s < len(blocks) and k == blocks[s]:
-        return {
-            "Basis.weight": f"stages.{s}.transition.basis.weight",
-            "LinearLayer.weight": f"stages.{s}.transition.linear.weight",
-            "LinearLayer.Layer.weight": f"stages.{s}.transition.conv.weight",
-            "Resampler.Kernel": None,
-        }.get(rest, "?")
-    return _block_name(f"stages.{s}.blocks.{k}.", rest)
+    """R3GAN D's name -> distgan's r3gan Discriminator's (`blocks` in D's order; the transition comes last)."""
+    return _rename(name, D_OUTER, lambda s: blocks[s] if s < len(blocks) else None)
 
 
 def _block_name(prefix: str, rest: str) -> str:
@@ -230,7 +223,8 @@ def import_r3gan(path: str, out: str, preset: str | None = None, overrides: list
     run_dir = Path(out)
     if checkpoint.list_steps(run_dir):
         raise UserError(f"'{run_dir}' already has checkpoints; import into a new --out")
-    data = safepickle.load(str(src), R3GAN_RECORDS)
+    sha = hashlib.sha256()
+    data = safepickle.load(str(src), R3GAN_RECORDS, digest=sha)
     if not isinstance(data, dict) or not all(k in data for k in ("G", "D", "G_ema")):
         raise UnsafePickle(f"'{src}' is not an R3GAN network snapshot (a dict with G, D and G_ema)")
     info = describe(data["G"], data["D"])
@@ -271,7 +265,7 @@ def import_r3gan(path: str, out: str, preset: str | None = None, overrides: list
     meta["imported"] = {
         "from": "r3gan",
         "file": str(src.resolve()),
-        "sha256": _sha256(src),
+        "sha256": sha.hexdigest(),
         "cur_nimg": int(cur_nimg) if isinstance(cur_nimg, int) else None,
     }
     snap = checkpoint.snapshot({"G": G, "D": D, "G_ema": G_ema}, optimizers, {})

@@ -119,9 +119,26 @@ class _Unpickler(pickle.Unpickler):
         raise UnsafePickle("the pickle uses persistent ids (torch.save's zip format?); not a plain pickle")
 
 
-def load(path: str, records: tuple[str, ...]):
+class _Hashing:
+    """A binary file read through `digest` (hashlib): the pickle's bytes are hashed as it reads them."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.digest.update(data)
+        return data
+
+    def readline(self) -> bytes:
+        data = self.f.readline()
+        self.digest.update(data)
+        return data
+
+
+def load(path: str, records: tuple[str, ...], digest=None):
     """Unpickle `path` under the allow-list above; classes under the `records` module prefixes come
-    back as `Record`s."""
+    back as `Record`s. `digest` (a hashlib object) is fed the whole file on the way, in one read."""
     import os
 
     try:
@@ -136,8 +153,12 @@ def load(path: str, records: tuple[str, ...]):
             hint = " (a zip: torch.save's format, not a training-loop pickle)" if head == b"PK" else ""
             raise UnsafePickle(f"'{path}' is not a pickle of protocol 2 or newer{hint}")
         f.seek(0)
+        source = f if digest is None else _Hashing(f, digest)
         try:
-            return _Unpickler(f, records).load()
+            data = _Unpickler(source, records).load()
+            while digest is not None and source.read(1 << 20):  # any bytes after the pickle's STOP
+                pass
+            return data
         except UnsafePickle:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:

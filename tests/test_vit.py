@@ -5,8 +5,9 @@ a training run with the approximate penalties that resumes bitwise."""
 import pytest
 import torch
 from conftest import assert_resumed, cli
+from test_train import assert_bitwise_equal
 
-from distgan import checkpoint, config
+from distgan import config
 from distgan.errors import UserError
 from distgan.models import vit
 
@@ -102,7 +103,4 @@ def test_digits_gat_trains_with_approx_penalties_and_resumes_bitwise(tmp_path, c
     res = cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=4", "--resume", "auto")
     assert res.returncode == 0, res.stderr
     assert_resumed(tmp_path / "split", 2)
-    a, b = (checkpoint.load(tmp_path / r / "checkpoints" / "step-00000004") for r in ("full", "split"))
-    for name in ("models", "optimizer_tensors", "state"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    assert_bitwise_equal(*(tmp_path / r / "checkpoints" / "step-00000004" for r in ("full", "split")))
