@@ -265,6 +265,13 @@ class VariantConfig:
     lecam_decay: float = between(0.0, 1.0, 0.99)  # LeCam: decay of the EMAs a_R, a_F of D's mean outputs
     # BigGAN's orthogonal regularisation of G: ortho_reg * sum_W ||W W^T * (1 - I)||_F^2 in G's loss; 0 = off
     ortho_reg: float = at_least(0, 0.0)
+    # multi-level noise-perturbed guidance (GAT): D judges G's model.vit.levels partial outputs together,
+    # stacked as channels, each noised at its own level t_i (the earliest most), reals repeated and noised
+    # the same way (distgan/guidance.py); needs model.g.arch=vit
+    multilevel: bool = False
+    # multilevel: the noise schedule t_i = 1 - m^(1 - i / (L - 1)) + 0.01 for levels i = 0 .. L - 1, with
+    # m this minimum information (GAT: 0.125): the final image gets t = 0.01, the earliest 1.01 - m
+    multilevel_min_info: float = between(0.0, 1.0, 0.125, low_open=True)
     pack: int = at_least(1, 1)  # PacGAN (Lin et al. 2018): D judges `pack` samples at once, stacked as channels
     unroll_steps: int = at_least(1, 5)  # unrolled: D steps unrolled for G's loss (Metz et al. 2017)
     unroll_grad: bool = True  # unrolled: gradients flow through the unrolled steps (the paper's full version)
@@ -292,6 +299,15 @@ class TrainConfig:
     lr_d: float = 2e-4  # D's Adam learning rate
     beta1: float = 0.5  # Adam beta1 of both optimizers
     beta2: float = 0.999  # Adam beta2 of both optimizers
+    # weight decay of both optimizers: Adam becomes AdamW (decoupled, Loshchilov & Hutter 2019); wgan's
+    # RMSprop takes it as L2. 0: none
+    weight_decay: float = at_least(0, 0.0)
+    # each optimizer's gradients scaled down to this total L2 norm at most (after the all-reduce, on the
+    # device: no host sync; GAT: 1.0); 0: no clipping
+    grad_clip: float = at_least(0, 0.0)
+    # width-aware learning rates (GAT): a vit G's or D's lr is multiplied by lr_ref_width / its width
+    # (GAT: 768, B's width); 0: off
+    lr_ref_width: int = at_least(0, 0)
     # learning-rate schedule of every optimizer: none (constant), or linear: constant until
     # lr_decay_start x steps, then linearly down towards 0 at train.steps (a function of the step alone)
     lr_decay: str = one_of("none", ("none", "linear"))

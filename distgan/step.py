@@ -17,12 +17,22 @@ from distgan import checkpoint, config
 from distgan.errors import RunFailed
 
 
+def clip_gradients(grads: list[torch.Tensor], norms: torch.Tensor, max_norm: float) -> None:
+    """Scale `grads` (their L2 norms `norms`) in place so their total norm is at most `max_norm`:
+    torch.nn.utils.clip_grad_norm_'s rule (factor max_norm / (norm + 1e-6), capped at 1), on the
+    device with no host sync. Non-finite gradients stay non-finite (the step is skipped anyway)."""
+    total = torch.linalg.vector_norm(norms.float())
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+
+
 class StepContext:
     """What a variant's `train_step` needs from the trainer: micro-batching and model plumbing."""
 
-    def __init__(self, accelerator, accum: int, optimizer_names: dict[int, str] | None = None):
+    def __init__(self, accelerator, accum: int, optimizer_names: dict[int, str] | None = None, grad_clip: float = 0.0):
         self.accelerator = accelerator
         self.accum = accum
+        self.grad_clip = grad_clip  # train.grad_clip: the gradients' largest total L2 norm per optimizer
         self.optimizer_names = optimizer_names or {}
         # (optimizer name, device flag: its update was undone for NaN/Inf gradients), this step
         self.nonfinite: list[tuple[str, torch.Tensor]] = []
@@ -53,15 +63,20 @@ class StepContext:
         values back where the flag is set (torch.where on a copy made before the step). With fp16,
         the gradient scaler makes this decision itself (an overflow there is routine: it lowers the
         scale and skips the step, reading its flag on the host as GradScaler always does)."""
-        if self.accelerator.scaler is not None:  # its own skip is routine (the scale drops): not a NaN step
-            optimizer.step()
-            return
         inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
         params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
+        if self.accelerator.scaler is not None:  # its own skip is routine (the scale drops): not a NaN step
+            if self.grad_clip > 0 and params:  # (Accelerate unscales the gradients first)
+                self.accelerator.clip_grad_norm_(params, self.grad_clip)
+            optimizer.step()
+            return
         if not params:
             optimizer.step()
             return
-        bad = ~torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()
+        norms = torch.stack(torch._foreach_norm([p.grad for p in params]))
+        bad = ~torch.isfinite(norms).all()
+        if self.grad_clip > 0:
+            clip_gradients([p.grad for p in params], norms, self.grad_clip)
         self.nonfinite.append((self.optimizer_names.get(id(optimizer), "optimizer"), bad))
         if inner.defaults.get("fused"):
             inner.found_inf = bad.float()

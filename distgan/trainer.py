@@ -227,7 +227,9 @@ def _loop(run: run_state.Run) -> int:
     cfg, accelerator, variant, emas = run.cfg, run.accelerator, run.variant, run.emas
     t, main, device, world = cfg.train, run.main, run.device, run.world
     allreduces = cluster.count_allreduces(variant.models.values())
-    ctx = step.StepContext(accelerator, t.grad_accum, {id(o): n for n, o in variant.optimizers.items()})
+    ctx = step.StepContext(
+        accelerator, t.grad_accum, {id(o): n for n, o in variant.optimizers.items()}, grad_clip=t.grad_clip
+    )
     guard = step.NanGuard([accelerator.unwrap_model(m) for m in variant.models.values()])
     log = periodic.MetricLog(run.step)
     per_step = t.grad_accum * variant.data_per_step

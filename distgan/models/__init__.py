@@ -36,12 +36,26 @@ def check_config(cfg) -> None:
             raise UserError(f"config key '{key}' applies to the resnet models; got arch '{arch}'")
     if "r3gan" in (g.arch, d.arch):
         r3gan.check_config(cfg)
+    if cfg.train.lr_ref_width and "vit" not in (g.arch, d.arch):
+        raise UserError(
+            "train.lr_ref_width scales the learning rates of vit models by their width; neither model.g.arch "
+            f"('{g.arch}') nor model.d.arch ('{d.arch}') is vit (set train.lr_ref_width=0)"
+        )
     for side in ("g", "d"):
         m = getattr(cfg.model, side)
         if m.arch == "vit":
             vit.check(cfg.data.resolution, cfg.model.vit, f"model.{side}.arch")
             if m.spectral_norm:
                 raise UserError(f"model.{side}.spectral_norm does not apply to model.{side}.arch=vit")
+
+
+def lr_scale(cfg, side: str) -> float:
+    """train.lr_ref_width / the width of model.<side> when it is a vit (GAT's width-aware learning
+    rates), else 1."""
+    ref = cfg.train.lr_ref_width
+    if not ref or getattr(cfg.model, side).arch != "vit":
+        return 1.0
+    return ref / vit.shape_of(cfg.model.vit)[0]
 
 
 def _r3gan_shape(cfg) -> dict:

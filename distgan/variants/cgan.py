@@ -41,12 +41,12 @@ class CGAN(GAN):
                 raise UserError(
                     f"the {d.arch} D is conditioned by projection only; set model.d.conditioning=projection"
                 )
-            D = models.build_discriminator(cfg, num_classes=self.num_classes)
+            D = models.build_discriminator(cfg, channels=self.d_channels(cfg), num_classes=self.num_classes)
         elif d.conditioning == "concat":
-            base = models.build_discriminator(cfg, channels=cfg.data.channels + 1)
+            base = models.build_discriminator(cfg, channels=self.d_channels(cfg) + 1)
             D = conditional.ConcatDiscriminator(base, self.num_classes, cfg.data.resolution)
         else:
-            base = models.build_discriminator(cfg)
+            base = models.build_discriminator(cfg, channels=self.d_channels(cfg))
             head = base.head[0] if isinstance(base.head, torch.nn.Sequential) else base.head
             D = conditional.ProjectionDiscriminator(base, self.num_classes, head.in_features)
         return G, D
@@ -55,10 +55,10 @@ class CGAN(GAN):
         return torch.randint(0, self.num_classes, (n,), device=device)
 
     def generate(self, G, z, y):
-        return G(z, y)
+        return self.levels_of(G(z, y, levels=True)) if self.guidance else G(z, y)
 
-    def discriminate(self, D, x, y, draws=None):
-        return D(self.augmented(x, draws), y)
+    def discriminate(self, D, x, y, draws=None, noise=None):
+        return D(self.d_input(x, draws, noise), y)
 
     @torch.no_grad()
     def sample(self, G, n, generator=None, labels=None):

@@ -9,6 +9,10 @@ and D are called (`generate`, `discriminate`: cgan passes labels), the D step (`
 
 PacGAN (Lin et al. 2018) is `variant.pack=m` with any loss: D is built for m x channels and judges
 m consecutive samples stacked along channels, real with real and fake with fake.
+
+Multi-level guidance (GAT, `variant.multilevel`, distgan/guidance.py): a vit G's L partial outputs are
+judged together, stacked as channels and each noised at its own level; reals are repeated to the L
+levels and noised the same way. D is built for L x channels.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import dataclasses
 
 import torch
 
-from distgan import augment, losses, models, penalties
+from distgan import augment, guidance, losses, models, penalties
 from distgan.errors import UserError
 from distgan.models import resnet
 from distgan.variants.base import Variant
@@ -27,21 +31,26 @@ from distgan.variants.base import Variant
 CAPTURABLE = torch.cuda.is_available()
 
 
-def adam(params, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+def adam(params, lr: float, betas: tuple[float, float], weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """distgan's Adam: fused (one kernel per step, on the CPU too), so the NaN/Inf guard hands it its
-    flag as `found_inf` and it skips a bad update on the device, with no copy of the model."""
+    flag as `found_inf` and it skips a bad update on the device, with no copy of the model. With
+    `weight_decay` > 0 it is AdamW (decoupled weight decay, train.weight_decay), fused the same way."""
+    if weight_decay > 0:
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
 
 
 @dataclasses.dataclass
 class Judged:
     """One side (real or fake) of a D micro-step: D's input images before augmentation, their labels,
-    the augmentation draws they were judged with and D's logits (None once their graph is gone)."""
+    the augmentation draws they were judged with, D's logits (None once their graph is gone) and, with
+    multi-level guidance, the noise draws of the levels."""
 
     x: torch.Tensor
     y: torch.Tensor | None
     draws: augment.Draws | None
     logits: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
 
 
 class GAN(Variant):
@@ -52,6 +61,17 @@ class GAN(Variant):
     def check_config(cls, cfg) -> None:
         models.check_config(cfg)  # the model families of models/ (image-to-image variants check their own)
         super().check_config(cfg)
+        v = cfg.variant
+        if v.multilevel:
+            if cfg.model.g.arch != "vit":
+                raise UserError(
+                    f"variant.multilevel judges a vit G's partial outputs; model.g.arch is '{cfg.model.g.arch}' "
+                    "(set model.g.arch=vit or variant.multilevel=false)"
+                )
+            if cfg.model.vit.levels < 2:
+                raise UserError("variant.multilevel needs model.vit.levels >= 2 (GAT: 4)")
+            if v.pack > 1:
+                raise UserError("variant.multilevel does not combine with variant.pack > 1")
 
     @classmethod
     def differentiates_twice(cls, cfg) -> str:
@@ -94,32 +114,53 @@ class GAN(Variant):
             self.ada = augment.Adaptive(cfg.data.augment_target)
         self.augment_p = 1.0 if cfg.data.augment_p == "auto" else float(cfg.data.augment_p)
         self.gamma_factor = self.augment_factor = 1.0  # train.schedule_images: set per step (set_schedule)
+        self.guidance = (
+            guidance.Guidance(cfg.model.vit.levels, cfg.variant.multilevel_min_info) if cfg.variant.multilevel else None
+        )
         if cfg.data.batch_size % self.pack:
             raise UserError(f"data.batch_size={cfg.data.batch_size} must be a multiple of variant.pack={self.pack}")
         G, D = self.build(cfg)
         self.models = {"G": G, "D": D}
-        self.optimizers = {"G": self.optimizer(G, cfg.train.lr_g), "D": self.optimizer(D, cfg.train.lr_d)}
+        self.optimizers = {
+            "G": self.optimizer(G, cfg.train.lr_g * models.lr_scale(cfg, "g")),
+            "D": self.optimizer(D, cfg.train.lr_d * models.lr_scale(cfg, "d")),
+        }
         self.penalty_terms = tuple(self.penalties(cfg))  # their log names ("loss/r1", ...)
         if cfg.variant.penalty_mode == "lazy" and self.penalty_terms:  # k + 1 D updates per k batches
             penalties.rescale_for_lazy(self.optimizers["D"], cfg.variant.penalty_every)
 
     def build(self, cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
-        return models.build_generator(cfg), models.build_discriminator(cfg, channels=cfg.data.channels * self.pack)
+        return models.build_generator(cfg), models.build_discriminator(cfg, channels=self.d_channels(cfg))
+
+    def d_channels(self, cfg) -> int:
+        """Channels of D's input: the images' times the pack size or the guidance levels."""
+        return cfg.data.channels * self.pack * (self.guidance.levels if self.guidance else 1)
 
     def labels(self, n: int, device) -> torch.Tensor | None:
         """Labels for n fakes (cgan: uniform over the classes); None when unconditional."""
         return None
 
     def generate(self, G, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return G(z)
+        """Fakes for training: (B, C, H, W), or (B, L, C, H, W) G's levels under multi-level guidance."""
+        return self.levels_of(G(z, None, levels=True)) if self.guidance else G(z)
 
-    def discriminate(self, D, x: torch.Tensor, y: torch.Tensor | None, draws: augment.Draws | None = None):
+    @staticmethod
+    def levels_of(outputs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(outputs, dim=1)
+
+    def discriminate(self, D, x: torch.Tensor, y: torch.Tensor | None, draws: augment.Draws | None = None, noise=None):
         """D's logits in training: after data.augment (DiffAugment, on real and fake alike; `draws`
-        replays given random draws, else fresh ones) and packing."""
-        x = self.augmented(x, draws)
+        replays given random draws, else fresh ones), then packing or the guidance levels (`noise`
+        replays their noise draws)."""
+        x = self.d_input(x, draws, noise)
         if self.pack > 1:  # (B, C, H, W) -> (B / m, m C, H, W): m consecutive samples per D input
             x = x.reshape(x.size(0) // self.pack, self.pack * x.size(1), *x.shape[2:])
         return D(x)
+
+    def d_input(self, x: torch.Tensor, draws: augment.Draws | None = None, noise: torch.Tensor | None = None):
+        """x augmented; under multi-level guidance its levels (reals: x repeated) noised and stacked."""
+        x = self.augmented(x, draws)
+        return self.guidance.stack(x, noise) if self.guidance is not None else x
 
     def set_schedule(self, scheduled) -> None:
         self.gamma_factor, self.augment_factor = scheduled.gamma_factor, scheduled.augment_factor
@@ -128,24 +169,35 @@ class GAN(Variant):
         return self.ada.p if self.ada is not None else self.augment_p * self.augment_factor
 
     def augmented(self, x: torch.Tensor, draws: augment.Draws | None = None) -> torch.Tensor:
-        """x through data.augment at the current strength (the identity without augmentation)."""
+        """x through data.augment at the current strength (the identity without augmentation); G's
+        levels (B, L, C, H, W) all with the same draws."""
+        if not self.augment:
+            return x
+        if x.ndim == 5:
+            draws = draws if draws is not None else self.draw_augment(x)
+            return torch.stack([self.augmented(x[:, i], draws) for i in range(x.size(1))], dim=1)
         return augment.apply(self.augment, x, self.augment_strength(), draws, self.ada_multipliers)
 
+    def draw_augment(self, x: torch.Tensor) -> augment.Draws | None:
+        """Fresh augmentation draws for a batch like x (one per sample, shared by its levels)."""
+        if not self.augment:
+            return None
+        return augment.draw(self.augment, x[:, 0] if x.ndim == 5 else x, self.augment_strength(), self.ada_multipliers)
+
     def side(self, x: torch.Tensor, y: torch.Tensor | None) -> Judged:
-        """x and its labels with fresh augmentation draws, to be judged (maybe more than once) by D."""
-        return Judged(
-            x, y, augment.draw(self.augment, x, self.augment_strength(), self.ada_multipliers) if self.augment else None
-        )
+        """x and its labels with fresh augmentation (and guidance noise) draws, to be judged (maybe more
+        than once) by D."""
+        return Judged(x, y, self.draw_augment(x), noise=self.guidance.draw(x) if self.guidance else None)
 
     def judge(self, D, x: torch.Tensor, y: torch.Tensor | None) -> Judged:
         """D's logits for x with the augmentation draws kept (the penalties replay them)."""
         side = self.side(x, y)
-        side.logits = self.discriminate(D, x, y, side.draws)
+        side.logits = self.discriminate(D, x, y, side.draws, side.noise)
         return side
 
     def optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return adam(model.parameters(), lr, (t.beta1, t.beta2))
+        return adam(model.parameters(), lr, (t.beta1, t.beta2), t.weight_decay)
 
     def noise(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         if generator is not None:  # a fixed generator (sample grids) lives on its own device
@@ -164,8 +216,8 @@ class GAN(Variant):
         return terms
 
     def critic(self, D, side: Judged):
-        """D as a function of images alone: labels bound, packing and augmentation draws fixed."""
-        return lambda x: self.discriminate(D, x, side.y, side.draws)
+        """D as a function of images alone: labels bound, packing, augmentation and noise draws fixed."""
+        return lambda x: self.discriminate(D, x, side.y, side.draws, side.noise)
 
     def sq_grad(self, D, side: Judged, ctx, mode: str) -> torch.Tensor:
         """E |grad_x D(x)|^2 on one side, exact or by the finite difference (in fp32; reusing D's logits

@@ -39,7 +39,7 @@ class Translation(Variant):
 
     def optimizer(self, params, lr: float) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return adam(params, lr, (t.beta1, t.beta2))
+        return adam(params, lr, (t.beta1, t.beta2), t.weight_decay)
 
     def sample(self, G, n, generator=None, labels=None):
         raise UserError(

@@ -19,6 +19,7 @@ import torch
 from torch.func import functional_call
 
 from distgan import losses
+from distgan.errors import UserError
 from distgan.models import attention
 from distgan.variants.gan import GAN
 
@@ -31,6 +32,12 @@ class UnrolledGAN(GAN):
     @classmethod
     def compile_hint(cls, cfg) -> str:
         return "Set train.compile=false"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.train.weight_decay > 0:  # the unrolled steps replay Adam's rule, not AdamW's
+            raise UserError("variant 'unrolled' unrolls Adam's steps; set train.weight_decay=0")
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -30,7 +30,9 @@ class WGAN(GAN):
         super().__init__(cfg)
 
     def optimizer(self, model, lr):
-        return torch.optim.RMSprop(model.parameters(), lr=lr, capturable=CAPTURABLE)
+        return torch.optim.RMSprop(
+            model.parameters(), lr=lr, weight_decay=self.cfg.train.weight_decay, capturable=CAPTURABLE
+        )
 
     @torch.no_grad()
     def after_d_step(self, D):
