@@ -14,13 +14,22 @@ from distgan.errors import RunFailed, UserError, user_message
 
 
 def _shards(args: argparse.Namespace) -> int:
-    from distgan.data import shards
+    from distgan.data import builtin, shards
 
     kw = dict(
         maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite, fmt=args.format, quality=args.quality
     )
     if args.prefix:
         kw["prefix"] = args.prefix
+    if args.encode:
+        return _encode(args)
+    if args.shards:
+        raise UserError("--shards (image shards as the source) goes with --encode VAE")
+    if args.builtin in builtin.LATENT_BUILTINS:
+        raise UserError(
+            f"builtin '{args.builtin}' is a latent set: train on data.shards=builtin:{args.builtin} (made in the "
+            "cache), or encode your own with --encode VAE"
+        )
     if args.builtin:
         manifest = shards.write_builtin(args.builtin, args.out, **kw)
     elif args.images:
@@ -35,6 +44,42 @@ def _shards(args: argparse.Namespace) -> int:
     print(
         f"wrote {manifest['count']} samples of shape {tuple(manifest['image_shape'])} in "
         f"{len(manifest['shards'])} shards: {os.path.join(args.out, manifest['pattern'])}"
+    )
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    """`distgan shards --encode VAE`: latent shards (distgan/data/latents.py)."""
+    from distgan import vae
+    from distgan.data import latents, stream
+
+    if args.pairs or args.npz:
+        raise UserError("--encode takes --images, --builtin or --shards as its source")
+    if not args.resize:
+        raise UserError("--encode needs --resize N: the size of the (square) images the VAE encodes")
+    if args.images:
+        where, source = f"images:{args.images}", latents.folder_samples(args.images, args.resize)
+    elif args.builtin:
+        where, source = f"builtin:{args.builtin}", latents.builtin_samples(args.builtin, args.resize)
+    else:
+        channels = vae.identity(args.encode)["image_channels"]
+        where, source = args.shards, stream.image_samples(args.shards, args.resize, channels)
+    manifest = latents.encode(
+        args.encode,
+        source,
+        where,
+        args.out,
+        resolution=args.resize,
+        maxcount=args.maxcount,
+        batch=args.batch,
+        flips=args.flips,
+        overwrite=args.overwrite,
+    )
+    h, w, c = manifest["image_shape"]
+    print(
+        f"wrote {manifest['count']} latents of shape ({c}, {h}, {w}) in {len(manifest['shards'])} shards: "
+        f"{os.path.join(args.out, manifest['pattern'])}; train with data.kind=latents data.resolution={h} "
+        f"data.channels={c} model.vae={args.encode}"
     )
     return 0
 
@@ -90,7 +135,7 @@ def _load_generators(args: argparse.Namespace, need_data: bool = False):
     data, notes = trust.checkpoint_config(
         stored,
         given=given,
-        needed=trust.stream_keys(stored) if need_data else (),
+        needed=[*(trust.stream_keys(stored) if need_data else ()), *trust.decoder_keys(stored)],
         trust=args.trust_checkpoint_config,
         where=str(ckpt.path),
     )
@@ -633,11 +678,22 @@ def build_parser() -> argparse.ArgumentParser:
         "written as KEY.input.png + KEY.target.png",
     )
     src.add_argument("--npz", help="an .npz with arrays x (N,H,W[,C]) and optional y (N,)")
+    src.add_argument("--shards", help="--encode: image shards to encode (a folder, brace pattern, URL or builtin:NAME)")
+    s.add_argument(
+        "--encode",
+        metavar="VAE",
+        help="write latent shards instead: the images encoded by this VAE (a diffusers AutoencoderKL folder, "
+        "safetensors), for data.kind=latents (docs/data.md)",
+    )
+    s.add_argument("--flips", action="store_true", help="--encode: also encode each image's mirror, as its own sample")
+    s.add_argument("--batch", type=int, default=64, help="--encode: images per VAE call (default 64)")
     s.add_argument("--out", required=True, help="output folder for the shards")
     s.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
     s.add_argument("--maxsize", type=float, default=256e6, help="bytes per shard (default 256e6)")
     s.add_argument("--prefix", help="shard file prefix (default: the builtin's name, else 'shard')")
-    s.add_argument("--resize", type=int, help="--images, --pairs: center-crop and resize every image to N x N")
+    s.add_argument(
+        "--resize", type=int, help="--images, --pairs, --encode: center-crop and resize every image to N x N"
+    )
     s.add_argument("--rgb", action="store_true", help="--images, --pairs (targets): store RGB instead of grayscale")
     s.add_argument("--input-rgb", action="store_true", help="--pairs: store the inputs as RGB too")
     s.add_argument(

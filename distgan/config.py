@@ -90,9 +90,11 @@ def between(low: float, high: float, default: float, low_open: bool = False):
 class DataConfig:
     # A local path, brace pattern, http(s):// or pipe: URL; "builtin:NAME" builds NAME's shards into the cache.
     shards: str = "builtin:digits"
-    # images (KEY.png), points (KEY.npy: data.channels-dim vectors, e.g. the 2-D mixtures), or paired
-    # (KEY.input.png + KEY.target.png: image-to-image pairs, e.g. pix2pix)
-    kind: str = one_of("images", ("images", "points", "paired"))
+    # images (KEY.png), points (KEY.npy: data.channels-dim vectors, e.g. the 2-D mixtures), paired
+    # (KEY.input.png + KEY.target.png: image-to-image pairs, e.g. pix2pix), or latents (KEY.npy: a VAE's
+    # (data.channels, data.resolution, data.resolution) latents from `distgan shards --encode`; model.vae
+    # decodes G's samples)
+    kind: str = one_of("images", ("images", "points", "paired", "latents"))
     # Unpaired image-to-image (cyclegan): the two domains' shard sets, streamed independently
     # (same forms as data.shards); data.shards is then unused.
     shards_a: str = ""
@@ -100,7 +102,7 @@ class DataConfig:
     input_channels: int = one_of(0, (0, 1, 3))  # paired data: channels of KEY.input.png (0: data.channels)
     # images are cropped to a square (data.crop) and resized (PIL bilinear) to this size
     resolution: int = at_least(1, 16)
-    channels: int = at_least(1, 1)  # 1 or 3 (points: the vector size); must match the shards
+    channels: int = at_least(1, 1)  # 1 or 3 (points: the vector size; latents: the VAE's); must match the shards
     batch_size: int = at_least(1, 64)  # per process and per micro-batch
     # DataLoader workers per process; -1: auto (data.stream.auto_workers): on the CPU none below
     # 4 cores per process (a worker would fight the step for them), else 1; on GPUs up to 4.
@@ -231,6 +233,10 @@ class ModelConfig:
     # a block-diagonal weight: the same values, faster on GPUs at small maps) or auto (block_diagonal on
     # CUDA at maps up to 16x16)
     grouped_conv: str = one_of("native", ("native", "block_diagonal", "auto"))
+    # data.kind=latents: the VAE that encoded the shards (a diffusers AutoencoderKL folder; distgan/vae.py),
+    # frozen, used to decode samples (grids, distgan sample, metrics); never saved in checkpoints, and
+    # never taken from a checkpoint's stored config
+    vae: str = ""
 
 
 @dataclass
@@ -535,7 +541,11 @@ def validate(cfg: Config) -> None:
                 raise UserError(
                     f"config key '{key}' must be in {'(' if low_open else '['}{low:g}, {high:g}), got {value}"
                 )
-    if cfg.data.kind != "points" and cfg.data.channels not in (1, 3):
+    if cfg.data.kind == "latents" and not cfg.model.vae:
+        raise UserError(
+            "data.kind=latents needs model.vae: the VAE folder the latents were encoded with (it decodes the samples)"
+        )
+    if cfg.data.kind not in ("points", "latents") and cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
     if cfg.data.cache == "ram" and cfg.data.crop == "random":
         raise UserError(

@@ -33,6 +33,14 @@ class Inception:
         from distgan.data import stream
         from distgan.metrics import inception, standard
 
+        if cfg.data.kind == "latents" and not ref:
+            from distgan.errors import UserError
+
+            raise UserError(
+                "latent shards hold no images to take reference statistics from: compute them from the image "
+                "shards the latents were encoded from (distgan stats --shards IMAGES --inception FILE --out REF) "
+                "and pass them (train.eval_ref=REF, or --ref REF to distgan eval)"
+            )
         stats = standard.RefStats.load(ref) if ref else None
         net = inception.FeatureNet(path, device=device)
         if stats is not None:

@@ -20,6 +20,14 @@ from typing import BinaryIO
 from distgan.errors import UserError
 
 
+def cache_root() -> Path:
+    """distgan's cache folder (built-in shards, reference statistics, the built-in VAE): $DISTGAN_CACHE, else
+    $XDG_CACHE_HOME/distgan or ~/.cache/distgan."""
+    if os.environ.get("DISTGAN_CACHE"):
+        return Path(os.environ["DISTGAN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distgan"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

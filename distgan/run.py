@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distgan import checkpoint, config, rng
+from distgan import checkpoint, config, rng, trust
 from distgan.data import stream
 from distgan.errors import RunFailed, UserError
 
@@ -166,7 +166,11 @@ def check_compatible(ckpt: checkpoint.Checkpoint, cfg: config.Config) -> None:
         if a is None and key != "model":  # a checkpoint from before the key existed: its default
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            differ += [f"{key}.{k}={x!r} -> {y!r}" for k, x, y in _changed_leaves(a, b)]
+            differ += [
+                f"{key}.{k}={x!r} -> {y!r}"
+                for k, x, y in _changed_leaves(a, b)
+                if f"{key}.{k}" not in trust.FILE_KEYS  # model.vae: a path, which may differ between machines
+            ]
         elif a != b:
             differ.append(f"{key}={a!r} -> {b!r}")
     if differ:

@@ -42,6 +42,8 @@ def check_supported(cfg) -> None:
         )
     if cfg.variant.pack > 1:
         raise UserError(f"--drs judges single samples; this checkpoint's D judges packs of {cfg.variant.pack}")
+    if cfg.data.kind == "latents" or cfg.variant.multilevel:
+        raise UserError("--drs judges the decoded samples with D, which judges latents or guidance levels here")
     from distgan import variants
 
     if cfg.model.num_classes > 0 or not variants.get(cfg.variant.name).supports_drs:

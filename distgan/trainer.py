@@ -213,6 +213,18 @@ def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.
                 f"set data.channels={shape[0]}"
             )
         return None
+    if kind == "latents":
+        want = (cfg.data.resolution, cfg.data.resolution, cfg.data.channels)
+        if shape != want:
+            raise UserError(
+                f"{where} hold latents of shape {shape} (H, W, C) but data.resolution={cfg.data.resolution} and "
+                f"data.channels={cfg.data.channels}; set data.resolution={shape[0]} data.channels={shape[2]}"
+            )
+        if isinstance(manifest.get("vae"), dict):
+            from distgan import vae
+
+            vae.check_matches(cfg.model.vae, manifest["vae"], where)
+        return None
     if shape[2] in (1, 3) and shape[2] != cfg.data.channels:  # (other tools' RGBA is converted)
         raise UserError(
             f"{where} hold {shape[2]}-channel images but data.channels={cfg.data.channels}; "

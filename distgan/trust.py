@@ -24,7 +24,7 @@ from distgan.errors import UserError
 
 # Config keys whose values reach outside the process.
 SHARD_KEYS = ("data.shards", "data.shards_a", "data.shards_b")
-FILE_KEYS = ("variant.vgg_weights", "train.eval_inception", "train.eval_ref")
+FILE_KEYS = ("variant.vgg_weights", "train.eval_inception", "train.eval_ref", "model.vae")
 # W&B destination: never taken from a checkpoint; this invocation's values (or defaults) are used.
 TRACKING_KEYS = ("tracking.wandb.mode", "tracking.wandb.project", "tracking.wandb.entity", "tracking.wandb.name")
 OUTWARD = SHARD_KEYS + FILE_KEYS + TRACKING_KEYS
@@ -64,12 +64,19 @@ def harmless(key: str, value) -> bool:
         from distgan.data import builtin
 
         return value.split(":", 1)[1] in builtin.names()
+    if key == "model.vae" and value == "builtin:tiny-vae":  # distgan's own, written to its cache
+        return True
     return False
 
 
 def override_keys(overrides: Iterable[str]) -> set[str]:
     """The dotted keys that key=value overrides set."""
     return {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
+
+
+def decoder_keys(stored: dict) -> list[str]:
+    """The file keys every use of a checkpoint's generator needs: model.vae for latent runs."""
+    return ["model.vae"] if _get(stored, "data.kind") == "latents" else []
 
 
 def checkpoint_config(

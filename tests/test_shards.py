@@ -120,7 +120,7 @@ def test_refuses_to_overwrite_without_flag(tmp_path, capsys):
     [
         (["--images", "/nonexistent"], "does not exist"),
         (["--npz", "/nonexistent.npz"], "does not exist"),
-        (["--builtin", "mnist"], "available: digits, digits-thick, digits-thin, edges2photos, faces"),
+        (["--builtin", "mnist"], "available: digits, digits-latents, digits-thick, digits-thin, edges2photos, faces"),
     ],
 )
 def test_shards_bad_sources(tmp_path, args, needle, capsys):

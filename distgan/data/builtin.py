@@ -63,6 +63,8 @@ def mixture(name: str, n: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.
 
 
 MIXTURES = ("ring", "grid")
+# Latent sets (distgan/data/latents.py): (the image set, the image size encoded, the VAE)
+LATENT_BUILTINS = {"digits-latents": ("digits", 32, "builtin:tiny-vae")}
 BUILTINS = {
     "digits": digits,
     "faces": faces,
@@ -81,7 +83,7 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def names() -> list[str]:
-    return sorted([*BUILTINS, *IMAGE2IMAGE])
+    return sorted([*BUILTINS, *IMAGE2IMAGE, *LATENT_BUILTINS])
 
 
 # --- image-to-image sets: (train, held-out) pairs of sample arrays -------------------------------

@@ -340,12 +340,6 @@ def write_builtin(name: str, out_dir, **kw) -> dict:
     return write_arrays(x, y, classes, out_dir, source=f"builtin:{name}", **kw)
 
 
-def cache_root() -> Path:
-    if os.environ.get("DISTGAN_CACHE"):
-        return Path(os.environ["DISTGAN_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distgan"
-
-
 # Small shards so that 2 ranks x 2 workers each get their own on the 1797 digits.
 BUILTIN_MAXCOUNT = 250
 # Part of the cache folder's name: bump it when the way builtin shards are written changes.
@@ -354,7 +348,7 @@ CACHE_VERSION = 3
 
 def ensure_builtin(name: str, progress: bool = True) -> Path:
     """The folder of builtin `name`'s shards in the cache, written on first use."""
-    folder = cache_root() / "shards" / f"{name}-v{CACHE_VERSION}"
+    folder = files.cache_root() / "shards" / f"{name}-v{CACHE_VERSION}"
     if not (folder / MANIFEST).exists():
         # 100k points or 60k stacked digits: ~10 shards; the real digits and the image-to-image
         # sets (4000 patches, 800 digits): small ones, so 2 ranks x 2 workers each get their own
@@ -403,11 +397,11 @@ def _is_number(value) -> bool:
 MANIFEST_KEYS = {
     "shards": ("a list of shard file names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
     "image_shape": (
-        "[H, W, C] (C 1 to 4), or [D] for points",
-        lambda v: _is_shape(v, (1, 3)) and (len(v) == 1 or v[2] <= 4),
+        "[H, W, C] (images: C 1 to 4), or [D] for points",
+        lambda v: _is_shape(v, (1, 3)),
     ),
     "input_shape": ("[H, W, C] (C 1 to 4)", lambda v: _is_shape(v, (3,)) and v[2] <= 4),
-    "kind": ("images, points or paired", lambda v: v in ("images", "points", "paired")),
+    "kind": ("images, points, paired or latents", lambda v: v in ("images", "points", "paired", "latents")),
     "classes": ("a list of class names", lambda v: isinstance(v, list)),
     "count": (
         "a number of samples (an integer >= 0)",
@@ -437,6 +431,8 @@ def _check_keys(manifest: dict, path: Path) -> None:
         raise UserError(f"manifest '{path}': kind 'points' needs image_shape [D]; got {manifest['image_shape']}")
     if manifest.get("kind", "images") != "points" and len(manifest.get("image_shape") or [0, 0, 0]) != 3:
         raise UserError(f"manifest '{path}': image_shape {manifest['image_shape']} is not [H, W, C]")
+    if manifest.get("kind", "images") in ("images", "paired") and (manifest.get("image_shape") or [0, 0, 0])[2] > 4:
+        raise UserError(f"manifest '{path}': image_shape {manifest['image_shape']} has more than 4 channels")
 
 
 def _plain_name(name) -> bool:

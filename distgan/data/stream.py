@@ -94,6 +94,7 @@ def from_config(cfg, urls, *, seed: int, fixed: bool = False, **overrides) -> Sh
         seed=seed,
         shuffle_buffer=d.shuffle_buffer,
         points=d.kind == "points",
+        latents=d.kind == "latents",
         **(_fixed(options) if fixed else options),
     )
     kwargs.update(overrides)
@@ -128,7 +129,11 @@ def resolve(spec: str, progress: bool = True, key: str = "data.shards") -> Shard
     if not spec:
         raise UserError(f"config key '{key}' is empty; give a shard path, brace pattern or URL")
     if spec.startswith("builtin:"):
-        spec = str(shards.ensure_builtin(spec.split(":", 1)[1], progress=progress))
+        from distgan.data import builtin, latents
+
+        name = spec.split(":", 1)[1]
+        ensure = latents.ensure_builtin if name in builtin.LATENT_BUILTINS else shards.ensure_builtin
+        spec = str(ensure(name, progress=progress))
     if _is_remote(spec):
         return ShardSource(list(braceexpand.braceexpand(spec)), None)
     # Absolute, so that no file name joined to it can read as a URL ("pipe:..." in the current folder).
@@ -187,6 +192,7 @@ class ShardStream(IterableDataset):
         on_error: str = "raise",
         expected_shape: tuple[int, int, int] | None = None,
         points: bool = False,
+        latents: bool = False,
         fields: dict[str, tuple[str, int]] | None = None,
         image_key: str = "",
         label_key: str = "",
@@ -213,6 +219,7 @@ class ShardStream(IterableDataset):
         self._capture: list | None = None
         self._tar_errors = 0
         self.points = points  # (D,) float points in KEY.npy instead of images in KEY.png
+        self.latents = latents  # (C, R, R) VAE latents in KEY.npy (distgan shards --encode)
         self.batch_size = batch_size
         self.resolution = resolution
         self.channels = channels
@@ -292,7 +299,7 @@ class ShardStream(IterableDataset):
     def _wanted(self) -> set[str]:
         """The member suffixes a sample is read for; the rest are skipped unread."""
         labels = {"json"} if self.label_key.startswith("json:") else {self.label_key or "cls", "label"}
-        if self.points:
+        if self.points or self.latents:
             return {"npy", *labels}
         exts = (self.image_key,) if self.image_key else IMAGE_EXTS
         images = {f"{b}.{e}" if b else e for b in (_member_base(m) for m, _ in self.fields.values()) for e in exts}
@@ -326,9 +333,13 @@ class ShardStream(IterableDataset):
         except Exception as exc:
             self._fail(f"corrupt .npy ({exc})", url, key)
             return None
-        if arr.shape != (self.channels,) or not np.isfinite(arr).all():
+        want = (self.channels, self.resolution, self.resolution) if self.latents else (self.channels,)
+        numeric = arr.dtype.kind in "fiu"
+        if arr.shape != want or not numeric or not np.isfinite(arr).all():
+            what = "latent" if self.latents else "point"
             self._fail(
-                f"point of shape {arr.shape} (finite: {bool(np.isfinite(arr).all())}), expected ({self.channels},)",
+                f"{what} of shape {arr.shape} and dtype {arr.dtype} (finite: "
+                f"{bool(numeric and np.isfinite(arr).all())}), expected a numeric array of shape {want}",
                 url,
                 key,
             )
@@ -421,7 +432,7 @@ class ShardStream(IterableDataset):
         if refused:  # a member over data.max_member_bytes: never read
             self._fail(f"member '{_short(str(key))}.{_short(refused[0][0])}' not read: {refused[0][1].why}", url, key)
             return None
-        if self.points:
+        if self.points or self.latents:
             decoded = self._decode_point(sample, url, key)
             return None if decoded is None else ({"image": decoded[0]}, decoded[1], decoded[2])
         arrays = {}
@@ -437,7 +448,7 @@ class ShardStream(IterableDataset):
         out = {}
         for name in items[0][0]:
             stacked = np.stack([a[name] for a, _, _ in items])
-            if self.points:
+            if self.points or self.latents:
                 out[name] = torch.from_numpy(stacked)
             else:
                 out[name] = torch.from_numpy(stacked.transpose(0, 3, 1, 2)).float().div_(127.5).sub_(1.0)
@@ -585,6 +596,18 @@ def shutdown(loader_iter) -> None:
     stop = getattr(loader_iter, "_shutdown_workers", None)  # torch's multi-process iterator
     if stop is not None:
         stop()
+
+
+def image_samples(spec: str, resolution: int, channels: int, key: str = "--shards"):
+    """The images of image shard set `spec` once, in order, center-cropped and resized to `resolution`:
+    ((H, W, C) uint8 arrays with their label or None, their count if the manifest says, class names)."""
+    src = resolve(spec, key=key)
+    manifest = src.manifest or {}
+    if manifest.get("kind", "images") != "images":
+        raise UserError(f"{key} takes image shards; '{spec}' holds {manifest.get('kind')}")
+    ds = ShardStream(src.urls, batch_size=1, resolution=resolution, channels=channels, seed=0)
+    samples = ((arrays["image"], None if label < 0 else label) for arrays, label, _ in _each_decoded(src, ds))
+    return samples, manifest.get("count"), list(manifest.get("classes") or [])
 
 
 def _each_decoded(source: ShardSource, ds: ShardStream):

@@ -33,6 +33,8 @@ def applicable(cfg, manifest: dict | None, features: str | None = None, inceptio
     source = manifest.get("source", "")
     if manifest.get("mixture"):
         return ["modes"]
+    if cfg.data.kind == "latents":  # decoded samples against the images' statistics (train.eval_ref / --ref)
+        return list(STANDARD) if inception else []
     if cfg.data.kind != "images":
         return []
     own = []

@@ -85,7 +85,7 @@ class DigitFeatures:
     """A small MLP classifier of the real digits at one resolution; its hidden layer is the feature space."""
 
     def __init__(self, resolution: int, seed: int = 0):
-        from distgan.data.shards import cache_root
+        from distgan.files import cache_root
 
         path = cache_root() / "eval" / f"digits-mlp-r{resolution}-s{seed}.npz"
         if not path.is_file():

@@ -36,7 +36,7 @@ class DomainClassifier:
         from safetensors.torch import load_file, save_file
 
         from distgan.data import stream
-        from distgan.data.shards import cache_root
+        from distgan.files import cache_root
 
         sources = [
             stream.resolve(s, progress=False, key=f"data.shards_{k}")

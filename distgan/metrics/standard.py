@@ -218,7 +218,7 @@ def shards_digest(urls: list[str]) -> str | None:
     """One sha256 of the shard files' contents (each file's hash is remembered under its size and
     mtime, so a second lookup reads nothing); None for remote shards, whose content distgan cannot
     know without reading them."""
-    from distgan.data.shards import cache_root
+    from distgan.files import cache_root
 
     if any(u.startswith("pipe:") or "://" in u for u in urls):
         return None
@@ -263,7 +263,7 @@ def cache_identity(
 def cache_path(identity: dict) -> Path:
     """The cache file of statistics with this identity: `distgan stats`, `distgan eval` and training
     evaluations of the same shards, network, size and images share it."""
-    from distgan.data.shards import cache_root
+    from distgan.files import cache_root
 
     key = json.dumps(identity, sort_keys=True)
     return cache_root() / "stats" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"

@@ -49,7 +49,7 @@ class Variant:
     def check_config(cls, cfg) -> None:
         """This variant's rules on the config, raised as UserError (config.validate calls it; the rules
         between keys that hold for every variant live in config.validate). Subclasses call it too."""
-        if cfg.data.augment and (cls.image_to_image or cfg.data.kind != "images"):
+        if cfg.data.augment and (cls.image_to_image or cfg.data.kind not in ("images", "latents")):
             raise UserError(
                 "config key 'data.augment' applies to image GANs (gan, wgan, wgan-gp, sngan, cgan, "
                 f"unrolled); leave it empty for variant '{cfg.variant.name}' on data.kind={cfg.data.kind}"

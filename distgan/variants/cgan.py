@@ -65,4 +65,4 @@ class CGAN(GAN):
         device = next(G.parameters()).device
         if labels is None:  # the classes in order, in equal blocks
             labels = torch.arange(n) * self.num_classes // n
-        return G(self.noise(n, device, generator), labels.to(device)).float().clamp(-1, 1)
+        return self.to_images(G(self.noise(n, device, generator), labels.to(device)).float())

@@ -114,6 +114,7 @@ class GAN(Variant):
             self.ada = augment.Adaptive(cfg.data.augment_target)
         self.augment_p = 1.0 if cfg.data.augment_p == "auto" else float(cfg.data.augment_p)
         self.gamma_factor = self.augment_factor = 1.0  # train.schedule_images: set per step (set_schedule)
+        self._decoder = None  # data.kind=latents: model.vae, loaded when a sample is first decoded
         self.guidance = (
             guidance.Guidance(cfg.model.vit.levels, cfg.variant.multilevel_min_info) if cfg.variant.multilevel else None
         )
@@ -367,5 +368,19 @@ class GAN(Variant):
     ) -> torch.Tensor:
         """n images in [-1, 1]; `labels` (n,) for conditional variants (ignored otherwise)."""
         device = next(G.parameters()).device
-        out = G(self.noise(n, device, generator)).float()
-        return out.clamp(-1, 1) if out.ndim == 4 else out  # images live in [-1, 1]; points anywhere
+        return self.to_images(G(self.noise(n, device, generator)).float())
+
+    def to_images(self, out: torch.Tensor) -> torch.Tensor:
+        """G's output as samples: latents decoded by model.vae (data.kind=latents), images clamped to
+        [-1, 1], points as they are."""
+        if self.cfg.data.kind == "latents":
+            return self.decoder().to(out.device).decode(out)
+        return out.clamp(-1, 1) if out.ndim == 4 else out
+
+    def decoder(self):
+        """model.vae (distgan/vae.py), loaded once, on the first call."""
+        if self._decoder is None:
+            from distgan import vae
+
+            self._decoder = vae.VAE(self.cfg.model.vae)
+        return self._decoder

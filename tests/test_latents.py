@@ -1,0 +1,178 @@
+"""Latent-space training (distgan/vae.py, distgan/data/latents.py): a random-weight AutoencoderKL saved in
+diffusers' layout, `distgan shards --encode` (its latents, scaling, resume), training on the latent shards
+(exact resume, the VAE frozen and never in a checkpoint), samples decoded by the VAE, and the refusals."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_resumed, cli
+from safetensors import safe_open
+from test_train import assert_bitwise_equal
+
+from distgan import vae as vae_module
+from distgan.data import latents, shards
+
+pytest.importorskip("diffusers")  # (in distgan[latent] and [dev]: the suite always has it)
+
+
+def _vae(folder, seed=0, scaling=0.5, shift=0.1):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    model = AutoencoderKL(
+        **{**vae_module.TINY_CONFIG, "block_out_channels": [8, 16], "norm_num_groups": 4},
+        scaling_factor=scaling,
+        shift_factor=shift,
+    )
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny VAE, 60 digits as a class-folder of PNGs, and their latent shards (16 px images -> 8x8x4)."""
+    from PIL import Image
+
+    from distgan.data import builtin
+
+    root = tmp_path_factory.mktemp("latent")
+    vae_dir = _vae(root / "vae")
+    x, y, _ = builtin.load("digits")
+    images = root / "images"
+    for i in range(60):
+        (images / str(y[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i][..., 0]).resize((16, 16), Image.NEAREST).save(images / str(y[i]) / f"{i:03d}.png")
+    out = root / "shards"
+    encode(vae_dir, images, out)
+    return root, vae_dir, images, out
+
+
+def encode(vae_dir, images, out, maxcount=16):
+    source = latents.folder_samples(str(images), 16)
+    return latents.encode(
+        str(vae_dir), source, f"images:{images}", str(out), resolution=16, maxcount=maxcount, progress=False
+    )
+
+
+def test_encode_writes_normalised_latents_and_the_vaes_identity(setup):
+    root, vae_dir, images, out = setup
+    manifest = shards.read_manifest(out)
+    assert manifest["kind"] == "latents" and manifest["count"] == 60
+    assert manifest["image_shape"] == [8, 8, 4] and manifest["image_resolution"] == 16
+    assert manifest["vae"] == vae_module.identity(str(vae_dir))
+    assert manifest["vae"]["scaling_factor"] == 0.5 and manifest["vae"]["shift_factor"] == pytest.approx(0.1)
+    assert len(manifest["shards"]) == 4  # 16 + 16 + 16 + 12
+    from distgan.data import tarstream
+
+    first = next(tarstream.samples([str(out / manifest["shards"][0])], select=lambda n: True, max_member=1 << 20))
+    z = np.load(io.BytesIO(first["npy"]))
+    assert z.dtype == np.float16 and z.shape == (4, 8, 8)
+    # the latent is (posterior mean - shift) * scale of the image, gray put in all three channels
+    from PIL import Image
+
+    vae = vae_module.VAE(str(vae_dir))
+    path = sorted((images / first["cls"].decode()).glob("*.png"))[0]
+    img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+    img = img[None] / 127.5 - 1
+    mean = vae.model.encode(img).latent_dist.mean
+    torch.testing.assert_close(torch.from_numpy(z.astype(np.float32))[None], (mean - 0.1) * 0.5, atol=2e-3, rtol=2e-3)
+    # decoding undoes the normalisation: decode(encode(x)) is the VAE's own reconstruction of x
+    recon = vae.model.decode(mean).sample.clamp(-1, 1)
+    torch.testing.assert_close(vae.decode(vae.encode(img)), recon, atol=1e-5, rtol=1e-5)
+
+
+def test_an_interrupted_encode_goes_on_after_its_last_complete_shard(setup, tmp_path):
+    root, vae_dir, images, out = setup
+    again = tmp_path / "again"
+    again.mkdir()
+    # what an encode killed while writing its third shard leaves: two shards, a partial one, the progress
+    for name in shards.read_manifest(out)["shards"][:2]:
+        (again / name).write_bytes((out / name).read_bytes())
+    (again / ".latents-000002.tar.incomplete").write_bytes(b"partial")
+    settings = {"source": f"images:{images}", "vae": vae_module.identity(str(vae_dir))["sha256"]}
+    settings |= {"resolution": 16, "maxcount": 16, "flips": False, "done_shards": 2}
+    (again / latents.PROGRESS).write_text(json.dumps(settings))
+    encode(vae_dir, images, again)
+    for name in shards.read_manifest(out)["shards"]:
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    assert not (again / latents.PROGRESS).exists() and not list(again.glob(".*.incomplete"))
+    # other settings are refused rather than mixed into the same folder
+    (again / "manifest.json").unlink()
+    (again / latents.PROGRESS).write_text(json.dumps({**settings, "maxcount": 8}))
+    with pytest.raises(Exception, match="interrupted encode with other settings"):
+        encode(vae_dir, images, again)
+
+
+LATENT_RUN = [
+    "--preset",
+    "digits-gat-latent",
+    "data.resolution=8",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "model.vit.width=16",
+    "model.vit.depth=2",
+    "model.vit.heads=2",
+    "model.vit.levels=2",
+    "train.log_every=1",
+    "train.sample_every=3",
+    "train.n_samples=10",
+    "train.ckpt_every=1000",
+    "tracking.wandb.mode=disabled",
+]
+
+
+def test_training_on_latents_resumes_bitwise_decodes_samples_and_never_saves_the_vae(setup, tmp_path, capsys):
+    root, vae_dir, images, out = setup
+    common = [*LATENT_RUN, f"data.shards={out}", f"model.vae={vae_dir}"]
+    before = {k: v.clone() for k, v in vae_module.VAE(str(vae_dir)).model.state_dict().items()}
+    assert cli(capsys, "train", *common, "--out", tmp_path / "full", "train.steps=6").returncode == 0
+    assert cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=3").returncode == 0
+    res = cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=6", "--resume", "auto")
+    assert res.returncode == 0, res.stderr
+    assert_resumed(tmp_path / "split", 3)
+    step6 = tmp_path / "full" / "checkpoints" / "step-00000006"
+    assert_bitwise_equal(step6, tmp_path / "split" / "checkpoints" / "step-00000006")
+    for f in step6.glob("*.safetensors"):  # G, D, EMA, optimizers: nothing of the VAE
+        with safe_open(f, "pt") as st:
+            assert not [k for k in st.keys() if "decoder" in k or "encoder" in k or "quant" in k], f
+    after = vae_module.VAE(str(vae_dir)).model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the file is untouched
+    # the grid and `distgan sample` show decoded images: 3 channels at the VAE's 16 px
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "full" / "samples" / "latest.png")
+    assert grid.mode == "RGB"
+    res = cli(capsys, "sample", "--ckpt", tmp_path / "full", "--n", "4", "--out", tmp_path / "s.png")
+    assert res.returncode != 0 and "model.vae" in res.stderr  # a file key: never taken from the checkpoint
+    res = cli(
+        capsys, "sample", "--ckpt", tmp_path / "full", "--n", "4", "--out", tmp_path / "s.png", f"model.vae={vae_dir}"
+    )
+    assert res.returncode == 0, res.stderr
+    assert Image.open(tmp_path / "s.png").mode == "RGB"
+
+
+def test_another_vae_or_a_missing_one_is_refused_with_one_line(setup, tmp_path, capsys):
+    root, vae_dir, images, out = setup
+    other = _vae(tmp_path / "other", seed=1)
+    res = cli(capsys, "train", *LATENT_RUN, f"data.shards={out}", f"model.vae={other}", "--out", tmp_path / "r")
+    assert res.returncode == 2 and "is not the VAE that encoded the shards: its sha256" in res.stderr
+    res = cli(
+        capsys, "train", *LATENT_RUN, f"data.shards={out}", f"model.vae={tmp_path / 'nope'}", "--out", tmp_path / "r"
+    )
+    assert res.returncode == 2 and "does not exist: give a diffusers AutoencoderKL folder" in res.stderr
+    res = cli(capsys, "train", *LATENT_RUN, f"data.shards={out}", "model.vae=", "--out", tmp_path / "r")
+    assert res.returncode == 2 and "data.kind=latents needs model.vae" in res.stderr
+    res = cli(
+        capsys,
+        "train",
+        *LATENT_RUN,
+        f"data.shards={out}",
+        f"model.vae={vae_dir}",
+        "data.resolution=16",
+        "--out",
+        tmp_path / "r",
+    )
+    assert res.returncode == 2 and "hold latents of shape (8, 8, 4)" in res.stderr
