@@ -104,3 +104,42 @@ def test_digits_gat_trains_with_approx_penalties_and_resumes_bitwise(tmp_path, c
     assert res.returncode == 0, res.stderr
     assert_resumed(tmp_path / "split", 2)
     assert_bitwise_equal(*(tmp_path / r / "checkpoints" / "step-00000004" for r in ("full", "split")))
+
+
+def _rms(x, weight=None, eps=1e-6):
+    out = x / torch.sqrt(x.square().mean(-1, keepdim=True) + eps)
+    return out * weight if weight is not None else out
+
+
+def _swiglu(mlp, x):
+    a, b = (x @ mlp.w12.weight.T + mlp.w12.bias).chunk(2, dim=-1)
+    return (a * torch.sigmoid(a) * b) @ mlp.w3.weight.T + mlp.w3.bias
+
+
+def test_blocks_match_their_definitions_in_float64_and_zero_modulation_is_the_identity():
+    torch.manual_seed(0)
+    width, heads = 16, 2
+    x = torch.randn(3, 9, width, dtype=torch.float64)
+    w = torch.randn(3, width, dtype=torch.float64)
+    g = vit.GBlock(width, heads, 4.0, vit.RoPE2D(8, 3)).double()
+    # x += gate_a * Attn(RMS(x) (1 + scale_a)); x += gate_m * SwiGLU(RMS(x) (1 + scale_m)),
+    # (scale_a, gate_a, scale_m, gate_m) = Linear(SiLU(w))
+    mod = (w * torch.sigmoid(w)) @ g.ada.weight.T + g.ada.bias
+    scale_a, gate_a, scale_m, gate_m = (m[:, None] for m in mod.chunk(4, dim=-1))
+    want = x + gate_a * g.attn(_rms(x) * (1 + scale_a))
+    want = want + gate_m * _swiglu(g.mlp, _rms(want) * (1 + scale_m))
+    torch.testing.assert_close(g(x, w), want, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # adaLN's modulation at zero: both gates shut, the block passes x through
+        g.ada.weight.zero_()
+        g.ada.bias.zero_()
+    assert torch.equal(g(x, w), x)
+    # GAT's own initialisation is a tenth of Xavier's gain, not zero: a fresh block is near the identity
+    fresh = vit.Generator(8, 1, 6, width=width, depth=2, heads=heads, levels=2).blocks[0].double()
+    assert 0 < (fresh(x, w) - x).abs().max() < 0.5 * x.abs().max()
+    d = vit.DBlock(width, heads, 4.0, vit.RoPE2D(8, 3, prefix=1)).double()
+    xd = torch.randn(3, 10, width, dtype=torch.float64)
+    # x += ls_a * Attn(RMS_affine(x)); x += ls_m * SwiGLU(RMS_affine(x)), layer-scales starting at 0.1
+    want = xd + d.attn(_rms(xd, d.norm1.weight)) * d.scale_a
+    want = want + _swiglu(d.mlp, _rms(want, d.norm2.weight)) * d.scale_m
+    torch.testing.assert_close(d(xd), want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(d.scale_a.detach(), torch.full((width,), 0.1, dtype=torch.float64))
