@@ -315,6 +315,75 @@ def _manifest(cfg) -> dict | None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _eval_watch(args)
+    result = _evaluate(args)
+    return _report(result, args.json) if result is not None else 0
+
+
+def _eval_watch(args: argparse.Namespace) -> int:
+    """`distgan eval --watch`: every checkpoint of run --ckpt evaluated as it appears, in this process, so
+    a long evaluation (fid50k) never stalls training. One JSON line per step in RUN/eval/watch.jsonl
+    (--json: another file); steps already there are not evaluated again, so a stopped watcher goes on
+    where it was. It ends once the run's last step (train.steps of RUN/config.yaml) is evaluated."""
+    import json
+    import time
+
+    from omegaconf import OmegaConf
+
+    from distgan import checkpoint, metrics
+
+    run = Path(args.ckpt)
+    if not run.is_dir() or checkpoint.STEP_DIR.match(run.name) or (run / "state.safetensors").exists():
+        raise UserError(f"--watch takes a run directory (RUN, with RUN/checkpoints/ to come); got '{args.ckpt}'")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--watch runs in one process; launch it without accelerate launch")
+    if args.poll <= 0:
+        raise UserError(f"--poll must be > 0 seconds; got {args.poll}")
+    log = Path(args.json) if args.json else run / "eval" / "watch.jsonl"
+    done: set[int] = set()
+    if log.exists():
+        for line in log.read_text().splitlines():
+            try:
+                done.add(int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"'{log}' is not a --watch log (a line without a step: {line[:80]!r})") from None
+    log.parent.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        final = None
+        if (run / "config.yaml").exists():
+            final = OmegaConf.select(OmegaConf.load(run / "config.yaml"), "train.steps")
+        for folder in checkpoint.list_steps(run):
+            step = int(checkpoint.STEP_DIR.match(folder.name).group(1))
+            if step in done:
+                continue
+            args.ckpt = str(folder)
+            try:
+                result = _evaluate(args)
+            except (UserError, OSError) as exc:
+                if folder.exists():
+                    raise
+                result = {"step": step, "skipped": f"deleted before it was evaluated ({str(exc)[:120]})"}
+            with open(log, "a") as f:  # one line per step: a reader never sees half a result
+                f.write(json.dumps(result) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            done.add(step)
+            print(f"eval --watch: {json.dumps(metrics.scalars(result, ''))}", flush=True)
+        if final is not None and done and max(done) >= final:
+            print(f"eval --watch: step {max(done)} of {final} evaluated; results in {log}")
+            return 0
+        if not waited:
+            print(
+                f"eval --watch: waiting for new checkpoints in {run / 'checkpoints'} (Ctrl-C to stop)", file=sys.stderr
+            )
+            waited = True
+        time.sleep(args.poll)
+
+
+def _evaluate(args: argparse.Namespace) -> dict | None:
+    """`distgan eval` of one checkpoint: its results (None on ranks other than the main one)."""
     from tqdm import tqdm
 
     from distgan import evaluation, metrics
@@ -406,7 +475,7 @@ def _eval(args: argparse.Namespace) -> int:
                 bar=bar,
             )
         )
-    return _report(result, args.json) if main_rank else 0
+    return result if main_rank else None
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -453,7 +522,7 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_translation(args: argparse.Namespace, ckpt, cfg, variant, gens) -> int:
+def _eval_translation(args: argparse.Namespace, ckpt, cfg, variant, gens) -> dict:
     """`distgan eval` of an image-to-image model: its own measures on the held-out set."""
     from distgan.data import stream
 
@@ -483,7 +552,7 @@ def _eval_translation(args: argparse.Namespace, ckpt, cfg, variant, gens) -> int
                 f"the shards of this run ({cfg.data.shards}) name no held-out set; give one with "
                 "--heldout SHARDS (the same format as the training shards)"
             )
-    return _report({"checkpoint": str(ckpt.path), "step": ckpt.step, **variant.evaluate(gens, heldout)}, args.json)
+    return {"checkpoint": str(ckpt.path), "step": ckpt.step, **variant.evaluate(gens, heldout)}
 
 
 def _report(result: dict, json_path: str | None) -> int:
@@ -794,7 +863,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="samples to draw (default 50000 with --inception, as fid50k; else 2500, as in PacGAN)",
     )
-    e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--json", help="also write the results to this JSON file (--watch: its JSON-lines log)")
+    e.add_argument(
+        "--watch",
+        action="store_true",
+        help="--ckpt is a run directory: evaluate each of its checkpoints as it appears, off the training "
+        "process, one line each in RUN/eval/watch.jsonl, until the run's last step",
+    )
+    e.add_argument("--poll", type=float, default=30.0, help="--watch: seconds between looks for new checkpoints")
     e.add_argument(
         "--heldout",
         help="image-to-image models: held-out shards to measure on (default: the "

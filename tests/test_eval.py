@@ -198,3 +198,39 @@ def test_stacked_digits_r1_preset_trains(tmp_path, capsys):
     logged = [m for m in read_metrics(run) if "loss/d" in m]
     assert [m["lr/factor"] for m in logged] == pytest.approx([1, 1, 1, 0.5])  # decay over the second half
     assert all(m["loss/r1"] > 0 for m in logged)
+
+
+def test_eval_watch_evaluates_each_checkpoint_as_it_appears_and_goes_on_where_it_stopped(
+    tmp_path, digits_shards, capsys
+):
+    """A watcher started beside a run evaluates the checkpoints the run writes while it runs, one line each,
+    and ends at the run's last step; run again, it evaluates nothing twice."""
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    run.mkdir()  # the watcher starts before the run has written anything
+    common = [*FAST, f"data.shards={digits_shards}", "data.num_workers=0", "train.ckpt_every=2", "train.keep_last=10"]
+    watch = [sys.executable, "-m", "distgan", "eval", "--ckpt", str(run), "--watch", "--poll", "0.2"]
+    watch += ["--metrics", "digits", "--n", "50", f"data.shards={digits_shards}"]
+    watcher = subprocess.Popen(watch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        assert watcher.poll() is None  # waiting, not failing
+        assert cli(capsys, "train", *common, "--out", run, "train.steps=6").returncode == 0
+        out, err = watcher.communicate(timeout=120)
+    finally:
+        watcher.kill()
+    log = run / "eval" / "watch.jsonl"
+    assert watcher.returncode == 0, err
+    assert "waiting for new checkpoints" in err
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6]
+    assert all(0 <= r["digits"]["generated"]["confident_fraction"] <= 1 for r in lines)
+    assert "step 6 of 6 evaluated" in out
+    # again: every step is in the log already, so it ends at once without evaluating anything
+    code, out, _ = run_main(capsys, *watch[3:])
+    assert code == 0 and "eval --watch: {" not in out and len(log.read_text().splitlines()) == 3
+    code, _, err = run_main(capsys, "eval", "--ckpt", run / "checkpoints" / "step-00000002", "--watch")
+    assert code == 2 and "--watch takes a run directory" in err
