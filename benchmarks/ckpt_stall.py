@@ -15,7 +15,7 @@ And the NaN/Inf guard (`step.StepContext.step`) on D's optimizer, no NaN: distga
 which takes the flag as `found_inf`, against the same Adam unfused, which the guard steps on a copy
 (the code before this change): time per step and the bytes the guard clones.
 
-    python benchmarks/ckpt_stall.py [--presets biggan-128 r3gan-256] [--repeats 3] [--dir /tmp]
+    python benchmarks/ckpt_stall.py [--presets biggan-128 r3gan-256] [--repeats 3] [--dir /tmp] [--e2e STEPS EVERY BATCH]
 
 Writes results/ckpt_stall-<machine>.{json,md}.
 """
@@ -68,6 +68,26 @@ def clone_bytes(fn) -> int:
     return Count.n
 
 
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_extra_bytes(fn) -> int | None:
+    """How far the process's resident memory rises above where it was while `fn` runs: the peak
+    (VmHWM, reset first through /proc/self/clear_refs) minus the resident size before. None where
+    Linux's peak reset is not available."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kb("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return max(0, _status_kb("VmHWM") - before) * 1024
+
+
 def guard_rows(preset: str, v, repeats: int) -> list[dict]:
     import accelerate
 
@@ -91,14 +111,51 @@ def guard_rows(preset: str, v, repeats: int) -> list[dict]:
             ctx.pop_nonfinite()
         cloned = clone_bytes(lambda o=opt: ctx.step(o))
         ctx.pop_nonfinite()
+        peak = peak_extra_bytes(lambda o=opt: ctx.step(o))
+        ctx.pop_nonfinite()
         rows.append(
             {
                 "preset": preset,
                 "what": f"NaN guard, D's step: {label}",
                 "seconds": statistics.median(times),
                 "mb": cloned / 2**20,
+                "peak_mb": None if peak is None else peak / 2**20,
             }
         )
+    return rows
+
+
+def e2e_rows(steps: int, every: int, batch: int) -> list[dict]:
+    """`distgan train --preset r3gan-256` at full width on the embedded photo patches (resized to 256 px,
+    unconditional, as the preset is), checkpointing every `every` steps, synchronous and in the
+    background: steps/s between the first and the last logged step (checkpoints included)."""
+    import json
+    import subprocess
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("false", "true", "false", "true"):  # alternating, twice
+            run = Path(tmp) / f"run-{mode}-{len(rows)}"
+            cmd = [sys.executable, "-m", "distgan", "train", "--preset", "r3gan-256", "--out", str(run)]
+            cmd += ["data.shards=builtin:photos-hr", f"data.batch_size={batch}", "data.num_workers=0"]
+            cmd += [f"train.steps={steps}", f"train.ckpt_every={every}", f"train.ckpt_async={mode}"]
+            cmd += ["train.log_every=1", f"train.sample_every={10 * steps}", "train.mixed_precision=no"]
+            cmd += ["tracking.wandb.mode=disabled", "train.keep_last=2"]
+            subprocess.run(cmd, check=True, capture_output=True)
+            lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            logged = [m for m in lines if "loss/d" in m]
+            first, last = logged[0], logged[-1]
+            rate = (last["step"] - first["step"]) / (last["time"] - first["time"])
+            rows.append(
+                {
+                    "preset": "r3gan-256",
+                    "what": f"end to end, ckpt_every={every}, batch {batch}: steps/s, "
+                    + ("background" if mode == "true" else "synchronous"),
+                    "seconds": 1 / rate,
+                    "steps_per_s": rate,
+                }
+            )
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -107,8 +164,15 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["biggan-128", "r3gan-256"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None, help="where the checkpoints are written (a temporary folder in it)")
+    p.add_argument(
+        "--e2e",
+        type=int,
+        nargs=3,
+        metavar=("STEPS", "EVERY", "BATCH"),
+        help="also train r3gan-256 STEPS steps with a checkpoint every EVERY (batch BATCH), sync vs background",
+    )
     args = p.parse_args()
-    rows = []
+    rows = e2e_rows(*args.e2e) if args.e2e else []
     for preset in args.presets:
         cfg, v, models = built(preset)
         params = sum(p.numel() for m in models.values() for p in m.parameters())
@@ -154,9 +218,13 @@ def main() -> None:
         "moments); median of the repeats. Checkpoint rows: mb is the step folder's size on disk (three "
         "safetensors files), written under --dir (the default temporary folder), fsynced. NaN guard rows: "
         "one StepContext.step of D's optimizer with finite gradients; mb is what the guard clones per step "
-        "(the model and Adam moments it copies before the step, for the unfused optimizer)."
+        "(the model and Adam moments it copies before the step, for the unfused optimizer); peak_mb how far "
+        "the process's resident memory rose during one such step (VmHWM after a reset, minus VmRSS before). "
+        "End-to-end rows (--e2e): seconds is 1 / steps_per_s, from the metrics.jsonl times of the first "
+        "and last logged step of `distgan train`, so every checkpoint in between counts."
     )
-    common.write("ckpt_stall", rows, ["preset", "what", "seconds", "mb", "parameters_m"], notes, {"command": command})
+    columns = ["preset", "what", "seconds", "mb", "peak_mb", "parameters_m", "steps_per_s"]
+    common.write("ckpt_stall", rows, columns, notes, {"command": command})
 
 
 if __name__ == "__main__":

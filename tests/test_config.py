@@ -29,7 +29,10 @@ def test_every_preset_loads_and_builds_its_models(preset):
     if not cfg.data.shards or "resnet" in (cfg.model.g.arch, cfg.model.d.arch):
         # cluster templates (biggan-128 ...) and the residual presets: the same layout at a width a CPU
         # builds in seconds (their spectral norm's first power iterations run in the Triton interpreter)
-        cfg = config.load_config(preset, None, ["model.g.width=2", "model.d.width=2"])
+        small = ["model.g.width=2", "model.d.width=2"]
+        if cfg.model.g.arch == "vit":  # GAT's S-XL at a custom size, the preset's patch and levels kept
+            small += ["model.vit.size=custom", "model.vit.width=16", "model.vit.depth=4", "model.vit.heads=2"]
+        cfg = config.load_config(preset, None, small)
     variant = variants.get(cfg.variant.name)(cfg)
     assert variant.models and all(sum(p.numel() for p in m.parameters()) > 0 for m in variant.models.values())
 

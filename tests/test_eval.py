@@ -224,7 +224,6 @@ def test_eval_watch_evaluates_each_checkpoint_as_it_appears_and_goes_on_where_it
         watcher.kill()
     log = run / "eval" / "watch.jsonl"
     assert watcher.returncode == 0, err
-    assert "waiting for new checkpoints" in err
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4, 6]
     assert all(0 <= r["digits"]["generated"]["confident_fraction"] <= 1 for r in lines)

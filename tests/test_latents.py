@@ -176,3 +176,26 @@ def test_another_vae_or_a_missing_one_is_refused_with_one_line(setup, tmp_path, 
         tmp_path / "r",
     )
     assert res.returncode == 2 and "hold latents of shape (8, 8, 4)" in res.stderr
+
+
+def test_inception_metrics_of_a_latent_run_decode_its_samples_against_the_images_statistics(setup, tmp_path, capsys):
+    from test_inception import TinyNvidiaFile
+
+    root, vae_dir, images, out = setup
+    net = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.script(TinyNvidiaFile(0)), str(net))
+    run = tmp_path / "run"
+    common = [*LATENT_RUN, f"data.shards={out}", f"model.vae={vae_dir}", "train.steps=2"]
+    assert cli(capsys, "train", *common, "--out", run).returncode == 0
+    image_shards = tmp_path / "image-shards"
+    shards.write_folder(str(images), image_shards, rgb=True, progress=False)
+    ref = tmp_path / "ref.npz"
+    res = cli(capsys, "stats", "--shards", image_shards, "--inception", net, "--out", ref)
+    assert res.returncode == 0, res.stderr
+    evaluate = ["eval", "--ckpt", run, "--inception", net, "--n", "20", "--metrics", "fid", f"model.vae={vae_dir}"]
+    res = cli(capsys, *evaluate, "--ref", ref, "--json", tmp_path / "r.json")
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["fid"] > 0 and np.isfinite(result["fid"])
+    res = cli(capsys, *evaluate, f"data.shards={out}")  # latent shards hold no images to take statistics from
+    assert res.returncode == 2 and "latent shards hold no images" in res.stderr
