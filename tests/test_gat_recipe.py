@@ -85,9 +85,17 @@ def test_the_variant_judges_gs_levels_and_repeated_reals_with_replayed_noise():
     assert side.noise.shape == (4, 2, 1, 16, 16)
     # the same draws give the same logits (the penalties' critic replays them) ...
     torch.testing.assert_close(v.critic(D, side)(real), side.logits)
-    # ... and D's input is the formula's
-    want = torch.cat(_cumulative_from_the_definition([real, real], list(side.noise.unbind(1)), v.guidance.t), 1)
+    # ... and D's input is the formula's: the augmented image (the preset's translation) repeated, then noised
+    seen = v.augmented(real, side.draws)
+    assert not torch.equal(seen, real)
+    want = torch.cat(_cumulative_from_the_definition([seen, seen], list(side.noise.unbind(1)), v.guidance.t), 1)
     torch.testing.assert_close(v.d_input(real, side.draws, side.noise), want)
+    # G's levels share each sample's augmentation draws
+    levels = v.augmented(fake, side.draws)
+    for i in range(2):
+        torch.testing.assert_close(levels[:, i], v.augmented(fake[:, i], side.draws))
+    twice = v.augmented(torch.stack([fake[:, 0], fake[:, 0]], dim=1))  # fresh draws, one per sample
+    assert torch.equal(twice[:, 0], twice[:, 1]) and not torch.equal(twice[:, 0], fake[:, 0])
     # samples are the final level only
     assert v.sample(G, 4).shape == (4, 1, 16, 16)
 
