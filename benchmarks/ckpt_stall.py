@@ -219,7 +219,8 @@ def main() -> None:
         "safetensors files), written under --dir (the default temporary folder), fsynced. NaN guard rows: "
         "one StepContext.step of D's optimizer with finite gradients; mb is what the guard clones per step "
         "(the model and Adam moments it copies before the step, for the unfused optimizer); peak_mb how far "
-        "the process's resident memory rose during one such step (VmHWM after a reset, minus VmRSS before). "
+        "the process's resident memory rose during one such step (VmHWM after a reset, minus VmRSS before: a "
+        "lower bound, since the allocator first reuses memory the process freed earlier). "
         "End-to-end rows (--e2e): seconds is 1 / steps_per_s, from the metrics.jsonl times of the first "
         "and last logged step of `distgan train`, so every checkpoint in between counts."
     )
