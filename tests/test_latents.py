@@ -124,9 +124,12 @@ LATENT_RUN = [
 ]
 
 
-def test_training_on_latents_resumes_bitwise_decodes_samples_and_never_saves_the_vae(setup, tmp_path, capsys):
+@pytest.mark.parametrize("cache", [False, True], ids=["uncached", "ram-cache"])
+def test_training_on_latents_resumes_bitwise_decodes_samples_and_never_saves_the_vae(setup, tmp_path, capsys, cache):
     root, vae_dir, images, out = setup
     common = [*LATENT_RUN, f"data.shards={out}", f"model.vae={vae_dir}"]
+    if cache:  # the RAM cache keeps decoded latents: the resume must stay exact with it
+        common.append("data.cache=ram")
     before = {k: v.clone() for k, v in vae_module.VAE(str(vae_dir)).model.state_dict().items()}
     assert cli(capsys, "train", *common, "--out", tmp_path / "full", "train.steps=6").returncode == 0
     assert cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=3").returncode == 0
