@@ -52,7 +52,8 @@ class Guidance:
     def __init__(self, levels: int, min_info: float):
         self.levels = levels
         self.t = noise_levels(levels, min_info)
-        self.mixing = mixing_matrix(self.t)
+        self.mixing = mixing_matrix(self.t).float()  # float64 while built
+        self.keep = torch.tensor([1.0 - t for t in self.t]).view(1, -1, 1, 1, 1)  # each level's 1 - t_i
 
     def draw(self, x: torch.Tensor) -> torch.Tensor:
         """The noise draws e (B, L, C, H, W) for a batch x (B, C, H, W) or (B, L, C, H, W): kept with a
@@ -68,6 +69,7 @@ class Guidance:
             x = x[:, None].expand(-1, self.levels, -1, -1, -1)
         if eps is None:
             eps = self.draw(x)
-        keep = torch.tensor([1.0 - t for t in self.t], device=x.device, dtype=x.dtype).view(1, -1, 1, 1, 1)
-        noise = torch.einsum("ij,bjchw->bichw", self.mixing.to(x.device, torch.float32), eps.float())
-        return (keep * x + noise.to(x.dtype)).flatten(1, 2)
+        if self.mixing.device != x.device:  # moved once, not on every call
+            self.mixing, self.keep = self.mixing.to(x.device), self.keep.to(x.device)
+        noise = torch.einsum("ij,bjchw->bichw", self.mixing, eps.float())
+        return (self.keep.to(x.dtype) * x + noise.to(x.dtype)).flatten(1, 2)

@@ -13,13 +13,13 @@ model.vae whose identity differs from it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
+from distgan import files
 from distgan.errors import UserError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -41,9 +41,7 @@ TINY_CONFIG = {
 
 def builtin_folder() -> Path:
     """builtin:tiny-vae's folder in distgan's cache, written on first use."""
-    from distgan.files import cache_root
-
-    folder = cache_root() / "vae" / "tiny-vae-v1"
+    folder = files.cache_root() / "vae" / "tiny-vae-v1"
     if not (folder / WEIGHTS).is_file():
         from diffusers import AutoencoderKL
 
@@ -76,14 +74,6 @@ def _folder(path: str) -> Path:
     return p
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _config(folder: Path, path: str) -> dict:
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -94,14 +84,26 @@ def _config(folder: Path, path: str) -> dict:
     return config
 
 
+_IDENTITIES: dict[tuple, dict] = {}  # (folder, weights' size and mtime) -> identity: the weights hashed once
+
+
 def identity(path: str) -> dict:
     """What a latent shard set records of the VAE that made it, read from the folder without loading
     the model: the weights' sha256 and the config's normalisation and shapes (diffusers' defaults for
-    keys it leaves out)."""
+    keys it leaves out). Remembered per process while the weights file is unchanged (the trainer's
+    check, the encoder and the decoder all ask)."""
     folder = _folder(path)
+    st = (folder / WEIGHTS).stat()
+    key = (str(folder.resolve()), st.st_size, st.st_mtime_ns, (folder / "config.json").stat().st_mtime_ns)
+    if key not in _IDENTITIES:
+        _IDENTITIES[key] = _identity(folder, path)
+    return dict(_IDENTITIES[key])
+
+
+def _identity(folder: Path, path: str) -> dict:
     c = _config(folder, path)
     return {
-        "sha256": sha256(folder / WEIGHTS),
+        "sha256": files.sha256(folder / WEIGHTS),
         "scaling_factor": float(c.get("scaling_factor", 0.18215)),
         "shift_factor": float(c.get("shift_factor") or 0.0),
         "latent_channels": int(c.get("latent_channels", 4)),

@@ -83,6 +83,9 @@ def assert_resumed(run_dir, step):
     assert logged and min(logged) > step, logged
 
 
+# GAT's transformers (model.vit) at a size a test trains in seconds: width 16, 2 blocks, 2 heads, 2 levels.
+TINY_VIT = ["model.vit.width=16", "model.vit.depth=2", "model.vit.heads=2", "model.vit.levels=2"]
+
 # Small, fast settings for end-to-end runs.
 FAST = [
     "data.batch_size=16",

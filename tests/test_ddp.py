@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, ROOT, assert_resumed, read_metrics, run_cli
+from conftest import FAST, ROOT, TINY_VIT, assert_resumed, read_metrics, run_cli
 from safetensors import safe_open
 from test_train import assert_bitwise_equal
 
@@ -603,10 +603,7 @@ def test_transformer_gan_under_ddp(tmp_path, digits_shards, preset):
         preset,
         *data,
         "data.batch_size=8",
-        "model.vit.width=16",
-        "model.vit.depth=2",
-        "model.vit.heads=2",
-        "model.vit.levels=2",
+        *TINY_VIT,
         "train.log_every=1",
         "train.sample_every=1000",
         "tracking.wandb.mode=disabled",

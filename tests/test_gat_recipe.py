@@ -6,17 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_VIT
 
 from distgan import config, guidance, step, variants
 from distgan.errors import UserError
 
-TINY = [
-    "model.vit.width=16",
-    "model.vit.depth=2",
-    "model.vit.heads=2",
-    "model.vit.levels=2",
-    "data.batch_size=4",
-]
+TINY = [*TINY_VIT, "data.batch_size=4"]
 
 
 def test_noise_levels_are_gats_schedule():

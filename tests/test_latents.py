@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_resumed, cli
+from conftest import TINY_VIT, assert_resumed, cli
 from safetensors import safe_open
 from test_train import assert_bitwise_equal
 
@@ -112,10 +112,7 @@ LATENT_RUN = [
     "data.resolution=8",
     "data.batch_size=8",
     "data.num_workers=0",
-    "model.vit.width=16",
-    "model.vit.depth=2",
-    "model.vit.heads=2",
-    "model.vit.levels=2",
+    *TINY_VIT,
     "train.log_every=1",
     "train.sample_every=3",
     "train.n_samples=10",

@@ -4,7 +4,7 @@ a training run with the approximate penalties that resumes bitwise."""
 
 import pytest
 import torch
-from conftest import assert_resumed, cli
+from conftest import TINY_VIT, assert_resumed, cli
 from test_train import assert_bitwise_equal
 
 from distgan import config
@@ -89,10 +89,7 @@ def test_digits_gat_trains_with_approx_penalties_and_resumes_bitwise(tmp_path, c
         f"data.shards={digits_shards}",
         "data.batch_size=8",
         "data.num_workers=0",
-        "model.vit.width=16",
-        "model.vit.depth=2",
-        "model.vit.heads=2",
-        "model.vit.levels=2",
+        *TINY_VIT,
         "train.log_every=1",
         "train.ckpt_every=1000",
         "train.sample_every=1000",

@@ -20,7 +20,6 @@ where each is published. Both take the same images, quantised as `to_uint8` does
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgan import files
 from distgan.errors import UserError
 
 ENV = "DISTGAN_INCEPTION"
@@ -235,11 +235,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return files.sha256(path)
 
 
 def is_torchscript(path: str | Path) -> bool:
