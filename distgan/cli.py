@@ -73,6 +73,7 @@ def _encode(args: argparse.Namespace) -> int:
         maxcount=args.maxcount,
         batch=args.batch,
         flips=args.flips,
+        keep_images=args.keep_images,
         overwrite=args.overwrite,
     )
     h, w, c = manifest["image_shape"]
@@ -755,6 +756,11 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors), for data.kind=latents (docs/data.md)",
     )
     s.add_argument("--flips", action="store_true", help="--encode: also encode each image's mirror, as its own sample")
+    s.add_argument(
+        "--keep-images",
+        action="store_true",
+        help="--encode: store each encoded image beside its latent (KEY.png), for model.align.encoder",
+    )
     s.add_argument("--batch", type=int, default=64, help="--encode: images per VAE call (default 64)")
     s.add_argument("--out", required=True, help="output folder for the shards")
     s.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")

@@ -223,12 +223,25 @@ class ViTConfig:
 
 
 @dataclass
+class AlignConfig:
+    """GAT's alignment of D's tokens with a frozen DINOv2 (distgan/align.py); needs model.d.arch=vit."""
+
+    # DINOv2 weights (Meta's dinov2_vit*14*_pretrain.pth or Hugging Face's model.safetensors); "" = off.
+    # Frozen, never saved in checkpoints, never taken from a checkpoint's stored config
+    encoder: str = ""
+    resolution: int = at_least(14, 224)  # the encoder's input size (a multiple of its 14-pixel patch)
+    proj_dim: int = at_least(1, 2048)  # hidden width of D's projector onto the encoder's features (GAT: 2048)
+    weight: float = at_least(0, 1.0)  # weight of the alignment term in D's loss (GAT's proj_coeff: 1.0)
+
+
+@dataclass
 class ModelConfig:
     g: GeneratorConfig = field(default_factory=GeneratorConfig)
     d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     num_classes: int = 0  # cgan: classes of the labels (the shards' .cls); 0: unconditional
     r3gan: R3GANConfig = field(default_factory=R3GANConfig)
     vit: ViTConfig = field(default_factory=ViTConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     # r3gan: how the grouped 3x3 convs run: native (conv2d with groups), block_diagonal (a dense conv with
     # a block-diagonal weight: the same values, faster on GPUs at small maps) or auto (block_diagonal on
     # CUDA at maps up to 16x16)
@@ -545,6 +558,21 @@ def validate(cfg: Config) -> None:
         raise UserError(
             "data.kind=latents needs model.vae: the VAE folder the latents were encoded with (it decodes the samples)"
         )
+    if cfg.model.align.encoder:
+        if cfg.model.d.arch != "vit":
+            raise UserError(
+                f"model.align.encoder aligns a vit D's tokens with the encoder's; model.d.arch is '{cfg.model.d.arch}' "
+                "(set model.d.arch=vit or model.align.encoder='')"
+            )
+        if cfg.model.align.resolution % 14:
+            raise UserError(
+                f"model.align.resolution must be a multiple of 14 (DINOv2's patch), got {cfg.model.align.resolution}"
+            )
+        if cfg.variant.penalty_mode == "lazy":
+            raise UserError(
+                "model.align.encoder does not combine with variant.penalty_mode=lazy (the regularisation step "
+                "leaves D's projector out of a DDP backward); use variant.penalty_mode=approx, as GAT does"
+            )
     if cfg.data.kind not in ("points", "latents") and cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
     if cfg.data.cache == "ram" and cfg.data.crop == "random":

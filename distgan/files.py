@@ -39,6 +39,28 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def read_state_dict(path: str | os.PathLike, what: str) -> dict:
+    """The tensors of a local weights file: safetensors (by its extension) or a PyTorch state dict read
+    with `torch.load(weights_only=True)` (no code runs). `what` names the setting and the format in
+    the one-line errors: a missing file, an unreadable one, one that is not a dict of tensors."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise UserError(f"{what}: file '{path}' does not exist")
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{what}: '{path}' cannot be read: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{what}: '{path}' holds no state dict of tensors")
+    return state
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -169,7 +169,8 @@ def check_compatible(ckpt: checkpoint.Checkpoint, cfg: config.Config) -> None:
             differ += [
                 f"{key}.{k}={x!r} -> {y!r}"
                 for k, x, y in _changed_leaves(a, b)
-                if f"{key}.{k}" not in trust.FILE_KEYS  # model.vae: a path, which may differ between machines
+                # model.vae: a path, which may differ between machines (but not be given or absent)
+                if f"{key}.{k}" not in trust.FILE_KEYS or bool(x) != bool(y)
             ]
         elif a != b:
             differ.append(f"{key}={a!r} -> {b!r}")

@@ -184,6 +184,12 @@ def _check_keep_best(cfg: config.Config, sources: dict | None) -> None:
 
 
 def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.shards") -> tuple[int, int, int] | None:
+    aligned_latents = cfg.data.kind == "latents" and cfg.model.align.encoder
+    if aligned_latents and not (manifest or {}).get("images"):
+        raise UserError(
+            f"model.align.encoder needs the images beside the latents, and the shards of {key} have none: "
+            "encode them with `distgan shards --encode VAE ... --keep-images`"
+        )
     if not manifest:
         return None
     kind = manifest.get("kind", "images")

@@ -24,7 +24,7 @@ from distgan.errors import UserError
 
 # Config keys whose values reach outside the process.
 SHARD_KEYS = ("data.shards", "data.shards_a", "data.shards_b")
-FILE_KEYS = ("variant.vgg_weights", "train.eval_inception", "train.eval_ref", "model.vae")
+FILE_KEYS = ("variant.vgg_weights", "train.eval_inception", "train.eval_ref", "model.vae", "model.align.encoder")
 # W&B destination: never taken from a checkpoint; this invocation's values (or defaults) are used.
 TRACKING_KEYS = ("tracking.wandb.mode", "tracking.wandb.project", "tracking.wandb.entity", "tracking.wandb.name")
 OUTWARD = SHARD_KEYS + FILE_KEYS + TRACKING_KEYS

@@ -4,6 +4,7 @@ diffusers' layout, `distgan shards --encode` (its latents, scaling, resume), tra
 
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -199,3 +200,46 @@ def test_inception_metrics_of_a_latent_run_decode_its_samples_against_the_images
     assert result["fid"] > 0 and np.isfinite(result["fid"])
     res = cli(capsys, *evaluate, f"data.shards={out}")  # latent shards hold no images to take statistics from
     assert res.returncode == 2 and "latent shards hold no images" in res.stderr
+
+
+def test_alignment_reads_the_images_kept_beside_the_latents(setup, tmp_path, capsys):
+    """`--keep-images` stores each encoded image as KEY.png; the stream reads it into the batch's "raw"
+    for model.align.encoder, and shards without images are refused in one line."""
+    from PIL import Image
+    from test_align import meta_state
+
+    from distgan.data import stream
+
+    root, vae_dir, images, out = setup
+    kept = tmp_path / "kept"
+    source = latents.folder_samples(str(images), 16)
+    manifest = latents.encode(
+        str(vae_dir), source, "images", str(kept), resolution=16, maxcount=16, keep_images=True, progress=False
+    )
+    assert manifest["images"] is True
+    urls = sorted(str(p) for p in kept.glob("*.tar"))
+    ds = stream.ShardStream(urls[:1], batch_size=4, resolution=8, channels=4, seed=0, latents=True, raw_resolution=16)
+    batch = next(iter(ds))
+    assert batch["image"].shape == (4, 4, 8, 8) and batch["raw"].shape == (4, 3, 16, 16)
+    first, _ = next(iter(latents.folder_samples(str(images), 16)[0]))  # the first image, as it was encoded
+    with tarfile.open(urls[0]) as tar:
+        png = tar.extractfile("00000000.png").read()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), first)
+    assert batch["raw"].min() >= -1 and batch["raw"].max() <= 1
+    enc = tmp_path / "dinov2.pth"
+    torch.save(meta_state(), enc)
+    common = [
+        *LATENT_RUN,
+        f"model.vae={vae_dir}",
+        f"model.align.encoder={enc}",
+        "model.align.resolution=28",
+        "model.align.proj_dim=16",
+        "train.steps=2",
+    ]
+    res = cli(capsys, "train", *common, f"data.shards={kept}", "--out", tmp_path / "r")
+    assert res.returncode == 0, res.stderr
+    from conftest import read_metrics
+
+    assert [r["loss/align"] for r in read_metrics(tmp_path / "r") if "loss/align" in r]
+    res = cli(capsys, "train", *common, f"data.shards={out}", "--out", tmp_path / "r2")
+    assert res.returncode == 2 and "encode them with `distgan shards --encode VAE ... --keep-images`" in res.stderr

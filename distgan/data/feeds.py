@@ -81,6 +81,7 @@ def open_feeds(
             fields=variant.fields(),  # paired: input + target
             num_classes=variant.num_classes,  # cgan: every sample needs a label
             cache_bytes=stream.cache_budget(cfg, variant.data_streams(cfg)[name][1]),
+            raw_resolution=raw_resolution(cfg, source.manifest),
         )
         feed = Feed(name, source, None, logical_workers)
         if batches and feed.prefix in resume.feeds:
@@ -90,6 +91,13 @@ def open_feeds(
         feed.loader = iter(stream.make_loader(ds, num_workers, pin_memory=device.type == "cuda"))
         feeds.append(feed)
     return feeds
+
+
+def raw_resolution(cfg, manifest: dict | None) -> int:
+    """The size of the images stored beside latents, read for model.align.encoder (0: not read)."""
+    if cfg.data.kind != "latents" or not cfg.model.align.encoder or not manifest:
+        return 0
+    return int(manifest["image_resolution"])
 
 
 def draw(feeds: list[Feed], count: int, batches_done: int, logical_workers: int, device) -> list[dict]:

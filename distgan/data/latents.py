@@ -4,7 +4,9 @@ VAE (distgan/vae.py) into latent shards for latent-space training (`data.kind=la
 Each sample is KEY.npy, the normalised latent (C, H, W) as float16, with KEY.cls (its label, when it has
 one) and KEY.json (its index and whether it is a mirror image). `--flips` writes every image's mirror as a
 sample of its own, encoded from the flipped pixels (REPA's and GAT's latents come without flips; a flip in
-latent space only approximates the flipped image's latent, so distgan encodes both). The manifest says
+latent space only approximates the flipped image's latent, so distgan encodes both). `--keep-images`
+stores the encoded image itself beside its latent (KEY.png, RGB or gray at --resize), which the
+alignment term (model.align.encoder, distgan/align.py) feeds its frozen encoder. The manifest says
 kind "latents", the latents' [H, W, C], the VAE's identity (distgan.vae.identity: training refuses
 another VAE) and the image resolution.
 
@@ -65,7 +67,8 @@ def ensure_builtin(name: str, progress: bool = True) -> Path:
     from distgan.data import builtin
 
     images, size, vae = builtin.LATENT_BUILTINS[name]
-    folder = files.cache_root() / "shards" / f"{name}-v{shards_module.CACHE_VERSION}"
+    # "-images": encoded with their images beside them (--keep-images), for model.align.encoder
+    folder = files.cache_root() / "shards" / f"{name}-v{shards_module.CACHE_VERSION}-images"
     if not (folder / shards_module.MANIFEST).exists():
         samples, count, classes = builtin_samples(images, size)
         encode(
@@ -75,6 +78,7 @@ def ensure_builtin(name: str, progress: bool = True) -> Path:
             folder,
             resolution=size,
             maxcount=shards_module.BUILTIN_MAXCOUNT,
+            keep_images=True,
             overwrite=True,
             progress=progress,
             device="cpu",
@@ -87,6 +91,14 @@ def _to_tensor(batch: list[np.ndarray], channels: int) -> torch.Tensor:
     if x.shape[1] != channels:  # grayscale into an RGB VAE: the gray in every channel
         x = x[:, :1].expand(-1, channels, -1, -1)
     return x
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -105,6 +117,7 @@ def encode(
     maxcount: int = 1000,
     batch: int = 64,
     flips: bool = False,
+    keep_images: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     device: str | None = None,
@@ -112,7 +125,8 @@ def encode(
     """Encode the images of `source` ((H, W, C) uint8 images at `resolution` with their labels, their
     count, class names: `folder_samples`, `builtin_samples`, stream.image_samples), which come from
     `where` (recorded in the manifest), with the VAE of `vae_path` into latent shards in `out_dir`;
-    returns the manifest."""
+    `keep_images`: each sample also holds its image (KEY.png, what the VAE encoded), for
+    model.align.encoder. Returns the manifest."""
     import webdataset as wds
 
     from distgan import vae as vae_module
@@ -133,6 +147,7 @@ def encode(
         "resolution": resolution,
         "maxcount": maxcount,
         "flips": flips,
+        "keep_images": keep_images,
     }
     done = _resume_point(out, settings, overwrite)
     model = vae_module.VAE(vae_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -163,7 +178,7 @@ def encode(
     def encode_pending() -> None:
         nonlocal n, shape
         latents = model.encode(_to_tensor([img for img, _, _ in pending], model.image_channels)).cpu().numpy()
-        for (_, label, mirrored), z in zip(pending, latents):
+        for (img, label, mirrored), z in zip(pending, latents):
             z16 = z.astype(np.float16)
             if not np.isfinite(z16).all():
                 raise UserError(
@@ -173,6 +188,8 @@ def encode(
             sample = {"__key__": f"{n:08d}", "npy": _npy(z16), "json": {"index": n, "flip": mirrored}}
             if label is not None:
                 sample["cls"] = int(label)
+            if keep_images:
+                sample["png"] = _png(img)
             shard_samples.append(sample)
             n += 1
             if len(shard_samples) == maxcount:
@@ -212,6 +229,7 @@ def encode(
         "source": settings["source"],
         "image_resolution": resolution,
         "flips": flips,
+        "images": keep_images,  # KEY.png beside each latent, at image_resolution
         "vae": identity,
     }
     files.write_text(out / shards_module.MANIFEST, json.dumps(manifest, indent=2))

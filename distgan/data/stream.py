@@ -193,6 +193,7 @@ class ShardStream(IterableDataset):
         expected_shape: tuple[int, int, int] | None = None,
         points: bool = False,
         latents: bool = False,
+        raw_resolution: int = 0,
         fields: dict[str, tuple[str, int]] | None = None,
         image_key: str = "",
         label_key: str = "",
@@ -220,6 +221,9 @@ class ShardStream(IterableDataset):
         self._tar_errors = 0
         self.points = points  # (D,) float points in KEY.npy instead of images in KEY.png
         self.latents = latents  # (C, R, R) VAE latents in KEY.npy (distgan shards --encode)
+        # latents: > 0 also reads the image stored beside each latent (KEY.png, --keep-images) as RGB
+        # at this size, into the batch's "raw" (model.align.encoder)
+        self.raw_resolution = raw_resolution if latents else 0
         self.batch_size = batch_size
         self.resolution = resolution
         self.channels = channels
@@ -300,7 +304,7 @@ class ShardStream(IterableDataset):
         """The member suffixes a sample is read for; the rest are skipped unread."""
         labels = {"json"} if self.label_key.startswith("json:") else {self.label_key or "cls", "label"}
         if self.points or self.latents:
-            return {"npy", *labels}
+            return {"npy", *labels, *(IMAGE_EXTS if self.raw_resolution else ())}
         exts = (self.image_key,) if self.image_key else IMAGE_EXTS
         images = {f"{b}.{e}" if b else e for b in (_member_base(m) for m, _ in self.fields.values()) for e in exts}
         return images | labels
@@ -347,7 +351,11 @@ class ShardStream(IterableDataset):
         label = self._label(sample, url, key)
         return None if label is None else (arr.astype(np.float32), label, self._shard_index.get(url, -1))
 
-    def _decode_image(self, sample: dict, member: str, channels: int, url: str, key: str, pos: int = 0):
+    def _decode_image(
+        self, sample: dict, member: str, channels: int, url: str, key: str, pos: int = 0, resolution: int = 0
+    ):
+        """The image member as (R, R, channels) uint8, R = data.resolution or `resolution` (the images
+        beside latents, whose manifest shape is the latents')."""
         found = self._image_member(sample, member)
         base = _member_base(member)
         if found is None:
@@ -359,7 +367,7 @@ class ShardStream(IterableDataset):
             return None
         what = "image" if not base else f"image .{found}"
         mode = "RGB" if channels == 3 else "L"
-        r = self.resolution
+        r = resolution or self.resolution
         try:
             with Image.open(io.BytesIO(sample[found])) as img:
                 stored = img.size  # (W, H) as stored, before any DCT scaling
@@ -388,7 +396,7 @@ class ShardStream(IterableDataset):
         except Exception as exc:
             self._fail(f"corrupt {what} ({found}: {_short(str(exc))})", url, key)
             return None
-        expected = self.expected_shape if not base else None
+        expected = self.expected_shape if not base and not resolution else None
         if expected and (stored[1], stored[0]) != expected[:2]:
             self._fail(
                 f"{what} of size {stored[1]}x{stored[0]} (H x W), the manifest says {expected[0]}x{expected[1]}",
@@ -434,7 +442,14 @@ class ShardStream(IterableDataset):
             return None
         if self.points or self.latents:
             decoded = self._decode_point(sample, url, key)
-            return None if decoded is None else ({"image": decoded[0]}, decoded[1], decoded[2])
+            if decoded is None:
+                return None
+            arrays = {"image": decoded[0]}
+            if self.raw_resolution:
+                arrays["raw"] = self._decode_image(sample, "png", 3, url, key, pos, self.raw_resolution)
+                if arrays["raw"] is None:
+                    return None
+            return arrays, decoded[1], decoded[2]
         arrays = {}
         for name, (member, channels) in self.fields.items():
             arr = self._decode_image(sample, member, channels, url, key, pos)
@@ -448,7 +463,7 @@ class ShardStream(IterableDataset):
         out = {}
         for name in items[0][0]:
             stacked = np.stack([a[name] for a, _, _ in items])
-            if self.points or self.latents:
+            if (self.points or self.latents) and name == "image":
                 out[name] = torch.from_numpy(stacked)
             else:
                 out[name] = torch.from_numpy(stacked.transpose(0, 3, 1, 2)).float().div_(127.5).sub_(1.0)

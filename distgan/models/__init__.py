@@ -119,9 +119,10 @@ def build_generator(cfg, z_dim: int | None = None, num_classes: int = 0) -> nn.M
     return G
 
 
-def build_discriminator(cfg, channels: int | None = None, num_classes: int = 0) -> nn.Module:
+def build_discriminator(cfg, channels: int | None = None, num_classes: int = 0, align_dim: int = 0) -> nn.Module:
     """D from the config; `channels` overrides data.channels (packed or label-concatenated inputs).
-    `num_classes` > 0 (resnet, r3gan): D(x, y) with its projection term."""
+    `num_classes` > 0 (resnet, r3gan): D(x, y) with its projection term. `align_dim` > 0 (vit): a
+    projector of D's final tokens onto a frozen encoder's features of that width (model.align)."""
     d = cfg.model.d
     family = _family(d.arch, "model.d.arch")
     mbd = (d.mbd_kernels, d.mbd_kernel_dim) if d.minibatch_discrimination else None
@@ -144,6 +145,8 @@ def build_discriminator(cfg, channels: int | None = None, num_classes: int = 0) 
             mlp_ratio=v.mlp_ratio,
             num_classes=num_classes,
             cmap=v.cmap,
+            align_dim=align_dim,
+            proj_dim=cfg.model.align.proj_dim,
         )
     elif d.arch == "r3gan":
         if mbd:

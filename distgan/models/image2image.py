@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from distgan import files
 from distgan.errors import UserError
 
 GENERATORS = ("unet", "resnet", "srresnet")
@@ -243,19 +244,7 @@ class VGGFeatures(nn.Module):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
     def load(self, path: str) -> None:
-        import os
-
-        if not os.path.isfile(path):
-            raise UserError(f"variant.vgg_weights: file '{path}' does not exist (a torchvision VGG19 state dict)")
-        try:
-            if path.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                state = load_file(path)
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(f"variant.vgg_weights: '{path}' cannot be read: {exc}") from None
+        state = files.read_state_dict(path, "variant.vgg_weights (a torchvision VGG19 state dict)")
         state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         own = self.features.state_dict()
         missing = [k for k in own if k not in state or state[k].shape != own[k].shape]

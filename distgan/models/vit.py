@@ -16,7 +16,8 @@ multi-level guidance judges.
 D: a strided conv embeds patches, sin-cos positions are added and a learned class token prepended;
 blocks of RMSNorm (affine) -> attention -> layer-scale 0.1 and RMSNorm -> SwiGLU -> layer-scale 0.1;
 the class token's RMSNorm + Linear to `cmap` features is projected on a class embedding (one learned
-embedding when unconditional) and divided by sqrt(cmap) to give the logit.
+embedding when unconditional) and divided by sqrt(cmap) to give the logit. With model.align.encoder,
+an MLP projector maps the final tokens onto a frozen encoder's features (distgan/align.py).
 
 Sizes as GAT names them (`model.vit.size`): S (width 384, depth 12, 6 heads), B (768, 12, 12),
 L (1024, 24, 16), XL (1152, 28, 16), or `custom` with model.vit.width/depth/heads; patch 2, 4 or 8.
@@ -270,6 +271,8 @@ class Discriminator(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
         cmap: int = 256,
+        align_dim: int = 0,
+        proj_dim: int = 2048,
     ):
         super().__init__()
         side = resolution // patch
@@ -281,10 +284,23 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(DBlock(width, heads, mlp_ratio, rope) for _ in range(depth))
         self.head = nn.Sequential(nn.RMSNorm(width, eps=1e-6), nn.Linear(width, cmap))
         self.embed = nn.Embedding(max(num_classes, 1), cmap)
+        # model.align.encoder (distgan/align.py): GAT's projector of the final tokens onto the encoder's features
+        self.proj = (
+            nn.Sequential(
+                nn.Linear(width, proj_dim),
+                nn.SiLU(),
+                nn.Linear(proj_dim, proj_dim),
+                nn.SiLU(),
+                nn.Linear(proj_dim, align_dim),
+            )
+            if align_dim
+            else None
+        )
         _xavier(self)
         nn.init.normal_(self.embed.weight, std=0.02 * math.sqrt(cmap))  # a projection of norm about 1
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, features: bool = False):
+        """Logits (B,); with `features` also the projected final tokens (class (B, A), patches (B, T, A))."""
         tokens = self.patchify(x).flatten(2).transpose(1, 2) + self.positions.to(x.dtype)
         h = torch.cat([self.cls.to(x.dtype).expand(x.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:
@@ -293,4 +309,9 @@ class Discriminator(nn.Module):
             raise ValueError("a conditional vit D needs labels")
         e = self.embed(y if self.num_classes else torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
         feat = self.head(h[:, 0])
-        return (feat * e.to(feat.dtype)).sum(dim=1).float() / math.sqrt(feat.shape[1])
+        logits = (feat * e.to(feat.dtype)).sum(dim=1).float() / math.sqrt(feat.shape[1])
+        if not features:
+            return logits
+        if self.proj is None:
+            raise ValueError("this vit D was built without a projector (model.align.encoder)")
+        return logits, (self.proj(h[:, 0]), self.proj(h[:, 1:]))

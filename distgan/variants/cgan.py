@@ -41,7 +41,9 @@ class CGAN(GAN):
                 raise UserError(
                     f"the {d.arch} D is conditioned by projection only; set model.d.conditioning=projection"
                 )
-            D = models.build_discriminator(cfg, channels=self.d_channels(cfg), num_classes=self.num_classes)
+            D = models.build_discriminator(
+                cfg, channels=self.d_channels(cfg), num_classes=self.num_classes, align_dim=self.align_dim
+            )
         elif d.conditioning == "concat":
             base = models.build_discriminator(cfg, channels=self.d_channels(cfg) + 1)
             D = conditional.ConcatDiscriminator(base, self.num_classes, cfg.data.resolution)
@@ -57,8 +59,9 @@ class CGAN(GAN):
     def generate(self, G, z, y):
         return self.levels_of(G(z, y, levels=True)) if self.guidance else G(z, y)
 
-    def discriminate(self, D, x, y, draws=None, noise=None):
-        return D(self.d_input(x, draws, noise), y)
+    def discriminate(self, D, x, y, draws=None, noise=None, features=False):
+        x = self.d_input(x, draws, noise)
+        return D(x, y, features=True) if features else D(x, y)
 
     @torch.no_grad()
     def sample(self, G, n, generator=None, labels=None):

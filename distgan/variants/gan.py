@@ -21,7 +21,7 @@ import dataclasses
 
 import torch
 
-from distgan import augment, guidance, losses, models, penalties
+from distgan import align, augment, guidance, losses, models, penalties
 from distgan.errors import UserError
 from distgan.models import resnet
 from distgan.variants.base import Variant
@@ -43,14 +43,15 @@ def adam(params, lr: float, betas: tuple[float, float], weight_decay: float = 0.
 @dataclasses.dataclass
 class Judged:
     """One side (real or fake) of a D micro-step: D's input images before augmentation, their labels,
-    the augmentation draws they were judged with, D's logits (None once their graph is gone) and, with
-    multi-level guidance, the noise draws of the levels."""
+    the augmentation draws they were judged with, D's logits (None once their graph is gone), with
+    multi-level guidance the noise draws of the levels, and with alignment D's projected tokens."""
 
     x: torch.Tensor
     y: torch.Tensor | None
     draws: augment.Draws | None
     logits: torch.Tensor | None = None
     noise: torch.Tensor | None = None
+    features: tuple[torch.Tensor, torch.Tensor] | None = None  # model.align.encoder: D's projected tokens
 
 
 class GAN(Variant):
@@ -118,6 +119,8 @@ class GAN(Variant):
         self.guidance = (
             guidance.Guidance(cfg.model.vit.levels, cfg.variant.multilevel_min_info) if cfg.variant.multilevel else None
         )
+        a = cfg.model.align  # the frozen encoder of the alignment term, not one of self.models: never saved
+        self.aligner = align.Encoder(a.encoder, a.resolution) if a.encoder else None
         if cfg.data.batch_size % self.pack:
             raise UserError(f"data.batch_size={cfg.data.batch_size} must be a multiple of variant.pack={self.pack}")
         G, D = self.build(cfg)
@@ -131,7 +134,13 @@ class GAN(Variant):
             penalties.rescale_for_lazy(self.optimizers["D"], cfg.variant.penalty_every)
 
     def build(self, cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
-        return models.build_generator(cfg), models.build_discriminator(cfg, channels=self.d_channels(cfg))
+        D = models.build_discriminator(cfg, channels=self.d_channels(cfg), align_dim=self.align_dim)
+        return models.build_generator(cfg), D
+
+    @property
+    def align_dim(self) -> int:
+        """The width of the frozen encoder's features that D projects onto (0: no alignment)."""
+        return self.aligner.width if self.aligner is not None else 0
 
     def d_channels(self, cfg) -> int:
         """Channels of D's input: the images' times the pack size or the guidance levels."""
@@ -149,14 +158,16 @@ class GAN(Variant):
     def levels_of(outputs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(outputs, dim=1)
 
-    def discriminate(self, D, x: torch.Tensor, y: torch.Tensor | None, draws: augment.Draws | None = None, noise=None):
+    def discriminate(
+        self, D, x: torch.Tensor, y: torch.Tensor | None, draws: augment.Draws | None = None, noise=None, features=False
+    ):
         """D's logits in training: after data.augment (DiffAugment, on real and fake alike; `draws`
         replays given random draws, else fresh ones), then packing or the guidance levels (`noise`
-        replays their noise draws)."""
+        replays their noise draws). With `features`: (logits, D's projected tokens)."""
         x = self.d_input(x, draws, noise)
         if self.pack > 1:  # (B, C, H, W) -> (B / m, m C, H, W): m consecutive samples per D input
             x = x.reshape(x.size(0) // self.pack, self.pack * x.size(1), *x.shape[2:])
-        return D(x)
+        return D(x, features=True) if features else D(x)
 
     def d_input(self, x: torch.Tensor, draws: augment.Draws | None = None, noise: torch.Tensor | None = None):
         """x augmented; under multi-level guidance its levels (reals: x repeated) noised and stacked."""
@@ -190,11 +201,21 @@ class GAN(Variant):
         than once) by D."""
         return Judged(x, y, self.draw_augment(x), noise=self.guidance.draw(x) if self.guidance else None)
 
-    def judge(self, D, x: torch.Tensor, y: torch.Tensor | None) -> Judged:
-        """D's logits for x with the augmentation draws kept (the penalties replay them)."""
+    def judge(self, D, x: torch.Tensor, y: torch.Tensor | None, features: bool = False) -> Judged:
+        """D's logits for x with the augmentation draws kept (the penalties replay them); with
+        `features`, D's projected tokens too (the alignment term)."""
         side = self.side(x, y)
-        side.logits = self.discriminate(D, x, y, side.draws, side.noise)
+        out = self.discriminate(D, x, y, side.draws, side.noise, features=features)
+        side.logits, side.features = out if features else (out, None)
         return side
+
+    def align_term(self, real: Judged, raw: torch.Tensor) -> torch.Tensor:
+        """model.align.weight x the alignment loss (distgan/align.py) of D's projected tokens for the reals
+        with the frozen encoder's features of their images `raw` (translated as D's input was)."""
+        raw = align.translated(raw, self.augment, real.draws, real.x.shape[-1])
+        e_cls, e_patches = self.aligner.to(raw.device)(raw)
+        d_cls, d_patches = real.features
+        return self.cfg.model.align.weight * align.loss(d_cls, d_patches, e_cls, e_patches).mean()
 
     def optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -259,10 +280,16 @@ class GAN(Variant):
             y_fake = self.labels(mb["image"].size(0), device)
             with torch.no_grad():
                 fake_x = self.generate(G, self.noise(mb["image"].size(0), device), y_fake)
-            real, fake = self.judge(D, mb["image"], mb["label"]), self.judge(D, fake_x, y_fake)
+            real = self.judge(D, mb["image"], mb["label"], features=self.aligner is not None)
+            fake = self.judge(D, fake_x, y_fake)
             if self.ada is not None:
                 self.ada.observe(real.logits, real.x.size(0))
             loss = losses.d_loss(self.loss, real.logits, fake.logits)
+            if self.aligner is not None:  # latent data: the images stored beside the latents
+                term = self.align_term(real, mb.get("raw", mb["image"]))
+                real.features = None
+                loss = loss + term
+                stats["loss/align"] = stats.get("loss/align", 0) + term.detach() * share
             if v.lecam_weight > 0:
                 term = self.lecam_term(real.logits, fake.logits)
                 loss = loss + term
