@@ -16,6 +16,7 @@ which takes the flag as `found_inf`, against the same Adam unfused, which the gu
 (the code before this change): time per step and the bytes the guard clones.
 
     python benchmarks/ckpt_stall.py [--presets biggan-128 r3gan-256] [--repeats 3] [--dir /tmp] [--e2e STEPS EVERY BATCH]
+        [--e2e-presets r3gan-256 biggan-128]
 
 Writes results/ckpt_stall-<machine>.{json,md}.
 """
@@ -125,10 +126,19 @@ def guard_rows(preset: str, v, repeats: int) -> list[dict]:
     return rows
 
 
-def e2e_rows(steps: int, every: int, batch: int) -> list[dict]:
-    """`distgan train --preset r3gan-256` at full width on the embedded photo patches (resized to 256 px,
-    unconditional, as the preset is), checkpointing every `every` steps, synchronous and in the
-    background: steps/s between the first and the last logged step (checkpoints included)."""
+# --e2e's data: real embedded images at the preset's resolution. r3gan-256 is unconditional: the photo
+# patches; biggan-128 is class-conditional: the digits (upscaled, one channel, 10 classes: the first and
+# last convs and the class embeddings shrink, the 229 M parameters of the blocks stay).
+E2E_DATA = {
+    "r3gan-256": ["data.shards=builtin:photos-hr"],
+    "biggan-128": ["data.shards=builtin:digits", "data.channels=1", "model.num_classes=10"],
+}
+
+
+def e2e_rows(preset: str, steps: int, every: int, batch: int) -> list[dict]:
+    """`distgan train --preset PRESET` at full width on embedded images (E2E_DATA), checkpointing every
+    `every` steps, synchronous and in the background: steps/s between the first and the last logged
+    step (checkpoints included)."""
     import json
     import subprocess
 
@@ -136,8 +146,8 @@ def e2e_rows(steps: int, every: int, batch: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("false", "true", "false", "true"):  # alternating, twice
             run = Path(tmp) / f"run-{mode}-{len(rows)}"
-            cmd = [sys.executable, "-m", "distgan", "train", "--preset", "r3gan-256", "--out", str(run)]
-            cmd += ["data.shards=builtin:photos-hr", f"data.batch_size={batch}", "data.num_workers=0"]
+            cmd = [sys.executable, "-m", "distgan", "train", "--preset", preset, "--out", str(run)]
+            cmd += [*E2E_DATA[preset], f"data.batch_size={batch}", "data.num_workers=0"]
             cmd += [f"train.steps={steps}", f"train.ckpt_every={every}", f"train.ckpt_async={mode}"]
             cmd += ["train.log_every=1", f"train.sample_every={10 * steps}", "train.mixed_precision=no"]
             cmd += ["tracking.wandb.mode=disabled", "train.keep_last=2"]
@@ -148,7 +158,7 @@ def e2e_rows(steps: int, every: int, batch: int) -> list[dict]:
             rate = (last["step"] - first["step"]) / (last["time"] - first["time"])
             rows.append(
                 {
-                    "preset": "r3gan-256",
+                    "preset": preset,
                     "what": f"end to end, ckpt_every={every}, batch {batch}: steps/s, "
                     + ("background" if mode == "true" else "synchronous"),
                     "seconds": 1 / rate,
@@ -169,10 +179,12 @@ def main() -> None:
         type=int,
         nargs=3,
         metavar=("STEPS", "EVERY", "BATCH"),
-        help="also train r3gan-256 STEPS steps with a checkpoint every EVERY (batch BATCH), sync vs background",
+        help="also train each --e2e-presets STEPS steps with a checkpoint every EVERY (batch BATCH), sync vs "
+        "background",
     )
+    p.add_argument("--e2e-presets", nargs="+", default=["r3gan-256", "biggan-128"], choices=sorted(E2E_DATA))
     args = p.parse_args()
-    rows = e2e_rows(*args.e2e) if args.e2e else []
+    rows = [row for preset in args.e2e_presets for row in e2e_rows(preset, *args.e2e)] if args.e2e else []
     for preset in args.presets:
         cfg, v, models = built(preset)
         params = sum(p.numel() for m in models.values() for p in m.parameters())

@@ -6,6 +6,9 @@ in this process on the preset's real shards, for --steps steps; the rate is read
     python benchmarks/gpu_steps.py [--presets digits-dcgan digits-sngan photos-biggan-64] [--steps 300]
         [--dry-run]   (CPU, width 4, a few steps: the same code path, no meaningful figures)
     python benchmarks/gpu_steps.py --sync-check [--presets ...]
+    python benchmarks/gpu_steps.py --presets digits-gat --set model.vit.size=B model.vit.patch=1 \
+        data.batch_size=128 train.mixed_precision=bf16 --modes eager compile --name gat_b2_steps
+        (--set: overrides for every run; GAT-B/2's width and its 256 tokens, on the digits at 16 px)
 
 --sync-check runs the presets' steps under torch.cuda.set_sync_debug_mode("error") from the end of each
 step's batch draw to the start of its periodic jobs (which read the host on purpose, at log steps): a
@@ -119,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--modes", nargs="+", default=list(MODES))
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument("--name", default="gpu_steps", help="results/<name>-<machine>.{json,md} (default gpu_steps)")
     p.add_argument("--sync-check", action="store_true", help="steps under torch.cuda.set_sync_debug_mode('error')")
     args = p.parse_args(argv)
     if args.sync_check:
@@ -136,6 +141,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         steps, log_every = 4, 2
         extra = ["model.g.width=4", "model.d.width=4", "data.batch_size=4", "train.n_samples=4"]
+    extra += args.set
     rows = []
     for preset in args.presets:
         for mode in args.modes:
@@ -144,11 +150,13 @@ def main(argv=None) -> int:
             except Exception as exc:  # reported in the table; the suite goes on
                 rows.append({"preset": preset, "mode": mode, "note": f"failed: {type(exc).__name__}: {exc}"[:160]})
             print(rows[-1], flush=True)
-    notes = f"{steps} steps per run, rate over the steps after the first {log_every} (compilation excluded); " + (
-        "DRY RUN: toy widths on the CPU, the figures mean nothing." if args.dry_run else ""
+    notes = (
+        f"{steps} steps per run, rate over the steps after the first {log_every} (compilation excluded); "
+        + (f"overrides: {' '.join(args.set)}; " if args.set else "")
+        + ("DRY RUN: toy widths on the CPU, the figures mean nothing." if args.dry_run else "")
     )
     common.write(
-        "gpu_steps", rows, ["preset", "mode", "batch", "resolution", "steps/s", "images/s", "wall s", "note"], notes
+        args.name, rows, ["preset", "mode", "batch", "resolution", "steps/s", "images/s", "wall s", "note"], notes
     )
     return 1 if any("note" in r for r in rows) else 0
 

@@ -40,6 +40,8 @@ if [ ${#DRY[@]} -gt 0 ]; then
   step "$PYTHON" benchmarks/bench_spectral_norm.py --workloads dcgan --repeats 2 --roofline-sizes 128 256 \
     --impls none torch ours-fallback ours-fallback-out
   step "$PYTHON" benchmarks/gpu_steps.py --dry-run --presets digits-sngan
+  step "$PYTHON" benchmarks/gpu_steps.py --dry-run --presets digits-gat --modes eager --name gat_b2_steps \
+    --set model.vit.width=16 model.vit.depth=2 model.vit.heads=2 model.vit.levels=2 model.vit.patch=1
   step "$PYTHON" benchmarks/penalty_cost.py --presets grid-r3gan --rounds 1 --intervals 1 --modes "lazy compiled"
   step "$PYTHON" benchmarks/grouped_conv.py --shapes cifar-4 --repeats 1 --batch 1
   step "$PYTHON" benchmarks/gpu_steps.py --sync-check --presets digits-sngan
@@ -47,6 +49,10 @@ else
   step "$PYTHON" benchmarks/bench_minibatch_l1.py --sizes 256 1024 4096 --repeats 5 --timeout 240
   step "$PYTHON" benchmarks/bench_spectral_norm.py --repeats 20
   step "$PYTHON" benchmarks/gpu_steps.py --steps 300
+  # GAT-B/2's transformers (width 768, depth 12, 256 tokens: patch 1 on the 16 px digits), its recipe, bf16
+  step "$PYTHON" benchmarks/gpu_steps.py --presets digits-gat --modes eager compile --steps 120 --name gat_b2_steps \
+    --set model.vit.size=B model.vit.patch=1 model.vit.cmap=2048 train.lr_ref_width=768 data.batch_size=128 \
+    train.mixed_precision=bf16
   step "$PYTHON" benchmarks/penalty_cost.py --presets r3gan-256 --rounds 1 --intervals 3
   step "$PYTHON" benchmarks/grouped_conv.py --batch 32 --repeats 10
   step "$PYTHON" benchmarks/gpu_steps.py --sync-check --presets digits-dcgan digits-sngan

@@ -7,7 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import FAST, read_metrics, run_cli
+from conftest import FAST, cli, read_metrics, run_cli
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -42,20 +42,23 @@ def trained_run(tmp_path_factory, digits_shards):
     return run
 
 
-def train(tmp_path, *args):
-    return run_cli("train", *FAST, "--out", tmp_path / "run", "train.steps=3", *args)
+def train(capsys, tmp_path, *args):
+    """`distgan train` in this process (test_missing_shards runs one as its own process: no traceback there
+    either)."""
+    return cli(capsys, "train", *FAST, "--out", tmp_path / "run", "train.steps=3", *args)
 
 
 def test_missing_shards(tmp_path):
-    assert_user_error(train(tmp_path, "data.shards=/nonexistent/d-{000..003}.tar"), "does not exist")
+    r = run_cli("train", *FAST, "--out", tmp_path / "run", "data.shards=/nonexistent/d-{000..003}.tar")
+    assert_user_error(r, "does not exist")  # a process of its own, as a user runs it: one line, no traceback
     assert not (tmp_path / "run").exists()
 
 
-def test_empty_shard_folder_and_empty_shard(tmp_path):
+def test_empty_shard_folder_and_empty_shard(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert_user_error(train(tmp_path, f"data.shards={tmp_path / 'empty'}"), "holds no .tar shards")
+    assert_user_error(train(capsys, tmp_path, f"data.shards={tmp_path / 'empty'}"), "holds no .tar shards")
     (tmp_path / "zero.tar").write_bytes(b"")
-    assert_user_error(train(tmp_path, f"data.shards={tmp_path / 'zero.tar'}"), "is empty")
+    assert_user_error(train(capsys, tmp_path, f"data.shards={tmp_path / 'zero.tar'}"), "is empty")
 
 
 def make_bad_shard(folder: Path, digits_shards: Path, corrupt: bool = True, wrong_shape: bool = True) -> Path:
@@ -78,43 +81,43 @@ def make_bad_shard(folder: Path, digits_shards: Path, corrupt: bool = True, wron
     return folder / "digits-000000.tar"
 
 
-def test_corrupt_member_raises_by_default(tmp_path, digits_shards):
+def test_corrupt_member_raises_by_default(tmp_path, digits_shards, capsys):
     shard = make_bad_shard(tmp_path / "bad", digits_shards, wrong_shape=False)
-    r = train(tmp_path, f"data.shards={shard}", "data.shuffle_buffer=1")
+    r = train(capsys, tmp_path, f"data.shards={shard}", "data.shuffle_buffer=1")
     assert_user_error(r, "corrupt image")
     assert "00000005" in r.stderr and "data.on_error=skip" in r.stderr
 
 
-def test_wrong_shape_raises(tmp_path, digits_shards):
+def test_wrong_shape_raises(tmp_path, digits_shards, capsys):
     shard = make_bad_shard(tmp_path / "bad", digits_shards, corrupt=False)
-    r = train(tmp_path, f"data.shards={shard}", "data.shuffle_buffer=1")
+    r = train(capsys, tmp_path, f"data.shards={shard}", "data.shuffle_buffer=1")
     assert_user_error(r, "image of size 9x9 (H x W), the manifest says 8x8")
     assert "00000007" in r.stderr
 
 
-def test_bad_samples_skipped_and_counted(tmp_path, digits_shards):
+def test_bad_samples_skipped_and_counted(tmp_path, digits_shards, capsys):
     shard = make_bad_shard(tmp_path / "bad", digits_shards)
-    r = train(tmp_path, f"data.shards={shard}", "data.on_error=skip", "train.steps=20", "data.batch_size=32")
+    r = train(capsys, tmp_path, f"data.shards={shard}", "data.on_error=skip", "train.steps=20", "data.batch_size=32")
     assert r.returncode == 0, r.stderr
     logged = [m for m in read_metrics(tmp_path / "run") if "data/skipped" in m]
     assert logged[-1]["data/skipped"] >= 2  # both bad samples, every time the shard is read
 
 
-def test_truncated_shard(tmp_path, digits_shards):
+def test_truncated_shard(tmp_path, digits_shards, capsys):
     data = (digits_shards / "digits-000000.tar").read_bytes()
     (tmp_path / "t.tar").write_bytes(data[: len(data) // 2 + 100])
-    r = train(tmp_path, f"data.shards={tmp_path / 't.tar'}", "train.steps=30")
+    r = train(capsys, tmp_path, f"data.shards={tmp_path / 't.tar'}", "train.steps=30")
     # the cut shard is named, with what is wrong, and how to go on past it
     assert_user_error(r, f"shard '{tmp_path / 't.tar'}': unreadable tar data (TarFormatError: truncated tar")
     assert "(set data.on_error=skip" in r.stderr
 
 
-def test_channels_mismatch_with_manifest(tmp_path, digits_shards):
-    assert_user_error(train(tmp_path, f"data.shards={digits_shards}", "data.channels=3"), "set data.channels=1")
+def test_channels_mismatch_with_manifest(tmp_path, digits_shards, capsys):
+    assert_user_error(train(capsys, tmp_path, f"data.shards={digits_shards}", "data.channels=3"), "set data.channels=1")
 
 
-def test_missing_checkpoint(tmp_path):
-    assert_user_error(train(tmp_path, "--resume", "/nonexistent/step-00000002"), "does not exist")
+def test_missing_checkpoint(tmp_path, capsys):
+    assert_user_error(train(capsys, tmp_path, "--resume", "/nonexistent/step-00000002"), "does not exist")
     assert_user_error(run_cli("sample", "--ckpt", "/nonexistent", "--out", tmp_path / "x.png"), "does not exist")
 
 

@@ -597,9 +597,19 @@ def test_resume_on_four_processes_refuses_a_changed_batch_then_keeps_it(tmp_path
 )
 def test_transformer_gan_under_ddp(tmp_path, digits_shards, preset):
     """GAT's recipe on 2 ranks: vit G and D, multi-level guidance, approximate R1 + R2, gradient clipping
-    after the all-reduce (the same total norm on every rank); the ranks stay identical."""
+    after the all-reduce (the same total norm on every rank), on the pixels with the DINOv2 alignment
+    term (D's projector in the all-reduce, the frozen encoder outside it); the ranks stay identical."""
+    from test_align import meta_state
+
     run = tmp_path / "run"
     data = [f"data.shards={digits_shards}"] if preset == "digits-gat" else ["data.resolution=16"]
+    if preset == "digits-gat":
+        torch.save(meta_state(), tmp_path / "dinov2.pth")
+        data += [
+            f"model.align.encoder={tmp_path / 'dinov2.pth'}",
+            "model.align.resolution=28",
+            "model.align.proj_dim=16",
+        ]
     r = launch(
         "--preset",
         preset,
@@ -618,3 +628,5 @@ def test_transformer_gan_under_ddp(tmp_path, digits_shards, preset):
     assert meta["data"]["world_size"] == 2 and len(set(meta["fingerprints"])) == 1
     logged = [m for m in read_metrics(run) if "loss/r1" in m]
     assert logged and logged[-1]["loss/r1"] > 0 and logged[-1]["loss/r2"] > 0
+    if preset == "digits-gat":
+        assert logged[-1]["loss/align"] > 0

@@ -208,6 +208,7 @@ def test_channels_last_trains_like_contiguous(tmp_path, monkeypatch):
             torch.testing.assert_close(out["true"][k], v, rtol=1e-3, atol=1e-4, msg=k)
 
 
+@pytest.mark.slow  # ~80 s of benchmark processes: `make test-all` (run it before a GPU is lent)
 def test_gpu_suite_dry_run(tmp_path):
     """benchmarks/gpu_suite.sh --dry-run: every step of the GPU suite on the CPU at toy sizes, writing
     its tables (and the roofline plot) where DISTGAN_BENCH_RESULTS says."""
@@ -231,6 +232,7 @@ def test_gpu_suite_dry_run(tmp_path):
         "gpu_sync",
         "penalty_cost",
         "grouped_conv",
+        "gat_b2_steps",
     ):
         assert f"{stem}-cpu{os.cpu_count()}.json" in names, names
     assert any(n.endswith(".png") for n in names)

@@ -115,6 +115,7 @@ def test_approx_d_evaluations_run_in_fp32_under_bf16_autocast():
     import accelerate
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # whatever an earlier test in this process made
     try:
         acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
         torch.manual_seed(5)

@@ -132,13 +132,13 @@ def test_stored_wandb_destination_is_never_used(tmp_path, evil_run, digits_shard
     assert run_record(next(mine.glob("wandb/offline-run-*/run-*.wandb"))).project == "my-project"
 
 
-def test_resuming_your_own_run_with_the_same_command_is_unchanged(tmp_path, digits_shards):
+def test_resuming_your_own_run_with_the_same_command_is_unchanged(tmp_path, digits_shards, capsys):
     """No preset or config file (the form of launch/slurm.sbatch): the checkpoint's
     config is the base, and every outward value comes from the command line again."""
     common = [*FAST, f"data.shards={digits_shards}", "train.ckpt_every=1000"]
-    assert run_cli("train", *common, "--out", tmp_path / "full", "train.steps=4").returncode == 0
-    assert run_cli("train", *common, "--out", tmp_path / "split", "train.steps=2").returncode == 0
-    r = run_cli("train", *common, "--out", tmp_path / "split", "train.steps=4", "--resume", "auto")
+    assert cli(capsys, "train", *common, "--out", tmp_path / "full", "train.steps=4").returncode == 0
+    assert cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=2").returncode == 0
+    r = cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=4", "--resume", "auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "note:" not in r.stderr  # nothing differs, nothing to say
     assert [m["step"] for m in read_metrics(tmp_path / "split") if m.get("event") == "resume"] == [2]

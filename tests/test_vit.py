@@ -4,6 +4,7 @@ a training run with the approximate penalties that resumes bitwise."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_VIT, assert_resumed, cli
 from test_train import assert_bitwise_equal
 
@@ -58,7 +59,10 @@ def test_g_sums_its_levels_and_is_conditioned_d_projects_on_the_class():
     logits = D(x, y)
     assert logits.shape == (3,) and logits.dtype == torch.float32
     feat = D.head(_tokens(D, x)[:, 0])
-    torch.testing.assert_close(logits, (feat * D.embed(y)).sum(1) / 8**0.5)
+    e = D.embed(y)  # GAT's LabelEmbedder: the embedding through two linear layers at a 0.01 lr multiplier
+    a, b = D.embed_map[0], D.embed_map[2]
+    mapped = F.linear(F.silu(F.linear(e, a.weight * 0.01, a.bias * 0.01)), b.weight * 0.01, b.bias * 0.01)
+    torch.testing.assert_close(logits, (feat * mapped).sum(1))
 
 
 def _tokens(D, x):

@@ -261,6 +261,7 @@ def _resume_point(out: Path, settings: dict, overwrite: bool) -> int:
         done = int(state["done_shards"])
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"'{progress}' is unreadable; pass --overwrite to start the encode again") from None
+    state.setdefault("keep_images", False)  # (a progress file from before --keep-images)
     changed = [k for k in settings if state.get(k) != settings[k]]
     if changed:
         raise UserError(

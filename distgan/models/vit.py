@@ -15,8 +15,9 @@ multi-level guidance judges.
 
 D: a strided conv embeds patches, sin-cos positions are added and a learned class token prepended;
 blocks of RMSNorm (affine) -> attention -> layer-scale 0.1 and RMSNorm -> SwiGLU -> layer-scale 0.1;
-the class token's RMSNorm + Linear to `cmap` features is projected on a class embedding (one learned
-embedding when unconditional) and divided by sqrt(cmap) to give the logit. With model.align.encoder,
+the class token's RMSNorm + Linear to `cmap` features is projected on the class's mapped embedding
+(GAT's LabelEmbedder: an embedding, then two SiLU-separated linear layers with a 0.01 learning-rate
+multiplier; one learned embedding when unconditional): the logit is their dot product. With model.align.encoder,
 an MLP projector maps the final tokens onto a frozen encoder's features (distgan/align.py).
 
 Sizes as GAT names them (`model.vit.size`): S (width 384, depth 12, 6 heads), B (768, 12, 12),
@@ -284,6 +285,7 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(DBlock(width, heads, mlp_ratio, rope) for _ in range(depth))
         self.head = nn.Sequential(nn.RMSNorm(width, eps=1e-6), nn.Linear(width, cmap))
         self.embed = nn.Embedding(max(num_classes, 1), cmap)
+        self.embed_map = nn.Sequential(ScaledLinear(cmap, cmap, 0.01), nn.SiLU(), ScaledLinear(cmap, cmap, 0.01))
         # model.align.encoder (distgan/align.py): GAT's projector of the final tokens onto the encoder's features
         self.proj = (
             nn.Sequential(
@@ -296,8 +298,8 @@ class Discriminator(nn.Module):
             if align_dim
             else None
         )
-        _xavier(self)
-        nn.init.normal_(self.embed.weight, std=0.02 * math.sqrt(cmap))  # a projection of norm about 1
+        _xavier(self)  # (ScaledLinear keeps its own initialisation: it is no nn.Linear)
+        nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, features: bool = False):
         """Logits (B,); with `features` also the projected final tokens (class (B, A), patches (B, T, A))."""
@@ -307,9 +309,9 @@ class Discriminator(nn.Module):
             h = block(h)
         if self.num_classes and y is None:
             raise ValueError("a conditional vit D needs labels")
-        e = self.embed(y if self.num_classes else torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+        e = self.embed_map(self.embed(y if self.num_classes else torch.zeros_like(x[:, 0, 0, 0], dtype=torch.long)))
         feat = self.head(h[:, 0])
-        logits = (feat * e.to(feat.dtype)).sum(dim=1).float() / math.sqrt(feat.shape[1])
+        logits = (feat * e.to(feat.dtype)).sum(dim=1).float()
         if not features:
             return logits
         if self.proj is None:
