@@ -134,8 +134,8 @@ class GAN(Variant):
             penalties.rescale_for_lazy(self.optimizers["D"], cfg.variant.penalty_every)
 
     def build(self, cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
-        D = models.build_discriminator(cfg, channels=self.d_channels(cfg), align_dim=self.align_dim)
-        return models.build_generator(cfg), D
+        G = models.build_generator(cfg)  # (G first: the initial weights come from the seeded RNG in this order)
+        return G, models.build_discriminator(cfg, channels=self.d_channels(cfg), align_dim=self.align_dim)
 
     @property
     def align_dim(self) -> int:
