@@ -55,8 +55,13 @@ VARIANTS = {
     "r3gan-lazy": ["variant.penalty_mode=lazy", "variant.penalty_every=16"],
     # stacked digits only: the R3GAN recipe of stacked-digits-r3gan on R3GAN's networks instead of the DCGAN
     "r3gan-net": [],
+    # ... and with its DCGAN D without BatchNorm, exact and approx: does approx's gap come from the batch
+    # statistics of the perturbed batch (docs/results.md)?
+    "r3gan-nobn": ["model.d.batchnorm=false"],
+    "r3gan-approx-nobn": ["variant.penalty_mode=approx", "model.d.batchnorm=false"],
 }
-STACKED_ONLY = ("r3gan-net",)
+NO_BATCHNORM = ("r3gan-nobn", "r3gan-approx-nobn")
+STACKED_ONLY = ("r3gan-net", *NO_BATCHNORM)
 R3GAN = ("r3gan", "r3gan-approx", "r3gan-lazy")
 PRESET = {"gan-r1": "{dataset}-gan-r1", **{v: "{dataset}-r3gan" for v in R3GAN}}  # default: {dataset}-gan
 # default: stacked-digits-dcgan
@@ -64,6 +69,7 @@ STACKED_PRESET = {
     "gan-r1": "stacked-digits-r1",
     **{v: "stacked-digits-r3gan" for v in R3GAN},
     "r3gan-net": "stacked-digits-r3gan-net",
+    **{v: "stacked-digits-r3gan" for v in NO_BATCHNORM},
 }
 DRS_VARIANTS = ("gan-r1",)  # also measured with discriminator rejection sampling (eval --drs)
 DRS_CALIBRATE = 6000  # ... and with D first trained this many steps against the final G (--drs-calibrate)

@@ -220,6 +220,10 @@ class ViTConfig:
     mlp_ratio: float = at_least(1, 4.0)  # SwiGLU hidden width = 2/3 x mlp_ratio x width
     levels: int = at_least(1, 4)  # G's multi-level outputs, summed into the image (GAT: 4)
     cmap: int = at_least(1, 256)  # D's projection features (GAT: 2048)
+    # D's class embedding mapped by two linear layers (lr multiplier 0.01) and the logit their plain dot
+    # product, as GAT's D (its LabelEmbedder); false: a plain embedding, the dot product / sqrt(cmap). On the
+    # 16 px digits GAT's form let D win outright (docs/results.md), so the digits presets keep false
+    class_map: bool = False
 
 
 @dataclass

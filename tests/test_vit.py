@@ -59,10 +59,14 @@ def test_g_sums_its_levels_and_is_conditioned_d_projects_on_the_class():
     logits = D(x, y)
     assert logits.shape == (3,) and logits.dtype == torch.float32
     feat = D.head(_tokens(D, x)[:, 0])
-    e = D.embed(y)  # GAT's LabelEmbedder: the embedding through two linear layers at a 0.01 lr multiplier
+    torch.testing.assert_close(logits, (feat * D.embed(y)).sum(1) / 8**0.5)
+    # class_map: GAT's LabelEmbedder, the embedding through two linear layers at a 0.01 lr multiplier
+    D = vit.Discriminator(3, 8, width=16, depth=2, heads=2, patch=2, num_classes=5, cmap=8, class_map=True)
+    feat = D.head(_tokens(D, x)[:, 0])
     a, b = D.embed_map[0], D.embed_map[2]
+    e = D.embed(y)
     mapped = F.linear(F.silu(F.linear(e, a.weight * 0.01, a.bias * 0.01)), b.weight * 0.01, b.bias * 0.01)
-    torch.testing.assert_close(logits, (feat * mapped).sum(1))
+    torch.testing.assert_close(D(x, y), (feat * mapped).sum(1))
 
 
 def _tokens(D, x):

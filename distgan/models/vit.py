@@ -15,9 +15,10 @@ multi-level guidance judges.
 
 D: a strided conv embeds patches, sin-cos positions are added and a learned class token prepended;
 blocks of RMSNorm (affine) -> attention -> layer-scale 0.1 and RMSNorm -> SwiGLU -> layer-scale 0.1;
-the class token's RMSNorm + Linear to `cmap` features is projected on the class's mapped embedding
-(GAT's LabelEmbedder: an embedding, then two SiLU-separated linear layers with a 0.01 learning-rate
-multiplier; one learned embedding when unconditional): the logit is their dot product. With model.align.encoder,
+the class token's RMSNorm + Linear to `cmap` features is projected on a class embedding (one learned
+embedding when unconditional): their dot product divided by sqrt(cmap) is the logit; or, with
+`class_map` (model.vit.class_map, GAT's LabelEmbedder), on the embedding mapped by two SiLU-separated
+linear layers with a 0.01 learning-rate multiplier, the plain dot product (GAT's D exactly). With model.align.encoder,
 an MLP projector maps the final tokens onto a frozen encoder's features (distgan/align.py).
 
 Sizes as GAT names them (`model.vit.size`): S (width 384, depth 12, 6 heads), B (768, 12, 12),
@@ -272,6 +273,7 @@ class Discriminator(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
         cmap: int = 256,
+        class_map: bool = False,
         align_dim: int = 0,
         proj_dim: int = 2048,
     ):
@@ -285,7 +287,11 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(DBlock(width, heads, mlp_ratio, rope) for _ in range(depth))
         self.head = nn.Sequential(nn.RMSNorm(width, eps=1e-6), nn.Linear(width, cmap))
         self.embed = nn.Embedding(max(num_classes, 1), cmap)
-        self.embed_map = nn.Sequential(ScaledLinear(cmap, cmap, 0.01), nn.SiLU(), ScaledLinear(cmap, cmap, 0.01))
+        self.embed_map = (
+            nn.Sequential(ScaledLinear(cmap, cmap, 0.01), nn.SiLU(), ScaledLinear(cmap, cmap, 0.01))
+            if class_map
+            else None
+        )
         # model.align.encoder (distgan/align.py): GAT's projector of the final tokens onto the encoder's features
         self.proj = (
             nn.Sequential(
@@ -299,7 +305,8 @@ class Discriminator(nn.Module):
             else None
         )
         _xavier(self)  # (ScaledLinear keeps its own initialisation: it is no nn.Linear)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        # GAT's 0.02; without the mapping, a projection of norm about 1 after the 1 / sqrt(cmap)
+        nn.init.normal_(self.embed.weight, std=0.02 if class_map else 0.02 * math.sqrt(cmap))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, features: bool = False):
         """Logits (B,); with `features` also the projected final tokens (class (B, A), patches (B, T, A))."""
@@ -309,9 +316,12 @@ class Discriminator(nn.Module):
             h = block(h)
         if self.num_classes and y is None:
             raise ValueError("a conditional vit D needs labels")
-        e = self.embed_map(self.embed(y if self.num_classes else torch.zeros_like(x[:, 0, 0, 0], dtype=torch.long)))
+        e = self.embed(y if self.num_classes else torch.zeros_like(x[:, 0, 0, 0], dtype=torch.long))
         feat = self.head(h[:, 0])
-        logits = (feat * e.to(feat.dtype)).sum(dim=1).float()
+        if self.embed_map is None:
+            logits = (feat * e.to(feat.dtype)).sum(dim=1).float() / math.sqrt(feat.shape[1])
+        else:
+            logits = (feat * self.embed_map(e).to(feat.dtype)).sum(dim=1).float()
         if not features:
             return logits
         if self.proj is None:
