@@ -572,6 +572,8 @@ def validate(cfg: Config) -> None:
             raise UserError(
                 f"model.align.resolution must be a multiple of 14 (DINOv2's patch), got {cfg.model.align.resolution}"
             )
+        if cfg.variant.pack > 1:
+            raise UserError("model.align.encoder does not combine with variant.pack > 1 (D judges packed samples)")
         if cfg.variant.penalty_mode == "lazy":
             raise UserError(
                 "model.align.encoder does not combine with variant.penalty_mode=lazy (the regularisation step "

@@ -242,6 +242,7 @@ def test_the_variant_holds_the_encoder_frozen_outside_its_models(encoder_file):
         ("model.d.arch=resnet", "aligns a vit D's tokens"),
         ("variant.penalty_mode=lazy", "does not combine with variant.penalty_mode=lazy"),
         ("model.align.resolution=30", "must be a multiple of 14"),
+        ("variant.pack=2", "does not combine with variant.pack"),
     ],
 )
 def test_alignment_settings_that_cannot_work_are_refused(override, message):
