@@ -18,8 +18,9 @@ blocks of RMSNorm (affine) -> attention -> layer-scale 0.1 and RMSNorm -> SwiGLU
 the class token's RMSNorm + Linear to `cmap` features is projected on a class embedding (one learned
 embedding when unconditional): their dot product divided by sqrt(cmap) is the logit; or, with
 `class_map` (model.vit.class_map, GAT's LabelEmbedder), on the embedding mapped by two SiLU-separated
-linear layers with a 0.01 learning-rate multiplier, the plain dot product (GAT's D exactly). With model.align.encoder,
-an MLP projector maps the final tokens onto a frozen encoder's features (distgan/align.py).
+linear layers with a 0.01 learning-rate multiplier, the plain dot product (GAT's D exactly). With
+model.align.encoder, an MLP projector maps the final tokens onto a frozen encoder's features
+(distgan/align.py).
 
 Sizes as GAT names them (`model.vit.size`): S (width 384, depth 12, 6 heads), B (768, 12, 12),
 L (1024, 24, 16), XL (1152, 28, 16), or `custom` with model.vit.width/depth/heads; patch 2, 4 or 8.
