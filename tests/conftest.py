@@ -71,6 +71,21 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_resumes_exactly(capsys, common, tmp_path, at, total):
+    """`distgan train *common` (in this process) for `total` steps in one run (tmp_path/full) and in two
+    (tmp_path/split: `at`, then --resume auto): the second resumed from step `at` and its last checkpoint
+    equals the first's bitwise. Returns (the full run's last step folder, the resuming command's result)."""
+    from test_train import assert_bitwise_equal
+
+    for out, steps, more in (("full", total, []), ("split", at, []), ("split", total, ["--resume", "auto"])):
+        res = cli(capsys, "train", *common, "--out", tmp_path / out, f"train.steps={steps}", *more)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert_resumed(tmp_path / "split", at)
+    step = f"step-{total:08d}"
+    assert_bitwise_equal(tmp_path / "full" / "checkpoints" / step, tmp_path / "split" / "checkpoints" / step)
+    return tmp_path / "full" / "checkpoints" / step, res
+
+
 def assert_resumed(run_dir, step):
     """The run in `run_dir` resumed exactly once, from a checkpoint of step `step`, and logged
     steps after it: a resume that was silently ignored (a fresh start) fails here."""

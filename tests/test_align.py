@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VIT, assert_resumed, cli, read_metrics
+from conftest import TINY_VIT, assert_resumes_exactly, cli, read_metrics
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_train import assert_bitwise_equal
 
 from distgan import align, augment, config, variants
 from distgan.errors import UserError
@@ -205,13 +204,7 @@ def encoder_file(tmp_path_factory):
 def test_training_with_the_encoder_resumes_bitwise_and_never_trains_or_saves_it(encoder_file, tmp_path, capsys):
     common = [*ALIGN_RUN, f"model.align.encoder={encoder_file}"]
     before = torch.load(encoder_file, weights_only=True)
-    assert cli(capsys, "train", *common, "--out", tmp_path / "full", "train.steps=4").returncode == 0
-    assert cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=2").returncode == 0
-    res = cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=4", "--resume", "auto")
-    assert res.returncode == 0, res.stderr
-    assert_resumed(tmp_path / "split", 2)
-    step4 = tmp_path / "full" / "checkpoints" / "step-00000004"
-    assert_bitwise_equal(step4, tmp_path / "split" / "checkpoints" / "step-00000004")
+    step4, _ = assert_resumes_exactly(capsys, common, tmp_path, 2, 4)
     with safe_open(step4 / "model.safetensors", "pt") as st:
         keys = list(st.keys())
     assert any(k.startswith("D.proj.") for k in keys)  # D's projector is trained and saved

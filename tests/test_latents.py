@@ -9,9 +9,8 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIT, assert_resumed, cli
+from conftest import TINY_VIT, assert_resumes_exactly, cli
 from safetensors import safe_open
-from test_train import assert_bitwise_equal
 
 from distgan import vae as vae_module
 from distgan.data import latents, shards
@@ -129,13 +128,7 @@ def test_training_on_latents_resumes_bitwise_decodes_samples_and_never_saves_the
     if cache:  # the RAM cache keeps decoded latents: the resume must stay exact with it
         common.append("data.cache=ram")
     before = {k: v.clone() for k, v in vae_module.VAE(str(vae_dir)).model.state_dict().items()}
-    assert cli(capsys, "train", *common, "--out", tmp_path / "full", "train.steps=6").returncode == 0
-    assert cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=3").returncode == 0
-    res = cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=6", "--resume", "auto")
-    assert res.returncode == 0, res.stderr
-    assert_resumed(tmp_path / "split", 3)
-    step6 = tmp_path / "full" / "checkpoints" / "step-00000006"
-    assert_bitwise_equal(step6, tmp_path / "split" / "checkpoints" / "step-00000006")
+    step6, _ = assert_resumes_exactly(capsys, common, tmp_path, 3, 6)
     for f in step6.glob("*.safetensors"):  # G, D, EMA, optimizers: nothing of the VAE
         with safe_open(f, "pt") as st:
             assert not [k for k in st.keys() if "decoder" in k or "encoder" in k or "quant" in k], f

@@ -5,8 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import FAST, cli, read_metrics, run_cli
-from test_train import assert_bitwise_equal
+from conftest import FAST, assert_resumes_exactly, cli, read_metrics, run_cli
 from wandb_log import run_record
 
 from distgan import trust
@@ -136,14 +135,8 @@ def test_resuming_your_own_run_with_the_same_command_is_unchanged(tmp_path, digi
     """No preset or config file (the form of launch/slurm.sbatch): the checkpoint's
     config is the base, and every outward value comes from the command line again."""
     common = [*FAST, f"data.shards={digits_shards}", "train.ckpt_every=1000"]
-    assert cli(capsys, "train", *common, "--out", tmp_path / "full", "train.steps=4").returncode == 0
-    assert cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=2").returncode == 0
-    r = cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=4", "--resume", "auto")
-    assert r.returncode == 0, r.stderr[-3000:]
+    _, r = assert_resumes_exactly(capsys, common, tmp_path, 2, 4)  # resumed at step 2, bitwise the same
     assert "note:" not in r.stderr  # nothing differs, nothing to say
-    assert [m["step"] for m in read_metrics(tmp_path / "split") if m.get("event") == "resume"] == [2]
-    step = "step-00000004"
-    assert_bitwise_equal(tmp_path / "full" / "checkpoints" / step, tmp_path / "split" / "checkpoints" / step)
 
 
 def test_checkpoint_config_keeps_harmless_values_and_drops_the_rest():

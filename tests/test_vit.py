@@ -5,8 +5,7 @@ a training run with the approximate penalties that resumes bitwise."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VIT, assert_resumed, cli
-from test_train import assert_bitwise_equal
+from conftest import TINY_VIT, assert_resumes_exactly
 
 from distgan import config
 from distgan.errors import UserError
@@ -103,12 +102,7 @@ def test_digits_gat_trains_with_approx_penalties_and_resumes_bitwise(tmp_path, c
         "train.sample_every=1000",
         "tracking.wandb.mode=disabled",
     ]
-    assert cli(capsys, "train", *common, "--out", tmp_path / "full", "train.steps=4").returncode == 0
-    assert cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=2").returncode == 0
-    res = cli(capsys, "train", *common, "--out", tmp_path / "split", "train.steps=4", "--resume", "auto")
-    assert res.returncode == 0, res.stderr
-    assert_resumed(tmp_path / "split", 2)
-    assert_bitwise_equal(*(tmp_path / r / "checkpoints" / "step-00000004" for r in ("full", "split")))
+    assert_resumes_exactly(capsys, common, tmp_path, 2, 4)
 
 
 def _rms(x, weight=None, eps=1e-6):

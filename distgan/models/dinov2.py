@@ -166,7 +166,6 @@ def from_state_dict(state: dict[str, torch.Tensor], resolution: int, what: str) 
         raise UserError(f"{what}: width {width} / patch {state['patch_embed.proj.weight'].shape[-1]} is not DINOv2's")
     side = resolution // PATCH
     net = DINOv2(width, depth, hidden, registers, side, swiglu)
-    state = dict(state)
     state["pos_embed"] = resample_positions(state["pos_embed"], side)
     own = net.state_dict()
     wrong = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]

@@ -287,7 +287,6 @@ class GAN(Variant):
             loss = losses.d_loss(self.loss, real.logits, fake.logits)
             if self.aligner is not None:  # latent data: the images stored beside the latents
                 term = self.align_term(real, mb.get("raw", mb["image"]))
-                real.features = None
                 loss = loss + term
                 stats["loss/align"] = stats.get("loss/align", 0) + term.detach() * share
             if v.lecam_weight > 0:
