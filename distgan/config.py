@@ -295,6 +295,9 @@ class VariantConfig:
     # multilevel: the noise schedule t_i = 1 - m^(1 - i / (L - 1)) + 0.01 for levels i = 0 .. L - 1, with
     # m this minimum information (GAT: 0.125): the final image gets t = 0.01, the earliest 1.01 - m
     multilevel_min_info: float = between(0.0, 1.0, 0.125, low_open=True)
+    # cgan: the labels fakes are drawn with in training: uniform over the classes, or real: those of the
+    # real micro-batch beside them, so rpgan pairs each fake with a real of the same class (GAT)
+    fake_labels: str = one_of("uniform", ("uniform", "real"))
     pack: int = at_least(1, 1)  # PacGAN (Lin et al. 2018): D judges `pack` samples at once, stacked as channels
     unroll_steps: int = at_least(1, 5)  # unrolled: D steps unrolled for G's loss (Metz et al. 2017)
     unroll_grad: bool = True  # unrolled: gradients flow through the unrolled steps (the paper's full version)

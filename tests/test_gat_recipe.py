@@ -95,6 +95,30 @@ def test_the_variant_judges_gs_levels_and_repeated_reals_with_replayed_noise():
     assert v.sample(G, 4).shape == (4, 1, 16, 16)
 
 
+@pytest.mark.parametrize("mode", ["uniform", "real"])
+def test_fake_labels_real_pairs_each_fake_with_a_real_of_its_class(mode):
+    """variant.fake_labels=real (GAT): in D's step and in G's, the fakes are drawn and judged with the
+    labels of the real micro-batch beside them, so rpgan's pairs share a class; uniform draws its own."""
+    import accelerate
+
+    cfg = config.load_config("digits-gat", None, [*TINY, f"variant.fake_labels={mode}", "variant.n_critic=1"])
+    v = variants.get("cgan")(cfg)
+    G, D = v.models["G"], v.models["D"]
+    to_g, to_d = [], []
+    G.register_forward_pre_hook(lambda m, args: to_g.append(args[1].clone()))
+    D.register_forward_pre_hook(lambda m, args: to_d.append(args[1].clone()))
+    torch.manual_seed(0)
+    labels = [torch.tensor([3, 3, 7, 1, 0, 9, 9, 2]), torch.tensor([5, 4, 4, 8, 6, 6, 1, 0])]
+    batches = [{"image": torch.rand(8, 1, 16, 16) * 2 - 1, "label": y} for y in labels]
+    ctx = step.StepContext(accelerate.Accelerator(cpu=True), accum=1, grad_clip=1.0)
+    v.train_step(batches, ctx)  # two micro-batches: D's step on both, then G's on both
+    assert len(to_g) == 4  # a fake batch per micro-batch and step
+    for i, g_labels in enumerate(to_g):
+        assert torch.equal(g_labels, labels[i % 2]) == (mode == "real")
+    # D judged each fake batch with the labels G drew it with
+    assert all(any(torch.equal(d, g) for d in to_d) for g in to_g)
+
+
 def test_multilevel_needs_a_vit_g():
     with pytest.raises(UserError, match="variant.multilevel judges a vit G"):
         config.load_config("digits-gat", None, [*TINY, "model.g.arch=dcgan", "model.d.arch=dcgan"])

@@ -54,6 +54,11 @@ class Variant:
                 "config key 'data.augment' applies to image GANs (gan, wgan, wgan-gp, sngan, cgan, "
                 f"unrolled); leave it empty for variant '{cfg.variant.name}' on data.kind={cfg.data.kind}"
             )
+        if cfg.variant.fake_labels != "uniform" and cfg.variant.name != "cgan":
+            raise UserError(
+                f"variant.fake_labels={cfg.variant.fake_labels} gives fakes the real images' labels: it needs the "
+                f"conditional variant (variant.name=cgan), not '{cfg.variant.name}'"
+            )
 
     @classmethod
     def differentiates_twice(cls, cfg) -> str:

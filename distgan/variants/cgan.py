@@ -2,7 +2,9 @@
 
 G concatenates a label embedding to z (the seed's way). D is a projection discriminator (Miyato &
 Koyama 2018) by default, or takes the label as an extra input channel (`model.d.conditioning=
-concat`); see distgan/models/conditional.py. Fakes get labels uniform over `model.num_classes`.
+concat`); see distgan/models/conditional.py. Fakes get labels uniform over `model.num_classes`, or
+(`variant.fake_labels=real`, GAT's way) the labels of the real micro-batch they are judged beside, so
+rpgan's pairs each compare a fake and a real of one class.
 Sampling: `distgan sample --class K` draws class K, `--class all` a row per class; the training
 grids show the classes in order, one block of rows each.
 """
@@ -53,7 +55,9 @@ class CGAN(GAN):
             D = conditional.ProjectionDiscriminator(base, self.num_classes, head.in_features)
         return G, D
 
-    def labels(self, n, device):
+    def labels(self, n, device, real=None):
+        if self.cfg.variant.fake_labels == "real":  # each fake paired with a real of its class (GAT)
+            return real
         return torch.randint(0, self.num_classes, (n,), device=device)
 
     def generate(self, G, z, y):

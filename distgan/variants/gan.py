@@ -146,8 +146,9 @@ class GAN(Variant):
         """Channels of D's input: the images' times the pack size or the guidance levels."""
         return cfg.data.channels * self.pack * (self.guidance.levels if self.guidance else 1)
 
-    def labels(self, n: int, device) -> torch.Tensor | None:
-        """Labels for n fakes (cgan: uniform over the classes); None when unconditional."""
+    def labels(self, n: int, device, real: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Labels for n fakes judged beside the reals labelled `real` (cgan: uniform over the classes,
+        or `real` itself with variant.fake_labels=real); None when unconditional."""
         return None
 
     def generate(self, G, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -277,7 +278,7 @@ class GAN(Variant):
         sides = []  # (real, fake) per micro-batch, for the lazy regularisation step
         opt_d.zero_grad(set_to_none=True)
         for mb in ctx.micro(D, batches):
-            y_fake = self.labels(mb["image"].size(0), device)
+            y_fake = self.labels(mb["image"].size(0), device, mb.get("label"))
             with torch.no_grad():
                 fake_x = self.generate(G, self.noise(mb["image"].size(0), device), y_fake)
             real = self.judge(D, mb["image"], mb["label"], features=self.aligner is not None)
@@ -368,7 +369,7 @@ class GAN(Variant):
         with ctx.frozen(D) as d_plain:
             for mb in ctx.micro(G, batches):
                 n = mb["image"].size(0)
-                y = self.labels(n, device)
+                y = self.labels(n, device, mb.get("label"))
                 fake = self.generate(G, self.noise(n, device), y)
                 critic = self.g_critic(d_plain, mb)
                 real_logits = None
