@@ -23,6 +23,13 @@ def _shards(args: argparse.Namespace) -> int:
         kw["prefix"] = args.prefix
     if args.encode:
         return _encode(args)
+    stray = [
+        flag
+        for flag, on in (("--flips", args.flips), ("--keep-images", args.keep_images), ("--posterior", args.posterior))
+        if on
+    ]
+    if stray:
+        raise UserError(f"{', '.join(stray)}: for latent shards only (with --encode VAE)")
     if args.shards:
         raise UserError("--shards (image shards as the source) goes with --encode VAE")
     if args.builtin in builtin.LATENT_BUILTINS:
@@ -74,6 +81,7 @@ def _encode(args: argparse.Namespace) -> int:
         batch=args.batch,
         flips=args.flips,
         keep_images=args.keep_images,
+        posterior=args.posterior,
         overwrite=args.overwrite,
     )
     h, w, c = manifest["image_shape"]
@@ -760,6 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-images",
         action="store_true",
         help="--encode: store each encoded image beside its latent (KEY.png), for model.align.encoder",
+    )
+    s.add_argument(
+        "--posterior",
+        action="store_true",
+        help="--encode: also store each latent's posterior std (KEY.std.npy), to train with data.posterior=true",
     )
     s.add_argument("--batch", type=int, default=64, help="--encode: images per VAE call (default 64)")
     s.add_argument("--out", required=True, help="output folder for the shards")

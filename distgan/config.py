@@ -95,6 +95,10 @@ class DataConfig:
     # (data.channels, data.resolution, data.resolution) latents from `distgan shards --encode`; model.vae
     # decodes G's samples)
     kind: str = one_of("images", ("images", "points", "paired", "latents"))
+    # latents encoded with `--posterior`: each read a fresh draw from the VAE's posterior, mean + std * eps
+    # (REPA's and GAT's sample_posterior), eps seeded by (train.seed, rank, worker, position), so a
+    # resume draws the same; false: the posterior mean. Evaluation reads take the mean.
+    posterior: bool = False
     # Unpaired image-to-image (cyclegan): the two domains' shard sets, streamed independently
     # (same forms as data.shards); data.shards is then unused.
     shards_a: str = ""
@@ -582,6 +586,8 @@ def validate(cfg: Config) -> None:
                 "model.align.encoder does not combine with variant.penalty_mode=lazy (the regularisation step "
                 "leaves D's projector out of a DDP backward); use variant.penalty_mode=approx, as GAT does"
             )
+    if cfg.data.posterior and cfg.data.kind != "latents":
+        raise UserError(f"data.posterior draws VAE latents; it needs data.kind=latents, not {cfg.data.kind}")
     if cfg.data.kind not in ("points", "latents") and cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
     if cfg.data.cache == "ram" and cfg.data.crop == "random":

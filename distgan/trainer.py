@@ -190,6 +190,11 @@ def _check_manifest(manifest: dict | None, cfg: config.Config, key: str = "data.
             f"model.align.encoder needs the images beside the latents, and the shards of {key} have none: "
             "encode them with `distgan shards --encode VAE ... --keep-images`"
         )
+    if cfg.data.kind == "latents" and cfg.data.posterior and not (manifest or {}).get("posterior"):
+        raise UserError(
+            f"data.posterior draws from the VAE's posterior, and the shards of {key} hold only its means: encode "
+            "them with `distgan shards --encode VAE ... --posterior`, or set data.posterior=false"
+        )
     if not manifest:
         return None
     kind = manifest.get("kind", "images")

@@ -154,10 +154,12 @@ class VAE:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> normalised latents (B, latent C, H / f, W / f), fp32."""
-        mean = self.model.encode(images.to(self.device, torch.float32)).latent_dist.mean
-        return ((mean - self.shift) * self.scale).float()
+    def encode(self, images: torch.Tensor, posterior: bool = False):
+        """Images (B, C, H, W) in [-1, 1] -> normalised latents (B, latent C, H / f, W / f), fp32: the
+        posterior's mean; with `posterior`, (mean, std) of the normalised latent's posterior."""
+        dist = self.model.encode(images.to(self.device, torch.float32)).latent_dist
+        mean = ((dist.mean - self.shift) * self.scale).float()
+        return (mean, (dist.std * self.scale).float()) if posterior else mean
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 64) -> torch.Tensor:

@@ -236,3 +236,65 @@ def test_alignment_reads_the_images_kept_beside_the_latents(setup, tmp_path, cap
     assert [r["loss/align"] for r in read_metrics(tmp_path / "r") if "loss/align" in r]
     res = cli(capsys, "train", *common, f"data.shards={out}", "--out", tmp_path / "r2")
     assert res.returncode == 2 and "encode them with `distgan shards --encode VAE ... --keep-images`" in res.stderr
+
+
+def test_posterior_latents_are_drawn_from_the_stored_std_and_resume_exactly(setup, tmp_path, capsys):
+    """`--posterior` stores each latent's posterior std (KEY.std.npy, normalised as the mean);
+    data.posterior=true reads mean + std * eps with eps fixed by (seed, rank, worker, position), so two
+    streams draw the same and a resumed run is bitwise the uninterrupted one (with the RAM cache too);
+    shards without the std are refused in one line."""
+    from distgan.data import stream, tarstream
+
+    root, vae_dir, images, out = setup
+    post = tmp_path / "post"
+    source = latents.folder_samples(str(images), 16)
+    manifest = latents.encode(
+        str(vae_dir), source, "images", str(post), resolution=16, maxcount=16, posterior=True, progress=False
+    )
+    assert manifest["posterior"] is True and shards.read_manifest(out)["posterior"] is False
+    first = next(tarstream.samples([str(post / manifest["shards"][0])], select=lambda n: True, max_member=1 << 20))
+    plain = next(tarstream.samples([str(out / manifest["shards"][0])], select=lambda n: True, max_member=1 << 20))
+    assert first["npy"] == plain["npy"]  # the mean, as without --posterior
+    std = np.load(io.BytesIO(first["std.npy"]))
+    assert std.dtype == np.float16 and std.shape == (4, 8, 8)
+    from PIL import Image
+
+    path = sorted((images / first["cls"].decode()).glob("*.png"))[0]
+    img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
+    want = vae_module.VAE(str(vae_dir)).model.encode(img / 127.5 - 1).latent_dist.std * 0.5
+    torch.testing.assert_close(torch.from_numpy(std.astype(np.float32))[None], want, atol=2e-3, rtol=2e-3)
+
+    urls = sorted(str(p) for p in post.glob("*.tar"))
+
+    def first_batch(posterior):
+        ds = stream.ShardStream(
+            urls, batch_size=16, resolution=8, channels=4, seed=0, latents=True, posterior=posterior
+        )
+        return next(iter(ds))
+
+    drawn, again, means = first_batch(True), first_batch(True), first_batch(False)
+    assert torch.equal(drawn["image"], again["image"]) and torch.equal(drawn["label"], means["label"])
+
+    # (mean + std * eps - mean) / std: standard normal draws
+    def load(member):
+        return np.load(io.BytesIO(member)).astype(np.float32)
+
+    every = tarstream.samples(urls, select=lambda n: True, max_member=1 << 20)
+    std_of = {load(s["npy"]).tobytes(): load(s["std.npy"]) for s in every}  # each sample's std, by its mean
+    stds = torch.from_numpy(np.stack([std_of[m.numpy().tobytes()] for m in means["image"]]))
+    eps = (drawn["image"] - means["image"]) / stds
+    assert abs(eps.mean().item()) < 0.15 and 0.85 < eps.std().item() < 1.15
+
+    common = [*LATENT_RUN, f"data.shards={post}", f"model.vae={vae_dir}", "data.posterior=true", "data.cache=ram"]
+    from distgan import config
+
+    cfg = config.load_config("digits-gat-latent", None, common[2:])
+    assert (
+        stream.from_config(cfg, urls, seed=0).posterior
+        and not stream.from_config(cfg, urls, seed=0, fixed=True).posterior
+    )
+    assert_resumes_exactly(capsys, common, tmp_path / "run", 3, 6)
+    res = cli(capsys, "train", *LATENT_RUN, f"data.shards={out}", f"model.vae={vae_dir}", "data.posterior=true")
+    assert res.returncode == 2 and "--posterior" in res.stderr and res.stderr.count("\n") == 1
+    res = cli(capsys, "shards", "--builtin", "digits", "--out", tmp_path / "img", "--posterior")
+    assert res.returncode == 2 and "--posterior: for latent shards only (with --encode VAE)" in res.stderr

@@ -6,7 +6,9 @@ one) and KEY.json (its index and whether it is a mirror image). `--flips` writes
 sample of its own, encoded from the flipped pixels (REPA's and GAT's latents come without flips; a flip in
 latent space only approximates the flipped image's latent, so distgan encodes both). `--keep-images`
 stores the encoded image itself beside its latent (KEY.png, RGB or gray at --resize), which the
-alignment term (model.align.encoder, distgan/align.py) feeds its frozen encoder. The manifest says
+alignment term (model.align.encoder, distgan/align.py) feeds its frozen encoder. `--posterior` also stores
+the posterior's standard deviation (KEY.std.npy, float16, normalised as the mean), from which training
+with data.posterior=true draws each latent afresh (REPA's and GAT's sample_posterior). The manifest says
 kind "latents", the latents' [H, W, C], the VAE's identity (distgan.vae.identity: training refuses
 another VAE) and the image resolution.
 
@@ -118,6 +120,7 @@ def encode(
     batch: int = 64,
     flips: bool = False,
     keep_images: bool = False,
+    posterior: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     device: str | None = None,
@@ -126,7 +129,8 @@ def encode(
     count, class names: `folder_samples`, `builtin_samples`, stream.image_samples), which come from
     `where` (recorded in the manifest), with the VAE of `vae_path` into latent shards in `out_dir`;
     `keep_images`: each sample also holds its image (KEY.png, what the VAE encoded), for
-    model.align.encoder. Returns the manifest."""
+    model.align.encoder; `posterior`: also the posterior's std (KEY.std.npy), for data.posterior. Returns
+    the manifest."""
     import webdataset as wds
 
     from distgan import vae as vae_module
@@ -148,6 +152,7 @@ def encode(
         "maxcount": maxcount,
         "flips": flips,
         "keep_images": keep_images,
+        "posterior": posterior,
     }
     done = _resume_point(out, settings, overwrite)
     model = vae_module.VAE(vae_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -177,8 +182,11 @@ def encode(
 
     def encode_pending() -> None:
         nonlocal n, shape
-        latents = model.encode(_to_tensor([img for img, _, _ in pending], model.image_channels)).cpu().numpy()
-        for (img, label, mirrored), z in zip(pending, latents):
+        encoded = model.encode(_to_tensor([img for img, _, _ in pending], model.image_channels), posterior)
+        latents, stds = (
+            (encoded[0].cpu().numpy(), encoded[1].cpu().numpy()) if posterior else (encoded.cpu().numpy(), None)
+        )
+        for i, ((img, label, mirrored), z) in enumerate(zip(pending, latents)):
             z16 = z.astype(np.float16)
             if not np.isfinite(z16).all():
                 raise UserError(
@@ -186,6 +194,8 @@ def encode(
                 )
             shape = shape or z.shape
             sample = {"__key__": f"{n:08d}", "npy": _npy(z16), "json": {"index": n, "flip": mirrored}}
+            if stds is not None:
+                sample["std.npy"] = _npy(stds[i].astype(np.float16))
             if label is not None:
                 sample["cls"] = int(label)
             if keep_images:
@@ -230,6 +240,7 @@ def encode(
         "image_resolution": resolution,
         "flips": flips,
         "images": keep_images,  # KEY.png beside each latent, at image_resolution
+        "posterior": posterior,  # KEY.std.npy beside each latent: its posterior's std
         "vae": identity,
     }
     files.write_text(out / shards_module.MANIFEST, json.dumps(manifest, indent=2))
@@ -261,7 +272,8 @@ def _resume_point(out: Path, settings: dict, overwrite: bool) -> int:
         done = int(state["done_shards"])
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"'{progress}' is unreadable; pass --overwrite to start the encode again") from None
-    state.setdefault("keep_images", False)  # (a progress file from before --keep-images)
+    state.setdefault("keep_images", False)  # (a progress file from before --keep-images, --posterior)
+    state.setdefault("posterior", False)
     changed = [k for k in settings if state.get(k) != settings[k]]
     if changed:
         raise UserError(

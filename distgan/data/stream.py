@@ -78,13 +78,14 @@ def stream_options(cfg) -> dict:
         "on_error": d.on_error,
         "max_member_bytes": int(d.max_member_bytes),
         "max_image_pixels": int(d.max_image_pixels),
+        "posterior": d.posterior and d.kind == "latents",
     }
 
 
 def from_config(cfg, urls, *, seed: int, fixed: bool = False, **overrides) -> ShardStream:
     """The ShardStream of a run's data.* settings over `urls`: the one place a stream is assembled
-    from the config. `fixed`: a deterministic crop (data.crop=random read as center, for evaluation
-    reads); `overrides`: any other ShardStream keyword (rank, batch_size, cache_bytes ...)."""
+    from the config. `fixed`: a deterministic read (data.crop=random read as center, posterior latents as
+    their means, for evaluation reads); `overrides`: any other ShardStream keyword (rank, batch_size, cache_bytes ...)."""
     d = cfg.data
     options = stream_options(cfg)
     kwargs = dict(
@@ -203,6 +204,7 @@ class ShardStream(IterableDataset):
         cache_bytes: int = 0,
         max_member_bytes: int = pixels.MAX_MEMBER_BYTES,
         max_image_pixels: int = pixels.MAX_IMAGE_PIXELS,
+        posterior: bool = False,
     ):
         self.urls = list(urls)
         # Batch key -> (tar member suffix, channels) of the images each sample holds; paired data
@@ -224,6 +226,9 @@ class ShardStream(IterableDataset):
         # latents: > 0 also reads the image stored beside each latent (KEY.png, --keep-images) as RGB
         # at this size, into the batch's "raw" (model.align.encoder)
         self.raw_resolution = raw_resolution if latents else 0
+        # latents: each a draw from the VAE's posterior, mean (KEY.npy) + std (KEY.std.npy) * eps, eps seeded by
+        # (seed, rank, worker, position) (data.posterior, shards encoded --posterior)
+        self.posterior = posterior and latents
         self.batch_size = batch_size
         self.resolution = resolution
         self.channels = channels
@@ -304,7 +309,8 @@ class ShardStream(IterableDataset):
         """The member suffixes a sample is read for; the rest are skipped unread."""
         labels = {"json"} if self.label_key.startswith("json:") else {self.label_key or "cls", "label"}
         if self.points or self.latents:
-            return {"npy", *labels, *(IMAGE_EXTS if self.raw_resolution else ())}
+            extra = (*(IMAGE_EXTS if self.raw_resolution else ()), *(("std.npy",) if self.posterior else ()))
+            return {"npy", *labels, *extra}
         exts = (self.image_key,) if self.image_key else IMAGE_EXTS
         images = {f"{b}.{e}" if b else e for b in (_member_base(m) for m, _ in self.fields.values()) for e in exts}
         return images | labels
@@ -327,29 +333,47 @@ class ShardStream(IterableDataset):
                 return name
         return None
 
-    def _decode_point(self, sample: dict, url: str, key: str) -> tuple[np.ndarray, int, int] | None:
-        data = sample.get("npy")
+    def _decode_point(
+        self, sample: dict, url: str, key: str, member: str = "npy"
+    ) -> tuple[np.ndarray, int, int] | None:
+        data = sample.get(member)
         if data is None:
-            self._fail(f"no .npy member (members: {', '.join(k for k in sample if not k.startswith('__'))})", url, key)
+            self._fail(
+                f"no .{member} member (members: {', '.join(k for k in sample if not k.startswith('__'))})", url, key
+            )
             return None
         try:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
         except Exception as exc:
-            self._fail(f"corrupt .npy ({exc})", url, key)
+            self._fail(f"corrupt .{member} ({exc})", url, key)
             return None
         want = (self.channels, self.resolution, self.resolution) if self.latents else (self.channels,)
         numeric = arr.dtype.kind in "fiu"
-        if arr.shape != want or not numeric or not np.isfinite(arr).all():
-            what = "latent" if self.latents else "point"
+        if arr.shape != want or not numeric or not np.isfinite(arr).all() or member != "npy" and (arr < 0).any():
+            what = {"npy": "latent" if self.latents else "point"}.get(member, "posterior std")
             self._fail(
                 f"{what} of shape {arr.shape} and dtype {arr.dtype} (finite: "
-                f"{bool(numeric and np.isfinite(arr).all())}), expected a numeric array of shape {want}",
+                f"{bool(numeric and np.isfinite(arr).all())}), expected a numeric array of shape {want}"
+                + ("" if member == "npy" else ", none negative"),
                 url,
                 key,
             )
             return None
         label = self._label(sample, url, key)
         return None if label is None else (arr.astype(np.float32), label, self._shard_index.get(url, -1))
+
+    def _draw(
+        self, decoded: tuple[dict[str, np.ndarray], int, int], pos: int
+    ) -> tuple[dict[str, np.ndarray], int, int]:
+        """A posterior latent's draw mean + std * eps, eps from (seed, rank, worker, position): a resumed
+        stream, which replays the positions, draws the same."""
+        arrays = dict(decoded[0])
+        std = arrays.pop("std")
+        eps = np.random.default_rng(stream_seed(self.seed, self.rank, self._worker, pos, 4)).standard_normal(
+            std.shape, dtype=np.float32
+        )
+        arrays["image"] = arrays["image"] + std * eps
+        return (arrays, *decoded[1:])
 
     def _decode_image(
         self, sample: dict, member: str, channels: int, url: str, key: str, pos: int = 0, resolution: int = 0
@@ -445,6 +469,11 @@ class ShardStream(IterableDataset):
             if decoded is None:
                 return None
             arrays = {"image": decoded[0]}
+            if self.posterior:
+                std = self._decode_point(sample, url, key, "std.npy")
+                if std is None:
+                    return None
+                arrays["std"] = std[0]
             if self.raw_resolution:
                 arrays["raw"] = self._decode_image(sample, "png", 3, url, key, pos, self.raw_resolution)
                 if arrays["raw"] is None:
@@ -553,6 +582,8 @@ class ShardStream(IterableDataset):
         for sample in itertools.islice(raw, skip, None) if skip else raw:
             pos += 1
             decoded = self._decode(sample, skip + pos)
+            if decoded is not None and self.posterior:
+                decoded = self._draw(decoded, skip + pos)
             if decoded is None:
                 bad_run += 1
                 if bad_run >= MAX_BAD_RUN:  # data.on_error=skip on shards with nothing usable: never hang
@@ -637,8 +668,9 @@ def _each_decoded(source: ShardSource, ds: ShardStream):
 
 
 def _fixed(options: dict | None) -> dict:
-    """stream_options for a pass that must not depend on the seed: a random crop becomes a centred one."""
-    options = dict(options or {})
+    """stream_options for a pass that must not depend on the seed: a random crop becomes a centred one,
+    posterior latents their means."""
+    options = dict(options or {}, posterior=False)
     if options.get("crop") == "random":
         options["crop"] = "center"
     return options
