@@ -84,8 +84,9 @@ def stream_options(cfg) -> dict:
 
 def from_config(cfg, urls, *, seed: int, fixed: bool = False, **overrides) -> ShardStream:
     """The ShardStream of a run's data.* settings over `urls`: the one place a stream is assembled
-    from the config. `fixed`: a deterministic read (data.crop=random read as center, posterior latents as
-    their means, for evaluation reads); `overrides`: any other ShardStream keyword (rank, batch_size, cache_bytes ...)."""
+    from the config. `fixed`: a deterministic read (data.crop=random read as center, posterior latents
+    as their means, for evaluation reads); `overrides`: any other ShardStream keyword (rank,
+    batch_size, cache_bytes ...)."""
     d = cfg.data
     options = stream_options(cfg)
     kwargs = dict(
