@@ -224,6 +224,9 @@ class ViTConfig:
     mlp_ratio: float = at_least(1, 4.0)  # SwiGLU hidden width = 2/3 x mlp_ratio x width
     levels: int = at_least(1, 4)  # G's multi-level outputs, summed into the image (GAT: 4)
     cmap: int = at_least(1, 256)  # D's projection features (GAT: 2048)
+    # learning-rate multiplier of G's mapping MLP (z and class -> w), StyleGAN's and GAT's 0.01: its Adam
+    # steps are that fraction of G's
+    map_lr_mult: float = between(0.0, 100.0, 0.01, low_open=True)
     # D's class embedding mapped by two linear layers (lr multiplier 0.01) and the logit their plain dot
     # product, as GAT's D (its LabelEmbedder); false: a plain embedding, the dot product / sqrt(cmap). On the
     # 16 px digits GAT's form let D win outright (docs/results.md), so the digits presets keep false

@@ -142,3 +142,23 @@ def test_blocks_match_their_definitions_in_float64_and_zero_modulation_is_the_id
     want = want + _swiglu(d.mlp, _rms(want, d.norm2.weight)) * d.scale_m
     torch.testing.assert_close(d(xd), want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(d.scale_a.detach(), torch.full((width,), 0.1, dtype=torch.float64))
+
+
+def test_the_mapping_lr_multiplier_scales_its_adam_steps_and_not_the_initial_function():
+    """model.vit.map_lr_mult: G's mapping MLP computes the same function at init for any multiplier,
+    and an Adam step moves its effective weights (stored weight x multiplier) by lr x multiplier."""
+    out, moved = {}, {}
+    for mult in (0.01, 1.0):
+        torch.manual_seed(4)
+        G = vit.Generator(z_dim=8, channels=1, resolution=8, width=16, depth=2, heads=2, levels=2, map_lr_mult=mult)
+        z = torch.randn(3, 8)
+        out[mult] = G(z)
+        first = G.mapping[0]
+        before = (first.weight * first.lr_mult).detach().clone()
+        opt = torch.optim.Adam(G.parameters(), lr=1e-3)
+        G(z).square().mean().backward()
+        opt.step()
+        moved[mult] = ((first.weight * first.lr_mult).detach() - before).abs().max().item()
+    torch.testing.assert_close(out[0.01], out[1.0], rtol=1e-4, atol=1e-5)
+    assert moved[1.0] == pytest.approx(1e-3, rel=1e-3)  # Adam's first step: lr per weight
+    assert moved[0.01] == pytest.approx(1e-5, rel=1e-2)  # (fp32 rounding of weights stored x 100)

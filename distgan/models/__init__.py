@@ -100,6 +100,7 @@ def build_generator(cfg, z_dim: int | None = None, num_classes: int = 0) -> nn.M
             num_classes=num_classes,
             embed_dim=g.embed_dim,
             levels=v.levels,
+            map_lr_mult=v.map_lr_mult,
         )
     elif g.arch == "r3gan":
         G = r3gan.Generator(

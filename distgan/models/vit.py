@@ -3,7 +3,8 @@ hse1032/GAT), on images or latents of any channel count: `model.g.arch=vit`, `mo
 
 G: the input tokens are the fixed 2-D sin-cos position embeddings of the (resolution / patch)^2 grid;
 everything sample-specific enters through adaLN: w = MLP(normalised z, normalised class embedding)
-(two SiLU layers with a 0.01 learning-rate multiplier, StyleGAN's mapping), and each block
+(two SiLU layers with a 0.01 learning-rate multiplier, StyleGAN's mapping; model.vit.map_lr_mult), and
+each block
   x += gate_a * Attention(RMSNorm(x) * (1 + scale_a)),  x += gate_m * SwiGLU(RMSNorm(x) * (1 + scale_m))
 with (scale_a, gate_a, scale_m, gate_m) = Linear(SiLU(w)) (initialised at a tenth of Xavier's gain).
 Attention is multi-head self-attention with RMSNorm on q and k and 2-D rotary position embeddings
@@ -204,6 +205,7 @@ class Generator(nn.Module):
         num_classes: int = 0,
         embed_dim: int = 64,
         levels: int = 4,
+        map_lr_mult: float = 0.01,
     ):
         super().__init__()
         side = resolution // patch
@@ -211,9 +213,9 @@ class Generator(nn.Module):
         self.register_buffer("tokens", sincos_2d(width, side)[None], persistent=False)
         self.embed = nn.Embedding(num_classes, embed_dim) if num_classes else None
         self.mapping = nn.Sequential(
-            ScaledLinear(z_dim + (embed_dim if num_classes else 0), width, 0.01),
+            ScaledLinear(z_dim + (embed_dim if num_classes else 0), width, map_lr_mult),
             nn.SiLU(),
-            ScaledLinear(width, width, 0.01),
+            ScaledLinear(width, width, map_lr_mult),
         )
         rope = RoPE2D(width // heads, side)
         self.blocks = nn.ModuleList(GBlock(width, heads, mlp_ratio, rope) for _ in range(depth))
