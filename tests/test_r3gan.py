@@ -129,7 +129,8 @@ COUNTS = {
 
 @pytest.mark.parametrize("preset,kind", list(COUNTS))
 def test_templates_have_r3gans_parameter_counts(capsys, preset, kind):
-    extra = ["model.num_classes=0", "variant.name=gan"] if kind == "uncond" and preset == "r3gan-cifar" else []
+    uncond = ["model.num_classes=0", "variant.name=gan", "variant.fake_labels=uniform"]
+    extra = uncond if kind == "uncond" and preset == "r3gan-cifar" else []
     res = cli(capsys, "config", "--preset", preset, "--params", *extra)
     assert res.returncode == 0, res.stderr
     g, d = COUNTS[preset, kind]

@@ -56,7 +56,7 @@ class CGAN(GAN):
         return G, D
 
     def labels(self, n, device, real=None):
-        if self.cfg.variant.fake_labels == "real":  # each fake paired with a real of its class (GAT)
+        if self.cfg.variant.fake_labels == "real" and real is not None:  # paired with a real of its class (GAT)
             return real
         return torch.randint(0, self.num_classes, (n,), device=device)
 

@@ -148,7 +148,7 @@ class GAN(Variant):
 
     def labels(self, n: int, device, real: torch.Tensor | None = None) -> torch.Tensor | None:
         """Labels for n fakes judged beside the reals labelled `real` (cgan: uniform over the classes,
-        or `real` itself with variant.fake_labels=real); None when unconditional."""
+        or `real` itself with variant.fake_labels=real when given); None when unconditional."""
         return None
 
     def generate(self, G, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
