@@ -334,9 +334,15 @@ class ShardStream(IterableDataset):
                 return name
         return None
 
-    def _decode_point(
-        self, sample: dict, url: str, key: str, member: str = "npy"
-    ) -> tuple[np.ndarray, int, int] | None:
+    def _decode_point(self, sample: dict, url: str, key: str) -> tuple[np.ndarray, int, int] | None:
+        arr = self._read_npy(sample, url, key)
+        if arr is None:
+            return None
+        label = self._label(sample, url, key)
+        return None if label is None else (arr, label, self._shard_index.get(url, -1))
+
+    def _read_npy(self, sample: dict, url: str, key: str, member: str = "npy") -> np.ndarray | None:
+        """A point, latent or (member std.npy) latent's posterior std, checked, as float32."""
         data = sample.get(member)
         if data is None:
             self._fail(
@@ -360,8 +366,7 @@ class ShardStream(IterableDataset):
                 key,
             )
             return None
-        label = self._label(sample, url, key)
-        return None if label is None else (arr.astype(np.float32), label, self._shard_index.get(url, -1))
+        return arr.astype(np.float32)
 
     def _draw(
         self, decoded: tuple[dict[str, np.ndarray], int, int], pos: int
@@ -471,10 +476,9 @@ class ShardStream(IterableDataset):
                 return None
             arrays = {"image": decoded[0]}
             if self.posterior:
-                std = self._decode_point(sample, url, key, "std.npy")
-                if std is None:
+                arrays["std"] = self._read_npy(sample, url, key, "std.npy")
+                if arrays["std"] is None:
                     return None
-                arrays["std"] = std[0]
             if self.raw_resolution:
                 arrays["raw"] = self._decode_image(sample, "png", 3, url, key, pos, self.raw_resolution)
                 if arrays["raw"] is None:
