@@ -50,6 +50,9 @@ def main() -> None:
         metavar="BATCHES",
         help="sample with `distgan sample --standing-stats BATCHES` (BigGAN's standing statistics)",
     )
+    p.add_argument(
+        "--live", action="store_true", help="judge the trained G instead of its EMA (`distgan sample --live`)"
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,6 +90,7 @@ def main() -> None:
                 f"{tmp}/s.npy",
                 "--standing-stats",
                 str(args.standing_stats),
+                *(["--live"] if args.live else []),
             ],
             check=True,
         )
@@ -101,7 +105,10 @@ def main() -> None:
             probs = digits.fit_classifier(images.shape[-1])[0].predict_proba(digits.to_features(images))
             result["generated"]["requested_class"] = float(((probs.argmax(1) == wanted) & (probs.max(1) >= 0.9)).mean())
     rows = []
-    for name, r in (("generated (EMA G)", result["generated"]), ("real held-out", result["real_heldout"])):
+    for name, r in (
+        (f"generated ({'trained' if args.live else 'EMA'} G)", result["generated"]),
+        ("real held-out", result["real_heldout"]),
+    ):
         rows.append(
             {
                 "images": name,

@@ -231,6 +231,11 @@ class ViTConfig:
     # product, as GAT's D (its LabelEmbedder); false: a plain embedding, the dot product / sqrt(cmap). On the
     # 16 px digits GAT's form let D win outright (docs/results.md), so the digits presets keep false
     class_map: bool = False
+    # D's minibatch standard deviation (StyleGAN's, here for tokens): over groups of this many consecutive
+    # samples, each channel's std of D's final tokens (RMS-normalised), averaged over the tokens, mapped by
+    # a linear layer to the cmap features before the class projection, so D sees how much a group varies.
+    # A batch not divisible by it uses its largest divisor below it. 0 = off (GAT)
+    mbstd: int = at_least(0, 0)
 
 
 @dataclass

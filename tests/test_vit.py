@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_VIT, assert_resumes_exactly
 
-from distgan import config
+from distgan import config, models
 from distgan.errors import UserError
 from distgan.models import vit
 
@@ -162,3 +162,32 @@ def test_the_mapping_lr_multiplier_scales_its_adam_steps_and_not_the_initial_fun
     torch.testing.assert_close(out[0.01], out[1.0], rtol=1e-4, atol=1e-5)
     assert moved[1.0] == pytest.approx(1e-3, rel=1e-3)  # Adam's first step: lr per weight
     assert moved[0.01] == pytest.approx(1e-5, rel=1e-2)  # (fp32 rounding of weights stored x 100)
+
+
+def test_minibatch_std_matches_its_definition_in_float64_and_sees_only_its_group():
+    torch.manual_seed(0)
+    h = torch.randn(6, 5, 8, dtype=torch.float64)
+    # groups of 3 (6 is divisible): samples 0-2 and 3-5
+    got = vit.group_std(h, 3)
+    x = _rms(h)
+    for first in (0, 3):
+        want = x[first : first + 3].std(dim=0, unbiased=False).mean(dim=0)
+        for i in range(first, first + 3):
+            torch.testing.assert_close(got[i], want, rtol=1e-7, atol=1e-7)
+    # a group of 4 does not divide 6: its largest divisor below 4 (3) is used
+    torch.testing.assert_close(vit.group_std(h, 4), got)
+    # D with it: a sample's logit moves with the other members of its group and with no other sample
+    D = vit.Discriminator(1, 8, width=16, depth=2, heads=2, num_classes=3, cmap=8, mbstd=2)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    before = D(x, y)
+    moved = x.clone()
+    moved[1] += 1.0
+    after = D(moved, y)
+    assert after[0] != before[0] and torch.equal(after[2:], before[2:])
+    # identical samples: the term is (almost) nothing, the logit that of D without it
+    same = x[:1].expand(4, -1, -1, -1)
+    feat = D.head(_tokens(D, same)[:, 0])
+    torch.testing.assert_close(D(same, y), (feat * D.embed(y)).sum(1) / 8**0.5, atol=1e-3, rtol=0)
+    # the config key reaches the model
+    cfg = config.load_config("digits-gat", None, ["model.vit.mbstd=4"])
+    assert models.build_discriminator(cfg, num_classes=10).mbstd == 4

@@ -147,6 +147,7 @@ def build_discriminator(cfg, channels: int | None = None, num_classes: int = 0, 
             num_classes=num_classes,
             cmap=v.cmap,
             class_map=v.class_map,
+            mbstd=v.mbstd,
             align_dim=align_dim,
             proj_dim=cfg.model.align.proj_dim,
         )

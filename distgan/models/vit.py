@@ -20,8 +20,10 @@ the class token's RMSNorm + Linear to `cmap` features is projected on a class em
 embedding when unconditional): their dot product divided by sqrt(cmap) is the logit; or, with
 `class_map` (model.vit.class_map, GAT's LabelEmbedder), on the embedding mapped by two SiLU-separated
 linear layers with a 0.01 learning-rate multiplier, the plain dot product (GAT's D exactly). With
-model.align.encoder, an MLP projector maps the final tokens onto a frozen encoder's features
-(distgan/align.py).
+model.vit.mbstd (not GAT's), StyleGAN's minibatch standard deviation of the final tokens, through a linear
+layer, is added to the class token's features before the projection (`group_std`; groups within a
+micro-batch). With model.align.encoder, an MLP projector maps the final tokens onto a frozen encoder's
+features (distgan/align.py).
 
 Sizes as GAT names them (`model.vit.size`): S (width 384, depth 12, 6 heads), B (768, 12, 12),
 L (1024, 24, 16), XL (1152, 28, 16), or `custom` with model.vit.width/depth/heads; patch 2, 4 or 8.
@@ -249,6 +251,17 @@ class Generator(nn.Module):
         return out if levels else out[-1]
 
 
+def group_std(h: torch.Tensor, group: int) -> torch.Tensor:
+    """Minibatch standard deviation of tokens h (B, T, W): over groups of `group` consecutive samples (the
+    largest divisor of B not above it), each channel's std of the RMS-normalised tokens, averaged over the
+    tokens; (B, W), every sample given its group's."""
+    b, t, w = h.shape
+    g = max(d for d in range(1, min(group, b) + 1) if b % d == 0)
+    x = F.rms_norm(h.float(), (w,), eps=1e-6).reshape(b // g, g, t, w)
+    std = (x.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1)  # (B / g, W)
+    return std.repeat_interleave(g, dim=0).to(h.dtype)
+
+
 class DBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float, rope: RoPE2D):
         super().__init__()
@@ -277,6 +290,7 @@ class Discriminator(nn.Module):
         num_classes: int = 0,
         cmap: int = 256,
         class_map: bool = False,
+        mbstd: int = 0,
         align_dim: int = 0,
         proj_dim: int = 2048,
     ):
@@ -290,6 +304,8 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(DBlock(width, heads, mlp_ratio, rope) for _ in range(depth))
         self.head = nn.Sequential(nn.RMSNorm(width, eps=1e-6), nn.Linear(width, cmap))
         self.embed = nn.Embedding(max(num_classes, 1), cmap)
+        self.mbstd = mbstd
+        self.mbstd_map = nn.Linear(width, cmap, bias=False) if mbstd else None  # model.vit.mbstd
         self.embed_map = (
             nn.Sequential(ScaledLinear(cmap, cmap, 0.01), nn.SiLU(), ScaledLinear(cmap, cmap, 0.01))
             if class_map
@@ -321,6 +337,8 @@ class Discriminator(nn.Module):
             raise ValueError("a conditional vit D needs labels")
         e = self.embed(y if self.num_classes else torch.zeros_like(x[:, 0, 0, 0], dtype=torch.long))
         feat = self.head(h[:, 0])
+        if self.mbstd_map is not None:
+            feat = feat + self.mbstd_map(group_std(h, self.mbstd))
         if self.embed_map is None:
             logits = (feat * e.to(feat.dtype)).sum(dim=1).float() / math.sqrt(feat.shape[1])
         else:
