@@ -185,6 +185,7 @@ def encode(
         encoded = model.encode(_to_tensor([img for img, _, _ in pending], model.image_channels), posterior)
         means, stds = encoded if posterior else (encoded, None)
         latents = means.cpu().numpy()
+        stds = None if stds is None else stds.cpu().numpy()  # one transfer per batch, as the means
         for i, ((img, label, mirrored), z) in enumerate(zip(pending, latents)):
             z16 = z.astype(np.float16)
             if not np.isfinite(z16).all():
@@ -194,7 +195,7 @@ def encode(
             shape = shape or z.shape
             sample = {"__key__": f"{n:08d}", "npy": _npy(z16), "json": {"index": n, "flip": mirrored}}
             if stds is not None:
-                sample["std.npy"] = _npy(stds[i].cpu().numpy().astype(np.float16))
+                sample["std.npy"] = _npy(stds[i].astype(np.float16))
             if label is not None:
                 sample["cls"] = int(label)
             if keep_images:
