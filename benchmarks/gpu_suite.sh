@@ -51,7 +51,7 @@ else
   step "$PYTHON" benchmarks/gpu_steps.py --steps 300
   # GAT-B/2's transformers (width 768, depth 12, 256 tokens: patch 1 on the 16 px digits), its recipe, bf16
   step "$PYTHON" benchmarks/gpu_steps.py --presets digits-gat --modes eager compile --steps 120 --name gat_b2_steps \
-    --set model.vit.size=B model.vit.patch=1 model.vit.cmap=2048 train.lr_ref_width=768 data.batch_size=128 \
+    --set model.vit.size=B model.vit.patch=1 model.vit.cmap=2048 train.lr_ref_width=768 data.batch_size=128 variant.n_critic=1 \
     train.mixed_precision=bf16
   step "$PYTHON" benchmarks/penalty_cost.py --presets r3gan-256 --rounds 1 --intervals 3
   step "$PYTHON" benchmarks/grouped_conv.py --batch 32 --repeats 10
