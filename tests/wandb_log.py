@@ -5,7 +5,10 @@ behind a 7-byte W&B header; each record is a `wandb_internal_pb2.Record` protobu
 """
 
 import struct
+import time
 from pathlib import Path
+
+from google.protobuf.message import DecodeError
 
 BLOCK = 32768
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -47,6 +50,19 @@ def history(path: Path) -> list[dict]:
     ]
 
 
-def run_record(path: Path):
-    """The run's RunRecord (project, entity, run_id, config): where W&B would upload it."""
-    return next(r.run for r in records(path) if r.WhichOneof("record_type") == "run")
+def run_record(path: Path, wait_s: float = 30.0):
+    """The run's RunRecord (project, entity, run_id, config): where W&B would upload it. W&B's service
+    process writes the file on its own schedule, and under load a run's `finish` has been seen to return
+    before the record was on disk (a CI run of the whole suite on 2 busy cores), so this re-reads the file
+    for up to `wait_s` seconds before it gives up."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            found = next((r.run for r in records(path) if r.WhichOneof("record_type") == "run"), None)
+        except DecodeError:  # a record caught half-written
+            found = None
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} holds no run record after {wait_s:.0f} s")
+        time.sleep(0.5)
