@@ -8,7 +8,8 @@ in this process on the preset's real shards, for --steps steps; the rate is read
     python benchmarks/gpu_steps.py --sync-check [--presets ...]
     python benchmarks/gpu_steps.py --presets digits-gat --set model.vit.size=B model.vit.patch=1 \
         data.batch_size=128 variant.n_critic=1 train.mixed_precision=bf16 --modes eager compile --name gat_b2_steps
-        (--set: overrides for every run; GAT-B/2's width, its 256 tokens and one D step per G step, on the digits at 16 px)
+        (--set: overrides for every run; GAT-B/2's width, its 256 tokens and one D step per G step, on the
+        digits at 16 px)
 
 --sync-check runs the presets' steps under torch.cuda.set_sync_debug_mode("error") from the end of each
 step's batch draw to the start of its periodic jobs (which read the host on purpose, at log steps): a

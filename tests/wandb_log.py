@@ -41,28 +41,33 @@ def records(path: Path):
             yield record
 
 
+def finished(path: Path, wait_s: float = 30.0) -> list:
+    """Every record of a run that has ended, once its `exit` record is on disk. W&B's service process
+    writes the file on its own schedule, and under load a run's `finish` has been seen to return before
+    the records were there (a CI run of the whole suite on 2 busy cores), so this re-reads the file for up
+    to `wait_s` seconds before it gives up."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            found = list(records(path))
+        except DecodeError:  # a record caught half-written
+            found = []
+        if any(r.WhichOneof("record_type") == "exit" for r in found):
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} holds no exit record after {wait_s:.0f} s: the run's file is incomplete")
+        time.sleep(0.5)
+
+
 def history(path: Path) -> list[dict]:
     """Every wandb.log() call of the run, as {key: JSON text}."""
     return [
         {item.key or "/".join(item.nested_key): item.value_json for item in r.history.item}
-        for r in records(path)
+        for r in finished(path)
         if r.WhichOneof("record_type") == "history"
     ]
 
 
-def run_record(path: Path, wait_s: float = 30.0):
-    """The run's RunRecord (project, entity, run_id, config): where W&B would upload it. W&B's service
-    process writes the file on its own schedule, and under load a run's `finish` has been seen to return
-    before the record was on disk (a CI run of the whole suite on 2 busy cores), so this re-reads the file
-    for up to `wait_s` seconds before it gives up."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            found = next((r.run for r in records(path) if r.WhichOneof("record_type") == "run"), None)
-        except DecodeError:  # a record caught half-written
-            found = None
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} holds no run record after {wait_s:.0f} s")
-        time.sleep(0.5)
+def run_record(path: Path):
+    """The run's RunRecord (project, entity, run_id, config): where W&B would upload it."""
+    return next(r.run for r in finished(path) if r.WhichOneof("record_type") == "run")
